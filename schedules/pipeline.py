@@ -1,0 +1,61 @@
+"""Kiln's relax pipeline per target: how Relax functions become scheduled TIR kernels.
+
+TVM's default pipelines have two problems for LLMs: every `nn.Linear` runs a weight transpose
+kernel on every call (fixed by running FuseTransposeMatmul first), and the Metal default segfaults
+in dlight's simdgroup matmul. So we assemble our own from TVM's pass lists and our rule lists.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_passes
+from tvm.relax.backend.cuda import pipeline as cuda_passes
+from tvm.relax.backend.gpu_generic import pipeline as gpu_passes
+from tvm.s_tir import dlight as dl
+
+from .metal_matmul import MatmulNoSimdgroup
+
+
+def gpu_rules(target: tvm.target.Target) -> list:
+    """The dlight rules tried, in order, on every PrimFunc the model produces for a GPU target."""
+    if target.kind.name == "metal":
+        matmul = [MatmulNoSimdgroup()]
+    else:
+        matmul = [dl.gpu.Matmul()]
+    return [*matmul, dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
+            dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+
+
+def _passes(target: tvm.target.Target) -> list:
+    kind = target.kind.name
+    backend = {"llvm": cpu_passes, "cuda": cuda_passes, "metal": gpu_passes}[kind]
+    legalize = [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+    if kind != "llvm":
+        legalize.append(dl.ApplyDefaultSchedule(*gpu_rules(target)))
+    dataflow_lower = [
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+    ]
+    return ([relax.transform.FuseTransposeMatmul()] + backend.library_dispatch_passes(target)
+            + legalize + dataflow_lower + backend.finalize_passes(target))
+
+
+def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """The whole Relax → VM pipeline for `target` (pass it to `tvm.compile(relax_pipeline=...)`)."""
+    passes = _passes(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="KilnPipeline")
+    def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
+        with target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
