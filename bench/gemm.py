@@ -1,0 +1,248 @@
+"""Tensor-core GEMM benchmark: Kiln's TVM kernels vs torch's cuBLAS on the model's real shapes.
+
+Two halves, because the GPU box has only a runtime-only TVM:
+  python bench/gemm.py build --out DIR     (here: TVM + nvcc, no GPU needed)
+      schedules every (variant, shape) kernel `y = (x[M,K] · W[N,K]^T in fp32).astype(dtype)`
+      with a dynamic M, exports one library and compiles its CUDA source to sm_90a with nvcc.
+  python bench/gemm.py run DIR [--ms 16,128,...] [--results bench/RESULTS.md]   (GPU box)
+      loads it, checks every kernel against an fp32 torch reference (plus a ragged M that is
+      no multiple of any tile) and times it against torch.matmul (cuBLAS) in the same process,
+      rotating input sets so that neither side runs out of L2; prints a table, and with
+      --results appends it to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+SHAPES = {  # (K, N) per model: every Linear of one decoder layer, plus the LM head
+    "qwen3-0.6b": [(1024, 4096), (2048, 1024), (1024, 6144), (3072, 1024), (1024, 151936)],
+    "llama3.1-8b": [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256)],
+}
+MS = [16, 128, 512, 2048, 8192]
+RAGGED_M = 333  # correctness only: exercises the predicated tail tile
+
+# name -> (rule constructor source, dtype, which shapes). Kept as data so that `run` needs no TVM
+# compiler to know what it is timing.
+VARIANTS = {
+    "tc128x128x32s4": ("Config(bm=128, bn=128, bk=32, wm=2, wn=2, stages=4)", "bfloat16", "all"),
+    "tc128x256x32s3": ("Config(bm=128, bn=256, bk=32, wm=2, wn=4, stages=3)", "bfloat16", "all"),
+    "tc128x128x64s3": ("Config(bm=128, bn=128, bk=64, wm=2, wn=2, stages=3)", "bfloat16", "all"),
+    "tc128x128x32s4pad": ("Config(bm=128, bn=128, bk=32, wm=2, wn=2, stages=4, swizzle=False)",
+                          "bfloat16", "two"),
+    "tc128x128x32s4fp16": ("Config(bm=128, bn=128, bk=32, wm=2, wn=2, stages=4)", "float16",
+                           "two"),
+    "lowbatch": ("LowBatchGEMV", "bfloat16", "all"),
+}
+
+
+def kernel_name(variant: str, k: int, n: int) -> str:
+    return f"{variant}_k{k}_n{n}"
+
+
+def _shapes_for(which: str):
+    """"all", a model prefix ("llama"), or "two" (Llama 4096→4096 and 14336→4096)."""
+    if which == "two":
+        yield from [(4096, 4096), (14336, 4096)]
+        return
+    for model, shapes in SHAPES.items():
+        if which == "all" or model.startswith(which):
+            yield from shapes
+
+
+# ------------------------------------------------------------------------------------ build
+def _prim_func(k: int, n: int, dtype: str):
+    from tvm import te, tirx
+
+    m = tirx.Var("m", "int64")  # int64 shapes, as Relax emits them
+    k, n = tirx.IntImm("int64", k), tirx.IntImm("int64", n)
+    x = te.placeholder((m, k), dtype, name="x")
+    w = te.placeholder((n, k), dtype, name="w")
+    r = te.reduce_axis((tirx.IntImm("int64", 0), k), "k")
+    acc = te.compute((m, n), lambda i, j: te.sum(
+        x[i, r].astype("float32") * w[j, r].astype("float32"), axis=r), name="NT_matmul")
+    y = te.compute((m, n), lambda i, j: acc[i, j].astype(dtype), name="compute")
+    return te.create_prim_func([x, w, y])
+
+
+def build(out: str, variants: list[str]) -> None:
+    import tvm
+    from tvm.s_tir import dlight as dl
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from schedules.matmul_tensorcore import TIR_PIPELINE, Config, MatmulTensorCore
+
+    target = tvm.target.Target("nvidia/nvidia-h100")
+    funcs = {}
+    chosen = {v: VARIANTS[v] for v in variants}
+    for variant, (cfg, dtype, which) in chosen.items():
+        rule = dl.gpu.LowBatchGEMV() if cfg == "LowBatchGEMV" else MatmulTensorCore(
+            eval(cfg, {"Config": Config}), min_m=1)  # noqa: S307 (our own table)
+        for k, n in _shapes_for(which):
+            sch = rule.apply(_prim_func(k, n, dtype), target, False)
+            assert sch is not None, f"{variant} rejected K={k} N={n}"
+            name = kernel_name(variant, k, n)
+            funcs[name] = sch.mod["main"].with_attr("global_symbol", name)
+    with target:
+        lib = tvm.tirx.build(tvm.IRModule(funcs), target=target, pipeline=TIR_PIPELINE)
+    os.makedirs(out, exist_ok=True)
+    lib.export_library(os.path.join(out, "gemm.so"))
+    subprocess.run(["strip", "--strip-unneeded", os.path.join(out, "gemm.so")], check=True)
+    src = lib.imports[0].inspect_source()
+    with tempfile.TemporaryDirectory() as tmp:
+        cu = os.path.join(tmp, "k.cu")
+        with open(cu, "w") as f:
+            f.write(src)
+        subprocess.run(["nvcc", "--fatbin", "-O3", "-gencode=arch=compute_90a,code=sm_90a",
+                        "-Xptxas=-v", "-o", os.path.join(out, "gemm.fatbin"), cu],
+                       check=True, stderr=open(os.path.join(out, "ptxas.log"), "w"))
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump({"source_sha256": hashlib.sha256(src.encode()).hexdigest(),
+                   "kernels": sorted(funcs), "variants": chosen}, f)
+    print(f"built {len(funcs)} kernels into {out}")
+
+
+# ------------------------------------------------------------------------------------ run
+def _load(out: str):
+    import tvm
+    import tvm_ffi
+
+    ctypes.CDLL(os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so"),
+                mode=ctypes.RTLD_GLOBAL)
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    fatbin = open(os.path.join(out, "gemm.fatbin"), "rb").read()
+
+    @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
+    def _compile(code, *_):
+        assert hashlib.sha256(code.encode()).hexdigest() == meta["source_sha256"], "stale fatbin"
+        return fatbin
+
+    return tvm.runtime.load_module(os.path.join(out, "gemm.so")), meta
+
+
+def _time_ms(fn, sets, iters: int) -> float:
+    """Median over 5 repeats of the mean time per call, cycling through the input sets."""
+    import torch
+
+    for i in range(3):
+        fn(*sets[i % len(sets)])
+    torch.cuda.synchronize()
+    per = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(iters):
+            fn(*sets[i % len(sets)])
+        end.record()
+        end.synchronize()
+        per.append(start.elapsed_time(end) / iters)
+    return sorted(per)[2]
+
+
+def run(out: str, ms: list[int], results: str | None, command: str) -> None:
+    import numpy as np
+    import torch
+    import tvm
+
+    lib, meta = _load(out)
+    dev = torch.device("cuda")
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    card = torch.cuda.get_device_name(0)
+    dl = tvm.runtime.from_dlpack
+    rows, log = [], []
+    torch.manual_seed(0)
+    for variant, (_, dtype, which) in meta["variants"].items():
+        tdt = getattr(torch, dtype)
+        for k, n in _shapes_for(which):
+            f = lib[kernel_name(variant, k, n)]
+            w = torch.randn(n, k, device=dev).to(tdt) / math.sqrt(k)
+            # The GEMV-style rule is only a contender (and only tolerably fast) for few rows.
+            vms = [m for m in ms if m <= 128] if variant == "lowbatch" else ms
+            for m in [RAGGED_M, *vms]:
+                # Correctness on fresh inputs, poisoned output.
+                x = torch.randn(m, k, device=dev).to(tdt)
+                y = torch.full((m, n), float("nan"), device=dev, dtype=tdt)
+                f(dl(x), dl(w), dl(y))
+                ref = x.float() @ w.float().T
+                err = ((y.float() - ref).norm() / ref.norm()).item()
+                ok = bool(np.isfinite(err) and err <= 1e-2)
+                if m == RAGGED_M:
+                    log.append(f"{variant} K={k} N={n} M={m} relerr={err:.2e} ok={ok}")
+                    if not ok:
+                        print(log[-1], flush=True)
+                    continue
+                set_bytes = (m * k + n * k + m * n) * x.element_size()
+                nsets = max(1, min(16, math.ceil(3 * l2 / set_bytes)))
+                ws = [w] + [torch.randn(n, k, device=dev).to(tdt) / math.sqrt(k)
+                            for _ in range(nsets - 1)]
+                xs = [x] + [torch.randn(m, k, device=dev).to(tdt) for _ in range(nsets - 1)]
+                ys = [torch.empty(m, n, device=dev, dtype=tdt) for _ in range(nsets)]
+                flop = 2 * m * n * k
+                iters = max(5, min(200, int(2e12 / flop)))
+                tvm_sets = [(dl(a), dl(b), dl(c)) for a, b, c in zip(xs, ws, ys)]
+                t_k = _time_ms(f, tvm_sets, iters)
+                t_c = _time_ms(lambda a, b, c: torch.matmul(a, b.T, out=c),
+                               list(zip(xs, ws, ys)), iters)
+                rows.append(dict(variant=variant, dtype=dtype, k=k, n=n, m=m, err=err, ok=ok,
+                                 kiln_ms=t_k, cublas_ms=t_c, kiln_tflops=flop / t_k / 1e9,
+                                 cublas_tflops=flop / t_c / 1e9, ratio=t_c / t_k))
+                log.append(json.dumps(rows[-1]))
+                del ws, xs, ys, tvm_sets
+            torch.cuda.empty_cache()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    table = _table(rows, card, stamp, command)
+    print(table)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "gemm_rows.jsonl"), "w") as f:
+            f.write("\n".join(log) + "\n")
+    if results:
+        with open(results, "a") as f:
+            f.write(table + "\n")
+
+
+def _table(rows, card, stamp, command) -> str:
+    lines = [f"### GEMM {stamp}, {card}", "", f"`{command}`", "",
+             "| variant | dtype | K→N | M | Kiln TFLOP/s | cuBLAS TFLOP/s | % cuBLAS | rel.err |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['dtype']} | {r['k']}→{r['n']} | {r['m']} | "
+                     f"{r['kiln_tflops']:.1f} | {r['cublas_tflops']:.1f} | {100 * r['ratio']:.0f}"
+                     f" | {r['err']:.1e}{'' if r['ok'] else ' FAIL'} |")
+    lines += ["", "Geometric mean of % cuBLAS, Llama-3.1-8B shapes, M ≥ 512 (min in brackets):", ""]
+    for v in dict.fromkeys(r["variant"] for r in rows):
+        sel = [r["ratio"] for r in rows if r["variant"] == v and r["m"] >= 512
+               and (r["k"], r["n"]) in map(tuple, SHAPES["llama3.1-8b"])]
+        if sel:
+            g = math.exp(sum(map(math.log, sel)) / len(sel))
+            lines.append(f"- {v}: {100 * g:.0f}% (min {100 * min(sel):.0f}%)")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--out", required=True)
+    b.add_argument("--variants", default=",".join(VARIANTS))
+    r = sub.add_parser("run")
+    r.add_argument("dir")
+    r.add_argument("--ms", default=",".join(map(str, MS)))
+    r.add_argument("--results")
+    a = p.parse_args()
+    if a.cmd == "build":
+        build(a.out, a.variants.split(","))
+    else:
+        run(a.dir, [int(x) for x in a.ms.split(",")], a.results, " ".join(sys.argv))
+
+
+if __name__ == "__main__":
+    main()
