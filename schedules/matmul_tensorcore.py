@@ -226,9 +226,13 @@ class MatmulTensorCore(GPUScheduleRule):
         to_warp(0, "a")
         to_warp(1, "b")
 
-        # Epilogue: accumulators → per-warp shared staging → fused elementwise → global.
+        # Epilogue: accumulators → per-warp shared staging → fused elementwise → global. The
+        # elementwise ops are inlined into pad_einsum's un-padding copy, not into the staging
+        # block: computed at the tile, that copy keeps its `row < M` guard.
         c_s = sch.cache_write(outer, 0, "shared.dyn")
-        auto_inline_consumer_chain(sch, c_s)
+        (epi,) = sch.get_consumers(c_s)
+        auto_inline_consumer_chain(sch, epi)
+        sch.compute_inline(c_s)
         c_w = sch.cache_write(outer, 0, "warp")
         sch.reverse_compute_at(c_w, warp)
         x, y = sch.get_loops(c_w)[-2:]
@@ -237,8 +241,8 @@ class MatmulTensorCore(GPUScheduleRule):
         sch.reorder(x0, y0, x1, y1)
         _unroll(sch, x0)
         _unroll(sch, y0)
-        sch.reverse_compute_at(c_s, y0)
-        fused = sch.fuse(*sch.get_loops(c_s)[-2:])
+        sch.reverse_compute_at(epi, y0)
+        fused = sch.fuse(*sch.get_loops(epi)[-2:])
         f0, f1, f2 = sch.split(fused, [None, 32, c.vec])
         sch.bind(f1, "threadIdx.x")
         sch.vectorize(f2)

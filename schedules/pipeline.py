@@ -14,6 +14,7 @@ from tvm.relax.backend.cuda import pipeline as cuda_passes
 from tvm.relax.backend.gpu_generic import pipeline as gpu_passes
 from tvm.s_tir import dlight as dl
 
+from .matmul_tensorcore import MatmulTensorCore
 from .metal_matmul import MatmulNoSimdgroup
 
 
@@ -21,8 +22,8 @@ def gpu_rules(target: tvm.target.Target) -> list:
     """The dlight rules tried, in order, on every PrimFunc the model produces for a GPU target."""
     if target.kind.name == "metal":
         matmul = [MatmulNoSimdgroup()]
-    else:
-        matmul = [dl.gpu.Matmul()]
+    else:  # tensor cores first (None off CUDA sm_80+ or for small static M), then dlight's
+        matmul = [MatmulTensorCore(), dl.gpu.Matmul()]
     return [*matmul, dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
             dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
