@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import tvm
 from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import get_root_block
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.s_tir.dlight.gpu.matmul import (
@@ -72,17 +73,19 @@ tvm.tirx.compilation_pipeline.register_tir_pipeline(TIR_PIPELINE, _kiln_tir_pipe
 
 @dataclass(frozen=True)
 class Config:
-    """One tiling. Defaults: 128×128×32 tiles, 2×2 warps of 64×64, 4 stages (64 KiB shared)."""
+    """One tiling. Defaults: 128×128×64 tiles, 2×2 warps of 64×64, 3 stages (96 KiB shared),
+    the best of those measured on an H100 (docs/gemm.md)."""
 
     bm: int = 128
     bn: int = 128
-    bk: int = 32
+    bk: int = 64
     wm: int = 2
     wn: int = 2
-    stages: int = 4
+    stages: int = 3
     raster: int = 8
     vec: int = 8  # elements per 16-byte copy
     swizzle: bool = True  # XOR-permuted shared rows; False pads rows by 16 bytes instead
+    warp_epilogue: bool = False  # stage a warp's whole tile at once (1 barrier, not 1 per 16×16)
 
 
 def _unroll(sch, loop) -> None:
@@ -92,6 +95,23 @@ def _unroll(sch, loop) -> None:
     into local memory."""
     sch.unroll(loop)
     sch.annotate(loop, "pragma_unroll_explicit", False)
+
+
+def _branch_on_rows(small: tirx.PrimFunc, large: tirx.PrimFunc, rows, limit: int):
+    """One PrimFunc that runs `small`'s kernels when rows ≤ limit, else `large`'s.
+
+    Each body sits in a host loop of 0 or 1 trips rather than an `if`: TIR's ThreadSync refuses
+    kernels (barriers) under a condition, even a host-side one.
+    """
+    small = small.specialize(dict(zip(small.params, large.params)))
+    take = tirx.Select(rows <= limit, tirx.IntImm("int32", 1), tirx.IntImm("int32", 0))
+
+    def once(name, trips, body):
+        return tirx.For(tirx.Var(name, "int32"), tirx.IntImm("int32", 0), trips,
+                        tirx.ForKind.SERIAL, body)
+
+    body = tirx.SeqStmt([once("small_m", take, small.body), once("large_m", 1 - take, large.body)])
+    return large.with_body(s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", body)))
 
 
 def _static(x) -> int | None:
@@ -105,9 +125,14 @@ class MatmulTensorCore(GPUScheduleRule):
     below `min_m`, and non-static N or K.
     """
 
-    def __init__(self, config: Config | None = None, min_m: int = 64):
+    def __init__(self, config: Config | None = None, min_m: int = 64, small_m: int = 32,
+                 few_tiles: int = 16):
         self.config = config or Config()
         self.min_m = min_m
+        # With a dynamic M and fewer than `few_tiles` column tiles (N = 1024: 8 blocks on 132
+        # SMs), M ≤ `small_m` rows run dlight's LowBatchGEMV instead, chosen at run time.
+        self.small_m = small_m
+        self.few_tiles = few_tiles
 
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda":
@@ -137,9 +162,18 @@ class MatmulTensorCore(GPUScheduleRule):
         if maps is None:
             return None
         try:
-            return self._schedule(sch, main, maps, a_dtype)
+            tc = self._schedule(sch, main, maps, a_dtype)
         except (tvm.TVMError, ValueError, AssertionError):
             return None
+        if tc is None:
+            return None
+        sch, m_ext, n_tiles = tc
+        if _static(m_ext) is None and n_tiles < self.few_tiles:
+            small = dl.gpu.LowBatchGEMV().apply(func, target, False)
+            if small is not None:
+                return s_tir.Schedule(_branch_on_rows(small.mod["main"], sch.mod["main"],
+                                                      m_ext, self.small_m))
+        return sch
 
     def _schedule(self, sch, main, maps, dtype):
         c = self.config
@@ -241,7 +275,7 @@ class MatmulTensorCore(GPUScheduleRule):
         sch.reorder(x0, y0, x1, y1)
         _unroll(sch, x0)
         _unroll(sch, y0)
-        sch.reverse_compute_at(epi, y0)
+        sch.reverse_compute_at(epi, warp if c.warp_epilogue else y0)
         fused = sch.fuse(*sch.get_loops(epi)[-2:])
         f0, f1, f2 = sch.split(fused, [None, 32, c.vec])
         sch.bind(f1, "threadIdx.x")
@@ -261,4 +295,4 @@ class MatmulTensorCore(GPUScheduleRule):
             sch.annotate(k0, "software_pipeline_stage", [0, 0, c.stages - 1])
             sch.annotate(k0, "software_pipeline_order", [0, 1, 2])
             sch.annotate(k0, "software_pipeline_async_stages", [0])
-        return sch
+        return sch, m_ext, n_tiles
