@@ -11,6 +11,7 @@ a subprocess so that such a crash fails these tests with a reason instead of kil
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -124,12 +125,14 @@ def test_cpu_pipeline_unchanged_and_correct():
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_cuda_kernels_for_every_model_shape():
+def test_cuda_kernels_for_every_model_shape(tmp_path):
     """All ten Linear shapes get a tensor-core kernel; fragments stay in registers."""
+    cu = str(tmp_path / "gemm.cu")
     out = _run(f"""
         import re, tvm
         from tests.test_gemm_schedule import nt_matmul, H100
         from schedules.matmul_tensorcore import MatmulTensorCore, TIR_PIPELINE
+        CU = {cu!r}
         funcs = {{}}
         for k, n in {MODEL_SHAPES!r}:
             sch = MatmulTensorCore().apply(nt_matmul(k, n), H100, False)
@@ -137,8 +140,10 @@ def test_cuda_kernels_for_every_model_shape():
             funcs[f"mm_{{k}}_{{n}}"] = sch.mod["main"].with_attr("global_symbol", f"mm_{{k}}_{{n}}")
         with H100:
             lib = tvm.tirx.build(tvm.IRModule(funcs), target=H100, pipeline=TIR_PIPELINE)
+            one = tvm.tirx.build(tvm.IRModule({"mm_4096_4096": funcs["mm_4096_4096"]}),
+                                 target=H100, pipeline=TIR_PIPELINE)
         src = lib.imports[0].inspect_source()
-        open("/tmp/kiln_gemm_test.cu", "w").write(src)
+        open(CU, "w").write(one.imports[0].inspect_source())
         print("kernels", src.count("__global__") // 2 or src.count("__global__"))
         print("mma", src.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"))
         print("ldmatrix", src.count("ldmatrix.sync.aligned.m8n8.x4.shared.b16"))
@@ -152,11 +157,10 @@ def test_cuda_kernels_for_every_model_shape():
     if shutil.which("nvcc"):
         ptxas = subprocess.run(
             ["nvcc", "--cubin", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas=-v",
-             "-o", "/tmp/kiln_gemm_test.cubin", "/tmp/kiln_gemm_test.cu"],
+             "-o", str(tmp_path / "gemm.cubin"), cu],
             capture_output=True, text=True, timeout=600)
         assert ptxas.returncode == 0, ptxas.stderr[-2000:]
-        frames = [int(s) for s in __import__("re").findall(r"(\d+) bytes stack frame",
-                                                           ptxas.stderr)]
+        frames = [int(f) for f in re.findall(r"(\d+) bytes stack frame", ptxas.stderr)]
         assert frames and max(frames) == 0, "fragments spilled to local memory"
 
 
