@@ -31,9 +31,9 @@ from tvm.s_tir.dlight.gpu.matmul import (
     get_index_map,
     get_reduction_blocks,
 )
-from tvm.s_tir.tensor_intrin.cuda import shared_16x16_to_ldmatrix_32x8_layout as frag_layout
 
 from . import mma_intrin
+from .mma_intrin import frag_layout
 
 # TIR options our kernels need at build time (`PassContext(config=PASS_CONFIG)`):
 # - use_async_copy: pipelined global→shared copies become cp.async (else synchronous, slower);
@@ -176,6 +176,7 @@ class MatmulTensorCore(GPUScheduleRule):
         return sch
 
     def _schedule(self, sch, main, maps, dtype):
+        mma_intrin.register()
         c = self.config
         matmul_map, a_map, b_map, c_map = maps
         sch.transform_layout(sch.reindex(main, ("read", 0)), ("write", 0), a_map)

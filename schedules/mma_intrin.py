@@ -11,13 +11,23 @@ from __future__ import annotations
 
 from tvm.runtime import convert
 from tvm.s_tir import TensorIntrin
-from tvm.s_tir.tensor_intrin.cuda import shared_16x16_to_ldmatrix_32x8_layout as frag_layout
 from tvm.script import tirx as T
 from tvm.tirx import Cast
 
 WARP = 32
 LOCAL = 8  # 16x16 elements / 32 lanes
 DTYPES = {"float16": "fp16", "bfloat16": "bf16"}
+STORE = "kiln_mma_store_f32_shared_dyn"
+FILL = "kiln_mma_fill_f32"
+
+
+def frag_layout(i, j):
+    """(row, col) of a 16x16 tile → (lane, register) in the mma.sync m16n8k16 fragment layout.
+
+    Ours rather than tvm.s_tir.tensor_intrin.cuda's: importing that module registers hundreds
+    of intrinsics and takes ~30 s; every model compile would pay it.
+    """
+    return 4 * (i % 8) + (j % 8) // 2, 4 * (j // 8) + (i // 8) * 2 + (j % 2)
 
 
 def ldmatrix_name(dtype: str, operand: str) -> str:
@@ -189,11 +199,48 @@ def _store():
     return desc, impl
 
 
-for _dt in DTYPES:
-    TensorIntrin.register(ldmatrix_name(_dt, "a"), *_ldmatrix(_dt), override=True)
-    TensorIntrin.register(ldmatrix_name(_dt, "b"), *_ldmatrix_b(_dt), override=True)
-    TensorIntrin.register(mma_name(_dt), *_mma(_dt), override=True)
+def _fill():
+    """Zero the fp32 accumulator fragment."""
 
-STORE = "kiln_mma_store_f32_shared_dyn"
-TensorIntrin.register(STORE, *_store(), override=True)
-FILL = "mma_fill_16x16_f32"  # TVM's own: accumulator init is dtype-independent (fp32)
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle) -> None:
+        C_warp = T.match_buffer(a, [WARP, LOCAL], "float32", scope="warp")
+        with T.sblock("root"):
+            T.reads()
+            T.writes(C_warp[0:WARP, 0:LOCAL])
+            for i0, i1 in T.grid(16, 16):
+                with T.sblock("C_warp"):
+                    i, j = T.axis.remap("SS", [i0, i1])
+                    thread_id, local_id = T.meta_var(frag_layout(i, j))
+                    T.reads()
+                    T.writes(C_warp[thread_id, local_id])
+                    C_warp[thread_id, local_id] = T.float32(0)
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle) -> None:
+        C_warp = T.match_buffer(a, [WARP, LOCAL], "float32", scope="warp", offset_factor=1)
+        with T.sblock("root"):
+            T.reads()
+            T.writes(C_warp[0:WARP, 0:LOCAL])
+            for tx in T.thread_binding(0, WARP, "threadIdx.x"):
+                T.evaluate(T.cuda.mma_fill_legacy(LOCAL, C_warp.data, C_warp.elem_offset,
+                                                  dtype="float32"))
+
+    return desc, impl
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register the intrinsics once, on first use (parsing them costs about a second)."""
+    global _registered  # noqa: PLW0603
+    if _registered:
+        return
+    for dt in DTYPES:
+        TensorIntrin.register(ldmatrix_name(dt, "a"), *_ldmatrix(dt), override=True)
+        TensorIntrin.register(ldmatrix_name(dt, "b"), *_ldmatrix_b(dt), override=True)
+        TensorIntrin.register(mma_name(dt), *_mma(dt), override=True)
+    TensorIntrin.register(STORE, *_store(), override=True)
+    TensorIntrin.register(FILL, *_fill(), override=True)
+    _registered = True
