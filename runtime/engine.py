@@ -60,6 +60,7 @@ class EngineConfig:
     model_path: str
     device_id: int = 0
     kvmem: float | None = None  # KV cache size: MB if > 1, else a fraction of the device's memory
+    kv_tokens: int | None = None  # KV cache size in tokens (overrides kvmem)
     max_num_seqs: int = 64
     max_model_len: int | None = None  # tokens per sequence (prompt + output); ≤ the artifact's context
     max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
@@ -69,8 +70,8 @@ class EngineConfig:
 
 def _kv_tokens(cfg: EngineConfig, artifact: Artifact) -> int | None:
     """KV cache capacity in tokens for `cfg.kvmem` (None: ModelRunner's default)."""
-    if cfg.kvmem is None:
-        return None
+    if cfg.kv_tokens is not None or cfg.kvmem is None:
+        return cfg.kv_tokens
     if cfg.kvmem <= 0:
         raise KilnError(f"kvmem must be > 0 (MB, or a fraction of device memory ≤ 1), got {cfg.kvmem}")
     c = artifact.config
