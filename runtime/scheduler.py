@@ -53,39 +53,41 @@ class Scheduler:
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """This step's batch: (sequence, how many of its pending tokens to compute)."""
-        budget, free = self.max_num_batched_tokens, self.runner.free_pages()
+        budget, reserved = self.max_num_batched_tokens, 0  # reserved: pages this batch will take
+
+        def free() -> int:
+            return self.runner.free_pages() - reserved
+
         batch: list[tuple[Sequence, int]] = []
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.pending, budget)
-            while self._new_pages(seq.num_computed, n) > free:
+            while self._new_pages(seq.num_computed, n) > free():
                 if self.cache.evict():
-                    free = self.runner.free_pages()
-                elif self._fit(seq.num_computed, free) > 0:
-                    n = self._fit(seq.num_computed, free)  # a shorter prefill chunk
-                else:
-                    victim = self.running[-1]
-                    self.preempt(victim)
-                    preempted = True
-                    free = self.runner.free_pages()
-                    if victim is seq:
-                        break
+                    continue
+                if self._fit(seq.num_computed, free()) > 0:
+                    n = self._fit(seq.num_computed, free())  # a shorter prefill chunk
+                    continue
+                victim = self.running[-1]
+                self.preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
             else:
                 batch.append((seq, n))
                 budget -= n
-                free -= self._new_pages(seq.num_computed, n)
+                reserved += self._new_pages(seq.num_computed, n)
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
             while True:
                 parent, matched = self.cache.match(seq.token_ids)
                 n = min(len(seq.token_ids) - matched, budget)
-                if self._new_pages(matched, n) <= free or not self.cache.evict():
+                if self._new_pages(matched, n) <= free() or not self.cache.evict():
                     break
-                free = self.runner.free_pages()
-            n = min(n, self._fit(matched, free))
+            n = min(n, self._fit(matched, free()))
             if n <= 0:
                 break
             self.waiting.popleft()
@@ -97,7 +99,7 @@ class Scheduler:
             self.running.append(seq)
             batch.append((seq, n))
             budget -= n
-            free -= self._new_pages(matched, n)
+            reserved += self._new_pages(matched, n)
         return batch
 
     def preempt(self, seq: Sequence) -> None:
