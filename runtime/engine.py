@@ -104,8 +104,14 @@ class TextStream:
                 if delta.text:
                     yield delta.text
         finally:
-            if self.output is None:  # the caller stopped early (break, Ctrl-C)
-                self.engine.abort(self.request_id)
+            self.cancel()  # if the caller stopped early (break, Ctrl-C)
+
+    def cancel(self) -> None:
+        """Abort the request unless it has finished; `output` then holds what was generated."""
+        if self.output is None:
+            self.engine.abort(self.request_id)
+            while self.output is None:
+                self.output = self._deltas.get().output
 
 
 class Engine:
