@@ -85,7 +85,7 @@ def _kv_tokens(cfg: EngineConfig, artifact: Artifact) -> int | None:
     else:
         import tvm
         total = tvm.device(artifact.target, cfg.device_id).total_global_memory
-    weights = sum(f.stat().st_size for f in artifact.param_files()[1])
+    weights = sum(f.stat().st_size for f in artifact.weight_shards())
     return int(max(cfg.kvmem * total - weights, 0) // per_token)
 
 
