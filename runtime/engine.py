@@ -101,7 +101,7 @@ class TextStream:
             while self.output is None:
                 delta = self._deltas.get()
                 self.output = delta.output
-                if delta.text:
+                if delta.text and delta.index == 0:
                     yield delta.text
         finally:
             self.cancel()  # if the caller stopped early (break, Ctrl-C)
@@ -298,7 +298,7 @@ class Engine:
         """One batch: schedule, forward, sample the sequences whose pending tokens are all computed."""
         batch = self.scheduler.schedule()
         if not batch:
-            return
+            raise RuntimeError("the scheduler found nothing to run")  # would spin; fail loudly instead
         logits = self.runner.forward([s.seq_id for s, _ in batch],
                                      [s.token_ids[s.num_computed:s.num_computed + n] for s, n in batch])
         for seq, n in batch:
@@ -354,7 +354,7 @@ class Engine:
         for seq in req.seqs:
             if seq.finish_reason is None:
                 seq.finish_reason = reason
-                self.scheduler.finish(seq)
+                self.scheduler.finish(seq, keep=error is None)  # after an error its KV state is suspect
         self._requests.pop(req.request_id, None)
         self._emit(req, Delta(req.request_id, 0, finish_reason=reason, output=req.output(error)))
 
