@@ -43,7 +43,7 @@ from .artifact import Artifact
 from .errors import KilnError
 from .model_runner import ModelRunner
 from .request import Completion, Delta, Message, Request, RequestOutput, Sequence, TokenLogprob
-from .sampling import SamplingParams, sample
+from .sampling import Sampled, SamplingParams, sample
 from .scheduler import Scheduler
 from .tokenizer import Tokenizer
 
@@ -65,6 +65,7 @@ class EngineConfig:
     max_model_len: int | None = None  # tokens per sequence (prompt + output); ≤ the artifact's context
     max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
     prefix_caching: bool = True
+    device_sampling: bool = True  # sample with the artifact's compiled functions when a batch allows it
     seed: int | None = None  # seeds requests that bring no seed of their own (None: fresh entropy)
 
 
@@ -299,23 +300,33 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             raise RuntimeError("the scheduler found nothing to run")  # would spin; fail loudly instead
-        logits = self.runner.forward([s.seq_id for s, _ in batch],
-                                     [s.token_ids[s.num_computed:s.num_computed + n] for s, n in batch])
-        for seq, n in batch:
-            self.scheduler.computed(seq, n)
-        rows = [i for i, (seq, _) in enumerate(batch) if seq.pending == 0]
-        if not rows:
-            return
+        rows = [i for i, (seq, n) in enumerate(batch) if n == seq.pending]  # these get a token this step
         seqs = [batch[i][0] for i in rows]
         params = [s.request.params for s in seqs]
-        penalized = any(p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty for p in params)
-        out = sample(logits[rows], params, [s.rng for s in seqs],
-                     [s.token_ids[:s.num_prompt] for s in seqs] if penalized else None,
-                     [s.output_ids for s in seqs] if penalized else None)
+        on_device = self.cfg.device_sampling and self.runner.can_sample and not any(p.needs_logits for p in params)
+        logits = self.runner.forward([s.seq_id for s, _ in batch],
+                                     [s.token_ids[s.num_computed:s.num_computed + n] for s, n in batch], on_device)
+        for seq, n in batch:
+            self.scheduler.computed(seq, n)
+        if not rows:
+            return
+        if on_device:
+            out = None
+            tokens = self.runner.sample(
+                logits, np.array(rows), np.array([0 if p.greedy else p.temperature for p in params], np.float32),
+                np.array([p.top_p for p in params], np.float32), np.array([p.top_k for p in params]),
+                np.array([p.min_p for p in params], np.float32),
+                np.array([0 if p.greedy else s.rng.random() for s, p in zip(seqs, params)]))
+        else:
+            penalized = any(p.penalized for p in params)
+            out = sample(logits[rows], params, [s.rng for s in seqs],
+                         [s.token_ids[:s.num_prompt] for s in seqs] if penalized else None,
+                         [s.output_ids for s in seqs] if penalized else None)
+            tokens = out.token_ids
         for j, seq in enumerate(seqs):
-            self._append(seq, int(out.token_ids[j]), out, j)
+            self._append(seq, int(tokens[j]), out, j)
 
-    def _append(self, seq: Sequence, token: int, out, row: int) -> None:
+    def _append(self, seq: Sequence, token: int, out: Sampled | None, row: int) -> None:
         req, params = seq.request, seq.request.params
         if req.first_token_time is None:
             req.first_token_time = time.perf_counter()

@@ -36,9 +36,9 @@ def count_forward(engine) -> list[tuple[list[int], list[int]]]:
     """Record (seq_ids, token counts) of every ModelRunner.forward call the engine makes."""
     calls, forward = [], engine.runner.forward
 
-    def counted(seq_ids, token_lists):
+    def counted(seq_ids, token_lists, *args):
         calls.append((list(seq_ids), [len(t) for t in token_lists]))
-        return forward(seq_ids, token_lists)
+        return forward(seq_ids, token_lists, *args)
 
     engine.runner.forward = counted
     return calls
@@ -197,7 +197,7 @@ def test_submission_from_many_threads(engine):
 def test_a_failing_step_fails_its_requests_and_the_engine_serves_on(engine):
     forward = engine.runner.forward
 
-    def broken(seq_ids, token_lists):
+    def broken(*args):
         del engine.runner.forward  # fail once
         raise RuntimeError("injected")
 
