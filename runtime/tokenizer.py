@@ -273,14 +273,27 @@ class Tokenizer:
         """The underlying HF `tokenizers` object (to save it as tokenizer.json)."""
         return self._tok
 
+    def special_token(self, key: str) -> str | None:
+        """The text of "bos_token"/"eos_token"/... from tokenizer_config.json (plain or AddedToken dict)."""
+        token = self.config.get(key)
+        if isinstance(token, dict):
+            token = token.get("content")
+        if token is None and key in ("bos_token", "eos_token"):
+            ids = [self.bos_token_id] if key == "bos_token" else sorted(self.eos_token_ids)
+            token = self._tok.id_to_token(ids[0]) if ids and ids[0] is not None else None
+        return token
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """Prompt text for chat messages with the model's template (runtime.chat_template's fallback if none)."""
+        from .chat_template import apply_chat_template
+        return apply_chat_template(messages, self.chat_template, add_generation_prompt=add_generation_prompt,
+                                   bos_token=self.special_token("bos_token"),
+                                   eos_token=self.special_token("eos_token"), **kwargs)
+
     def _token_id(self, token) -> int | None:
         if isinstance(token, dict):
             token = token.get("content")
         return None if token is None else self._tok.token_to_id(token)
-
-    def token_text(self, token_id: int | None) -> str | None:
-        """The vocabulary string of a token id (e.g. the chat template's bos_token)."""
-        return None if token_id is None else self._tok.id_to_token(token_id)
 
     @property
     def vocab_size(self) -> int:
