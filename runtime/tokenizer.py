@@ -203,13 +203,18 @@ def sentencepiece_tokenizer(path: Path) -> tuple[HFTokenizer, dict, dict]:
     trainer = {3: 1, 40: 0, 41: 1, 42: 2}  # model_type (1 unigram, 2 BPE), unk/bos/eos ids: proto defaults
     add_dummy_prefix = True
     for field, value in _protobuf_fields(path.read_bytes(), str(path)):
+        if field in (1, 2, 3) and not isinstance(value, bytes):
+            raise KilnError(f"{path}: corrupt protobuf (field {field} is not a message)")
         if field == 1:
             piece = {1: b"", 2: b"\0\0\0\0", 3: NORMAL} | dict(_protobuf_fields(value, str(path)))
+            if not (isinstance(piece[1], bytes) and isinstance(piece[2], bytes) and len(piece[2]) == 4
+                    and isinstance(piece[3], int)):
+                raise KilnError(f"{path}: corrupt protobuf (SentencePiece piece #{len(tokens)})")
             tokens.append(piece[1].decode("utf-8", "replace"))
             scores.append(struct.unpack("<f", piece[2])[0])
             types.append(piece[3])
         elif field == 2:
-            trainer |= {k: v for k, v in _protobuf_fields(value, str(path)) if k in trainer}
+            trainer |= {k: v for k, v in _protobuf_fields(value, str(path)) if k in trainer and isinstance(v, int)}
         elif field == 3:
             add_dummy_prefix = bool(dict(_protobuf_fields(value, str(path))).get(3, 1))
     if not tokens:
