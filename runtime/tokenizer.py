@@ -123,7 +123,8 @@ def _meta_value(meta: dict, key: str, kind, source: str, default=None, array: bo
     items = value if array and isinstance(value, list) else [value]
     if (array and not isinstance(value, list)) or not all(isinstance(v, kind) for v in items) or \
             (kind is int and any(isinstance(v, bool) for v in items)):
-        raise KilnError(f"{source}: GGUF metadata {key} is not {'an array of ' if array else ''}{kind}")
+        names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise KilnError(f"{source}: GGUF metadata {key} is not {'an array of ' if array else 'a '}{names}")
     return value
 
 
@@ -135,25 +136,30 @@ def gguf_tokenizer_files(meta: dict, source: str = "") -> tuple[HFTokenizer, dic
     if len(types) != len(tokens):
         raise KilnError(f"{source}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
     ids = {}
-    for k in ("bos", "eos", "unknown", "padding"):
+    for k in ("bos", "eos", "unknown", "padding", "eot", "eom"):
         key = f"tokenizer.ggml.{k}_token_id"
         ids[k] = _meta_value(meta, key, int, source) if key in meta else None
         if ids[k] is not None and not 0 <= ids[k] < len(tokens):
             raise KilnError(f"{source}: {key} = {ids[k]} is outside the {len(tokens)}-token vocabulary")
     add_bos_default = kind == "llama" or meta.get("tokenizer.ggml.pre") in _IGNORE_MERGES
     add_bos = _meta_value(meta, "tokenizer.ggml.add_bos_token", bool, source, add_bos_default)
-    if kind == "llama":
-        scores = _meta_value(meta, "tokenizer.ggml.scores", (int, float), source, array=True)
-        if len(scores) != len(tokens):
-            raise KilnError(f"{source}: tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
-        tok = spm_tokenizer(tokens, scores, types, unk_id=ids["unknown"], bos_id=ids["bos"], add_bos=add_bos,
-                            add_space_prefix=_meta_value(meta, "tokenizer.ggml.add_space_prefix", bool, source, True))
-    elif kind == "gpt2":
-        pre = _meta_value(meta, "tokenizer.ggml.pre", str, source, "default")
-        merges = _meta_value(meta, "tokenizer.ggml.merges", str, source, array=True)
-        tok = bpe_tokenizer(tokens, types, merges, pre, bos_id=ids["bos"], add_bos=add_bos, source=source)
-    else:
-        raise KilnError(f"{source}: tokenizer.ggml.model = {kind!r} is not supported (llama or gpt2)")
+    try:
+        if kind == "llama":
+            scores = _meta_value(meta, "tokenizer.ggml.scores", (int, float), source, array=True)
+            if len(scores) != len(tokens):
+                raise KilnError(f"{source}: tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
+            tok = spm_tokenizer(tokens, scores, types, unk_id=ids["unknown"], bos_id=ids["bos"], add_bos=add_bos,
+                                add_space_prefix=_meta_value(meta, "tokenizer.ggml.add_space_prefix", bool, source, True))
+        elif kind == "gpt2":
+            pre = _meta_value(meta, "tokenizer.ggml.pre", str, source, "default")
+            merges = _meta_value(meta, "tokenizer.ggml.merges", str, source, array=True)
+            tok = bpe_tokenizer(tokens, types, merges, pre, bos_id=ids["bos"], add_bos=add_bos, source=source)
+        else:
+            raise KilnError(f"{source}: tokenizer.ggml.model = {kind!r} is not supported (llama or gpt2)")
+    except KilnError:
+        raise
+    except Exception as e:  # tokenizers reports a bad vocabulary (e.g. a merge of unknown tokens) as Exception
+        raise KilnError(f"{source}: the GGUF vocabulary does not make a tokenizer ({e})") from None
     name = lambda i: None if i is None else tokens[i]  # noqa: E731
     config = {"bos_token": name(ids["bos"]), "eos_token": name(ids["eos"]), "unk_token": name(ids["unknown"]),
               "pad_token": name(ids["padding"]), "add_bos_token": add_bos,
@@ -161,8 +167,10 @@ def gguf_tokenizer_files(meta: dict, source: str = "") -> tuple[HFTokenizer, dic
     if "tokenizer.chat_template" in meta:
         config["chat_template"] = _meta_value(meta, "tokenizer.chat_template", str, source)
     config = {k: v for k, v in config.items() if v is not None}
-    generation = {k: v for k, v in (("bos_token_id", ids["bos"]), ("eos_token_id", ids["eos"])) if v is not None}
-    return tok, config, generation
+    # Chat models end a turn with EOT/EOM (Llama 3's <|eot_id|>, <|eom_id|>): generation stops on all of them.
+    stops = list(dict.fromkeys(i for i in (ids["eos"], ids["eot"], ids["eom"]) if i is not None))
+    generation = {"bos_token_id": ids["bos"], "eos_token_id": stops[0] if len(stops) == 1 else stops or None}
+    return tok, config, {k: v for k, v in generation.items() if v is not None}
 
 
 def _protobuf_fields(buf: bytes, where: str):

@@ -79,7 +79,7 @@ def test_stories260k_tok512(form):
     assert (tok.bos_token_id, tok.eos_token_ids) == (1, {2})
 
 
-def _gguf_vocab(path, hf_tokenizer_json: dict, pre: str, bos: str, eos: str):
+def _gguf_vocab(path, hf_tokenizer_json: dict, pre: str, bos: str, eos: str, eot: str, chat_template: str):
     """A vocab-only GGUF in the layout llama.cpp's convert_hf_to_gguf writes for a byte-level BPE tokenizer.json."""
     gguf = pytest.importorskip("gguf")
     model = hf_tokenizer_json["model"]
@@ -100,22 +100,33 @@ def _gguf_vocab(path, hf_tokenizer_json: dict, pre: str, bos: str, eos: str):
     w.add_token_merges(merges)
     w.add_bos_token_id(tokens.index(bos))
     w.add_eos_token_id(tokens.index(eos))
+    w.add_eot_token_id(tokens.index(eot))
     w.add_add_bos_token(False)
+    w.add_chat_template(chat_template)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.close()
     return path
 
 
-@pytest.mark.parametrize("name,pre,bos,eos", [("qwen3", "qwen2", "<|endoftext|>", "<|im_end|>"),
-                                              ("llama3", "llama-bpe", "<|begin_of_text|>", "<|eot_id|>")])
-def test_bpe_tokenizer_rebuilt_from_gguf_metadata(name, pre, bos, eos, unpacked, tmp_path):
-    """The real Qwen3 / Llama 3 vocabularies written to GGUF as llama.cpp does, read back by us: same ids."""
+@pytest.mark.parametrize("name,pre,bos,eos,eot", [
+    ("qwen3", "qwen2", "<|endoftext|>", "<|im_end|>", "<|im_end|>"),
+    ("llama3", "llama-bpe", "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>")])
+def test_bpe_tokenizer_rebuilt_from_gguf_metadata(name, pre, bos, eos, eot, unpacked, tmp_path):
+    """The real Qwen3 / Llama 3 vocabularies and chat templates written to GGUF as llama.cpp does,
+    read back by us: same ids, stop tokens, and chat prompt as transformers renders it."""
     hf = json.loads((unpacked / name / "tokenizer.json").read_text())
-    path = _gguf_vocab(tmp_path / f"{name}.gguf", hf, pre, bos, eos)
+    template = json.loads((unpacked / name / "tokenizer_config.json").read_text())["chat_template"]
+    path = _gguf_vocab(tmp_path / f"{name}.gguf", hf, pre, bos, eos, eot, template)
     tok = Tokenizer(path)
     assert_parity(tok, jsonl_rows(TOKS / name / "vectors.jsonl"))
-    assert tok.eos_token_ids == {tok.hf.token_to_id(eos)}
+    assert tok.eos_token_ids == {tok.hf.token_to_id(eos), tok.hf.token_to_id(eot)}
+    assert tok.bos_token_id == tok.hf.token_to_id(bos)
+    render = pytest.importorskip("transformers.utils.chat_template_utils").render_jinja_template
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    expected = render(conversations=[messages], chat_template=template, add_generation_prompt=True,
+                      bos_token=bos, eos_token=eos)[0][0]
+    assert tok.apply_chat_template(messages) == expected
 
 
 def test_gguf_write_tokenizer_round_trip(tmp_path):
@@ -145,3 +156,20 @@ def test_missing_tokenizer_is_a_kiln_error(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"\x0a\xff\xff\xff")
     with pytest.raises(KilnError, match="corrupt protobuf"):
         Tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("meta,message", [
+    ({"tokenizer.ggml.merges": ["a c"]}, "does not make a tokenizer"),
+    ({"tokenizer.ggml.merges": ["ab"]}, "not two tokens"),
+    ({"tokenizer.ggml.pre": "jais"}, "tokenizer.ggml.pre = 'jais' is not supported"),
+    ({"tokenizer.ggml.model": "t5"}, "'t5' is not supported"),
+    ({"tokenizer.ggml.tokens": ["a", 3]}, "tokenizer.ggml.tokens is not an array of str"),
+    ({"tokenizer.ggml.eos_token_id": 7}, "eos_token_id = 7 is outside the 3-token vocabulary"),
+])
+def test_bad_gguf_vocabulary(meta, message):
+    from runtime.tokenizer import gguf_tokenizer_files
+    base = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
+            "tokenizer.ggml.merges": ["a b"]}
+    with pytest.raises(KilnError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        gguf_tokenizer_files(base | meta, "x.gguf")
+    assert gguf_tokenizer_files(base, "x.gguf")[0].encode("abab").ids == [2, 2]
