@@ -5,7 +5,10 @@ numpy reference over the same dequantized weights; tiny random Llama/Qwen3 model
 tokens from GGUF as from safetensors."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,9 @@ from test_gguf_source import STORIES, random_model, write_model_gguf  # noqa: E4
 
 if not STORIES.is_dir():
     pytest.skip(f"{STORIES} is not here", allow_module_level=True)
-EXPECTED = json.loads((STORIES / "expected.json").read_text())["greedy_from_bos"]
+ALL_EXPECTED = json.loads((STORIES / "expected.json").read_text())
+EXPECTED = ALL_EXPECTED["greedy_from_bos"]
+REPO = Path(__file__).resolve().parents[1]
 FORMS = {"hf": STORIES / "hf", "f32": STORIES / "gguf" / "stories260K-f32.gguf",
          "q8_0": STORIES / "gguf" / "stories260K-q8_0.gguf", "q4_0": STORIES / "gguf" / "stories260K-q4_0.gguf"}
 
@@ -79,11 +84,29 @@ def numpy_llama_greedy(path, prompt, n):
     return ids[len(prompt):]
 
 
+def run_cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, stories_artifact):
-    """Each form compiled; the HF form is conftest's artifact of model_defs/stories260K (the same files as hf/)."""
+    """Each form compiled: f32 with the `python -m compile` CLI; the HF form is conftest's artifact of
+    model_defs/stories260K (the same files as hf/)."""
     root = tmp_path_factory.mktemp("stories-forms")
-    return {"hf": stories_artifact} | {form: compile_cpu(FORMS[form], root / form) for form in ("f32", "q8_0", "q4_0")}
+    run_cli("-m", "compile", "--model", str(FORMS["f32"]), "--target", "cpu", "--out", str(root / "f32"))
+    return {"hf": stories_artifact, "f32": root / "f32"} | {
+        form: compile_cpu(FORMS[form], root / form) for form in ("q8_0", "q4_0")}
+
+
+def test_generate_cli_on_gguf_artifact(artifacts):
+    """`python -m runtime.generate` on the artifact compiled from the f32 GGUF prints the reference text."""
+    ref = ALL_EXPECTED["greedy_once_upon_a_time"]
+    out = run_cli("-m", "runtime.generate", "--w", str(artifacts["f32"]), "--prompt", ref["prompt"],
+                  "--max_tokens", str(ref["max_new_tokens"]))
+    assert out == ref["text"] + "\n"
 
 
 @pytest.mark.parametrize("form", ["hf", "f32"])
