@@ -172,6 +172,9 @@ class Engine:
             except UnicodeError:
                 raise KilnError("prompt is not valid UTF-8 text") from None
             ids = self.tokenizer.encode(text)
+            bos = self.tokenizer.bos_token_id
+            if len(ids) > 1 and ids[0] == ids[1] == bos:  # a chat template wrote BOS and encode added one
+                ids = ids[1:]
         if not ids:
             raise KilnError("prompt is empty")
         return text, ids
