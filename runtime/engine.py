@@ -115,7 +115,7 @@ class Engine:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         artifact = Artifact.open(cfg.model_path)
-        device = f"{'cpu' if artifact.target == 'cpu' else artifact.target}:{cfg.device_id}"
+        device = f"{artifact.target}:{cfg.device_id}"
         if cfg.max_num_seqs < 1 or cfg.max_num_batched_tokens < 1:
             raise KilnError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.runner = ModelRunner(artifact, device=device, max_batch=cfg.max_num_seqs,
@@ -234,7 +234,7 @@ class Engine:
                 self._thread.start()
 
     def close(self) -> None:
-        """Stop the engine thread (pending requests are dropped)."""
+        """Stop the engine thread; requests still in flight end with finish_reason "abort"."""
         with self._lock:
             if self._thread is not None:
                 self._inbox.put(None)
@@ -257,6 +257,8 @@ class Engine:
                 commands = []
             for command in commands:
                 if command is None:
+                    for req in list(self._requests.values()):
+                        self._end_request(req, "abort")
                     return
                 kind, arg = command
                 if kind == "add":
