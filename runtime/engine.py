@@ -42,7 +42,7 @@ from .artifact import Artifact
 from .errors import KilnError
 from .model_runner import ModelRunner
 from .request import Completion, Delta, Message, Request, RequestOutput, Sequence, TokenLogprob
-from .sampling import Sampled, SamplingParams, sample
+from .sampling import SamplingParams, sample
 from .scheduler import Scheduler
 from .tokenizer import Tokenizer
 
@@ -296,31 +296,48 @@ class Engine:
             raise RuntimeError("the scheduler found nothing to run")  # would spin; fail loudly instead
         rows = [i for i, (seq, n) in enumerate(batch) if n == seq.pending]  # these get a token this step
         seqs = [batch[i][0] for i in rows]
-        params = [s.request.params for s in seqs]
-        on_device = self.cfg.device_sampling and self.runner.can_sample and not any(p.needs_logits for p in params)
+        on_device = self.cfg.device_sampling and self.runner.can_sample and not all(
+            s.request.params.needs_logits for s in seqs)
         logits = self.runner.forward([s.seq_id for s, _ in batch],
                                      [s.token_ids[s.num_computed:s.num_computed + n] for s, n in batch], on_device)
         for seq, n in batch:
             self.scheduler.computed(seq, n)
-        if not rows:
-            return
-        if on_device:
-            out = None
-            tokens = self.runner.sample(
-                logits, np.array(rows), np.array([0 if p.greedy else p.temperature for p in params], np.float32),
-                np.array([p.top_p for p in params], np.float32), np.array([p.top_k for p in params]),
-                np.array([p.min_p for p in params], np.float32),
-                np.array([0 if p.greedy else s.rng.random() for s, p in zip(seqs, params)]))
-        else:
-            penalized = any(p.penalized for p in params)
-            out = sample(logits[rows], params, [s.rng for s in seqs],
-                         [s.token_ids[:s.num_prompt] for s in seqs] if penalized else None,
-                         [s.output_ids for s in seqs] if penalized else None)
-            tokens = out.token_ids
-        for j, seq in enumerate(seqs):
-            self._append(seq, int(tokens[j]), out, j)
+        if rows:
+            tokens, logprobs = self._sample(logits, np.array(rows), seqs, on_device)
+            for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs):
+                self._append(seq, token, logprob)
 
-    def _append(self, seq: Sequence, token: int, out: Sampled | None, row: int) -> None:
+    def _sample(self, logits, rows: np.ndarray, seqs: list[Sequence], on_device: bool):
+        """(token ids, TokenLogprob or None) for `seqs`, whose logits are `rows` of `logits`: on the device
+        where possible; rows with penalties or logprobs (or all, without device sampling) on the host."""
+        params = [s.request.params for s in seqs]
+        on_host = np.array([p.needs_logits or not on_device for p in params])
+        tokens = np.zeros(len(seqs), np.int64)
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        dev = np.flatnonzero(~on_host)
+        if dev.size:
+            ps = [params[j] for j in dev]
+            tokens[dev] = self.runner.sample(
+                logits, rows[dev], np.array([0 if p.greedy else p.temperature for p in ps], np.float32),
+                np.array([p.top_p for p in ps], np.float32), np.array([p.top_k for p in ps]),
+                np.array([p.min_p for p in ps], np.float32),
+                np.array([0 if p.greedy else seqs[j].rng.random() for j, p in zip(dev, ps)]))
+        host = np.flatnonzero(on_host)
+        if host.size:
+            ps, ss = [params[j] for j in host], [seqs[j] for j in host]
+            penalized = any(p.penalized for p in ps)
+            out = sample((logits.numpy() if on_device else logits)[rows[host]], ps, [s.rng for s in ss],
+                         [s.token_ids[:s.num_prompt] for s in ss] if penalized else None,
+                         [s.output_ids for s in ss] if penalized else None)
+            tokens[host] = out.token_ids
+            for k, (j, p) in enumerate(zip(host, ps)):
+                if p.logprobs:
+                    top = {} if out.top_ids is None else dict(zip(out.top_ids[k, :p.top_logprobs].tolist(),
+                                                                  out.top_logprobs[k, :p.top_logprobs].tolist()))
+                    logprobs[j] = TokenLogprob(int(out.token_ids[k]), float(out.logprobs[k]), top)
+        return tokens, logprobs
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         req, params = seq.request, seq.request.params
         if req.first_token_time is None:
             req.first_token_time = time.perf_counter()
@@ -334,11 +351,9 @@ class Engine:
         else:
             seq.token_ids.append(token)
             delta.token_ids.append(token)
-            if seq.logprobs is not None:
-                top = {} if out.top_ids is None else dict(zip(out.top_ids[row, :params.top_logprobs].tolist(),
-                                                              out.top_logprobs[row, :params.top_logprobs].tolist()))
-                delta.logprobs.append(TokenLogprob(token, float(out.logprobs[row]), top))
-                seq.logprobs.append(delta.logprobs[-1])
+            if logprob is not None:
+                delta.logprobs.append(logprob)
+                seq.logprobs.append(logprob)
             delta.text = seq.add_text(seq.detok.add(token))
             flush = seq.finish_reason is None and (
                 (params.max_tokens is not None and len(seq.output_ids) >= params.max_tokens)

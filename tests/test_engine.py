@@ -208,3 +208,34 @@ def test_a_failing_step_fails_its_requests_and_the_engine_serves_on(engine):
     again = engine.generate_sync(SamplingParams(temperature=0, max_tokens=5), ["Tom had a dog"])[0]
     assert again.finish_reason == "length" and again.num_output_tokens == 5
     assert all_pages_free(engine)
+
+
+def test_a_batch_mixing_device_and_host_sampling_rows(engine):
+    """Penalized and logprobs rows sample on the host, the others on the device, in one step."""
+    kinds = [SamplingParams(temperature=0, max_tokens=12), SamplingParams(temperature=0, max_tokens=12, logprobs=True),
+             SamplingParams(temperature=0, max_tokens=12, presence_penalty=0.0, repetition_penalty=1.0)]
+
+    async def run():
+        async def one(params):
+            return [d async for d in engine.generate_async(params, "The sun was hot")][-1].output
+        return await asyncio.gather(*(one(p) for p in kinds))
+
+    greedy, with_logprobs, plain = asyncio.run(run())
+    assert greedy.token_ids == with_logprobs.token_ids == plain.token_ids
+    assert [lp.token_id for lp in with_logprobs.outputs[0].logprobs] == with_logprobs.token_ids
+
+
+def test_repetition_penalty_matches_transformers_step_by_step(engine):
+    import torch
+    import transformers
+
+    out = engine.generate_sync(SamplingParams(temperature=0, max_tokens=30, repetition_penalty=1.5,
+                                              ignore_eos=True), ["Tom had a dog"])[0]
+    runner, proc = ModelRunner(engine.runner.artifact), transformers.RepetitionPenaltyLogitsProcessor(1.5)
+    runner.add_sequence(0)
+    ids = list(out.prompt_token_ids)
+    logits = runner.forward([0], [ids])
+    for _ in range(30):
+        ids.append(int(proc(torch.tensor([ids]), torch.tensor(logits)).argmax()))
+        logits = runner.forward([0], [ids[-1:]])
+    assert out.token_ids == ids[len(out.prompt_token_ids):]
