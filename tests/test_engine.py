@@ -211,17 +211,16 @@ def test_a_failing_step_fails_its_requests_and_the_engine_serves_on(engine):
 
 
 def test_a_batch_mixing_device_and_host_sampling_rows(engine):
-    """Penalized and logprobs rows sample on the host, the others on the device, in one step."""
-    kinds = [SamplingParams(temperature=0, max_tokens=12), SamplingParams(temperature=0, max_tokens=12, logprobs=True),
-             SamplingParams(temperature=0, max_tokens=12, presence_penalty=0.0, repetition_penalty=1.0)]
+    """Rows asking for logprobs sample on the host, the others on the device, in the same steps."""
+    kinds = [SamplingParams(temperature=0, max_tokens=12), SamplingParams(temperature=0, max_tokens=12, logprobs=True)]
 
     async def run():
         async def one(params):
             return [d async for d in engine.generate_async(params, "The sun was hot")][-1].output
         return await asyncio.gather(*(one(p) for p in kinds))
 
-    greedy, with_logprobs, plain = asyncio.run(run())
-    assert greedy.token_ids == with_logprobs.token_ids == plain.token_ids
+    greedy, with_logprobs = asyncio.run(run())
+    assert greedy.token_ids == with_logprobs.token_ids
     assert [lp.token_id for lp in with_logprobs.outputs[0].logprobs] == with_logprobs.token_ids
 
 
