@@ -118,6 +118,10 @@ class Sequence:
         return self.token_ids[self.num_prompt:]
 
     @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    @property
     def pending(self) -> int:
         """Tokens still to be put through the model before the next one can be sampled."""
         return len(self.token_ids) - self.num_computed
