@@ -130,7 +130,11 @@ class Sequence:
         """Append decoded text; return what may be streamed now. A stop string ends the sequence at
         its start; a suffix that could begin a stop string is held back until resolved."""
         stops = self.request.params.stop
-        start = max(0, len(self.text) - max((len(s) for s in stops), default=0) + 1)
+        if not stops:  # the common case: nothing to hold back
+            self.text += piece
+            self.emitted = len(self.text)
+            return piece
+        start = max(0, len(self.text) - max(len(s) for s in stops) + 1)
         self.text += piece
         hits = [i for i in (self.text.find(s, start) for s in stops) if i >= 0]
         if hits:
