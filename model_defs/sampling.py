@@ -3,8 +3,9 @@
 
 Every function takes one row per sequence and no weights. Greedy rows use `argmax`; sampled rows use
 `sample_probs` (temperature and min_p) and then either `sample_multinomial` or, when a row asks for
-top_p/top_k, `sample_top_p_top_k` (a full sort of each row). Random numbers come from the host (one
-uniform per row, from the request's seeded generator), so seeded requests reproduce.
+top_p/top_k, `sample_top_p_top_k` (a full sort of each row); `logprobs` serves requests that ask
+for log-probabilities. Random numbers come from the host (one uniform per row, from the request's
+seeded generator), so seeded requests reproduce.
 """
 
 from __future__ import annotations
@@ -40,3 +41,14 @@ class SamplingFunctions:
         sorted_probs = nn.op.wrap_nested(relax.op.gather_elements(probs._expr, sorted_ids._expr, axis=1),
                                          "sorted_probs")
         return nn.op.sample_top_p_top_k_from_sorted_prob(sorted_probs, sorted_ids, top_p, top_k, uniform, rows)
+
+    def logprobs(self, logits: nn.Tensor, tokens: nn.Tensor) -> tuple[nn.Tensor, nn.Tensor, nn.Tensor]:
+        """log_softmax(logits) at `tokens` (int32[b, 1]) → f32[b, 1], and the TOP_LOGPROBS most likely tokens
+        of each row: (f32[b, k], int32[b, k]), best first."""
+        lp = nn.op.wrap_nested(relax.op.nn.log_softmax(logits._expr, axis=-1), "log_softmax")
+        chosen = nn.op.wrap_nested(relax.op.gather_elements(lp._expr, tokens._expr, axis=1), "chosen_logprob")
+        top_values, top_ids = nn.op.topk(lp, k=TOP_LOGPROBS, axis=-1, ret_type="both", dtype="int32")
+        return chosen, top_values, top_ids
+
+
+TOP_LOGPROBS = 20  # OpenAI's cap on top_logprobs; the compiled `logprobs` always returns this many

@@ -40,6 +40,8 @@ def export_spec(cfg: ModelConfig, dtype: str) -> dict:
                                "top_k": nn.spec.Tensor(["b", 1], "int32"),
                                "uniform": nn.spec.Tensor(["n", 1], "float32"),
                                "rows": nn.spec.Tensor(["n", 1], "int32"), "$": _NO_PARAMS},
+        "logprobs": {"logits": nn.spec.Tensor(["b", "vocab"], "float32"),
+                     "tokens": nn.spec.Tensor(["b", 1], "int32"), "$": _NO_PARAMS},
         "create_paged_kv_cache": {
             "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
             "page_size": int, "support_sliding_window": int, "$": _NO_PARAMS,
