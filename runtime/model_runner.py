@@ -55,8 +55,9 @@ class ModelRunner:
             "kv_state_begin_forward", "kv_state_end_forward", "attention_kv_cache_get_num_available_pages",
             "attention_kv_cache_get_sequence_length")}
         self.total_pages = self.free_pages()
-        # artifacts compiled before model_defs/sampling.py lack these; the engine samples on the host then
-        self.can_sample = self.vm.module.implements_function("sample_probs")
+        # artifacts compiled before model_defs/sampling.py (logprobs is its newest) lack these; the engine
+        # samples on the host then
+        self.can_sample = self.vm.module.implements_function("logprobs")
 
     def _load_params(self) -> list:
         names = [p["name"] for p in self.artifact.params()]
@@ -146,6 +147,13 @@ class ModelRunner:
             drawn = self.vm["sample_multinomial"](probs, u, picks)
         tokens[draw] = drawn.numpy()[:, 0]
         return tokens
+
+    def logprobs(self, logits, rows: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For `rows` of device `logits`: log_softmax at `tokens`, and the top 20 (log-probabilities, ids)."""
+        chosen = np.zeros((logits.shape[0], 1), np.int32)
+        chosen[rows, 0] = tokens
+        lp, top_lp, top_ids = self.vm["logprobs"](logits, self._tvm.runtime.tensor(chosen, self.device))
+        return lp.numpy()[rows, 0], top_lp.numpy()[rows], top_ids.numpy()[rows]
 
     def _chunks(self, token_lists):
         """Pack (sequence index, tokens, is_last_piece) into forwards of ≤ prefill_chunk tokens."""
