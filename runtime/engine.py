@@ -302,7 +302,7 @@ class Engine:
         rows = [i for i, (seq, n) in enumerate(batch) if n == seq.pending]  # these get a token this step
         seqs = [batch[i][0] for i in rows]
         on_device = self.cfg.device_sampling and self.runner.can_sample and not all(
-            s.request.params.needs_logits for s in seqs)
+            s.request.params.penalized for s in seqs)
         logits = self.runner.forward([s.seq_id for s, _ in batch],
                                      [s.token_ids[s.num_computed:s.num_computed + n] for s, n in batch], on_device)
         for seq, n in batch:
@@ -314,9 +314,9 @@ class Engine:
 
     def _sample(self, logits, rows: np.ndarray, seqs: list[Sequence], on_device: bool):
         """(token ids, TokenLogprob or None) for `seqs`, whose logits are `rows` of `logits`: on the device
-        where possible; rows with penalties or logprobs (or all, without device sampling) on the host."""
+        where possible; rows with penalties (or all, without device sampling) on the host."""
         params = [s.request.params for s in seqs]
-        on_host = np.array([p.needs_logits or not on_device for p in params])
+        on_host = np.array([p.penalized or not on_device for p in params])
         tokens = np.zeros(len(seqs), np.int64)
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
         dev = np.flatnonzero(~on_host)
@@ -327,6 +327,11 @@ class Engine:
                 np.array([p.top_p for p in ps], np.float32), np.array([p.top_k for p in ps]),
                 np.array([p.min_p for p in ps], np.float32),
                 np.array([0 if p.greedy else seqs[j].rng.random() for j, p in zip(dev, ps)]))
+            want = np.array([j for j in dev if params[j].logprobs], np.int64)
+            if want.size:
+                lp, top_lp, top_ids = self.runner.logprobs(logits, rows[want], tokens[want])
+                for k, j in enumerate(want):
+                    logprobs[j] = _token_logprob(tokens[j], lp[k], top_ids[k], top_lp[k], params[j].top_logprobs)
         host = np.flatnonzero(on_host)
         if host.size:
             ps, ss = [params[j] for j in host], [seqs[j] for j in host]
@@ -335,11 +340,12 @@ class Engine:
                          [s.token_ids[:s.num_prompt] for s in ss] if penalized else None,
                          [s.output_ids for s in ss] if penalized else None)
             tokens[host] = out.token_ids
-            for k, (j, p) in enumerate(zip(host, ps)):
-                if p.logprobs:
-                    top = {} if out.top_ids is None else dict(zip(out.top_ids[k, :p.top_logprobs].tolist(),
-                                                                  out.top_logprobs[k, :p.top_logprobs].tolist()))
-                    logprobs[j] = TokenLogprob(int(out.token_ids[k]), float(out.logprobs[k]), top)
+            if out.logprobs is not None:
+                top_ids = out.top_ids if out.top_ids is not None else np.zeros((len(host), 0), np.int64)
+                top_lp = out.top_logprobs if out.top_logprobs is not None else np.zeros((len(host), 0))
+                for k, (j, p) in enumerate(zip(host, ps)):
+                    if p.logprobs:
+                        logprobs[j] = _token_logprob(tokens[j], out.logprobs[k], top_ids[k], top_lp[k], p.top_logprobs)
         return tokens, logprobs
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
@@ -390,3 +396,6 @@ class Engine:
         except Exception:  # a broken consumer must not stop the engine
             traceback.print_exc(file=sys.stderr)
 
+
+def _token_logprob(token, logprob, top_ids: np.ndarray, top_logprobs: np.ndarray, n: int) -> TokenLogprob:
+    return TokenLogprob(int(token), float(logprob), dict(zip(top_ids[:n].tolist(), top_logprobs[:n].tolist())))

@@ -15,6 +15,8 @@ import numpy as np
 
 from .errors import KilnError
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's cap; the compiled `logprobs` function returns this many
+
 
 @dataclass
 class SamplingParams:
@@ -54,8 +56,8 @@ class SamplingParams:
             raise KilnError(f"max_tokens must be > 0, got {self.max_tokens}")
         if self.n < 1:
             raise KilnError(f"n must be >= 1, got {self.n}")
-        if self.top_logprobs < 0:
-            raise KilnError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise KilnError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         if any(not s for s in self.stop):
             raise KilnError("stop strings must not be empty")
 
@@ -67,10 +69,6 @@ class SamplingParams:
     def penalized(self) -> bool:
         return self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
 
-    @property
-    def needs_logits(self) -> bool:
-        """Penalties and logprobs work on the full logits on the host; the rest can sample on the device."""
-        return self.penalized or self.logprobs
 
 
 @dataclass

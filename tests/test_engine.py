@@ -106,9 +106,14 @@ def test_n_completions_fork_the_prompt(engine):
     assert computed < len(out.prompt_token_ids) + 2 * engine.runner.page_size
 
 
-def test_logprobs_equal_log_softmax_of_the_model_logits(engine):
-    out = engine.generate_sync(SamplingParams(temperature=0, max_tokens=8, logprobs=True, top_logprobs=3),
-                               ["Tom had a dog"])[0]
+@pytest.mark.parametrize("device_sampling", [True, False])
+def test_logprobs_equal_log_softmax_of_the_model_logits(engine, device_sampling):
+    engine.cfg.device_sampling = device_sampling
+    try:
+        out = engine.generate_sync(SamplingParams(temperature=0, max_tokens=8, logprobs=True, top_logprobs=3),
+                                   ["Tom had a dog"])[0]
+    finally:
+        engine.cfg.device_sampling = True
     runner = ModelRunner(engine.runner.artifact)
     runner.add_sequence(0)
     logits = runner.forward([0], [out.prompt_token_ids])
