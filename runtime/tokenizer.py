@@ -21,20 +21,18 @@ SPM_SPACE = "\u2581"
 # Token types shared by llama.cpp (`tokenizer.ggml.token_type`) and SentencePiece's ModelProto.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
-# tokenizer.ggml.pre -> (split regex, individual digits first); the regexes are the ones in the
-# models' own tokenizer.json files (llama.cpp's llama-vocab.cpp uses the same expressions).
+# tokenizer.ggml.pre -> split regex: the expressions of the models' own tokenizer.json files
+# (llama.cpp's llama-vocab.cpp uses the same ones). Others (llama.cpp's "default" included) have
+# their own regexes and are refused rather than approximated. Tested: llama-bpe, qwen2.
 _LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_BPE_PRE = {
-    "llama-bpe": _LLAMA3_RE, "llama3": _LLAMA3_RE, "llama-v3": _LLAMA3_RE, "smaug-bpe": _LLAMA3_RE,
-    "qwen2": _QWEN2_RE, "deepseek-r1-qwen": _QWEN2_RE,
-    "gpt-2": _GPT2_RE, "gpt2": _GPT2_RE, "default": _GPT2_RE,
-}
+_BPE_PRE = {"llama-bpe": _LLAMA3_RE, "llama3": _LLAMA3_RE, "llama-v3": _LLAMA3_RE, "qwen2": _QWEN2_RE,
+            "gpt-2": _GPT2_RE}
 # Llama 3's tokenizer.json sets ignore_merges (a word that is itself a token is not re-merged).
-_IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3", "smaug-bpe"}
+_IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3"}
 
 
 def _add_vocab_tokens(tok: HFTokenizer, tokens: list[str], types: list[int]) -> None:
@@ -55,10 +53,8 @@ def _bos_processor(tokens: list[str], bos_id: int | None, add_bos: bool):
 
 
 def _vocab(tokens: list[str]) -> dict[str, int]:
-    vocab: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)  # a duplicated piece keeps its first id, as llama.cpp does
-    return vocab
+    """piece -> id; a piece listed twice maps to its last id, as in llama.cpp's token_to_id."""
+    return {t: i for i, t in enumerate(tokens)}
 
 
 def spm_tokenizer(tokens: list[str], scores: list[float], types: list[int], *, unk_id: int | None,
@@ -103,7 +99,7 @@ def bpe_tokenizer(tokens: list[str], types: list[int], merges: list[str], pre: s
             raise KilnError(f"{source}: tokenizer.ggml.merges entry {m!r} is not two tokens separated by a space")
         pairs.append((left, right))
     tok = HFTokenizer(models.BPE(vocab=_vocab(tokens), merges=pairs, ignore_merges=pre in _IGNORE_MERGES))
-    if pre.startswith("qwen2") or pre == "deepseek-r1-qwen":
+    if pre == "qwen2":
         tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(_BPE_PRE[pre]), behavior="isolated", invert=False),
@@ -151,7 +147,7 @@ def gguf_tokenizer_files(meta: dict, source: str = "") -> tuple[HFTokenizer, dic
             tok = spm_tokenizer(tokens, scores, types, unk_id=ids["unknown"], bos_id=ids["bos"], add_bos=add_bos,
                                 add_space_prefix=_meta_value(meta, "tokenizer.ggml.add_space_prefix", bool, source, True))
         elif kind == "gpt2":
-            pre = _meta_value(meta, "tokenizer.ggml.pre", str, source, "default")
+            pre = _meta_value(meta, "tokenizer.ggml.pre", str, source)
             merges = _meta_value(meta, "tokenizer.ggml.merges", str, source, array=True)
             tok = bpe_tokenizer(tokens, types, merges, pre, bos_id=ids["bos"], add_bos=add_bos, source=source)
         else:
