@@ -195,9 +195,8 @@ class GGUFSource:
         self._tensors = self.file.tensors
         self.arch = self.metadata.get("general.architecture")
         self._names: dict[str, str] = {}
-        if not self._tensors:  # vocab-only files (tokenizer tests) have no model
-            self.config = {}
-            return
+        if not self._tensors:
+            raise KilnError(f"{self.path}: no tensors (a vocab-only GGUF holds a tokenizer, not a model)")
         if self.arch not in _ARCHS:
             raise KilnError(f"{self.path}: general.architecture = {self.arch!r} is not supported "
                             f"({', '.join(_ARCHS)})")

@@ -244,8 +244,8 @@ def _read_json(file: Path) -> dict:
 
 def _load(path: Path) -> tuple[HFTokenizer, dict, dict]:
     if path.is_file() and path.suffix == ".gguf":
-        from compile.gguf_source import GGUFSource  # the GGUF reader (validated); lazy: runtime rarely needs it
-        return gguf_tokenizer_files(GGUFSource(path).metadata, str(path))
+        from compile.gguf_source import GGUFFile  # the checked GGUF reader; lazy: most artifacts have tokenizer.json
+        return gguf_tokenizer_files(GGUFFile(path).metadata, str(path))
     folder = path if path.is_dir() else path.parent
     config, gen = _read_json(folder / "tokenizer_config.json"), _read_json(folder / "generation_config.json")
     file = path if path.is_file() else folder / "tokenizer.json"

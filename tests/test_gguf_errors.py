@@ -254,3 +254,9 @@ def test_fuzz_tokenizer_model(tmp_path):
             Tokenizer(path).encode("Hello world")
         except KilnError:
             pass
+
+
+def test_vocab_only_gguf_is_not_a_model():
+    vocab = STORIES.parent / "llama.cpp-vocab" / "ggml-vocab-llama-spm.gguf"
+    with pytest.raises(KilnError, match=r"ggml-vocab-llama-spm\.gguf: no tensors \(a vocab-only GGUF"):
+        GGUFSource(vocab)

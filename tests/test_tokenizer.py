@@ -132,12 +132,11 @@ def test_bpe_tokenizer_rebuilt_from_gguf_metadata(name, pre, bos, eos, eot, unpa
 def test_gguf_write_tokenizer_round_trip(tmp_path):
     """GGUFSource.write_tokenizer's folder loads back to the same tokenizer (what an artifact ships)."""
     from compile.gguf_source import GGUFSource
-    src = VOCAB / "ggml-vocab-llama-spm.gguf"
-    GGUFSource(src).write_tokenizer(tmp_path)
+    GGUFSource(DATA / "stories260K" / "gguf" / "stories260K-q8_0.gguf").write_tokenizer(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert (config["bos_token"], config["eos_token"], config["add_bos_token"]) == ("<s>", "</s>", True)
     assert json.loads((tmp_path / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2}
-    assert_parity(Tokenizer(tmp_path), llama_cpp_rows("llama-spm"))
+    assert_parity(Tokenizer(tmp_path), jsonl_rows(DATA / "stories260K" / "tok512_vectors.jsonl"))
     assert Tokenizer(tmp_path).encode("Hello")[0] == 1
 
 
