@@ -172,3 +172,24 @@ def test_bad_gguf_vocabulary(meta, message):
     with pytest.raises(KilnError, match=message.replace("(", r"\(").replace("[", r"\[")):
         gguf_tokenizer_files(base | meta, "x.gguf")
     assert gguf_tokenizer_files(base, "x.gguf")[0].encode("abab").ids == [2, 2]
+
+
+def _tokenize_cli(*args):
+    import os
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "runtime.tokenize", *args], cwd=repo, env=env,
+                          capture_output=True, text=True)
+
+
+def test_tokenize_cli():
+    gguf_file = str(DATA / "stories260K" / "gguf" / "stories260K-q4_0.gguf")
+    ref = EXPECTED["greedy_once_upon_a_time"]
+    out = _tokenize_cli("--model", gguf_file, ref["prompt"])
+    assert out.stdout.split() == [str(i) for i in ref["prompt_ids"]]
+    out = _tokenize_cli("--model", gguf_file, "--ids", ",".join(map(str, ref["prompt_ids"])))
+    assert out.stdout == "<s> " + ref["prompt"] + "\n"
+    bad = _tokenize_cli("--model", gguf_file, "--ids", "7 100000")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --ids needs token ids between 0 and 511")
