@@ -248,6 +248,8 @@ def _load(path: Path) -> tuple[HFTokenizer, dict, dict]:
         return gguf_tokenizer_files(GGUFFile(path).metadata, str(path))
     folder = path if path.is_dir() else path.parent
     config, gen = _read_json(folder / "tokenizer_config.json"), _read_json(folder / "generation_config.json")
+    if (folder / "chat_template.jinja").is_file():  # newer transformers save the template here; it wins
+        config["chat_template"] = (folder / "chat_template.jinja").read_text()
     file = path if path.is_file() else folder / "tokenizer.json"
     if not file.is_file() and (folder / "tokenizer.model").is_file():
         file = folder / "tokenizer.model"
@@ -272,6 +274,9 @@ class Tokenizer:
             raise KilnError(f"{path}: no such file or folder")
         self._tok, self.config, gen = _load(self.path)
         self.chat_template = self.config.get("chat_template")
+        if isinstance(self.chat_template, list):  # named templates: transformers uses "default"
+            self.chat_template = {t.get("name"): t.get("template") for t in self.chat_template
+                                  if isinstance(t, dict)}.get("default")
         self.bos_token_id = self._token_id(self.config.get("bos_token")) if "bos_token" in self.config \
             else gen.get("bos_token_id")
         eos = gen.get("eos_token_id", self._token_id(self.config.get("eos_token")))
