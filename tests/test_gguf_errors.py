@@ -248,7 +248,7 @@ def test_fuzz_tokenizer_model(tmp_path):
     spm = STORIES.parent / "tokenizers" / "llama2" / "tokenizer.model"
     rng = np.random.default_rng(7)
     path = tmp_path / "tokenizer.model"
-    for case in _mutations(spm.read_bytes(), rng, 40, 20000):
+    for case in _mutations(spm.read_bytes(), rng, 16, 20000):
         path.write_bytes(case)
         try:
             Tokenizer(path).encode("Hello world")
