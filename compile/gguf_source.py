@@ -181,7 +181,8 @@ class GGUFFile:
         try:
             out = dequantize(raw.reshape(quant_shape_to_byte_shape(shape, qtype)), qtype)
         except NotImplementedError:
-            raise KilnError(f"{self.path}: tensor {name!r} has type {qtype.name}, which Kiln cannot dequantize") from None
+            raise KilnError(f"{self.path}: tensor {name!r} has type {qtype.name}, "
+                            "which Kiln cannot dequantize") from None
         return out.astype(np.float32, copy=False)
 
 

@@ -38,7 +38,8 @@ _IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3"}
 def _add_vocab_tokens(tok: HFTokenizer, tokens: list[str], types: list[int]) -> None:
     """Control/unknown tokens become special added tokens, user-defined ones plain added tokens:
     both are matched verbatim in the input before the model runs (as in transformers and llama.cpp)."""
-    special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in (CONTROL, UNKNOWN)]
+    special = [AddedToken(t, special=True, normalized=False)
+               for t, ty in zip(tokens, types) if ty in (CONTROL, UNKNOWN)]
     user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
     tok.add_special_tokens(special)
     tok.add_tokens(user)
@@ -78,7 +79,8 @@ def spm_tokenizer(tokens: list[str], scores: list[float], types: list[int], *, u
     norms = [normalizers.Prepend(SPM_SPACE)] if add_space_prefix else []
     tok.normalizer = normalizers.Sequence(norms + [normalizers.Replace(" ", SPM_SPACE)])
     strip = [decoders.Strip(" ", 1, 0)] if add_space_prefix else []
-    tok.decoder = decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()] + strip)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()] + strip)
     _add_vocab_tokens(tok, tokens, types)
     if (post := _bos_processor(tokens, bos_id, add_bos)) is not None:
         tok.post_processor = post
@@ -144,8 +146,9 @@ def gguf_tokenizer_files(meta: dict, source: str = "") -> tuple[HFTokenizer, dic
             scores = _meta_value(meta, "tokenizer.ggml.scores", (int, float), source, array=True)
             if len(scores) != len(tokens):
                 raise KilnError(f"{source}: tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
+            space = _meta_value(meta, "tokenizer.ggml.add_space_prefix", bool, source, True)
             tok = spm_tokenizer(tokens, scores, types, unk_id=ids["unknown"], bos_id=ids["bos"], add_bos=add_bos,
-                                add_space_prefix=_meta_value(meta, "tokenizer.ggml.add_space_prefix", bool, source, True))
+                                add_space_prefix=space)
         elif kind == "gpt2":
             pre = _meta_value(meta, "tokenizer.ggml.pre", str, source)
             merges = _meta_value(meta, "tokenizer.ggml.merges", str, source, array=True)

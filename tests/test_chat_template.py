@@ -69,9 +69,9 @@ def test_tokenizer_finds_the_template(tmp_path):
     stories = Path(__file__).resolve().parents[1] / "model_defs" / "stories260K"
     cfg = json.loads((TEMPLATES / "mistral-v1.json").read_text())
     (tmp_path / "tokenizer.json").write_bytes((stories / "tokenizer.json").read_bytes())
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": [{"name": "default", "template": cfg["chat_template"]},
-                                                                     {"name": "tool_use", "template": "x"}]}))
+    named = [{"name": "default", "template": cfg["chat_template"]}, {"name": "tool_use", "template": "x"}]
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "chat_template": named}))
     tok = Tokenizer(tmp_path)
     assert tok.apply_chat_template(TURNS) == apply_chat_template(TURNS, cfg["chat_template"], bos_token="<s>",
                                                                  eos_token="</s>")
