@@ -48,6 +48,8 @@ class Artifact:
             manifest = yaml.safe_load((path / MANIFEST).read_text())
         except yaml.YAMLError as e:
             raise KilnError(f"{path / MANIFEST}: malformed ({e})") from None
+        if not isinstance(manifest, dict) or not (path / "params.json").is_file():
+            raise KilnError(f"{path}: incomplete artifact (kiln.yaml or params.json unreadable); rebuild it with `make compile`")
         if not manifest.get("weights"):
             raise KilnError(f"{path}: this artifact has no weights yet; add them with: {manifest.get('weights_hint')}")
         return cls(path, manifest)
@@ -60,9 +62,13 @@ class Artifact:
     def target(self) -> str:
         return self.manifest["target"]
 
-    def param_files(self) -> tuple[list[str], list[Path]]:
+    def params(self) -> list[dict]:
+        """[{name, shape, dtype}] in the order the compiled functions take them."""
+        return json.loads((self.path / "params.json").read_text())
+
+    def weight_shards(self) -> list[Path]:
         index = json.loads((self.path / self.manifest["weights"] / "index.json").read_text())
-        return index["params"], [self.path / self.manifest["weights"] / s for s in index["shards"]]
+        return [self.path / self.manifest["weights"] / s for s in index["shards"]]
 
 
 def import_tvm(device_type: str):
