@@ -36,7 +36,6 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator
 
-import jinja2.sandbox
 import numpy as np
 
 from .artifact import Artifact
@@ -48,9 +47,6 @@ from .scheduler import Scheduler
 from .tokenizer import Tokenizer
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-# for models without a chat template (e.g. base models such as stories260K)
-_PLAIN_TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
-                   "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 @dataclass
@@ -140,16 +136,9 @@ class Engine:
 
     # ---- chat
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
-        """The prompt text for a conversation, through the model's chat template."""
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        template = env.from_string(self.tokenizer.chat_template or _PLAIN_TEMPLATE)
-        special = {k: v.get("content") if isinstance(v, dict) else v for k, v in self.tokenizer.config.items()
-                   if k in ("bos_token", "eos_token")}
-        try:
-            return template.render(messages=[{"role": m.role, "content": m.content} for m in messages],
-                                   add_generation_prompt=add_generation_prompt, **special)
-        except jinja2.TemplateError as e:
-            raise KilnError(f"chat template: {e}") from None
+        """The prompt text for a conversation, through the model's chat template (runtime.chat_template)."""
+        return self.tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                                  add_generation_prompt)
 
     # ---- submission (any thread)
     def add_request(self, prompt: str | bytes | list[int], params: SamplingParams, sink: Callable[[Delta], None],
