@@ -28,5 +28,11 @@ def content_hash(config: dict, dtype: str, target: str, arch: str | None, source
     return h.hexdigest()[:16]
 
 
+def write_params(out: Path, params: list[tuple[str, tuple, str]]) -> None:
+    """params.json: every parameter the library expects, in argument order (written even without weights)."""
+    (out / "params.json").write_text(json.dumps([{"name": n, "shape": list(s), "dtype": d} for n, s, d in params],
+                                                indent=0))
+
+
 def write_manifest(out: Path, manifest: dict) -> None:
     (out / "kiln.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))

@@ -66,5 +66,5 @@ def convert(source, params: list[tuple[str, tuple, str]], out_dir: Path) -> list
         current[name] = array
         size += array.nbytes
     flush()
-    (out_dir / "index.json").write_text(json.dumps({"params": [p[0] for p in params], "shards": shards}, indent=1))
+    (out_dir / "index.json").write_text(json.dumps({"shards": shards}, indent=1))
     return shards

@@ -75,6 +75,7 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
     print(f"kiln: compiled {name} for {target} ({dtype}) in {time.time() - t0:.1f}s", file=sys.stderr)
 
     params = [(n, tuple(int(d) for d in p.shape), p.dtype) for n, p in named_params]
+    artifact.write_params(out_dir, params)
     manifest = {
         "architecture": cfg.architecture,
         "family": cfg.family,

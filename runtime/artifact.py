@@ -60,9 +60,13 @@ class Artifact:
     def target(self) -> str:
         return self.manifest["target"]
 
-    def param_files(self) -> tuple[list[str], list[Path]]:
+    def params(self) -> list[dict]:
+        """[{name, shape, dtype}] in the order the compiled functions take them."""
+        return json.loads((self.path / "params.json").read_text())
+
+    def weight_shards(self) -> list[Path]:
         index = json.loads((self.path / self.manifest["weights"] / "index.json").read_text())
-        return index["params"], [self.path / self.manifest["weights"] / s for s in index["shards"]]
+        return [self.path / self.manifest["weights"] / s for s in index["shards"]]
 
 
 def import_tvm(device_type: str):

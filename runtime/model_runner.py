@@ -57,9 +57,9 @@ class ModelRunner:
         self.total_pages = self.free_pages()
 
     def _load_params(self) -> list:
-        names, shards = self.artifact.param_files()
+        names = [p["name"] for p in self.artifact.params()]
         arrays = {}
-        for shard in shards:
+        for shard in self.artifact.weight_shards():
             with safe_open(str(shard), framework="numpy") as f:
                 for name in f.keys():
                     arrays[name] = self._tvm.runtime.tensor(f.get_tensor(name), self.device)
