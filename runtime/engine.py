@@ -13,6 +13,7 @@ The asyncio interface (what the HTTP server builds on):
         delta.finish_reason                                        # set when completion `index` ends
         delta.output                                               # RequestOutput, on the last delta only
     engine.abort("r1")        # from any thread; leaving the `async for` early aborts too
+    engine.stats              # EngineStats: requests running/waiting, KV pages (what /metrics shows)
 
 `generate_async` raises KilnError at once for a bad request (prompt too long, bad sampling field,
 non-UTF-8 text); other requests are unaffected. The engine loop runs on its own thread and
@@ -66,6 +67,19 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
     prefix_caching: bool = True
     seed: int | None = None  # seeds requests that bring no seed of their own (None: fresh entropy)
+
+
+@dataclass
+class EngineStats:
+    """What a server's /metrics shows; the engine thread refreshes it after every step."""
+
+    running: int = 0  # requests with a sequence in the running batch
+    waiting: int = 0  # requests none of whose sequences has started yet
+    kv_pages_total: int = 0
+    kv_pages_free: int = 0
+    kv_pages_used: int = 0  # held by unfinished sequences (a page shared by forks counts for each)
+    kv_pages_cached: int = 0  # held only by the prefix cache: reclaimed when needed
+    preemptions: int = 0
 
 
 def _kv_tokens(cfg: EngineConfig, artifact: Artifact) -> int | None:
@@ -131,6 +145,7 @@ class Engine:
         self._inbox: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.stats = self._snapshot()
 
     # ---- chat
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
@@ -271,6 +286,15 @@ class Engine:
                     traceback.print_exc(file=sys.stderr)
                     for req in list(self._requests.values()):
                         self._end_request(req, "error", f"internal error: {e}")
+            self.stats = self._snapshot()
+
+    def _snapshot(self) -> EngineStats:
+        sched, ps = self.scheduler, self.runner.page_size
+        free, total = self.runner.free_pages(), self.runner.total_pages
+        used = min(sum(-(-s.num_computed // ps) for s in sched.running), total - free)
+        running = len({s.request.request_id for s in sched.running})
+        return EngineStats(running, len(self._requests) - running, total, free, used, total - free - used,
+                           sched.num_preemptions)
 
     def _admit(self, req: Request) -> None:
         if req.request_id in self._requests:
