@@ -63,18 +63,10 @@ class _Call:
             self.close()
             raise
 
-    async def deltas(self, request: Request | None = None):
-        """Every Delta until all requests are done; with `request`, stop early if its client leaves."""
+    async def deltas(self):
+        """Every Delta until all requests are done (aborted ones included)."""
         while None in self.outputs:
-            if request is None:
-                i, delta = await self._queue.get()
-            else:
-                try:
-                    i, delta = await asyncio.wait_for(self._queue.get(), 1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+            i, delta = await self._queue.get()
             if delta.output is not None:
                 self.outputs[i] = delta.output
             yield i, delta
@@ -98,7 +90,8 @@ class Server:
     """The FastAPI app over one Engine; `max_queue` requests may wait beyond max_num_seqs, more get 429."""
 
     def __init__(self, engine: Engine, model_name: str, max_queue: int = 256):
-        self.engine, self.model_name, self.max_queue = engine, model_name, max_queue
+        self.engine, self.model_name = engine, model_name
+        self.max_in_flight = engine.cfg.max_num_seqs + max_queue
         self.metrics = Metrics(engine)
         self.logprobs = api.Logprobs(engine.tokenizer)
         self.active = 0  # engine requests submitted and not yet closed
@@ -123,9 +116,9 @@ class Server:
         return ids
 
     def _submit(self, prompts: list[list[int]], params: SamplingParams) -> _Call:
-        limit = self.engine.cfg.max_num_seqs + self.max_queue
-        if self.active + len(prompts) > limit:
-            raise api.ApiError(429, f"server is full ({self.active} requests in flight, limit {limit}); retry later",
+        if self.active + len(prompts) > self.max_in_flight:
+            raise api.ApiError(429, f"server is full ({self.active} requests in flight, limit {self.max_in_flight}); "
+                               "retry later",
                                code="rate_limit_exceeded", type="rate_limit_error")
         return _Call(self, prompts, params)
 
@@ -140,12 +133,14 @@ class Server:
         if body.stream:
             return StreamingResponse(self._stream(call, body, rid, params, chat), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        watcher = asyncio.create_task(self._abort_when_gone(request, call))
         try:
-            async for _ in call.deltas(request):
+            async for _ in call.deltas():
                 pass
         finally:
             call.close()
-        if None in call.outputs:  # the client left; nobody reads this
+            watcher.cancel()
+        if watcher.done() and not watcher.cancelled():  # the client left: nobody reads this
             return Response(status_code=499)
         if error := self._failed(call.outputs):
             raise api.ApiError(500, error, type="server_error")
@@ -155,6 +150,13 @@ class Server:
                 "choices": [choice(i * params.n + c.index, c, self.logprobs)
                             for i, out in enumerate(call.outputs) for c in out.outputs],
                 "usage": api.usage(call.outputs)}
+
+    @staticmethod
+    async def _abort_when_gone(request: Request, call: _Call) -> None:
+        """For a non-streaming call (a stream notices a departed client when it writes)."""
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+        call.close()
 
     async def _stream(self, call: _Call, body, rid: str, params: SamplingParams, chat: bool):
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
