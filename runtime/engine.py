@@ -99,7 +99,7 @@ def _kv_tokens(cfg: EngineConfig, artifact: Artifact) -> int | None:
     else:
         import tvm
         total = tvm.device(artifact.target, cfg.device_id).total_global_memory
-    weights = sum(f.stat().st_size for f in artifact.param_files()[1])
+    weights = sum(f.stat().st_size for f in artifact.weight_shards())
     return int(max(cfg.kvmem * total - weights, 0) // per_token)
 
 
@@ -115,11 +115,17 @@ class TextStream:
             while self.output is None:
                 delta = self._deltas.get()
                 self.output = delta.output
-                if delta.text:
+                if delta.text and delta.index == 0:
                     yield delta.text
         finally:
-            if self.output is None:  # the caller stopped early (break, Ctrl-C)
-                self.engine.abort(self.request_id)
+            self.cancel()  # if the caller stopped early (break, Ctrl-C)
+
+    def cancel(self) -> None:
+        """Abort the request unless it has finished; `output` then holds what was generated."""
+        if self.output is None:
+            self.engine.abort(self.request_id)
+            while self.output is None:
+                self.output = self._deltas.get().output
 
 
 class Engine:
@@ -316,7 +322,7 @@ class Engine:
         """One batch: schedule, forward, sample the sequences whose pending tokens are all computed."""
         batch = self.scheduler.schedule()
         if not batch:
-            return
+            raise RuntimeError("the scheduler found nothing to run")  # would spin; fail loudly instead
         logits = self.runner.forward([s.seq_id for s, _ in batch],
                                      [s.token_ids[s.num_computed:s.num_computed + n] for s, n in batch])
         for seq, n in batch:
@@ -372,7 +378,7 @@ class Engine:
         for seq in req.seqs:
             if seq.finish_reason is None:
                 seq.finish_reason = reason
-                self.scheduler.finish(seq)
+                self.scheduler.finish(seq, keep=error is None)  # after an error its KV state is suspect
         self._requests.pop(req.request_id, None)
         self._emit(req, Delta(req.request_id, 0, finish_reason=reason, output=req.output(error)))
 

@@ -116,11 +116,11 @@ class Scheduler:
         if n > 1:
             self.cache.insert(seq.seq_id, seq.token_ids[:seq.num_computed])
 
-    def finish(self, seq: Sequence) -> None:
+    def finish(self, seq: Sequence, keep: bool = True) -> None:
         """Take a finished or aborted sequence out of the queues; keep its pages for reuse if enabled."""
         if seq in self.running:
             self.running.remove(seq)
-            if self.retain_finished:
+            if keep and self.retain_finished:
                 self.cache.retain(seq.seq_id, seq.token_ids[:seq.num_computed])
             else:
                 self._drop(seq)

@@ -192,3 +192,19 @@ def test_submission_from_many_threads(engine):
         t.join()
     alone = engine.generate_sync(SamplingParams(temperature=0, max_tokens=10), OPENINGS)
     assert [results[i] for i in range(8)] == [o.text for o in alone]
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_serves_on(engine):
+    forward = engine.runner.forward
+
+    def broken(seq_ids, token_lists):
+        del engine.runner.forward  # fail once
+        raise RuntimeError("injected")
+
+    engine.runner.forward = broken
+    out = engine.generate_sync(SamplingParams(temperature=0, max_tokens=5), ["Tom had a dog"])[0]
+    assert out.finish_reason == "error" and "injected" in out.error
+    assert engine.runner.forward == forward
+    again = engine.generate_sync(SamplingParams(temperature=0, max_tokens=5), ["Tom had a dog"])[0]
+    assert again.finish_reason == "length" and again.num_output_tokens == 5
+    assert all_pages_free(engine)
