@@ -36,7 +36,7 @@ def error_body(message: str, type: str, param: str | None = None, code: str | in
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -52,7 +52,7 @@ class _SamplingRequest(_Strict):
     top_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2 ** 63)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -6,8 +6,8 @@ Endpoints: /v1/models, /v1/completions, /v1/chat/completions (streamed as server
 `stream: true`), /health, /metrics (Prometheus), /tokenize, /detokenize, and a chat page at /.
 The engine decodes on its own thread; a handler only tokenizes (in a worker thread, so a huge
 prompt never blocks the event loop), submits, and relays Deltas. A client that goes away aborts
-its requests, which frees their KV pages at the next step. SIGTERM stops accepting connections,
-lets running responses finish (up to --graceful-timeout seconds), then stops the engine.
+its requests, which frees their KV pages at the next step. SIGTERM stops accepting connections and
+lets running responses finish (up to --graceful-timeout seconds) before the process exits.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class _Call:
         loop = asyncio.get_running_loop()
         self.server = server
         self.outputs: list[RequestOutput | None] = [None] * len(prompts)
+        self.size = len(prompts) * params.n  # sequences, as max_num_seqs counts them
         self._queue: asyncio.Queue = asyncio.Queue()
         self._ids: list[str] = []
         self._closed = False
@@ -55,7 +56,7 @@ class _Call:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(self._queue.put_nowait, (i, delta))
 
-        server.active += len(prompts)
+        server.active += self.size
         try:
             for i, ids in enumerate(prompts):
                 self._ids.append(server.engine.add_request(ids, params, functools.partial(sink, i)))
@@ -76,7 +77,7 @@ class _Call:
         if self._closed:
             return
         self._closed = True
-        self.server.active -= len(self.outputs)
+        self.server.active -= self.size
         for rid, out in zip(self._ids, self.outputs):
             if out is None:
                 self.server.engine.abort(rid)
@@ -87,14 +88,14 @@ def _sse(obj) -> str:
 
 
 class Server:
-    """The FastAPI app over one Engine; `max_queue` requests may wait beyond max_num_seqs, more get 429."""
+    """The FastAPI app over one Engine; `max_queue` sequences may wait beyond max_num_seqs, more get 429."""
 
     def __init__(self, engine: Engine, model_name: str, max_queue: int = 256):
         self.engine, self.model_name = engine, model_name
         self.max_in_flight = engine.cfg.max_num_seqs + max_queue
         self.metrics = Metrics(engine)
         self.logprobs = api.Logprobs(engine.tokenizer)
-        self.active = 0  # engine requests submitted and not yet closed
+        self.active = 0  # sequences of the calls submitted and not yet closed
         self.created = int(time.time())
         self.app = self._routes(FastAPI(title="Kiln", version="0.1.0"))
 
@@ -116,8 +117,8 @@ class Server:
         return ids
 
     def _submit(self, prompts: list[list[int]], params: SamplingParams) -> _Call:
-        if self.active + len(prompts) > self.max_in_flight:
-            raise api.ApiError(429, f"server is full ({self.active} requests in flight, limit {self.max_in_flight}); "
+        if self.active + len(prompts) * params.n > self.max_in_flight:
+            raise api.ApiError(429, f"server is full ({self.active} sequences in flight, limit {self.max_in_flight}); "
                                "retry later",
                                code="rate_limit_exceeded", type="rate_limit_error")
         return _Call(self, prompts, params)
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
                    "the artifact folder's name)")
     p.add_argument("--seed", type=int, help="seed for requests that bring none")
     p.add_argument("--max-queue", "--max_queue", type=int, default=256,
-                   help="requests that may wait beyond --max-num-seqs; more are answered 429")
+                   help="sequences that may wait beyond --max-num-seqs; more are answered 429")
     p.add_argument("--graceful-timeout", "--graceful_timeout", type=float, default=30,
                    help="seconds to let running responses finish after SIGTERM")
     p.add_argument("--log-level", "--log_level", default="info")

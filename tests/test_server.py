@@ -236,6 +236,8 @@ BAD = [  # (path, body: dict or raw str, status, words of the message)
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 0}, 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "seed": -1}, 400, "seed"),
+    ("/v1/completions", "{\"model\": \"stories\", \"prompt\": \"hi\", \"temperature\": NaN}", 400, "temperature"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "frobnicate": True}, 400, "frobnicate"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"model": MODEL, "prompt": [5, 10 ** 7]}, 400, "vocabulary"),
