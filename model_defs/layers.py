@@ -10,6 +10,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
 from .config import ModelConfig
+from .sampling import SamplingFunctions
 
 
 class Linear(nn.Linear):
@@ -68,7 +69,7 @@ class Decoder(nn.Module):
         return self.norm(x)
 
 
-class CausalLM(nn.Module):
+class CausalLM(nn.Module, SamplingFunctions):
     """A decoder with an LM head, exposing the functions of model_defs/spec.py.
 
     Prefill and decode return final hidden states; `logits` applies the LM head separately so

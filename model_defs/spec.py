@@ -10,6 +10,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 from .config import ModelConfig
 
 _PACKED = {"param_mode": "packed", "effect_mode": "none"}  # weights: one tuple argument, last
+_NO_PARAMS = {"param_mode": "none", "effect_mode": "none"}
 
 
 def build_model(cfg: ModelConfig, dtype: str, target) -> nn.Module:
@@ -26,10 +27,22 @@ def export_spec(cfg: ModelConfig, dtype: str) -> dict:
                     "logit_pos": nn.spec.Tensor(["b"], "int32"), "kv": kv, "$": _PACKED},
         "decode": {"embeds": nn.spec.Tensor(["b", hidden], dtype), "kv": kv, "$": _PACKED},
         "logits": {"hidden": nn.spec.Tensor(["b", hidden], dtype), "$": _PACKED},
+        # on-device sampling (model_defs/sampling.py)
+        "argmax": {"logits": nn.spec.Tensor(["b", "vocab"], "float32"), "$": _NO_PARAMS},
+        "sample_probs": {"logits": nn.spec.Tensor(["b", "vocab"], "float32"),
+                         "temperature": nn.spec.Tensor(["b"], "float32"),
+                         "min_p": nn.spec.Tensor(["b"], "float32"), "$": _NO_PARAMS},
+        "sample_multinomial": {"probs": nn.spec.Tensor(["b", "vocab"], "float32"),
+                               "uniform": nn.spec.Tensor(["n", 1], "float32"),
+                               "rows": nn.spec.Tensor(["n", 1], "int32"), "$": _NO_PARAMS},
+        "sample_top_p_top_k": {"probs": nn.spec.Tensor(["b", "vocab"], "float32"),
+                               "top_p": nn.spec.Tensor(["b", 1], "float32"),
+                               "top_k": nn.spec.Tensor(["b", 1], "int32"),
+                               "uniform": nn.spec.Tensor(["n", 1], "float32"),
+                               "rows": nn.spec.Tensor(["n", 1], "int32"), "$": _NO_PARAMS},
         "create_paged_kv_cache": {
             "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
-            "page_size": int, "support_sliding_window": int,
-            "$": {"param_mode": "none", "effect_mode": "none"},
+            "page_size": int, "support_sliding_window": int, "$": _NO_PARAMS,
         },
     }
 

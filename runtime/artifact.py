@@ -48,6 +48,8 @@ class Artifact:
             manifest = yaml.safe_load((path / MANIFEST).read_text())
         except yaml.YAMLError as e:
             raise KilnError(f"{path / MANIFEST}: malformed ({e})") from None
+        if not isinstance(manifest, dict) or not (path / "params.json").is_file():
+            raise KilnError(f"{path}: incomplete artifact (kiln.yaml or params.json unreadable); rebuild it with `make compile`")
         if not manifest.get("weights"):
             raise KilnError(f"{path}: this artifact has no weights yet; add them with: {manifest.get('weights_hint')}")
         return cls(path, manifest)

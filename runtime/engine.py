@@ -37,7 +37,6 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator
 
-import jinja2.sandbox
 import numpy as np
 
 from .artifact import Artifact
@@ -49,9 +48,6 @@ from .scheduler import Scheduler
 from .tokenizer import Tokenizer
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-# for models without a chat template (e.g. base models such as stories260K)
-_PLAIN_TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
-                   "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 @dataclass
@@ -66,6 +62,7 @@ class EngineConfig:
     max_model_len: int | None = None  # tokens per sequence (prompt + output); ≤ the artifact's context
     max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
     prefix_caching: bool = True
+    device_sampling: bool = True  # sample with the artifact's compiled functions when a batch allows it
     seed: int | None = None  # seeds requests that bring no seed of their own (None: fresh entropy)
 
 
@@ -132,7 +129,7 @@ class Engine:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         artifact = Artifact.open(cfg.model_path)
-        device = f"{'cpu' if artifact.target == 'cpu' else artifact.target}:{cfg.device_id}"
+        device = f"{artifact.target}:{cfg.device_id}"
         if cfg.max_num_seqs < 1 or cfg.max_num_batched_tokens < 1:
             raise KilnError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.runner = ModelRunner(artifact, device=device, max_batch=cfg.max_num_seqs,
@@ -155,16 +152,9 @@ class Engine:
 
     # ---- chat
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
-        """The prompt text for a conversation, through the model's chat template."""
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        template = env.from_string(self.tokenizer.chat_template or _PLAIN_TEMPLATE)
-        special = {k: v.get("content") if isinstance(v, dict) else v for k, v in self.tokenizer.config.items()
-                   if k in ("bos_token", "eos_token")}
-        try:
-            return template.render(messages=[{"role": m.role, "content": m.content} for m in messages],
-                                   add_generation_prompt=add_generation_prompt, **special)
-        except jinja2.TemplateError as e:
-            raise KilnError(f"chat template: {e}") from None
+        """The prompt text for a conversation, through the model's chat template (runtime.chat_template)."""
+        return self.tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                                  add_generation_prompt)
 
     # ---- submission (any thread)
     def add_request(self, prompt: str | bytes | list[int], params: SamplingParams, sink: Callable[[Delta], None],
@@ -197,6 +187,9 @@ class Engine:
             except UnicodeError:
                 raise KilnError("prompt is not valid UTF-8 text") from None
             ids = self.tokenizer.encode(text)
+            bos = self.tokenizer.bos_token_id
+            if len(ids) > 1 and ids[0] == ids[1] == bos:  # a chat template wrote BOS and encode added one
+                ids = ids[1:]
         if not ids:
             raise KilnError("prompt is empty")
         return text, ids
@@ -256,7 +249,7 @@ class Engine:
                 self._thread.start()
 
     def close(self) -> None:
-        """Stop the engine thread (pending requests are dropped)."""
+        """Stop the engine thread; requests still in flight end with finish_reason "abort"."""
         with self._lock:
             if self._thread is not None:
                 self._inbox.put(None)
@@ -279,6 +272,8 @@ class Engine:
                 commands = []
             for command in commands:
                 if command is None:
+                    for req in list(self._requests.values()):
+                        self._end_request(req, "abort")
                     return
                 kind, arg = command
                 if kind == "add":
@@ -323,23 +318,50 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             raise RuntimeError("the scheduler found nothing to run")  # would spin; fail loudly instead
+        rows = [i for i, (seq, n) in enumerate(batch) if n == seq.pending]  # these get a token this step
+        seqs = [batch[i][0] for i in rows]
+        on_device = self.cfg.device_sampling and self.runner.can_sample and not all(
+            s.request.params.needs_logits for s in seqs)
         logits = self.runner.forward([s.seq_id for s, _ in batch],
-                                     [s.token_ids[s.num_computed:s.num_computed + n] for s, n in batch])
+                                     [s.token_ids[s.num_computed:s.num_computed + n] for s, n in batch], on_device)
         for seq, n in batch:
             self.scheduler.computed(seq, n)
-        rows = [i for i, (seq, _) in enumerate(batch) if seq.pending == 0]
-        if not rows:
-            return
-        seqs = [batch[i][0] for i in rows]
-        params = [s.request.params for s in seqs]
-        penalized = any(p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty for p in params)
-        out = sample(logits[rows], params, [s.rng for s in seqs],
-                     [s.token_ids[:s.num_prompt] for s in seqs] if penalized else None,
-                     [s.output_ids for s in seqs] if penalized else None)
-        for j, seq in enumerate(seqs):
-            self._append(seq, int(out.token_ids[j]), out, j)
+        if rows:
+            tokens, logprobs = self._sample(logits, np.array(rows), seqs, on_device)
+            for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs):
+                self._append(seq, token, logprob)
 
-    def _append(self, seq: Sequence, token: int, out, row: int) -> None:
+    def _sample(self, logits, rows: np.ndarray, seqs: list[Sequence], on_device: bool):
+        """(token ids, TokenLogprob or None) for `seqs`, whose logits are `rows` of `logits`: on the device
+        where possible; rows with penalties or logprobs (or all, without device sampling) on the host."""
+        params = [s.request.params for s in seqs]
+        on_host = np.array([p.needs_logits or not on_device for p in params])
+        tokens = np.zeros(len(seqs), np.int64)
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        dev = np.flatnonzero(~on_host)
+        if dev.size:
+            ps = [params[j] for j in dev]
+            tokens[dev] = self.runner.sample(
+                logits, rows[dev], np.array([0 if p.greedy else p.temperature for p in ps], np.float32),
+                np.array([p.top_p for p in ps], np.float32), np.array([p.top_k for p in ps]),
+                np.array([p.min_p for p in ps], np.float32),
+                np.array([0 if p.greedy else seqs[j].rng.random() for j, p in zip(dev, ps)]))
+        host = np.flatnonzero(on_host)
+        if host.size:
+            ps, ss = [params[j] for j in host], [seqs[j] for j in host]
+            penalized = any(p.penalized for p in ps)
+            out = sample((logits.numpy() if on_device else logits)[rows[host]], ps, [s.rng for s in ss],
+                         [s.token_ids[:s.num_prompt] for s in ss] if penalized else None,
+                         [s.output_ids for s in ss] if penalized else None)
+            tokens[host] = out.token_ids
+            for k, (j, p) in enumerate(zip(host, ps)):
+                if p.logprobs:
+                    top = {} if out.top_ids is None else dict(zip(out.top_ids[k, :p.top_logprobs].tolist(),
+                                                                  out.top_logprobs[k, :p.top_logprobs].tolist()))
+                    logprobs[j] = TokenLogprob(int(out.token_ids[k]), float(out.logprobs[k]), top)
+        return tokens, logprobs
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         req, params = seq.request, seq.request.params
         if req.first_token_time is None:
             req.first_token_time = time.perf_counter()
@@ -353,11 +375,9 @@ class Engine:
         else:
             seq.token_ids.append(token)
             delta.token_ids.append(token)
-            if seq.logprobs is not None:
-                top = {} if out.top_ids is None else dict(zip(out.top_ids[row, :params.top_logprobs].tolist(),
-                                                              out.top_logprobs[row, :params.top_logprobs].tolist()))
-                delta.logprobs.append(TokenLogprob(token, float(out.logprobs[row]), top))
-                seq.logprobs.append(delta.logprobs[-1])
+            if logprob is not None:
+                delta.logprobs.append(logprob)
+                seq.logprobs.append(logprob)
             delta.text = seq.add_text(seq.detok.add(token))
             flush = seq.finish_reason is None and (
                 (params.max_tokens is not None and len(seq.output_ids) >= params.max_tokens)

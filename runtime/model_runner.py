@@ -55,6 +55,8 @@ class ModelRunner:
             "kv_state_begin_forward", "kv_state_end_forward", "attention_kv_cache_get_num_available_pages",
             "attention_kv_cache_get_sequence_length")}
         self.total_pages = self.free_pages()
+        # artifacts compiled before model_defs/sampling.py lack these; the engine samples on the host then
+        self.can_sample = self.vm.module.implements_function("sample_probs")
 
     def _load_params(self) -> list:
         names = [p["name"] for p in self.artifact.params()]
@@ -90,8 +92,9 @@ class ModelRunner:
         return int(self._f["attention_kv_cache_get_num_available_pages"](self.kv))
 
     # ---- the forward pass
-    def forward(self, seq_ids: list[int], token_lists: list[list[int]]) -> np.ndarray:
-        """Append each token list to its sequence; float32 logits [len(seq_ids), vocab] of the last tokens."""
+    def forward(self, seq_ids: list[int], token_lists: list[list[int]], on_device: bool = False):
+        """Append each token list to its sequence; float32 logits [len(seq_ids), vocab] of the last tokens
+        (a numpy array, or with `on_device` a device tensor for `sample`)."""
         if len(seq_ids) != len(token_lists) or len(set(seq_ids)) != len(seq_ids):
             raise ValueError("forward needs one token list per distinct sequence")
         for tokens in token_lists:
@@ -111,7 +114,38 @@ class ModelRunner:
         else:
             host = {i: rows.numpy()[row] for rows, finished in done for row, i in finished}
             hidden = self._tvm.runtime.tensor(np.stack([host[i] for i in range(len(seq_ids))]), self.device)
-        return self.vm["logits"](hidden, self.params).numpy()
+        logits = self.vm["logits"](hidden, self.params)
+        return logits if on_device else logits.numpy()
+
+    def sample(self, logits, rows: np.ndarray, temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray,
+               min_p: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+        """One token id for each of `rows` of device `logits`, chosen on the device (only ids come back):
+        temperature 0 is argmax, else softmax(logits / temperature) filtered by min_p, top_p and top_k
+        (≤ 0: off), drawn with `uniform` (host random numbers in [0, 1)). Arrays are per entry of `rows`."""
+        tensor, f32, i32 = self._tvm.runtime.tensor, np.float32, np.int32
+        b = logits.shape[0]
+        tokens = self.vm["argmax"](logits).numpy()[rows]
+        draw = temperature > 0
+        if not draw.any():
+            return tokens
+
+        def per_row(values, fill, dtype):  # a [b] array: `values` at `rows`, `fill` elsewhere
+            full = np.full(b, fill, dtype)
+            full[rows] = values
+            return full
+
+        probs = self.vm["sample_probs"](logits, tensor(per_row(np.where(draw, temperature, 1), 1, f32), self.device),
+                                        tensor(per_row(min_p, 0, f32), self.device))
+        picks = tensor(rows[draw].astype(i32)[:, None], self.device)
+        u = tensor(uniform[draw].astype(f32)[:, None], self.device)
+        if (top_p[draw] < 1).any() or (top_k[draw] > 0).any():
+            tp = per_row(top_p, 1, f32)[:, None]
+            tk = per_row(np.where(top_k > 0, top_k, self.vocab_size), self.vocab_size, i32)[:, None]
+            drawn = self.vm["sample_top_p_top_k"](probs, tensor(tp, self.device), tensor(tk, self.device), u, picks)
+        else:
+            drawn = self.vm["sample_multinomial"](probs, u, picks)
+        tokens[draw] = drawn.numpy()[:, 0]
+        return tokens
 
     def _chunks(self, token_lists):
         """Pack (sequence index, tokens, is_last_piece) into forwards of ≤ prefill_chunk tokens."""

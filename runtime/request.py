@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from .sampling import SamplingParams
-from .tokenizer import Tokenizer
+from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 @dataclass
@@ -97,26 +97,6 @@ class Delta:
     output: RequestOutput | None = None
 
 
-class _DecodeDiff:
-    """Stand-in for the tokenizer branch's IncrementalDetokenizer (same add/flush interface)."""
-
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
-        self._tok, self._skip, self._ids, self._text = tokenizer, skip_special_tokens, [], ""
-
-    def add(self, token_id: int) -> str:
-        self._ids.append(int(token_id))
-        text = self._tok.decode(self._ids, skip_special_tokens=self._skip)
-        if text.endswith("\ufffd") or len(text) <= len(self._text):
-            return ""
-        piece, self._text = text[len(self._text):], text
-        return piece
-
-    def flush(self) -> str:
-        text = self._tok.decode(self._ids, skip_special_tokens=self._skip)
-        piece, self._text = text[len(self._text):], text
-        return piece
-
-
 class Sequence:
     def __init__(self, seq_id: int, request: "Request", index: int, token_ids: list[int],
                  rng: np.random.Generator, tokenizer: Tokenizer):
@@ -125,7 +105,7 @@ class Sequence:
         self.num_prompt = len(request.prompt_ids)
         self.num_computed = 0  # tokens in the KV cache
         self.rng = rng
-        self.detok = _DecodeDiff(tokenizer, request.params.skip_special_tokens)
+        self.detok = IncrementalDetokenizer(tokenizer, request.params.skip_special_tokens)
         for t in request.prompt_ids[-4:]:  # context, so the first output token keeps its leading space
             self.detok.add(t)
         self.text = ""  # all decoded text so far (cut at a stop string)

@@ -63,6 +63,15 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
+
+    @property
+    def needs_logits(self) -> bool:
+        """Penalties and logprobs work on the full logits on the host; the rest can sample on the device."""
+        return self.penalized or self.logprobs
+
 
 @dataclass
 class Sampled:

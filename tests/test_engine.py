@@ -36,9 +36,9 @@ def count_forward(engine) -> list[tuple[list[int], list[int]]]:
     """Record (seq_ids, token counts) of every ModelRunner.forward call the engine makes."""
     calls, forward = [], engine.runner.forward
 
-    def counted(seq_ids, token_lists):
+    def counted(seq_ids, token_lists, *args):
         calls.append((list(seq_ids), [len(t) for t in token_lists]))
-        return forward(seq_ids, token_lists)
+        return forward(seq_ids, token_lists, *args)
 
     engine.runner.forward = counted
     return calls
@@ -197,7 +197,7 @@ def test_submission_from_many_threads(engine):
 def test_a_failing_step_fails_its_requests_and_the_engine_serves_on(engine):
     forward = engine.runner.forward
 
-    def broken(seq_ids, token_lists):
+    def broken(*args):
         del engine.runner.forward  # fail once
         raise RuntimeError("injected")
 
@@ -208,3 +208,68 @@ def test_a_failing_step_fails_its_requests_and_the_engine_serves_on(engine):
     again = engine.generate_sync(SamplingParams(temperature=0, max_tokens=5), ["Tom had a dog"])[0]
     assert again.finish_reason == "length" and again.num_output_tokens == 5
     assert all_pages_free(engine)
+
+
+def test_a_batch_mixing_device_and_host_sampling_rows(engine):
+    """Rows asking for logprobs sample on the host, the others on the device, in the same steps."""
+    kinds = [SamplingParams(temperature=0, max_tokens=12), SamplingParams(temperature=0, max_tokens=12, logprobs=True)]
+
+    async def run():
+        async def one(params):
+            return [d async for d in engine.generate_async(params, "The sun was hot")][-1].output
+        return await asyncio.gather(*(one(p) for p in kinds))
+
+    greedy, with_logprobs = asyncio.run(run())
+    assert greedy.token_ids == with_logprobs.token_ids
+    assert [lp.token_id for lp in with_logprobs.outputs[0].logprobs] == with_logprobs.token_ids
+
+
+def test_repetition_penalty_matches_transformers_step_by_step(engine):
+    import torch
+    import transformers
+
+    out = engine.generate_sync(SamplingParams(temperature=0, max_tokens=30, repetition_penalty=1.5,
+                                              ignore_eos=True), ["Tom had a dog"])[0]
+    runner, proc = ModelRunner(engine.runner.artifact), transformers.RepetitionPenaltyLogitsProcessor(1.5)
+    runner.add_sequence(0)
+    ids = list(out.prompt_token_ids)
+    logits = runner.forward([0], [ids])
+    for _ in range(30):
+        ids.append(int(proc(torch.tensor([ids]), torch.tensor(logits)).argmax()))
+        logits = runner.forward([0], [ids[-1:]])
+    assert out.token_ids == ids[len(out.prompt_token_ids):]
+
+
+def test_a_random_mix_under_page_pressure_always_finishes(stories_artifact):
+    """Random params, n, stops, logprobs, penalties and aborts against a tiny cache: no crash, no hang,
+    no stop string in any text, every page back."""
+    import queue
+    import random
+
+    rnd = random.Random(0)
+    words = STORY.split()
+    cfg = EngineConfig(model_path=str(stories_artifact), kv_tokens=20 * 16, max_num_seqs=12, max_num_batched_tokens=48)
+    with Engine(cfg) as eng:
+        done, ids, params = queue.Queue(), [], {}
+        for _ in range(60):
+            p = SamplingParams(temperature=rnd.choice([0, 0.8]), top_p=rnd.choice([1, 0.9]), top_k=rnd.choice([-1, 5]),
+                               min_p=rnd.choice([0, 0.1]), max_tokens=rnd.randint(1, 100), n=rnd.choice([1, 2, 3]),
+                               seed=rnd.choice([None, 1]), stop=rnd.choice([None, ["the"], [" a", "ark"]]),
+                               logprobs=rnd.random() < 0.2, frequency_penalty=rnd.choice([0, 0.5]),
+                               ignore_eos=rnd.random() < 0.3)
+            ids.append(eng.add_request(" ".join(rnd.choices(words, k=rnd.randint(1, 60))), p, done.put))
+            params[ids[-1]] = p
+            if rnd.random() < 0.15:
+                eng.abort(rnd.choice(ids))
+        outputs = {}
+        while len(outputs) < len(ids):
+            delta = done.get(timeout=60)
+            if delta.output:
+                outputs[delta.request_id] = delta.output
+        assert eng.scheduler.num_preemptions > 0
+        for rid, out in outputs.items():
+            assert out.error is None
+            finished = [c for c in out.outputs if c.finish_reason != "abort"]
+            assert len(out.outputs) == params[rid].n or any(c.finish_reason == "abort" for c in out.outputs)
+            assert not any(s in c.text for c in finished for s in params[rid].stop)
+        assert all_pages_free(eng)

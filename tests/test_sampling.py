@@ -8,6 +8,7 @@ import torch
 import transformers
 
 from runtime.errors import KilnError
+from runtime.model_runner import ModelRunner
 from runtime.sampling import SamplingParams, apply_penalties, sample
 
 LOGITS = np.array([2.0, 1.5, 1.2, 0.9, 0.5, 0.1, -0.4, -1.0, -2.0, -3.0], dtype=np.float32)
@@ -21,11 +22,26 @@ def reference_probs(processors) -> np.ndarray:
     return torch.softmax(scores, -1)[0].numpy()
 
 
-def frequencies(params: SamplingParams) -> np.ndarray:
+def frequencies(params: SamplingParams, runner=None) -> np.ndarray:
+    """Token frequencies of DRAWS samples from LOGITS: numpy on the host, or the artifact's compiled
+    sampling functions when a ModelRunner is given."""
     logits = np.repeat(LOGITS[None], DRAWS, axis=0)
     rng = np.random.default_rng(0)
-    tokens = sample(logits, [params] * DRAWS, [rng] * DRAWS).token_ids
+    if runner is None:
+        tokens = sample(logits, [params] * DRAWS, [rng] * DRAWS).token_ids
+    else:
+        def col(value, dtype=np.float32):
+            return np.full(DRAWS, value, dtype)
+
+        tokens = runner.sample(runner._tvm.runtime.tensor(logits, runner.device), np.arange(DRAWS),
+                               col(0 if params.greedy else params.temperature), col(params.top_p),
+                               col(params.top_k, np.int64), col(params.min_p), rng.random(DRAWS))
     return np.bincount(tokens, minlength=len(LOGITS)) / DRAWS
+
+
+@pytest.fixture(scope="module")
+def runner(stories_artifact):
+    return ModelRunner(stories_artifact)
 
 
 @pytest.mark.parametrize("params, processors", [
@@ -40,6 +56,21 @@ def frequencies(params: SamplingParams) -> np.ndarray:
 def test_sampled_frequencies_match_the_target_distribution(params, processors):
     want = reference_probs(processors)
     got = frequencies(params)
+    assert (got[want == 0] == 0).all()
+    assert np.abs(got - want).max() < 0.015, (got, want)
+
+
+@pytest.mark.parametrize("params, processors", [
+    (SamplingParams(temperature=0.7), [transformers.TemperatureLogitsWarper(0.7)]),
+    (SamplingParams(temperature=1.3, top_k=3), [transformers.TemperatureLogitsWarper(1.3),
+                                                transformers.TopKLogitsWarper(3)]),
+    (SamplingParams(top_p=0.8), [transformers.TopPLogitsWarper(0.8)]),
+    (SamplingParams(min_p=0.2), [transformers.MinPLogitsWarper(0.2)]),
+    (SamplingParams(temperature=0), [transformers.TopKLogitsWarper(1)]),
+])
+def test_compiled_sampling_matches_the_target_distribution(runner, params, processors):
+    want = reference_probs(processors)
+    got = frequencies(params, runner)
     assert (got[want == 0] == 0).all()
     assert np.abs(got - want).max() < 0.015, (got, want)
 
