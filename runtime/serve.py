@@ -222,6 +222,10 @@ class Server:
             kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
             return JSONResponse(api.error_body(str(e.detail), kind), e.status_code)
 
+        @app.exception_handler(Exception)
+        async def internal_error(_, e: Exception):  # a bug in Kiln; uvicorn logs the traceback
+            return JSONResponse(api.error_body(f"internal error: {type(e).__name__}", "server_error"), 500)
+
         @app.get("/health")
         async def health():
             return {"status": "ok"}
@@ -288,7 +292,8 @@ class Server:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m runtime.serve", description="Serve an artifact over the OpenAI API.")
-    p.add_argument("--w", required=True, help="artifact folder, or a folder of artifacts (the newest is served)")
+    p.add_argument("--w", default="artifacts/", help="artifact folder, or a folder of artifacts (the newest is "
+                   "served)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--d", default="0", help="device index on the artifact's target (e.g. 0 or cuda:1)")
@@ -310,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
                                      max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                                      max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed))
     except (KilnError, ValueError) as e:
-        print(f"kiln: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     name = args.served_model_name or engine.runner.artifact.path.name
     server = Server(engine, name, args.max_queue)

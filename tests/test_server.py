@@ -302,3 +302,11 @@ def test_stream_events_are_openai_sse(live):
     chunks = [json.loads(e[6:]) for e in events[:-1]]
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] <= 5
+
+
+def test_a_bug_is_a_500_in_openai_shape(live, monkeypatch):
+    monkeypatch.setattr(live.server.metrics, "render", lambda: 1 / 0)
+    r = httpx.get(live.url + "/metrics")
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    monkeypatch.undo()
+    assert httpx.get(live.url + "/metrics").status_code == 200

@@ -160,4 +160,4 @@ def test_cli_serves_a_folder_of_artifacts_and_drains_on_sigterm(stories_artifact
 def test_cli_bad_artifact_exits_1_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "runtime.serve", "--w", str(tmp_path / "missing")], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and r.stderr.startswith("kiln: ") and "Traceback" not in r.stderr
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
