@@ -147,6 +147,19 @@ def test_n2_and_seed_reproduce_python_api(live):
     assert [c.message.content for c in chat.choices] == [c.text for c in chat_ref.outputs]
 
 
+def test_several_prompts_times_n_streamed(live):
+    client = live.client()
+    kwargs = dict(model=MODEL, prompt=PROMPTS[:2], n=2, max_tokens=10, temperature=0)
+    whole = client.completions.create(**kwargs)
+    streamed = [""] * 4
+    for chunk in client.completions.create(**kwargs, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    refs = [o.text for o in live.engine.generate_sync(SamplingParams(temperature=0, max_tokens=10), PROMPTS[:2])]
+    assert [c.text for c in sorted(whole.choices, key=lambda c: c.index)] == streamed == [refs[0]] * 2 + [refs[1]] * 2
+    assert whole.usage.completion_tokens == 40
+
+
 def test_stop_strings_and_token_ids(live):
     client = live.client()
     ref = reference(live, PROMPTS[0], temperature=0, max_tokens=40, stop=["Lily", "park"])

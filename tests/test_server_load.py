@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -116,7 +117,8 @@ def test_cli_serves_a_folder_of_artifacts_and_drains_on_sigterm(stories_artifact
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--w", str(folder), "--port", str(port),
-                             "--max-num-seqs", "8", "--max-model-len", "256", "--served-model-name", "s",
+                             "--max-num-seqs", "8", "--max-model-len", "256", "--kvmem", "1.5", "--d", "0",
+                             "--served-model-name", "s",
                              "--log-level", "warning"], cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -129,6 +131,8 @@ def test_cli_serves_a_folder_of_artifacts_and_drains_on_sigterm(stories_artifact
                 time.sleep(0.2)
         card = httpx.get(url + "/v1/models").json()["data"][0]
         assert (card["id"], card["max_model_len"]) == ("s", 256)
+        pages = re.search(r"^kiln_kv_pages_total (\S+)$", httpx.get(url + "/metrics").text, re.M)
+        assert 256 // 16 < float(pages[1]) < 100  # 1.5 MB of KV cache (1280 bytes a token), not the default 513
         lines, started = [], threading.Event()
 
         def read_stream():
