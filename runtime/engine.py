@@ -13,7 +13,7 @@ The asyncio interface (what the HTTP server builds on):
         delta.finish_reason                                        # set when completion `index` ends
         delta.output                                               # RequestOutput, on the last delta only
     engine.abort("r1")        # from any thread; leaving the `async for` early aborts too
-    engine.stats              # EngineStats: requests running/waiting, KV pages (what /metrics shows)
+    engine.stats()            # EngineStats: requests running/waiting, KV pages (what /metrics shows)
 
 `generate_async` raises KilnError at once for a bad request (prompt too long, bad sampling field,
 non-UTF-8 text); other requests are unaffected. The engine loop runs on its own thread and
@@ -148,7 +148,6 @@ class Engine:
         self._inbox: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self.stats = self._snapshot()
 
     # ---- chat
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
@@ -278,6 +277,8 @@ class Engine:
                 kind, arg = command
                 if kind == "add":
                     self._admit(arg)
+                elif kind == "stats":
+                    arg(self._snapshot())
                 elif arg in self._requests:
                     self._end_request(self._requests[arg], "abort")
             if self.scheduler.has_work:
@@ -287,7 +288,16 @@ class Engine:
                     traceback.print_exc(file=sys.stderr)
                     for req in list(self._requests.values()):
                         self._end_request(req, "error", f"internal error: {e}")
-            self.stats = self._snapshot()
+
+    def stats(self) -> EngineStats:
+        """Requests running/waiting and KV pages, for /metrics: taken by the engine thread between steps
+        (it owns the KV cache), so this waits for at most one step."""
+        with self._lock:
+            if self._thread is None:
+                return self._snapshot()
+            reply: queue.Queue = queue.Queue()
+            self._inbox.put(("stats", reply.put))
+        return reply.get()
 
     def _snapshot(self) -> EngineStats:
         sched, ps = self.scheduler, self.runner.page_size
