@@ -1,6 +1,6 @@
 """Prometheus metrics of a serving Engine (names follow vLLM's, with the kiln_ prefix).
 
-Gauges are read from `Engine.stats` at scrape time; token counters and latency histograms are fed
+Gauges are read from `Engine.stats()` at scrape time; token counters and latency histograms are fed
 one finished request at a time (`observe`, called from the engine thread: prometheus_client is
 thread-safe). Each server has its own registry, so several can live in one process (tests).
 """
@@ -27,7 +27,7 @@ class _EngineCollector:
         self.engine = engine
 
     def collect(self):
-        s = self.engine.stats
+        s = self.engine.stats()
         for name, doc, value in (
                 ("kiln_num_requests_running", "Requests with a sequence in the running batch.", s.running),
                 ("kiln_num_requests_waiting", "Requests waiting for their first step.", s.waiting),

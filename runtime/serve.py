@@ -232,7 +232,7 @@ class Server:
 
         @app.get("/metrics")
         async def metrics():
-            return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+            return Response(await asyncio.to_thread(self.metrics.render), media_type=CONTENT_TYPE)  # waits a step
 
         @app.get("/v1/models")
         async def models():
