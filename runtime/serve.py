@@ -214,8 +214,11 @@ class Server:
                 return JSONResponse(api.error_body(f"malformed JSON body: {detail}".rstrip(": "),
                                                    "invalid_request_error"), 400)
             where = [".".join(str(p) for p in err["loc"][1:]) for err in errors]
-            message = "; ".join(f"{w}: {err['msg']}" if w else err["msg"] for w, err in zip(where, errors[:3]))
-            return JSONResponse(api.error_body(message, "invalid_request_error", where[0] if where else None), 400)
+            if not where[0]:  # the body itself: not an object, or not sent as JSON
+                message = "the request body must be a JSON object, sent with Content-Type: application/json"
+            else:
+                message = "; ".join(f"{w}: {err['msg']}" for w, err in zip(where, errors[:3]))
+            return JSONResponse(api.error_body(message, "invalid_request_error", where[0] or None), 400)
 
         @app.exception_handler(HTTPException)
         async def http_error(_, e: HTTPException):

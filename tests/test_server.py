@@ -244,6 +244,7 @@ def test_disconnect_aborts_and_frees_pages(live):
 
 BAD = [  # (path, body: dict or raw str, status, words of the message)
     ("/v1/completions", "{not json", 400, "malformed JSON"),
+    ("/v1/completions", "[1, 2]", 400, "JSON object"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": -5}, 400, "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
