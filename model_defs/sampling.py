@@ -36,6 +36,7 @@ class SamplingFunctions:
     def sample_top_p_top_k(self, probs: nn.Tensor, top_p: nn.Tensor, top_k: nn.Tensor, uniform: nn.Tensor,
                            rows: nn.Tensor) -> nn.Tensor:
         """int32[n, 1]: a token of probs[rows[i]] among its top_k most likely whose mass is within top_p."""
-        sorted_probs = nn.op.sort(probs, axis=-1, descending=True)
-        sorted_ids = nn.op.argsort(probs, axis=-1, descending=True, dtype="int32")
+        sorted_ids = nn.op.argsort(probs, axis=-1, descending=True, dtype="int32")  # one sort, then a gather
+        sorted_probs = nn.op.wrap_nested(relax.op.gather_elements(probs._expr, sorted_ids._expr, axis=1),
+                                         "sorted_probs")
         return nn.op.sample_top_p_top_k_from_sorted_prob(sorted_probs, sorted_ids, top_p, top_k, uniform, rows)

@@ -66,6 +66,7 @@ def test_sampled_frequencies_match_the_target_distribution(params, processors):
                                                 transformers.TopKLogitsWarper(3)]),
     (SamplingParams(top_p=0.8), [transformers.TopPLogitsWarper(0.8)]),
     (SamplingParams(min_p=0.2), [transformers.MinPLogitsWarper(0.2)]),
+    (SamplingParams(top_k=5, top_p=0.7), [transformers.TopKLogitsWarper(5), transformers.TopPLogitsWarper(0.7)]),
     (SamplingParams(temperature=0), [transformers.TopKLogitsWarper(1)]),
 ])
 def test_compiled_sampling_matches_the_target_distribution(runner, params, processors):
