@@ -15,12 +15,13 @@ The asyncio interface (what the HTTP server builds on):
     engine.abort("r1")        # from any thread; leaving the `async for` early aborts too
     engine.stats()            # EngineStats: requests running/waiting, KV pages (what /metrics shows)
 
-`generate_async` raises KilnError at once for a bad request (prompt too long, bad sampling field,
-non-UTF-8 text); other requests are unaffected. The engine loop runs on its own thread and
-owns the ModelRunner; callers only put commands on a queue and read their requests' Deltas, so
-every public method is thread-safe. One step: Scheduler.schedule → ModelRunner.forward →
-sampling.sample (vectorized over the batch) → per sequence: stop checks, detokenization,
-stop-string hold-back → Delta to the request's sink.
+`generate_async` (called inside the event loop) raises KilnError at once for a bad request (prompt
+too long, bad sampling field, non-UTF-8 text); other requests are unaffected. The engine loop runs
+on its own thread and owns the ModelRunner; callers only put commands on a queue and read their
+requests' Deltas, so every public method is thread-safe. One step: Scheduler.schedule →
+ModelRunner.forward → ModelRunner.sample on the device (sampling.sample on the host, vectorized, for
+rows with penalties or logprobs) → per sequence: stop checks, detokenization, stop-string hold-back
+→ Delta to the request's sink.
 """
 
 from __future__ import annotations
@@ -223,13 +224,17 @@ class Engine:
         deltas: queue.Queue = queue.Queue()
         return TextStream(self, self.add_request(prompt, params, deltas.put, request_id), deltas)
 
-    async def generate_async(self, params: SamplingParams, prompt: str | list[int],
-                             request_id: str | None = None) -> AsyncIterator[Delta]:
-        """Deltas of every completion as they come; see the module docstring."""
+    def generate_async(self, params: SamplingParams, prompt: str | list[int],
+                       request_id: str | None = None) -> AsyncIterator[Delta]:
+        """Deltas of every completion as they come (call it inside the event loop); a bad request raises
+        KilnError here, before any iteration. See the module docstring."""
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
         rid = self.add_request(prompt, params, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d),
                                request_id)
+        return self._deltas(rid, deltas)
+
+    async def _deltas(self, request_id: str, deltas: asyncio.Queue) -> AsyncIterator[Delta]:
         finished = False
         try:
             while not finished:
@@ -238,7 +243,7 @@ class Engine:
                 yield delta
         finally:
             if not finished:
-                self.abort(rid)
+                self.abort(request_id)
 
     # ---- the engine thread
     def _start(self) -> None:

@@ -273,3 +273,12 @@ def test_a_random_mix_under_page_pressure_always_finishes(stories_artifact):
             assert len(out.outputs) == params[rid].n or any(c.finish_reason == "abort" for c in out.outputs)
             assert not any(s in c.text for c in finished for s in params[rid].stop)
         assert all_pages_free(eng)
+
+
+def test_generate_async_raises_bad_requests_at_the_call(engine):
+    async def run():
+        with pytest.raises(KilnError, match="top_p"):
+            engine.generate_async(SamplingParams(top_p=0), "hi")
+        return [d async for d in engine.generate_async(SamplingParams(temperature=0, max_tokens=3), "hi")]
+
+    assert asyncio.run(run())[-1].output.num_output_tokens == 3
