@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from . import openai_protocol as api
@@ -39,7 +40,10 @@ STATIC = Path(__file__).parent / "static"
 
 
 class _Call:
-    """One API call's engine requests (one per prompt), read as one stream of (prompt index, Delta)."""
+    """One API call's engine requests (one per prompt), read as one stream of (prompt index, Delta).
+
+    Built on Engine.add_request rather than generate_async: one queue serves all of a call's prompts,
+    and the sink counts every finished request for /metrics, aborted ones too."""
 
     def __init__(self, server: "Server", prompts: list[list[int]], params: SamplingParams):
         loop = asyncio.get_running_loop()
@@ -131,9 +135,10 @@ class Server:
     async def _generate(self, request: Request, body, prompts: list[list[int]], params: SamplingParams, chat: bool):
         call = self._submit(prompts, params)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        if body.stream:
+        if body.stream:  # the background close covers a client that leaves before the first chunk
             return StreamingResponse(self._stream(call, body, rid, params, chat), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(call.close))
         watcher = asyncio.create_task(self._abort_when_gone(request, call))
         try:
             async for _ in call.deltas():

@@ -49,11 +49,12 @@ class LiveServer:
         return {m[1]: float(m[2]) for m in re.finditer(r"^(\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
 
     def wait_idle(self, timeout: float = 10) -> dict[str, float]:
-        """/metrics once no request runs or waits and no KV page is held by one."""
+        """/metrics once no request runs or waits, no KV page is held by one and no call is open."""
         deadline = time.monotonic() + timeout
         while True:
             m = self.metrics()
-            if m["kiln_num_requests_running"] == m["kiln_num_requests_waiting"] == m["kiln_kv_pages_used"] == 0:
+            if m["kiln_num_requests_running"] == m["kiln_num_requests_waiting"] == m["kiln_kv_pages_used"] == \
+                    self.server.active == 0:
                 return m
             assert time.monotonic() < deadline, f"still busy: {m}"
             time.sleep(0.05)
