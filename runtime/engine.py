@@ -380,7 +380,7 @@ class Engine:
         req, params = seq.request, seq.request.params
         if req.first_token_time is None:
             req.first_token_time = time.perf_counter()
-        if seq.index == 0 and not seq.output_ids:
+        if seq.index == 0 and seq.num_output == 0:
             for _ in range(params.n - 1):  # siblings fork from this prompt's pages (prefix cache)
                 self._new_sequence(req)
         delta = Delta(req.request_id, seq.index)
@@ -395,7 +395,7 @@ class Engine:
                 seq.logprobs.append(logprob)
             delta.text = seq.add_text(seq.detok.add(token))
             flush = seq.finish_reason is None and (
-                (params.max_tokens is not None and len(seq.output_ids) >= params.max_tokens)
+                (params.max_tokens is not None and seq.num_output >= params.max_tokens)
                 or len(seq.token_ids) >= self.max_model_len)
             if flush:
                 seq.finish_reason = "length"
