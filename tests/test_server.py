@@ -325,3 +325,17 @@ def test_a_bug_is_a_500_in_openai_shape(live, monkeypatch):
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     monkeypatch.undo()
     assert httpx.get(live.url + "/metrics").status_code == 200
+
+
+def test_api_key(live):
+    guarded = LiveServer(live.engine, api_key="sk-kiln")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            guarded.client().models.list()
+        client = openai.OpenAI(base_url=guarded.url + "/v1", api_key="sk-kiln", max_retries=0)
+        assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+        r = httpx.post(guarded.url + "/v1/completions", json={"model": MODEL, "max_tokens": -1})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(guarded.url + "/health").status_code == 200
+    finally:
+        guarded.close()
