@@ -174,6 +174,10 @@ class Engine:
         """Stop a request now; its last Delta has finish_reason "abort"."""
         self._inbox.put(("abort", request_id))
 
+    def tokenize(self, prompt: str | bytes | list[int]) -> list[int]:
+        """The token ids `prompt` runs as (checked as add_request checks them); KilnError if malformed."""
+        return self._prompt(prompt)[1]
+
     def _prompt(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, list):
             bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < self.runner.vocab_size)]
