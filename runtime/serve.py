@@ -118,7 +118,7 @@ class Server:
 
     async def _encode(self, prompt: str | list[int], params: SamplingParams, param: str) -> list[int]:
         """Token ids of a prompt, checked against the context length (OpenAI's 400 and wording)."""
-        ids = await asyncio.to_thread(self.engine.tokenizer.encode, prompt) if isinstance(prompt, str) else prompt
+        ids = await asyncio.to_thread(self.engine.tokenize, prompt)
         limit, want = self.engine.max_model_len, params.max_tokens or 0
         if len(ids) >= limit or (want > 0 and len(ids) + want > limit):
             raise api.ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -288,7 +288,9 @@ class Server:
                 raise api.ApiError(400, "give exactly one of prompt and messages", "prompt")
             text = body.prompt if body.messages is None else engine.apply_chat_template(
                 [m.message() for m in body.messages], body.add_generation_prompt)
-            ids = await asyncio.to_thread(engine.tokenizer.encode, text, body.add_special_tokens)
+            encode = engine.tokenize if body.add_special_tokens else functools.partial(
+                engine.tokenizer.encode, add_special_tokens=False)
+            ids = await asyncio.to_thread(encode, text)
             return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
 
         @guarded.post("/detokenize")

@@ -207,7 +207,7 @@ def test_tokenize_detokenize(live):
     assert r["tokens"] == live.engine.tokenizer.encode("Once upon a time") and r["count"] == len(r["tokens"])
     assert httpx.post(live.url + "/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == "Once upon a time"
     chat = httpx.post(live.url + "/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
-    assert chat["tokens"] == live.engine.tokenizer.encode(chat_prompt(live, "Hi"))
+    assert chat["tokens"] == live.engine.tokenize(chat_prompt(live, "Hi"))
     assert httpx.post(live.url + "/detokenize", json={"tokens": [10 ** 6]}).status_code == 400
 
 
@@ -257,6 +257,7 @@ BAD = [  # (path, body: dict or raw str, status, words of the message)
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"model": MODEL, "prompt": [5, 10 ** 7]}, 400, "vocabulary"),
     ("/v1/completions", {"model": MODEL, "prompt": []}, 400, "empty"),
+    ("/v1/completions", '{"model": "stories", "prompt": "bad \\ud800 text"}', 400, "UTF-8"),
     ("/v1/completions", {"model": MODEL}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": "Once upon a time " * 60_000}, 400, "maximum context length"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 100_000}, 400, "maximum context length"),
