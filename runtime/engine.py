@@ -62,7 +62,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_model_len: int | None = None  # tokens per sequence (prompt + output); ≤ the artifact's context
     max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
-    prefix_caching: bool = True
+    prefix_caching: bool = True  # keep finished sequences' pages for later prompts (running ones are shared anyway)
     device_sampling: bool = True  # sample with the artifact's compiled functions when a batch allows it
     seed: int | None = None  # seeds requests that bring no seed of their own (None: fresh entropy)
 
