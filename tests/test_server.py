@@ -340,3 +340,22 @@ def test_api_key(live):
         assert httpx.get(guarded.url + "/health").status_code == 200
     finally:
         guarded.close()
+
+
+def test_an_engine_failure_is_a_500_or_an_error_event(live, monkeypatch):
+    live.wait_idle()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(live.engine.runner, "forward", broken)
+    body = {"model": MODEL, "prompt": "Lily and Tom", "max_tokens": 3}
+    r = httpx.post(live.url + "/v1/completions", json=body)
+    assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
+    with httpx.stream("POST", live.url + "/v1/completions", json=dict(body, stream=True)) as s:
+        events = [line for line in s.iter_lines() if line]
+    assert json.loads(events[-2][6:])["error"]["type"] == "server_error" and events[-1] == "data: [DONE]"
+    monkeypatch.undo()
+    out = live.client().completions.create(model=MODEL, prompt="Lily and Tom", max_tokens=3, temperature=0)
+    assert out.choices[0].text == reference(live, "Lily and Tom", temperature=0, max_tokens=3).text
+    live.wait_idle()
