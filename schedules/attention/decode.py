@@ -16,14 +16,18 @@ import math
 
 from tvm.script import tirx as T
 
+from .cuda_helpers import CP_ASYNC16, CP_COMMIT, cp_async_wait
+
 PAGE_SIZE = 16
 TOKENS_PER_ROW = 4  # tokens one row of lanes handles per iteration (loads in flight per thread)
 TARGET_BLOCKS = 512  # ~4 blocks per SM on H100/H200 (132 SMs)
-MIN_SPLIT_PAGES = 8  # below 128 tokens per block the merge costs more than it saves
+MIN_SPLIT_PAGES = 4  # below 64 tokens per block the merge costs more than it saves
+STAGES = 3  # cp.async pipeline depth: 2 tiles (32 KB) in flight per block while one is computed
+MERGE_SLICES = 16  # thread rows of the split-merge kernel (splits merged in parallel)
 NEG = -1.0e30  # finite "minus infinity": exp2(NEG - NEG) must not be NaN
 
 
-def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str):
+def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, stages: int = STAGES):
     """Build the split-KV decode PrimFunc (global symbol ``kiln_decode_paged_kv``)."""
     assert dtype in ("float16", "bfloat16"), dtype
     H_kv, H_qo, D = num_kv_heads, num_qo_heads, head_dim
@@ -40,6 +44,7 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
     EPT = (G * D + NTHREADS - 1) // NTHREADS  # outputs each thread finalizes
     MVEC = 4  # dims per thread in the split-merge kernel
     scale_log2 = math.log2(math.e)
+    WAIT_NAME, WAIT_SRC = cp_async_wait(stages - 1)  # tile `it` landed, later ones may fly
 
     # pylint: disable=invalid-name,too-many-locals,too-many-statements
     @T.prim_func(s_tir=True)
@@ -104,11 +109,13 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                 valid = T.sblock_alloc_buffer((U,), "bool", scope="local")
                                 mx = T.sblock_alloc_buffer((1,), "float32", scope="local")
                                 alpha = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                page_no = T.sblock_alloc_buffer((2,), "int32", scope="local")
+                                page_no = T.sblock_alloc_buffer((1,), "int32", scope="local")
                                 fin = T.sblock_alloc_buffer((4,), "float32", scope="local")
+                                # each thread copies and later reads only its own 16-byte chunks, so
+                                # the pipeline needs cp.async.wait_group but no block barrier
+                                kv_sm = T.sblock_alloc_buffer((stages, 2, ROWS * U, D), dtype, scope="shared.dyn")
                                 sm_o = T.sblock_alloc_buffer((ROWS, G, D), "float32", scope="shared")
                                 sm_md = T.sblock_alloc_buffer((ROWS, G, 2), "float32", scope="shared")
-
                                 # per-block scalars in registers (T.let would be re-expanded at every use)
                                 info = T.sblock_alloc_buffer((6,), "int32", scope="local")
                                 info[0] = page_indptr[bz]  # first page slot of the sequence
@@ -122,6 +129,7 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                 pg_lo: T.let[T.int32] = bx * info[2]
                                 pg_hi: T.let[T.int32] = info[4]
                                 tok_hi: T.let[T.int32] = info[5]
+                                n_it: T.let[T.int32] = T.truncdiv(pg_hi - pg_lo + PAGES_PER_TILE - 1, PAGES_PER_TILE)
                                 row_pg: T.let[T.int32] = ty // ROWS_PER_PAGE
                                 row_off: T.let[T.int32] = (ty % ROWS_PER_PAGE) * U
                                 if bx < n_used:
@@ -131,16 +139,40 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                         for v in T.unroll(VEC):
                                             o_loc[g, v] = T.float32(0)
                                             q_loc[g, v] = T.cast(Q[bz, by * G + g, tx * VEC + v], "float32") * sm_scale * T.float32(scale_log2)
+                                    # page_no always holds the page of the next tile to copy
                                     page_no[0] = T.if_then_else(pg_lo + row_pg < pg_hi, page_values[pg_begin + pg_lo + row_pg], 0)
-                                    for it in T.serial(T.truncdiv(pg_hi - pg_lo + PAGES_PER_TILE - 1, PAGES_PER_TILE)):
+                                    for st in T.unroll(stages - 1):
+                                        if pg_lo + st * PAGES_PER_TILE + row_pg < pg_hi:
+                                            for u in T.unroll(U):
+                                                for kv in T.unroll(2):
+                                                    T.evaluate(T.cuda.func_call(
+                                                        "kiln_cp_async16",
+                                                        kv_sm.data, ((((st * 2 + kv) * ROWS * U + ty * U + u) * D) + tx * VEC) * 2,
+                                                        T.address_of(pages[T.Cast("int64", page_no[0]), kv, by, row_off + u, tx * VEC]),
+                                                        source_code=CP_ASYNC16))
+                                        T.evaluate(T.cuda.func_call("kiln_cp_async_commit", source_code=CP_COMMIT))
+                                        page_no[0] = T.if_then_else(pg_lo + (st + 1) * PAGES_PER_TILE + row_pg < pg_hi,
+                                                                    page_values[pg_begin + pg_lo + (st + 1) * PAGES_PER_TILE + row_pg], 0)
+                                    for it in T.serial(n_it):
+                                        pg_next: T.let[T.int32] = pg_lo + (it + stages - 1) * PAGES_PER_TILE + row_pg
+                                        if pg_next < pg_hi:
+                                            for u in T.unroll(U):
+                                                for kv in T.unroll(2):
+                                                    T.evaluate(T.cuda.func_call(
+                                                        "kiln_cp_async16",
+                                                        kv_sm.data, (((((it + stages - 1) % stages * 2 + kv) * ROWS * U + ty * U + u) * D) + tx * VEC) * 2,
+                                                        T.address_of(pages[T.Cast("int64", page_no[0]), kv, by, row_off + u, tx * VEC]),
+                                                        source_code=CP_ASYNC16))
+                                        T.evaluate(T.cuda.func_call("kiln_cp_async_commit", source_code=CP_COMMIT))
+                                        # prefetch the page number of the tile after; the compute below hides it
+                                        page_no[0] = T.if_then_else(pg_next + PAGES_PER_TILE < pg_hi, page_values[pg_begin + pg_next + PAGES_PER_TILE], 0)
+                                        T.evaluate(T.cuda.func_call(WAIT_NAME, source_code=WAIT_SRC))
                                         pg: T.let[T.int32] = pg_lo + it * PAGES_PER_TILE + row_pg
-                                        # prefetch the next tile's page number before this tile's loads
-                                        page_no[1] = T.if_then_else(pg + PAGES_PER_TILE < pg_hi, page_values[pg_begin + pg + PAGES_PER_TILE], 0)
                                         for u in T.unroll(U):
                                             for v in T.vectorized(VEC):
-                                                k_loc[u, v] = pages[T.Cast("int64", page_no[0]), 0, by, row_off + u, tx * VEC + v]
+                                                k_loc[u, v] = kv_sm[it % stages, 0, ty * U + u, tx * VEC + v]
                                             for v in T.vectorized(VEC):
-                                                v_loc[u, v] = pages[T.Cast("int64", page_no[0]), 1, by, row_off + u, tx * VEC + v]
+                                                v_loc[u, v] = kv_sm[it % stages, 1, ty * U + u, tx * VEC + v]
                                         for u in T.unroll(U):
                                             valid[u] = pg * PAGE_SIZE + row_off + u < tok_hi
                                             for g in T.unroll(G):
@@ -155,7 +187,7 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                                         T.uint32(0xFFFFFFFF), s_loc[u, g], LANES >> (sh + 1), 32, 32)
                                         for u in T.unroll(U):
                                             for v in T.unroll(VEC):
-                                                # unwritten page slots may hold NaN bits: select, not multiply
+                                                # stale or unwritten slots may hold NaN bits: select, not multiply
                                                 vf[u, v] = T.if_then_else(valid[u], T.cast(v_loc[u, v], "float32"), T.float32(0))
                                         for g in T.unroll(G):
                                             mx[0] = m_loc[g]
@@ -172,7 +204,6 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                                 o_loc[g, v] = o_loc[g, v] * alpha[0]
                                                 for u in T.unroll(U):
                                                     o_loc[g, v] = o_loc[g, v] + p_loc[u] * vf[u, v]
-                                        page_no[0] = page_no[1]
                                     # merge the ROWS row states of this block through shared memory
                                     for g in T.unroll(G):
                                         for v in T.unroll(VEC):
@@ -209,32 +240,57 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
         # ---- kernel 2: merge the split states of sequences that used more than one split ----
         for bz in T.thread_binding(B, thread="blockIdx.y"):
             for bh in T.thread_binding(H_qo, thread="blockIdx.x"):
-                for tx in T.thread_binding(D // MVEC, thread="threadIdx.x"):
-                    with T.sblock("merge"):
-                        T.reads()
-                        T.writes()
-                        acc = T.sblock_alloc_buffer((MVEC,), "float32", scope="local")
-                        st = T.sblock_alloc_buffer((3,), "float32", scope="local")
-                        info2 = T.sblock_alloc_buffer((3,), "int32", scope="local")
-                        info2[0] = page_indptr[bz + 1] - page_indptr[bz]
-                        info2[1] = T.max(T.truncdiv(info2[0] + NS - 1, NS), MIN_SPLIT_PAGES)
-                        info2[2] = T.max(1, T.truncdiv(info2[0] + info2[1] - 1, info2[1]))
-                        n_used2: T.let[T.int32] = info2[2]
-                        if n_used2 > 1:
-                            st[0] = T.float32(NEG)
-                            for s in T.serial(n_used2):
-                                st[0] = T.max(st[0], L_part[s, bz, bh])
-                            st[1] = T.float32(0)
-                            for v in T.unroll(MVEC):
-                                acc[v] = T.float32(0)
-                            for s in T.serial(n_used2):
-                                st[2] = T.exp2(L_part[s, bz, bh] - st[0])
-                                st[1] = st[1] + st[2]
+                for ty in T.thread_binding(MERGE_SLICES, thread="threadIdx.y"):
+                    for tx in T.thread_binding(D // MVEC, thread="threadIdx.x"):
+                        with T.sblock("merge"):
+                            T.reads()
+                            T.writes()
+                            acc = T.sblock_alloc_buffer((MVEC,), "float32", scope="local")
+                            st = T.sblock_alloc_buffer((4,), "float32", scope="local")
+                            sm_acc = T.sblock_alloc_buffer((MERGE_SLICES, D), "float32", scope="shared")
+                            sm_st = T.sblock_alloc_buffer((MERGE_SLICES, 2), "float32", scope="shared")
+                            info2 = T.sblock_alloc_buffer((3,), "int32", scope="local")
+                            info2[0] = page_indptr[bz + 1] - page_indptr[bz]
+                            info2[1] = T.max(T.truncdiv(info2[0] + NS - 1, NS), MIN_SPLIT_PAGES)
+                            info2[2] = T.max(1, T.truncdiv(info2[0] + info2[1] - 1, info2[1]))
+                            n_used2: T.let[T.int32] = info2[2]
+                            if n_used2 > 1:
+                                # slice ty merges splits ty, ty + MERGE_SLICES, ... online
+                                st[0] = T.float32(NEG)
+                                st[1] = T.float32(0)
                                 for v in T.unroll(MVEC):
-                                    acc[v] = acc[v] + O_part[s, bz, bh, tx * MVEC + v] * st[2]
-                            for v in T.unroll(MVEC):
-                                output[bz, bh, tx * MVEC + v] = T.cast(acc[v] / st[1], dtype)
-                            if tx == 0:
-                                lse[bz, bh] = st[0] + T.log2(st[1])
+                                    acc[v] = T.float32(0)
+                                for i in T.serial(T.truncdiv(n_used2 + MERGE_SLICES - 1, MERGE_SLICES)):
+                                    if i * MERGE_SLICES + ty < n_used2:
+                                        st[2] = L_part[i * MERGE_SLICES + ty, bz, bh]
+                                        st[3] = T.max(st[0], st[2])
+                                        st[2] = T.exp2(st[2] - st[3])
+                                        st[0] = T.exp2(st[0] - st[3])  # rescale factor of the old state
+                                        st[1] = st[1] * st[0] + st[2]
+                                        for v in T.unroll(MVEC):
+                                            acc[v] = acc[v] * st[0] + O_part[i * MERGE_SLICES + ty, bz, bh, tx * MVEC + v] * st[2]
+                                        st[0] = st[3]
+                                for v in T.unroll(MVEC):
+                                    sm_acc[ty, tx * MVEC + v] = acc[v]
+                                if tx == 0:
+                                    sm_st[ty, 0] = st[0]
+                                    sm_st[ty, 1] = st[1]
+                                T.tvm_storage_sync("shared")
+                                if ty == 0:
+                                    st[0] = T.float32(NEG)
+                                    for r in T.unroll(MERGE_SLICES):
+                                        st[0] = T.max(st[0], sm_st[r, 0])
+                                    st[1] = T.float32(0)
+                                    for v in T.unroll(MVEC):
+                                        acc[v] = T.float32(0)
+                                    for r in T.unroll(MERGE_SLICES):
+                                        st[2] = T.exp2(sm_st[r, 0] - st[0])
+                                        st[1] = st[1] + sm_st[r, 1] * st[2]
+                                        for v in T.unroll(MVEC):
+                                            acc[v] = acc[v] + sm_acc[r, tx * MVEC + v] * st[2]
+                                    for v in T.unroll(MVEC):
+                                        output[bz, bh, tx * MVEC + v] = T.cast(acc[v] / st[1], dtype)
+                                    if tx == 0:
+                                        lse[bz, bh] = st[0] + T.log2(st[1])
 
     return kiln_decode_paged_kv
