@@ -10,5 +10,6 @@ def kernels_for_bench(num_kv_heads, num_qo_heads, head_dim, dtype):
     """(name, PrimFunc) pairs of every Kiln CUDA kernel, for bench/attention.py and the tests."""
     return [
         ("kiln_decode_paged_kv", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype)),
-        ("kiln_decode_paged_kv_s4", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype, stages=4)),
+        # variant: splits for two waves of blocks (the default fills one)
+        ("kiln_decode_paged_kv_w2", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype, resident_blocks=2 * 396)),
     ]

@@ -2,8 +2,8 @@
 
 Why: TVM's fallback decode kernel runs one thread block per (sequence, KV head), so at batch 1 it
 occupies 8 of 132 SMs and reaches ~1% of HBM bandwidth. Here each sequence's pages are split over
-``num_splits`` blocks (chosen from the batch size so that batch x KV heads x splits ~ 4 blocks per
-SM), each block writes a partial softmax state (o, lse) and a second kernel in the same PrimFunc
+``num_splits`` blocks (chosen from the batch size so that batch x KV heads x splits fills one wave of
+resident blocks), each block writes a partial softmax state (o, lse) and a second kernel in the same PrimFunc
 merges the states. Each block reads its KV head once for the whole GQA group, with 16-byte loads.
 
 Calling convention = TVM's ``TIRPagedDecodeFunc`` (runtime/vm/attn_backend.h):
@@ -20,14 +20,15 @@ from .cuda_helpers import CP_ASYNC16, CP_COMMIT, cp_async_wait
 
 PAGE_SIZE = 16
 TOKENS_PER_ROW = 4  # tokens one row of lanes handles per iteration (loads in flight per thread)
-TARGET_BLOCKS = 512  # ~4 blocks per SM on H100/H200 (132 SMs)
+RESIDENT_BLOCKS = 132 * 3  # H100/H200: 132 SMs x 3 blocks (159 registers x 128 threads, 65 KB smem)
 MIN_SPLIT_PAGES = 4  # below 64 tokens per block the merge costs more than it saves
 STAGES = 3  # cp.async pipeline depth: 2 tiles (32 KB) in flight per block while one is computed
 MERGE_SLICES = 16  # thread rows of the split-merge kernel (splits merged in parallel)
 NEG = -1.0e30  # finite "minus infinity": exp2(NEG - NEG) must not be NaN
 
 
-def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, stages: int = STAGES):
+def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, stages: int = STAGES,
+                  resident_blocks: int = RESIDENT_BLOCKS):
     """Build the split-KV decode PrimFunc (global symbol ``kiln_decode_paged_kv``)."""
     assert dtype in ("float16", "bfloat16"), dtype
     H_kv, H_qo, D = num_kv_heads, num_qo_heads, head_dim
@@ -84,7 +85,9 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
         output = T.match_buffer(output_handle, (B, H_qo, D), dtype)
         lse = T.match_buffer(lse_handle, (B, H_qo), "float32")
 
-        NS = T.meta_var(T.max(1, T.floordiv(TARGET_BLOCKS + B * H_kv - 1, B * H_kv)))
+        # splits per sequence: as many as fit in one wave of resident blocks (a second, partial wave
+        # would cost a whole block time)
+        NS = T.meta_var(T.max(1, T.floordiv(resident_blocks, B * H_kv)))
         O_part = T.alloc_buffer((NS, B, H_qo, D), "float32")
         L_part = T.alloc_buffer((NS, B, H_qo), "float32")
 
