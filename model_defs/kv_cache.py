@@ -4,9 +4,11 @@
 `vm.builtin.paged_attention_kv_cache_create` call (the runtime in paged_kv_cache.cc is unchanged),
 but passes Kiln's TIR kernels (schedules/attention/) where they exist:
   - decode: split-KV flash-decoding (schedules/attention/decode.py); TVM's runs one block per
-    (sequence, KV head) and reaches ~1% of HBM bandwidth at batch 1.
-Everything else (prefill, ragged prefill, sliding-window and tree-attention variants, state merge,
-page copies, RoPE) stays TVM's. Other targets (llvm: TVM's *_cpu kernels; Metal), MLA, inline RoPE
+    (sequence, KV head) and reaches ~1% of HBM bandwidth at batch 1;
+  - ragged prefill and prefill over pages (chunked prefill), head_dim 64 or 128: FlashAttention-2
+    on tensor cores (schedules/attention/prefill.py); TVM's use no tensor cores (~3 TFLOP/s).
+Everything else (sliding-window and tree-attention variants, state merge, page copies, RoPE) stays
+TVM's. Other targets (llvm: TVM's *_cpu kernels; Metal), MLA, inline RoPE
 and non-16-bit dtypes fall back to `TIRPagedKVCache` unchanged.
 """
 
@@ -18,6 +20,7 @@ from tvm.relax.frontend.nn.llm import kv_cache as tvm_kv
 from tvm.relax.frontend.nn.llm.kv_cache import AttnKind, PagedKVCache, RopeMode, TIRPagedKVCache
 
 from schedules.attention.decode import decode_kernel
+from schedules.attention.prefill import prefill_kernel
 
 
 def kiln_kernels_apply(attn_kind, rope_mode, dtype, qk_head_dim, v_head_dim, target) -> bool:
@@ -70,12 +73,13 @@ class KilnPagedKVCache(PagedKVCache):  # pylint: disable=too-few-public-methods
         rope_scaling = tvm_kv._prepare_yarn_rope_scaling(rope_scaling, rope_theta)  # pylint: disable=protected-access
         h_kv, h_qo, d = num_key_value_heads, num_attention_heads, qk_head_dim
         bb = rx.BlockBuilder.current()
+        kiln_prefill = d in (64, 128)  # the tensor-core tiles are built for these head sizes
 
         def tir(func, fname):
             return rx.Tuple([tvm.ir.StringImm("tirx"), bb.add_func(func, fname)])
 
         # Same argument list as TIRPagedKVCache builds for GPU targets (kv_cache.py, TVM 0.27),
-        # with Kiln's kernels in the decode slot.
+        # with Kiln's kernels in the decode and (non-sliding) prefill slots.
         call_args = [
             rx.ShapeExpr([max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window,
                           layer_sliding_window_size]),
@@ -93,9 +97,12 @@ class KilnPagedKVCache(PagedKVCache):  # pylint: disable=too-few-public-methods
             rx.op.zeros((), dtype),
             bb.add_func(tvm_kv._kv_cache_transpose_append(h_kv, d, dtype), "kv_cache_transpose_append"),
             bb.add_func(tvm_kv._kv_cache_transpose_append_mla(d, dtype), "kv_cache_transpose_append_mla"),
-            tir(tvm_kv._attention_prefill_ragged(h_kv, h_qo, d, v_head_dim, dtype, rope_scaling, target),
+            tir(prefill_kernel("ragged", h_kv, h_qo, d, dtype) if kiln_prefill
+                else tvm_kv._attention_prefill_ragged(h_kv, h_qo, d, v_head_dim, dtype, rope_scaling, target),
                 "tir_attention_prefill_ragged"),
-            tir(tvm_kv._attention_prefill(h_kv, h_qo, d, dtype, False, rope_scaling, target), "tir_attention_prefill"),
+            tir(prefill_kernel("paged", h_kv, h_qo, d, dtype) if kiln_prefill
+                else tvm_kv._attention_prefill(h_kv, h_qo, d, dtype, False, rope_scaling, target),
+                "tir_attention_prefill"),
             tir(decode_kernel(h_kv, h_qo, d, dtype), "kiln_attention_decode"),
             tir(tvm_kv._attention_prefill(h_kv, h_qo, d, dtype, True, rope_scaling, target,
                                           sliding_window_size=layer_sliding_window_size),

@@ -24,6 +24,7 @@ from tvm.runtime import ShapeTuple
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from model_defs.kv_cache import KilnPagedKVCache  # noqa: E402
 from schedules.attention.decode import decode_kernel  # noqa: E402
+from schedules.attention.prefill import prefill_kernel  # noqa: E402
 
 CUDA = tvm.target.Target("nvidia/nvidia-h100", host="llvm")
 
@@ -77,6 +78,32 @@ def test_decode_kernel_other_shapes_build():
         assert f" {n}_kernel(" in src and f" {n}_kernel_1(" in src
 
 
+@pytest.fixture(scope="module")
+def prefill_src():
+    return _cuda_source({f"kiln_prefill_{k}": prefill_kernel(k, 8, 32, 128, "bfloat16") for k in ("ragged", "paged")})
+
+
+def test_prefill_kernels_use_tensor_cores(prefill_src):
+    for kind in ("ragged", "paged"):
+        body = prefill_src.split(f"kiln_prefill_{kind}_kernel(", 2)[2].split("extern \"C\"")[0]
+        # per 64-token KV tile and warp: S = Q K^T is 8 n-tiles x 8 k-steps, O += P V 16 n-tiles x 4 k-steps
+        assert body.count("kiln_mma_16816_bf16(") == 64 + 64
+        assert body.count("kiln_ldsm_x4(") == 8 + 32  # Q fragments once, K fragments per tile
+        assert body.count("kiln_ldsm_x4_t(") == 32  # V fragments, transposed
+        assert "kiln_cp_async_wait1();" in body and body.count("kiln_syncthreads();") == 2
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in prefill_src
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_prefill_kernels_nvcc_no_spills(prefill_src, tmp_path):
+    src = tmp_path / "prefill.cu"
+    src.write_text(prefill_src)
+    res = subprocess.run(["nvcc", "-cubin", "-w", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "--resource-usage",
+                          "-o", str(tmp_path / "prefill.cubin"), str(src)], capture_output=True, text=True, check=True)
+    report = res.stdout + res.stderr
+    assert report.count("0 bytes spill stores, 0 bytes spill loads") == 2, report
+
+
 # ---------------------------------------------------------------- the cache class in a model
 NQ, NKV, HD, HID = 4, 2, 32, 32
 
@@ -84,14 +111,15 @@ NQ, NKV, HD, HID = 4, 2, 32, 32
 class _Attn(nn.Module):
     """One attention layer over the paged cache: qkv projection, cache attention, output."""
 
-    def __init__(self, target, dtype):
-        self.target, self.dtype = target, dtype
-        self.qkv = nn.Linear(HID, (NQ + 2 * NKV) * HD, bias=False, dtype=dtype)
+    def __init__(self, target, dtype, head_dim=HD):
+        self.target, self.dtype, self.hd = target, dtype, head_dim
+        self.qkv = nn.Linear(HID, (NQ + 2 * NKV) * head_dim, bias=False, dtype=dtype)
 
     def forward(self, x, kv: PagedKVCache):
         b, s, _ = x.shape
-        qkv = nn.op.reshape(self.qkv(x), (b, s, NQ + 2 * NKV, HD))
-        return nn.op.reshape(kv.attention_with_fused_qkv(0, qkv, NQ, sm_scale=HD ** -0.5), (b, s, NQ * HD))
+        qkv = nn.op.reshape(self.qkv(x), (b, s, NQ + 2 * NKV, self.hd))
+        o = kv.attention_with_fused_qkv(0, qkv, NQ, sm_scale=self.hd ** -0.5)
+        return nn.op.reshape(o, (b, s, NQ * self.hd))
 
     def prefill(self, x, kv: PagedKVCache):
         return self.forward(x, kv)
@@ -102,14 +130,14 @@ class _Attn(nn.Module):
             attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
             prefill_chunk_size=prefill_chunk_size, page_size=page_size, support_sliding_window=support_sliding_window,
             layer_partition=relax.ShapeExpr([0, 1]), num_hidden_layers=1, num_attention_heads=NQ,
-            num_key_value_heads=NKV, qk_head_dim=HD, v_head_dim=HD, mla_original_qk_head_dim=0,
+            num_key_value_heads=NKV, qk_head_dim=self.hd, v_head_dim=self.hd, mla_original_qk_head_dim=0,
             mla_original_v_head_dim=0, rope_mode=RopeMode.NONE, rope_scale=1, rope_theta=10000, rope_scaling={},
-            rope_ext_factors=relax.prim_value(0), rotary_dim=HD, enable_disaggregation=False, dtype=self.dtype,
+            rope_ext_factors=relax.prim_value(0), rotary_dim=self.hd, enable_disaggregation=False, dtype=self.dtype,
             target=self.target)
 
 
-def _export(target, dtype):
-    model = _Attn(target, dtype)
+def _export(target, dtype, head_dim=HD):
+    model = _Attn(target, dtype, head_dim)
     mod, params = model.export_tvm(spec={
         "prefill": {"x": nn.spec.Tensor([1, "n", HID], dtype), "kv": nn.spec.Object(object_type=PagedKVCache),
                     "$": {"param_mode": "packed", "effect_mode": "none"}},
@@ -119,12 +147,19 @@ def _export(target, dtype):
     return mod, params
 
 
-def test_cache_cuda_uses_kiln_decode():
-    mod, _ = _export(CUDA, "float16")
+@pytest.mark.parametrize("head_dim", [32, 128])
+def test_cache_cuda_uses_kiln_kernels(head_dim):
+    """Kiln's decode for any head size; Kiln's prefill kernels where its tiles fit (64, 128)."""
+    mod, _ = _export(CUDA, "float16", head_dim)
     names = {gv.name_hint for gv in mod.get_global_vars()}
-    assert "kiln_decode_paged_kv" in names and "batch_decode_paged_kv" not in names, names
-    create = [c for c in str(mod["create_paged_kv_cache"]).splitlines() if "paged_attention_kv_cache_create" in c]
-    assert create and "kiln_decode_paged_kv" in create[0]
+    create = [c for c in str(mod["create_paged_kv_cache"]).splitlines() if "paged_attention_kv_cache_create" in c][0]
+    assert "kiln_decode_paged_kv" in create and "batch_decode_paged_kv" not in names, names
+    kiln_prefill = {"kiln_prefill_ragged", "kiln_prefill_paged"}
+    if head_dim == 128:
+        assert kiln_prefill <= names and all(n in create for n in kiln_prefill)
+        assert "batch_prefill_ragged_kv" not in names
+    else:
+        assert not kiln_prefill & names and "batch_prefill_ragged_kv" in names
 
 
 def test_cache_metal_falls_back_to_tvm_kernels():

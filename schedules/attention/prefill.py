@@ -87,7 +87,7 @@ def prefill_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_dim: in
             nt: T.let[T.int32] = T.truncdiv(q_indptr[b + 1] - q_indptr[b] + K.BM - 1, K.BM)
             if scan[0] <= bx and bx < scan[0] + nt:
                 info[0] = b
-                info[1] = bx - scan[0]
+                info[1] = nt - 1 - (bx - scan[0])  # last (longest causal) tiles first: shorter tail
             scan[0] = scan[0] + nt
 
     @T.macro(hygienic=False)
