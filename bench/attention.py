@@ -333,6 +333,90 @@ def run(lib, out_dir, what):
             print(f"| prefill | {r['kernel']} | n={r['n']} | {r['ms'] * 1e3:.1f} us | {r['tflops']:.1f} TFLOP/s | {r['pct_sdpa']:.1f}% | {'ok' if r['ok'] else 'FAIL'} |")
 
 
+# ----------------------------------------------------------------------------------------------
+# End to end: a random-weight model (head_dim 128, GQA 4) compiled twice, with TVM's and with
+# Kiln's cache kernels, run on the GPU against transformers' float32 logits computed at build time.
+
+E2E_CONFIG = dict(hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=8,
+                  num_key_value_heads=2, head_dim=128, vocab_size=256, max_position_embeddings=4096,
+                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, rope_theta=1e6, tie_word_embeddings=True,
+                  attention_bias=False)
+
+
+def e2e_build(out_dir):
+    repo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    sys.path[:0] = [repo, os.path.join(repo, "tests")]
+    from pathlib import Path
+
+    import conftest
+    import model_defs.layers as layers
+    from compile.driver import compile_artifact
+    from model_defs.kv_cache import KilnPagedKVCache
+
+    out = Path(out_dir)
+    conftest.TINY_CONFIGS["qwen3-d128"] = ("Qwen3Config", "Qwen3ForCausalLM", E2E_CONFIG)
+    hf = conftest.make_tiny_hf("qwen3-d128", out / "hf")
+    args = dict(model=str(hf), target="cuda", dtype="bfloat16", weights=None, cuda_arch=None, context=4096,
+                page_size=16, prefill_chunk=1024)
+    compile_artifact(out=str(out / "tvm"), **args)
+    layers.TIRPagedKVCache = KilnPagedKVCache  # the one-line switch the model needs
+    compile_artifact(out=str(out / "kiln"), **args)
+    # the reference: transformers in float32 on this CPU (the GPU machine has no transformers)
+    import numpy as np
+    import torch
+    import transformers
+
+    prompt = np.random.default_rng(0).integers(3, 256, 300).tolist()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16).float().eval()
+    with torch.no_grad():
+        greedy = ref.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+        want = ref(torch.tensor([prompt + greedy])).logits[0].numpy()
+    np.savez(out / "reference.npz", prompt=np.array(prompt), greedy=np.array(greedy), logits=want)
+
+
+def e2e_run(root, out_dir):
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, os.getcwd())
+    from runtime.model_runner import ModelRunner
+
+    data = np.load(os.path.join(root, "reference.npz"))
+    prompt, greedy, want = data["prompt"].tolist(), data["greedy"].tolist(), data["logits"]
+
+    def rel(a, b):
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    res = {}
+    for name in ("tvm", "kiln"):
+        runner = ModelRunner(os.path.join(root, name), kv_tokens=8192)
+        errs = {}
+        # one prefill of 300 tokens, then 16 teacher-forced decode steps
+        runner.add_sequence(0)
+        got = [runner.forward([0], [prompt])[0]] + [runner.forward([0], [[t]])[0] for t in greedy]
+        errs["prefill+decode"] = max(rel(g, want[len(prompt) - 1 + i]) for i, g in enumerate(got))
+        # chunked prefill: 200 tokens, then 100 attending to the cached 200 (paged prefill + merge)
+        runner.add_sequence(1)
+        runner.forward([1], [prompt[:200]])
+        errs["chunked prefill 200+100"] = rel(runner.forward([1], [prompt[200:]])[0], want[len(prompt) - 1])
+        # ragged batch: two new sequences of different lengths in one forward (a causal prefix of the
+        # prompt has the prompt's logits), then one batched decode step over three sequences
+        runner.add_sequence(2)
+        runner.add_sequence(3)
+        both = runner.forward([2, 3], [prompt[:77], prompt])
+        errs["ragged batch 77|300"] = max(rel(both[0], want[76]), rel(both[1], want[len(prompt) - 1]))
+        dec = runner.forward([1, 3, 2], [[greedy[0]], [greedy[0]], [prompt[77]]])
+        errs["batched decode 300|300|77"] = max(rel(dec[0], want[len(prompt)]), rel(dec[1], want[len(prompt)]),
+                                                rel(dec[2], want[77]))
+        res[name] = errs
+        print(name, json.dumps(errs), flush=True)
+    ok = all(v < 2e-2 for e in res.values() for v in e.values())
+    with open(os.path.join(out_dir, "e2e.json"), "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), errors=res, ok=ok), f, indent=1)
+    print(f"e2e {'PASS' if ok else 'FAIL'} (max relative logits error vs transformers fp32 < 2e-2)")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -342,8 +426,17 @@ if __name__ == "__main__":
     r.add_argument("--lib", required=True)
     r.add_argument("--out", default=os.environ.get("OUT", "."))
     r.add_argument("--what", default="decode,prefill")
+    eb = sub.add_parser("e2e-build")
+    eb.add_argument("--out", default=".gpu/attn/e2e")
+    er = sub.add_parser("e2e-run")
+    er.add_argument("--dir", required=True)
+    er.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     if a.cmd == "build":
         build(a.out)
-    else:
+    elif a.cmd == "run":
         run(a.lib, a.out, a.what)
+    elif a.cmd == "e2e-build":
+        e2e_build(a.out)
+    else:
+        e2e_run(a.dir, a.out)
