@@ -222,7 +222,8 @@ class Bench:
         torch = self.torch
         import torch.nn.functional as F
 
-        names = [n for n in ("kiln_prefill_ragged", "tvm_prefill_ragged") if self.has(n)]
+        names = [n for n in ("kiln_prefill_ragged", "kiln_prefill_ragged_m1", "kiln_prefill_ragged_m2n64",
+                             "tvm_prefill_ragged") if self.has(n)]
         # correctness: ragged mixed lengths, GQA, causal
         for fname in names:
             for lens in ([1, 37, 300, 16], [1000, 130, 64, 65]):

@@ -24,32 +24,36 @@ from tvm.script import tirx as T
 from .cuda_helpers import CP_ASYNC16, CP_COMMIT, LDSM_X4, LDSM_X4_T, SYNC, cp_async_wait, mma_16816, pack2
 
 PAGE_SIZE = 16
-BM = 64  # query rows per block
-BN = 64  # kv tokens per tile
+M_TILES = 2  # 16-row m-tiles per warp: each K/V fragment read from shared memory feeds this many mma
+BN = 32  # kv tokens per tile (64 with M_TILES 1)
 NT = 128  # threads (4 warps)
 NEG = -1.0e30
 
 
-def prefill_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str):
+def prefill_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str,
+                   m_tiles: int = M_TILES, block_n: int = BN):
     """``kind`` "ragged" or "paged"; global symbol ``kiln_prefill_<kind>``."""
     assert kind in ("ragged", "paged") and dtype in ("float16", "bfloat16") and head_dim in (64, 128)
     H_kv, H_qo, D = num_kv_heads, num_qo_heads, head_dim
+    MT, BN = m_tiles, block_n  # pylint: disable=redefined-outer-name
     G = H_qo // H_kv
     CH = D // 8  # 16-byte chunks per row
     KSTEPS = D // 16
     NTN = BN // 8  # S n-tiles per warp
     DTN = D // 8  # O n-tiles per warp
     ROWB = D * 2
+    BM = 16 * MT * NT // 32  # query rows per block
     Q_BYTES = BM * ROWB
     TILE_BYTES = BN * ROWB
     SMEM_BYTES = Q_BYTES + 2 * 2 * TILE_BYTES
-    CPT = BM * CH // NT  # 16-byte chunks per thread per Q (and K, V) tile
+    CPT = BN * CH // NT  # 16-byte chunks per thread per K (and V) tile
+    QCPT = BM * CH // NT  # ... per Q tile
     MMA, MMA_SRC = mma_16816(dtype)
     PACK, PACK_SRC = pack2(dtype)
     WAIT1, WAIT1_SRC = cp_async_wait(1)
     scale_log2 = math.log2(math.e)
     K = SimpleNamespace(**{n: v for n, v in locals().items() if n[0].isupper() or n in ("dtype", "scale_log2")})
-    K.NEG, K.PAGE_SIZE, K.BM, K.BN, K.NT = NEG, PAGE_SIZE, BM, BN, NT
+    K.NEG, K.PAGE_SIZE, K.NT = NEG, PAGE_SIZE, NT
     K.CP_ASYNC16, K.CP_COMMIT, K.LDSM_X4, K.LDSM_X4_T, K.SYNC = CP_ASYNC16, CP_COMMIT, LDSM_X4, LDSM_X4_T, SYNC
 
     # pylint: disable=invalid-name,too-many-locals,too-many-statements,unused-argument
@@ -100,7 +104,7 @@ def prefill_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_dim: in
 
     @T.macro(hygienic=False)
     def issue_q(q):
-        for i in T.unroll(K.CPT):
+        for i in T.unroll(K.QCPT):
             r: T.let[T.int32] = (tid + i * K.NT) // K.CH
             c: T.let[T.int32] = (tid + i * K.NT) % K.CH
             T.evaluate(T.cuda.func_call(
@@ -111,69 +115,85 @@ def prefill_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_dim: in
     def compute_tile(t, causal, sm_scale):
         kbase: T.let[T.int32] = K.Q_BYTES + (t % 2) * 2 * K.TILE_BYTES
         vbase: T.let[T.int32] = kbase + K.TILE_BYTES
-        for j in T.unroll(K.NTN):
+        for i in T.unroll(K.MT * K.NTN):
             for e in T.unroll(4):
-                sacc[j, e] = T.float32(0)
-        # S = Q K^T
-        for j in T.unroll(K.NTN):
-            for kk2 in T.unroll(K.KSTEPS // 2):
+                sacc[i, e] = T.float32(0)
+        # S = Q K^T; each K fragment (ldmatrix) feeds the MT m-tiles of the warp
+        for kk2 in T.unroll(K.KSTEPS // 2):
+            for mt in T.unroll(K.MT):
+                for h in T.unroll(2):
+                    qr: T.let[T.int32] = warp * 16 * K.MT + mt * 16 + lane % 8 + 8 * ((lane // 8) % 2)
+                    qc: T.let[T.int32] = 2 * (2 * kk2 + h) + lane // 16
+                    T.evaluate(T.cuda.func_call("kiln_ldsm_x4", smem.data, qr * K.ROWB + T.bitwise_xor(qc, T.bitwise_and(qr, 7)) * 16,
+                                                T.tvm_access_ptr(T.type_annotation("uint32"), qf.data, (mt * 2 + h) * 4, 4, 2), source_code=K.LDSM_X4))
+            for j in T.unroll(K.NTN):
                 kr: T.let[T.int32] = 8 * j + lane % 8
                 kc: T.let[T.int32] = 4 * kk2 + lane // 8
                 T.evaluate(T.cuda.func_call("kiln_ldsm_x4", smem.data, kbase + kr * K.ROWB + T.bitwise_xor(kc, T.bitwise_and(kr, 7)) * 16,
                                             T.tvm_access_ptr(T.type_annotation("uint32"), kb.data, 0, 4, 2), source_code=K.LDSM_X4))
-                T.evaluate(T.cuda.func_call(K.MMA, T.tvm_access_ptr(T.type_annotation("float32"), sacc.data, j * 4, 4, 3), T.tvm_access_ptr(T.type_annotation("uint32"), qf.data, 2 * kk2 * 4, 4, 1), T.tvm_access_ptr(T.type_annotation("uint32"), kb.data, 0, 2, 1), source_code=K.MMA_SRC))
-                T.evaluate(T.cuda.func_call(K.MMA, T.tvm_access_ptr(T.type_annotation("float32"), sacc.data, j * 4, 4, 3), T.tvm_access_ptr(T.type_annotation("uint32"), qf.data, (2 * kk2 + 1) * 4, 4, 1), T.tvm_access_ptr(T.type_annotation("uint32"), kb.data, 2, 2, 1), source_code=K.MMA_SRC))
+                for mt in T.unroll(K.MT):
+                    for h in T.unroll(2):
+                        T.evaluate(T.cuda.func_call(K.MMA, T.tvm_access_ptr(T.type_annotation("float32"), sacc.data, (mt * K.NTN + j) * 4, 4, 3),
+                                                    T.tvm_access_ptr(T.type_annotation("uint32"), qf.data, (mt * 2 + h) * 4, 4, 1), T.tvm_access_ptr(T.type_annotation("uint32"), kb.data, h * 2, 2, 1),
+                                                    source_code=K.MMA_SRC))
         # scale; mask only on tiles past the sequence end or crossing the causal diagonal
         info[7] = T.if_then_else(
             t * K.BN + K.BN > info[5] or (causal > 0 and t * K.BN + K.BN - 1 > info[5] - info[3] + info[1] * K.BM), 1, 0)
-        for j in T.unroll(K.NTN):
-            for e in T.unroll(4):
-                sacc[j, e] = T.if_then_else(
-                    info[7] == 1 and (
-                        t * K.BN + 8 * j + (lane % 4) * 2 + e % 2 >= info[5]
-                        or (causal > 0 and t * K.BN + 8 * j + (lane % 4) * 2 + e % 2
-                            > info[5] - info[3] + info[1] * K.BM + warp * 16 + lane // 4 + (e // 2) * 8)),
-                    T.float32(K.NEG), sacc[j, e] * sm_scale * T.float32(K.scale_log2))
-        # online softmax; rows lane/4 (e = 0, 1) and lane/4 + 8 (e = 2, 3), a row spans 4 lanes
-        for hr in T.unroll(2):
-            mx[0] = m_i[hr]
+        for mt in T.unroll(K.MT):
             for j in T.unroll(K.NTN):
-                for e2 in T.unroll(2):
-                    mx[0] = T.max(mx[0], sacc[j, 2 * hr + e2])
-            mx[0] = T.max(mx[0], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), mx[0], 1, 32, 32))
-            mx[0] = T.max(mx[0], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), mx[0], 2, 32, 32))
-            mx[1] = T.exp2(m_i[hr] - mx[0])
-            m_i[hr] = mx[0]
-            l_i[hr] = l_i[hr] * mx[1]  # per-lane partial row sum; lanes are summed at the end
-            for dn in T.unroll(K.DTN):
-                for e2 in T.unroll(2):
-                    oacc[dn, 2 * hr + e2] = oacc[dn, 2 * hr + e2] * mx[1]
-            for j in T.unroll(K.NTN):
-                for e2 in T.unroll(2):
-                    sacc[j, 2 * hr + e2] = T.exp2(sacc[j, 2 * hr + e2] - mx[0])
-                    l_i[hr] = l_i[hr] + sacc[j, 2 * hr + e2]
-        # O += P V, P re-packed from the S accumulators as A fragments
+                for e in T.unroll(4):
+                    sacc[mt * K.NTN + j, e] = T.if_then_else(
+                        info[7] == 1 and (
+                            t * K.BN + 8 * j + (lane % 4) * 2 + e % 2 >= info[5]
+                            or (causal > 0 and t * K.BN + 8 * j + (lane % 4) * 2 + e % 2
+                                > info[5] - info[3] + info[1] * K.BM + warp * 16 * K.MT + mt * 16 + lane // 4 + (e // 2) * 8)),
+                        T.float32(K.NEG), sacc[mt * K.NTN + j, e] * sm_scale * T.float32(K.scale_log2))
+        # online softmax; rows lane/4 (e = 0, 1) and lane/4 + 8 (e = 2, 3) of each m-tile, a row spans 4 lanes
+        for mt in T.unroll(K.MT):
+            for hr in T.unroll(2):
+                mx[0] = m_i[mt * 2 + hr]
+                for j in T.unroll(K.NTN):
+                    for e2 in T.unroll(2):
+                        mx[0] = T.max(mx[0], sacc[mt * K.NTN + j, 2 * hr + e2])
+                mx[0] = T.max(mx[0], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), mx[0], 1, 32, 32))
+                mx[0] = T.max(mx[0], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), mx[0], 2, 32, 32))
+                mx[1] = T.exp2(m_i[mt * 2 + hr] - mx[0])
+                m_i[mt * 2 + hr] = mx[0]
+                l_i[mt * 2 + hr] = l_i[mt * 2 + hr] * mx[1]  # per-lane partial row sum; lanes are summed at the end
+                for dn in T.unroll(K.DTN):
+                    for e2 in T.unroll(2):
+                        oacc[mt * K.DTN + dn, 2 * hr + e2] = oacc[mt * K.DTN + dn, 2 * hr + e2] * mx[1]
+                for j in T.unroll(K.NTN):
+                    for e2 in T.unroll(2):
+                        sacc[mt * K.NTN + j, 2 * hr + e2] = T.exp2(sacc[mt * K.NTN + j, 2 * hr + e2] - mx[0])
+                        l_i[mt * 2 + hr] = l_i[mt * 2 + hr] + sacc[mt * K.NTN + j, 2 * hr + e2]
+        # O += P V, P re-packed from the S accumulators as A fragments; each V fragment feeds MT m-tiles
         for kt in T.unroll(K.BN // 16):
-            pf[0] = T.cuda.func_call(K.PACK, sacc[2 * kt, 0], sacc[2 * kt, 1], source_code=K.PACK_SRC, return_type="uint32")
-            pf[1] = T.cuda.func_call(K.PACK, sacc[2 * kt, 2], sacc[2 * kt, 3], source_code=K.PACK_SRC, return_type="uint32")
-            pf[2] = T.cuda.func_call(K.PACK, sacc[2 * kt + 1, 0], sacc[2 * kt + 1, 1], source_code=K.PACK_SRC, return_type="uint32")
-            pf[3] = T.cuda.func_call(K.PACK, sacc[2 * kt + 1, 2], sacc[2 * kt + 1, 3], source_code=K.PACK_SRC, return_type="uint32")
+            for mt in T.unroll(K.MT):
+                for h in T.unroll(2):
+                    pf[mt, 2 * h] = T.cuda.func_call(K.PACK, sacc[mt * K.NTN + 2 * kt + h, 0], sacc[mt * K.NTN + 2 * kt + h, 1],
+                                                     source_code=K.PACK_SRC, return_type="uint32")
+                    pf[mt, 2 * h + 1] = T.cuda.func_call(K.PACK, sacc[mt * K.NTN + 2 * kt + h, 2], sacc[mt * K.NTN + 2 * kt + h, 3],
+                                                         source_code=K.PACK_SRC, return_type="uint32")
             for dp in T.unroll(K.DTN // 2):
                 vr: T.let[T.int32] = 16 * kt + lane % 8 + 8 * ((lane // 8) % 2)
                 vc: T.let[T.int32] = 2 * dp + lane // 16
                 T.evaluate(T.cuda.func_call("kiln_ldsm_x4_t", smem.data, vbase + vr * K.ROWB + T.bitwise_xor(vc, T.bitwise_and(vr, 7)) * 16,
                                             T.tvm_access_ptr(T.type_annotation("uint32"), vb.data, 0, 4, 2), source_code=K.LDSM_X4_T))
-                T.evaluate(T.cuda.func_call(K.MMA, T.tvm_access_ptr(T.type_annotation("float32"), oacc.data, 2 * dp * 4, 4, 3), T.tvm_access_ptr(T.type_annotation("uint32"), pf.data, 0, 4, 1), T.tvm_access_ptr(T.type_annotation("uint32"), vb.data, 0, 2, 1), source_code=K.MMA_SRC))
-                T.evaluate(T.cuda.func_call(K.MMA, T.tvm_access_ptr(T.type_annotation("float32"), oacc.data, (2 * dp + 1) * 4, 4, 3), T.tvm_access_ptr(T.type_annotation("uint32"), pf.data, 0, 4, 1), T.tvm_access_ptr(T.type_annotation("uint32"), vb.data, 2, 2, 1), source_code=K.MMA_SRC))
+                for mt in T.unroll(K.MT):
+                    for h in T.unroll(2):
+                        T.evaluate(T.cuda.func_call(K.MMA, T.tvm_access_ptr(T.type_annotation("float32"), oacc.data, (mt * K.DTN + 2 * dp + h) * 4, 4, 3),
+                                                    T.tvm_access_ptr(T.type_annotation("uint32"), pf.data, mt * 4, 4, 1), T.tvm_access_ptr(T.type_annotation("uint32"), vb.data, h * 2, 2, 1),
+                                                    source_code=K.MMA_SRC))
 
     @T.macro(hygienic=False)
     def main_loop(causal, sm_scale, q, output, lse):
-        for hr in T.unroll(2):
-            m_i[hr] = T.float32(K.NEG)
-            l_i[hr] = T.float32(0)
-            for dn in T.unroll(K.DTN):
-                for e2 in T.unroll(2):
-                    oacc[dn, 2 * hr + e2] = T.float32(0)
+        for i in T.unroll(K.MT * 2):
+            m_i[i] = T.float32(K.NEG)
+            l_i[i] = T.float32(0)
+        for i in T.unroll(K.MT * K.DTN):
+            for e in T.unroll(4):
+                oacc[i, e] = T.float32(0)
         K.issue_q(q)
         if info[6] > 0:
             K.issue_kv(0)
@@ -184,26 +204,22 @@ def prefill_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_dim: in
             T.evaluate(T.cuda.func_call("kiln_cp_async_commit", source_code=K.CP_COMMIT))
             T.evaluate(T.cuda.func_call(K.WAIT1, source_code=K.WAIT1_SRC))
             T.evaluate(T.cuda.func_call("kiln_syncthreads", source_code=K.SYNC))
-            if t == 0:
-                for kk in T.unroll(K.KSTEPS):
-                    qr: T.let[T.int32] = warp * 16 + lane % 8 + 8 * ((lane // 8) % 2)
-                    qc: T.let[T.int32] = 2 * kk + lane // 16
-                    T.evaluate(T.cuda.func_call("kiln_ldsm_x4", smem.data, qr * K.ROWB + T.bitwise_xor(qc, T.bitwise_and(qr, 7)) * 16,
-                                                T.tvm_access_ptr(T.type_annotation("uint32"), qf.data, kk * 4, 4, 2), source_code=K.LDSM_X4))
             K.compute_tile(t, causal, sm_scale)
             T.evaluate(T.cuda.func_call("kiln_syncthreads", source_code=K.SYNC))
         # finalize: sum the row sums over the 4 lanes of a row, normalize, store
-        for hr in T.unroll(2):
-            l_i[hr] = l_i[hr] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), l_i[hr], 1, 32, 32)
-            l_i[hr] = l_i[hr] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), l_i[hr], 2, 32, 32)
-            row: T.let[T.int32] = info[1] * K.BM + warp * 16 + lane // 4 + 8 * hr
-            if row < info[3]:
-                mx[1] = T.if_then_else(l_i[hr] > T.float32(0), T.float32(1) / l_i[hr], T.float32(0))
-                for dn in T.unroll(K.DTN):
-                    for e2 in T.unroll(2):
-                        output[info[2] + row, hq, dn * 8 + (lane % 4) * 2 + e2] = T.cast(oacc[dn, 2 * hr + e2] * mx[1], K.dtype)
-                if lane % 4 == 0:
-                    lse[info[2] + row, hq] = T.if_then_else(l_i[hr] > T.float32(0), m_i[hr] + T.log2(l_i[hr]), T.float32(-5e4))
+        for mt in T.unroll(K.MT):
+            for hr in T.unroll(2):
+                l_i[mt * 2 + hr] = l_i[mt * 2 + hr] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), l_i[mt * 2 + hr], 1, 32, 32)
+                l_i[mt * 2 + hr] = l_i[mt * 2 + hr] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), l_i[mt * 2 + hr], 2, 32, 32)
+                row: T.let[T.int32] = info[1] * K.BM + warp * 16 * K.MT + mt * 16 + lane // 4 + 8 * hr
+                if row < info[3]:
+                    mx[1] = T.if_then_else(l_i[mt * 2 + hr] > T.float32(0), T.float32(1) / l_i[mt * 2 + hr], T.float32(0))
+                    for dn in T.unroll(K.DTN):
+                        for e2 in T.unroll(2):
+                            output[info[2] + row, hq, dn * 8 + (lane % 4) * 2 + e2] = T.cast(oacc[mt * K.DTN + dn, 2 * hr + e2] * mx[1], K.dtype)
+                    if lane % 4 == 0:
+                        lse[info[2] + row, hq] = T.if_then_else(l_i[mt * 2 + hr] > T.float32(0), m_i[mt * 2 + hr] + T.log2(l_i[mt * 2 + hr]),
+                                                                T.float32(-5e4))
 
     def allocs():
         """Plain function (not a macro): buffers it creates stay visible in the kernel body.
@@ -212,14 +228,14 @@ def prefill_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_dim: in
         buffer to the elements it sees used, and an element address would shrink it."""
         return (
             T.sblock_alloc_buffer((SMEM_BYTES // 2,), "uint16", scope="shared.dyn"),  # smem: Q | 2 x (K, V)
-            T.sblock_alloc_buffer((KSTEPS, 4), "uint32", scope="local"),  # qf: Q A-fragments
-            T.sblock_alloc_buffer((NTN, 4), "float32", scope="local"),  # sacc: S (then P) accumulators
-            T.sblock_alloc_buffer((DTN, 4), "float32", scope="local"),  # oacc: O accumulators
+            T.sblock_alloc_buffer((MT * 2, 4), "uint32", scope="local"),  # qf: Q A-fragments, 2 k-steps
+            T.sblock_alloc_buffer((MT * NTN, 4), "float32", scope="local"),  # sacc: S (then P) accumulators
+            T.sblock_alloc_buffer((MT * DTN, 4), "float32", scope="local"),  # oacc: O accumulators
             T.sblock_alloc_buffer((4,), "uint32", scope="local"),  # kb: K B-fragments (2 k-steps)
             T.sblock_alloc_buffer((4,), "uint32", scope="local"),  # vb: V B-fragments (2 n-tiles)
-            T.sblock_alloc_buffer((4,), "uint32", scope="local"),  # pf: P A-fragment
-            T.sblock_alloc_buffer((2,), "float32", scope="local"),  # m_i: row max (log2 units)
-            T.sblock_alloc_buffer((2,), "float32", scope="local"),  # l_i: row sum (this lane's part)
+            T.sblock_alloc_buffer((MT, 4), "uint32", scope="local"),  # pf: P A-fragments
+            T.sblock_alloc_buffer((MT * 2,), "float32", scope="local"),  # m_i: row max (log2 units)
+            T.sblock_alloc_buffer((MT * 2,), "float32", scope="local"),  # l_i: row sum (this lane's part)
             T.sblock_alloc_buffer((2,), "float32", scope="local"),  # mx: scratch
             # info: seq, q tile, q start, q len, kv start | page begin, kv len, kv tiles, mask this tile
             T.sblock_alloc_buffer((8,), "int32", scope="local"),
