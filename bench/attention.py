@@ -222,7 +222,7 @@ class Bench:
         torch = self.torch
         import torch.nn.functional as F
 
-        names = [n for n in ("kiln_prefill_ragged", "kiln_prefill_ragged_m1", "kiln_prefill_ragged_m2n64",
+        names = [n for n in ("kiln_prefill_ragged", "kiln_prefill_ragged_m1n32", "kiln_prefill_ragged_m2n32",
                              "tvm_prefill_ragged") if self.has(n)]
         # correctness: ragged mixed lengths, GQA, causal
         for fname in names:

@@ -86,12 +86,11 @@ def prefill_src():
 def test_prefill_kernels_use_tensor_cores(prefill_src):
     for kind in ("ragged", "paged"):
         body = prefill_src.split(f"kiln_prefill_{kind}_kernel(", 2)[2].split("extern \"C\"")[0]
-        # per 32-token KV tile and warp (2 m-tiles of 16 rows): S = Q K^T is 2 x 4 n-tiles x 8 k-steps,
-        # O += P V 2 x 16 n-tiles x 2 k-steps
+        # per 64-token KV tile and warp (16 rows): S = Q K^T is 8 n-tiles x 8 k-steps, O += P V 16 n-tiles x 4
         assert body.count("kiln_mma_16816_bf16(") == 64 + 64
-        # ldmatrix.x4: Q 2 m-tiles x 8 k-steps, K 4 n-tiles x 4 k-step pairs (each shared by both m-tiles)
-        assert body.count("kiln_ldsm_x4(") == 16 + 16
-        assert body.count("kiln_ldsm_x4_t(") == 16  # V: 2 k-steps x 8 n-tile pairs, transposed
+        assert body.count("kiln_ldsm_x4(") == 8 + 32  # Q: 8 k-steps; K: 8 n-tiles x 4 k-step pairs
+        assert body.count("kiln_ldsm_x4_t(") == 32  # V: 4 k-steps x 8 n-tile pairs, transposed
+        assert body.count("kiln_ex2(") == 2 * 8 * 2  # softmax exponentials (2 rows x 16 columns) on MUFU
         assert "kiln_cp_async_wait1();" in body and body.count("kiln_syncthreads();") == 2
     assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in prefill_src
 

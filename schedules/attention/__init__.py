@@ -16,8 +16,8 @@ def kernels_for_bench(num_kv_heads, num_qo_heads, head_dim, dtype):
         # variant: splits for two waves of blocks (the default fills one)
         ("kiln_decode_paged_kv_w2", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype, resident_blocks=2 * 396)),
         ("kiln_prefill_ragged", prefill_kernel("ragged", num_kv_heads, num_qo_heads, head_dim, dtype)),
-        # variants: one 16-row m-tile per warp with 64-token KV tiles; two m-tiles with 64-token tiles
-        ("kiln_prefill_ragged_m1", prefill_kernel("ragged", num_kv_heads, num_qo_heads, head_dim, dtype, 1, 64)),
-        ("kiln_prefill_ragged_m2n64", prefill_kernel("ragged", num_kv_heads, num_qo_heads, head_dim, dtype, 2, 64)),
+        # variants (m-tiles per warp, KV tile): 32-token tiles (151 registers: 3 blocks per SM); 2 x 32
+        ("kiln_prefill_ragged_m1n32", prefill_kernel("ragged", num_kv_heads, num_qo_heads, head_dim, dtype, 1, 32)),
+        ("kiln_prefill_ragged_m2n32", prefill_kernel("ragged", num_kv_heads, num_qo_heads, head_dim, dtype, 2, 32)),
         ("kiln_prefill_paged", prefill_kernel("paged", num_kv_heads, num_qo_heads, head_dim, dtype)),
     ]

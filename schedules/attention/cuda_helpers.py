@@ -23,6 +23,10 @@ def cp_async_wait(n: int):
     name = f"kiln_cp_async_wait{n}"
     return name, f'__device__ __forceinline__ void {name}() {{ asm volatile("cp.async.wait_group {n};\\n" ::: "memory"); }}\n'
 
+# one MUFU instruction (exp2f adds range handling); inputs are <= 0 here, -1e30 gives 0
+EX2 = r"""
+__device__ __forceinline__ float kiln_ex2(float x) { float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }
+"""
 SYNC = r"""
 __device__ __forceinline__ void kiln_syncthreads() { __syncthreads(); }
 """
