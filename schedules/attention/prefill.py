@@ -1,11 +1,13 @@
 """FlashAttention-2 style prefill on tensor cores (mma.sync m16n8k16, fp32 accumulate), CUDA TIR.
 
 Why: TVM's fallback prefill kernels use no tensor cores and spill (2.5-2.9 TFLOP/s on H200).
-Block = 4 warps = 64 query rows of one sequence and one query head (16 rows per warp); K/V tiles of
-64 tokens stream through a 2-stage cp.async pipeline into XOR-swizzled shared memory; ldmatrix feeds
-mma.sync; the online softmax lives in the mma accumulator registers and P is re-packed in registers
-as the A operand of P·V. Causal masking is applied only on tiles that cross the diagonal or the end.
+Block = 4 warps = 64 query rows of one sequence and one query head (16 rows per warp); blocks walk
+the ragged batch's (sequence, query tile) pairs, longest causal tiles first. Q and K/V tiles of 64
+tokens arrive by cp.async (K/V in 2 stages) in XOR-swizzled shared memory; ldmatrix feeds mma.sync;
+the online softmax lives in the mma accumulator registers and P is re-packed in registers as the A
+operand of P·V. Causal masking is applied only on tiles that cross the diagonal or the end.
 GQA: a block reads the KV head of its query head (neighbouring blocks share it through L2).
+H200, Llama-3.1-8B layer: 114 / 213 / 259 TFLOP/s at 1k / 4k / 16k tokens (docs/attention.md).
 
 Two forms with TVM's calling conventions (runtime/vm/attn_backend.h):
 - ragged ``(q, qo_indptr, k, v, kv_indptr, q_rope_position, k_rope_pos_offset, output, lse,
