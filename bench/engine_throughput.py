@@ -38,6 +38,24 @@ def run(engine: Engine, n: int, prompt_len: int, max_tokens: int, vocab: int, se
                 ttft_median_s=round(ttft[len(ttft) // 2], 3), ttft_max_s=round(ttft[-1], 3))
 
 
+def step_times(runner, batches=(1, 16, 64), context=256, steps=32) -> dict:
+    """Milliseconds per ModelRunner decode step (kernels + Python + logits to host), no engine."""
+    out = {}
+    for b in batches:
+        seqs = list(range(10_000, 10_000 + b))
+        for s in seqs:
+            runner.add_sequence(s)
+        runner.forward(seqs, [[5] * context for _ in seqs])
+        runner.forward(seqs, [[7] for _ in seqs])  # warm-up of this batch size
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            runner.forward(seqs, [[7] for _ in seqs])
+        out[f"decode_step_ms_b{b}"] = round((time.perf_counter() - t0) / steps * 1e3, 3)
+        for s in seqs:
+            runner.remove_sequence(s)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("artifact", type=Path)
@@ -52,10 +70,11 @@ def main() -> None:
                                  max_num_seqs=a.requests, max_num_batched_tokens=4096))
     vocab = engine.runner.vocab_size
     run(engine, 4, 32, 8, vocab)  # warm-up: first kernel launches, allocator
+    steps = step_times(engine.runner)
     rows = [run(engine, 1, a.prompt_len, a.max_tokens, vocab), run(engine, a.requests, a.prompt_len, a.max_tokens, vocab)]
     print(json.dumps(dict(card=engine.runner.device.device_name or "cpu",
                           model=engine.runner.artifact.manifest["name"], dtype=engine.runner.artifact.manifest["dtype"],
-                          rows=rows), indent=1))
+                          runner=steps, rows=rows), indent=1))
     engine.close()
 
 
