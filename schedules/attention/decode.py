@@ -124,9 +124,7 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                 info = T.sblock_alloc_buffer((6,), "int32", scope="local")
                                 info[0] = page_indptr[bz]  # first page slot of the sequence
                                 info[1] = page_indptr[bz + 1] - info[0]  # pages of the sequence
-                                # pages per split, whole tiles (a half tile costs a whole one)
-                                info[2] = T.max(T.truncdiv(info[1] + NS * PAGES_PER_TILE - 1, NS * PAGES_PER_TILE) * PAGES_PER_TILE,
-                                                MIN_SPLIT_PAGES)
+                                info[2] = T.max(T.truncdiv(info[1] + NS - 1, NS), MIN_SPLIT_PAGES)  # pages per split
                                 info[3] = T.max(1, T.truncdiv(info[1] + info[2] - 1, info[2]))  # splits used
                                 info[4] = T.min(info[1], bx * info[2] + info[2])  # this split's page end
                                 info[5] = T.min(T.if_then_else(info[1] > 0, (info[1] - 1) * PAGE_SIZE + length_info[bz], 0), info[4] * PAGE_SIZE)  # token end
@@ -257,8 +255,7 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                             sm_st = T.sblock_alloc_buffer((MERGE_SLICES, 2), "float32", scope="shared")
                             info2 = T.sblock_alloc_buffer((3,), "int32", scope="local")
                             info2[0] = page_indptr[bz + 1] - page_indptr[bz]
-                            info2[1] = T.max(T.truncdiv(info2[0] + NS * PAGES_PER_TILE - 1, NS * PAGES_PER_TILE) * PAGES_PER_TILE,
-                                             MIN_SPLIT_PAGES)
+                            info2[1] = T.max(T.truncdiv(info2[0] + NS - 1, NS), MIN_SPLIT_PAGES)
                             info2[2] = T.max(1, T.truncdiv(info2[0] + info2[1] - 1, info2[1]))
                             n_used2: T.let[T.int32] = info2[2]
                             if n_used2 > 1:
