@@ -16,12 +16,12 @@ DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16", "metal": "float16"}
 
 def build(model: str = "stories260k", target: str = "cpu", dtype: str | None = None, out: str | None = None,
           weights: str | None = None, cuda_arch: str | None = None, context: int = 4096,
-          page_size: int = 16, prefill_chunk: int = 1024):
+          page_size: int = 16, prefill_chunk: int = 1024, max_batch: int = 256):
     """Compile MODEL (a preset name, an HF folder or a .gguf file) for TARGET into an artifact folder."""
     from .driver import compile_artifact
     return compile_artifact(model=model, target=target, dtype=dtype or DEFAULT_DTYPE.get(target, "float32"),
                             out=out, weights=weights, cuda_arch=cuda_arch, context=context,
-                            page_size=page_size, prefill_chunk=prefill_chunk)
+                            page_size=page_size, prefill_chunk=prefill_chunk, max_batch=max_batch)
 
 
 def main() -> None:

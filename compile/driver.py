@@ -36,7 +36,8 @@ class _PassProgress:
 
 
 def compile_artifact(model: str, target: str, dtype: str, out: str | None, weights: str | None,
-                     cuda_arch: str | None, context: int, page_size: int, prefill_chunk: int) -> Path:
+                     cuda_arch: str | None, context: int, page_size: int, prefill_chunk: int,
+                     max_batch: int = 256) -> Path:
     if target not in targets.TARGETS:
         raise KilnError(f"unknown target '{target}'; choose one of {', '.join(targets.TARGETS)}")
     if dtype not in DTYPES:
@@ -65,10 +66,11 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
               file=sys.stderr)
 
     t0 = time.time()
-    mod, named_params = export(cfg, dtype, tvm_target)
+    mod, named_params = export(cfg, dtype, tvm_target, max_batch, prefill_chunk)
     library = targets.library_name(target)
     with tqdm(desc=f"compiling {name} for {target}", unit="pass", leave=False) as bar:
-        with tvm.transform.PassContext(opt_level=3, instruments=[_PassProgress(bar)]), tvm_target:
+        config = {"relax.backend.use_cuda_graph": target == "cuda"}
+        with tvm.transform.PassContext(opt_level=3, config=config, instruments=[_PassProgress(bar)]), tvm_target:
             executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(tvm_target))
         bar.set_postfix_str("linking")
         executable.export_library(str(out_dir / library))
@@ -89,6 +91,7 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
         "page_size": page_size,
         "context_length": context,
         "prefill_chunk": prefill_chunk,
+        "max_batch": max_batch,
         "tvm_version": tvm.__version__,
         "content_hash": artifact.content_hash(cfg.to_dict(), dtype, target, arch, source),
         "weights": None,

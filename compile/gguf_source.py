@@ -181,7 +181,8 @@ class GGUFFile:
         try:
             out = dequantize(raw.reshape(quant_shape_to_byte_shape(shape, qtype)), qtype)
         except NotImplementedError:
-            raise KilnError(f"{self.path}: tensor {name!r} has type {qtype.name}, which Kiln cannot dequantize") from None
+            raise KilnError(f"{self.path}: tensor {name!r} has type {qtype.name}, "
+                            "which Kiln cannot dequantize") from None
         return out.astype(np.float32, copy=False)
 
 
@@ -195,9 +196,8 @@ class GGUFSource:
         self._tensors = self.file.tensors
         self.arch = self.metadata.get("general.architecture")
         self._names: dict[str, str] = {}
-        if not self._tensors:  # vocab-only files (tokenizer tests) have no model
-            self.config = {}
-            return
+        if not self._tensors:
+            raise KilnError(f"{self.path}: no tensors (a vocab-only GGUF holds a tokenizer, not a model)")
         if self.arch not in _ARCHS:
             raise KilnError(f"{self.path}: general.architecture = {self.arch!r} is not supported "
                             f"({', '.join(_ARCHS)})")

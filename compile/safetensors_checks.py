@@ -34,7 +34,8 @@ def read_header(path: Path, buf) -> tuple[int, dict[str, tuple[str, tuple[int, .
         raise KilnError(f"{path}: {size} bytes is too short for a safetensors file")
     n = int.from_bytes(buf[:8], "little")
     if n > min(size - 8, _MAX_HEADER):
-        raise KilnError(f"{path}: header length {n} is larger than the file ({size} bytes): truncated or not safetensors")
+        raise KilnError(f"{path}: header length {n} is larger than the file ({size} bytes): "
+                        "truncated or not safetensors")
     try:
         header = json.loads(bytes(buf[8:8 + n]))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -53,7 +54,8 @@ def read_header(path: Path, buf) -> tuple[int, dict[str, tuple[str, tuple[int, .
         if dtype not in DTYPES:
             raise KilnError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape + (begin, end)):
-            raise KilnError(f"{where}: shape {list(shape)} / data_offsets [{begin}, {end}] are not non-negative integers")
+            raise KilnError(f"{where}: shape {list(shape)} / data_offsets [{begin}, {end}] "
+                            "are not non-negative integers")
         expected = int(np.prod(shape, dtype=object)) * np.dtype(DTYPES[dtype]).itemsize
         if end - begin != expected:
             raise KilnError(f"{where}: header says {end - begin} bytes but {dtype} {list(shape)} needs {expected}")
@@ -103,12 +105,14 @@ class SafetensorsModel:
                 weight_map = json.loads(index.read_text())["weight_map"]
                 assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
-                raise KilnError(f"{index}: not a valid index (needs a \"weight_map\" of tensor name -> shard file)") from None
+                raise KilnError(f"{index}: not a valid index "
+                                "(needs a \"weight_map\" of tensor name -> shard file)") from None
             for name, shard in weight_map.items():
                 path = self.folder / shard
                 if path not in self._files:
                     if not path.is_file():
-                        raise KilnError(f"{index}: shard {shard} (holding tensor {name!r}) is missing from {self.folder}")
+                        raise KilnError(f"{index}: shard {shard} (holding tensor {name!r}) "
+                                        f"is missing from {self.folder}")
                     self._files[path] = SafetensorsFile(path)
                 if name not in self._files[path].entries:
                     raise KilnError(f"{index}: tensor {name!r} is not in its shard {shard}")

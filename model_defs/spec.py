@@ -49,6 +49,19 @@ def export_spec(cfg: ModelConfig, dtype: str) -> dict:
     }
 
 
-def export(cfg: ModelConfig, dtype: str, target):
-    """(IRModule, [(param_name, nn.Parameter)]) for `cfg` on `target`."""
-    return build_model(cfg, dtype, target).export_tvm(spec=export_spec(cfg, dtype))
+def export(cfg: ModelConfig, dtype: str, target, max_batch: int = 256, prefill_chunk: int = 1024):
+    """(IRModule, [(param_name, nn.Parameter)]) for `cfg` on `target`.
+
+    The bounds on the dynamic sizes (`b` sequences, `n` tokens per forward) let the memory planner
+    allocate every intermediate once, statically, which in turn lets CUDA capture decode steps as
+    graphs (one graph per batch size, replayed instead of hundreds of kernel launches).
+    """
+    mod, params = build_model(cfg, dtype, target).export_tvm(spec=export_spec(cfg, dtype))
+    bounds = {"embed": {"n": prefill_chunk}, "prefill": {"n": prefill_chunk, "b": max_batch},
+              "decode": {"b": max_batch}, "logits": {"b": max_batch}}
+    for name, bound in bounds.items():
+        func = mod[name].with_attr("tir_var_upper_bound", bound)
+        if name == "decode":
+            func = func.with_attr("relax.rewrite_cuda_graph.capture_symbolic_vars", ["b"])
+        mod[name] = func
+    return mod, params

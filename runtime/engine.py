@@ -13,6 +13,7 @@ The asyncio interface (what the HTTP server builds on):
         delta.finish_reason                                        # set when completion `index` ends
         delta.output                                               # RequestOutput, on the last delta only
     engine.abort("r1")        # from any thread; leaving the `async for` early aborts too
+    engine.stats()            # EngineStats: requests running/waiting, KV pages (what /metrics shows)
 
 `generate_async` (called inside the event loop) raises KilnError at once for a bad request (prompt
 too long, bad sampling field, non-UTF-8 text); other requests are unaffected. The engine loop runs
@@ -64,6 +65,19 @@ class EngineConfig:
     prefix_caching: bool = True  # keep finished sequences' pages for later prompts (running ones are shared anyway)
     device_sampling: bool = True  # sample with the artifact's compiled functions when a batch allows it
     seed: int | None = None  # seeds requests that bring no seed of their own (None: fresh entropy)
+
+
+@dataclass
+class EngineStats:
+    """What a server's /metrics shows; the engine thread refreshes it after every step."""
+
+    running: int = 0  # requests with a sequence in the running batch
+    waiting: int = 0  # requests none of whose sequences has started yet
+    kv_pages_total: int = 0
+    kv_pages_free: int = 0
+    kv_pages_used: int = 0  # held by unfinished sequences (a page shared by forks counts for each)
+    kv_pages_cached: int = 0  # held only by the prefix cache: reclaimed when needed
+    preemptions: int = 0
 
 
 def _kv_tokens(cfg: EngineConfig, artifact: Artifact) -> int | None:
@@ -159,6 +173,10 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Stop a request now; its last Delta has finish_reason "abort"."""
         self._inbox.put(("abort", request_id))
+
+    def tokenize(self, prompt: str | bytes | list[int]) -> list[int]:
+        """The token ids `prompt` runs as (checked as add_request checks them); KilnError if malformed."""
+        return self._prompt(prompt)[1]
 
     def _prompt(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, list):
@@ -268,6 +286,8 @@ class Engine:
                 kind, arg = command
                 if kind == "add":
                     self._admit(arg)
+                elif kind == "stats":
+                    arg(self._snapshot())
                 elif arg in self._requests:
                     self._end_request(self._requests[arg], "abort")
             if self.scheduler.has_work:
@@ -277,6 +297,24 @@ class Engine:
                     traceback.print_exc(file=sys.stderr)
                     for req in list(self._requests.values()):
                         self._end_request(req, "error", f"internal error: {e}")
+
+    def stats(self) -> EngineStats:
+        """Requests running/waiting and KV pages, for /metrics: taken by the engine thread between steps
+        (it owns the KV cache), so this waits for at most one step."""
+        with self._lock:
+            if self._thread is None:
+                return self._snapshot()
+            reply: queue.Queue = queue.Queue()
+            self._inbox.put(("stats", reply.put))
+        return reply.get()
+
+    def _snapshot(self) -> EngineStats:
+        sched, ps = self.scheduler, self.runner.page_size
+        free, total = self.runner.free_pages(), self.runner.total_pages
+        used = min(sum(-(-s.num_computed // ps) for s in sched.running), total - free)
+        running = len({s.request.request_id for s in sched.running})
+        return EngineStats(running, len(self._requests) - running, total, free, used, total - free - used,
+                           sched.num_preemptions)
 
     def _admit(self, req: Request) -> None:
         if req.request_id in self._requests:

@@ -43,7 +43,10 @@ class ModelRunner:
         self.vocab_size = cfg["vocab_size"]
         self.page_size = manifest["page_size"]
         self.max_context = manifest["context_length"]
-        self.prefill_chunk = prefill_chunk or manifest["prefill_chunk"]
+        self.prefill_chunk = min(prefill_chunk or manifest["prefill_chunk"], manifest["prefill_chunk"])
+        if max_batch > manifest["max_batch"]:
+            raise KilnError(f"{self.artifact.path}: at most {manifest['max_batch']} sequences per step were "
+                            f"compiled in, {max_batch} asked; lower max_num_seqs or recompile with --max_batch")
         self.max_batch = max_batch
         kv_tokens = kv_tokens or max(self.max_context, 8192)
         shape = tvm.runtime.ShapeTuple
@@ -98,6 +101,8 @@ class ModelRunner:
         (a numpy array, or with `on_device` a device tensor for `sample`)."""
         if len(seq_ids) != len(token_lists) or len(set(seq_ids)) != len(seq_ids):
             raise ValueError("forward needs one token list per distinct sequence")
+        if len(seq_ids) > self.max_batch:
+            raise ValueError(f"forward got {len(seq_ids)} sequences; this runner takes at most {self.max_batch}")
         for tokens in token_lists:
             if not tokens:
                 raise ValueError("forward needs at least one token per sequence")

@@ -21,26 +21,25 @@ SPM_SPACE = "\u2581"
 # Token types shared by llama.cpp (`tokenizer.ggml.token_type`) and SentencePiece's ModelProto.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
-# tokenizer.ggml.pre -> (split regex, individual digits first); the regexes are the ones in the
-# models' own tokenizer.json files (llama.cpp's llama-vocab.cpp uses the same expressions).
+# tokenizer.ggml.pre -> split regex: the expressions of the models' own tokenizer.json files
+# (llama.cpp's llama-vocab.cpp uses the same ones). Others (llama.cpp's "default" included) have
+# their own regexes and are refused rather than approximated. Tested: llama-bpe, qwen2.
 _LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_BPE_PRE = {
-    "llama-bpe": _LLAMA3_RE, "llama3": _LLAMA3_RE, "llama-v3": _LLAMA3_RE, "smaug-bpe": _LLAMA3_RE,
-    "qwen2": _QWEN2_RE, "deepseek-r1-qwen": _QWEN2_RE,
-    "gpt-2": _GPT2_RE, "gpt2": _GPT2_RE, "default": _GPT2_RE,
-}
+_BPE_PRE = {"llama-bpe": _LLAMA3_RE, "llama3": _LLAMA3_RE, "llama-v3": _LLAMA3_RE, "qwen2": _QWEN2_RE,
+            "gpt-2": _GPT2_RE}
 # Llama 3's tokenizer.json sets ignore_merges (a word that is itself a token is not re-merged).
-_IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3", "smaug-bpe"}
+_IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3"}
 
 
 def _add_vocab_tokens(tok: HFTokenizer, tokens: list[str], types: list[int]) -> None:
     """Control/unknown tokens become special added tokens, user-defined ones plain added tokens:
     both are matched verbatim in the input before the model runs (as in transformers and llama.cpp)."""
-    special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in (CONTROL, UNKNOWN)]
+    special = [AddedToken(t, special=True, normalized=False)
+               for t, ty in zip(tokens, types) if ty in (CONTROL, UNKNOWN)]
     user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
     tok.add_special_tokens(special)
     tok.add_tokens(user)
@@ -55,10 +54,8 @@ def _bos_processor(tokens: list[str], bos_id: int | None, add_bos: bool):
 
 
 def _vocab(tokens: list[str]) -> dict[str, int]:
-    vocab: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)  # a duplicated piece keeps its first id, as llama.cpp does
-    return vocab
+    """piece -> id; a piece listed twice maps to its last id, as in llama.cpp's token_to_id."""
+    return {t: i for i, t in enumerate(tokens)}
 
 
 def spm_tokenizer(tokens: list[str], scores: list[float], types: list[int], *, unk_id: int | None,
@@ -82,7 +79,8 @@ def spm_tokenizer(tokens: list[str], scores: list[float], types: list[int], *, u
     norms = [normalizers.Prepend(SPM_SPACE)] if add_space_prefix else []
     tok.normalizer = normalizers.Sequence(norms + [normalizers.Replace(" ", SPM_SPACE)])
     strip = [decoders.Strip(" ", 1, 0)] if add_space_prefix else []
-    tok.decoder = decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()] + strip)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()] + strip)
     _add_vocab_tokens(tok, tokens, types)
     if (post := _bos_processor(tokens, bos_id, add_bos)) is not None:
         tok.post_processor = post
@@ -103,7 +101,7 @@ def bpe_tokenizer(tokens: list[str], types: list[int], merges: list[str], pre: s
             raise KilnError(f"{source}: tokenizer.ggml.merges entry {m!r} is not two tokens separated by a space")
         pairs.append((left, right))
     tok = HFTokenizer(models.BPE(vocab=_vocab(tokens), merges=pairs, ignore_merges=pre in _IGNORE_MERGES))
-    if pre.startswith("qwen2") or pre == "deepseek-r1-qwen":
+    if pre == "qwen2":
         tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(_BPE_PRE[pre]), behavior="isolated", invert=False),
@@ -148,10 +146,11 @@ def gguf_tokenizer_files(meta: dict, source: str = "") -> tuple[HFTokenizer, dic
             scores = _meta_value(meta, "tokenizer.ggml.scores", (int, float), source, array=True)
             if len(scores) != len(tokens):
                 raise KilnError(f"{source}: tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
+            space = _meta_value(meta, "tokenizer.ggml.add_space_prefix", bool, source, True)
             tok = spm_tokenizer(tokens, scores, types, unk_id=ids["unknown"], bos_id=ids["bos"], add_bos=add_bos,
-                                add_space_prefix=_meta_value(meta, "tokenizer.ggml.add_space_prefix", bool, source, True))
+                                add_space_prefix=space)
         elif kind == "gpt2":
-            pre = _meta_value(meta, "tokenizer.ggml.pre", str, source, "default")
+            pre = _meta_value(meta, "tokenizer.ggml.pre", str, source)
             merges = _meta_value(meta, "tokenizer.ggml.merges", str, source, array=True)
             tok = bpe_tokenizer(tokens, types, merges, pre, bos_id=ids["bos"], add_bos=add_bos, source=source)
         else:
@@ -248,10 +247,12 @@ def _read_json(file: Path) -> dict:
 
 def _load(path: Path) -> tuple[HFTokenizer, dict, dict]:
     if path.is_file() and path.suffix == ".gguf":
-        from compile.gguf_source import GGUFSource  # the GGUF reader (validated); lazy: runtime rarely needs it
-        return gguf_tokenizer_files(GGUFSource(path).metadata, str(path))
+        from compile.gguf_source import GGUFFile  # the checked GGUF reader; lazy: most artifacts have tokenizer.json
+        return gguf_tokenizer_files(GGUFFile(path).metadata, str(path))
     folder = path if path.is_dir() else path.parent
     config, gen = _read_json(folder / "tokenizer_config.json"), _read_json(folder / "generation_config.json")
+    if (folder / "chat_template.jinja").is_file():  # newer transformers save the template here; it wins
+        config["chat_template"] = (folder / "chat_template.jinja").read_text()
     file = path if path.is_file() else folder / "tokenizer.json"
     if not file.is_file() and (folder / "tokenizer.model").is_file():
         file = folder / "tokenizer.model"
@@ -276,6 +277,9 @@ class Tokenizer:
             raise KilnError(f"{path}: no such file or folder")
         self._tok, self.config, gen = _load(self.path)
         self.chat_template = self.config.get("chat_template")
+        if isinstance(self.chat_template, list):  # named templates: transformers uses "default"
+            self.chat_template = {t.get("name"): t.get("template") for t in self.chat_template
+                                  if isinstance(t, dict)}.get("default")
         self.bos_token_id = self._token_id(self.config.get("bos_token")) if "bos_token" in self.config \
             else gen.get("bos_token_id")
         eos = gen.get("eos_token_id", self._token_id(self.config.get("eos_token")))

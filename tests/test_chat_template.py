@@ -61,3 +61,19 @@ def test_template_errors_are_kiln_errors():
 def test_fallback_without_template():
     assert apply_chat_template([SYSTEM] + TURNS[:2]) == (
         f"System: {SYSTEM['content']}\n\nUser: Hi there!\n\nAssistant: Hello. How can I help?\n\nAssistant:")
+
+
+def test_tokenizer_finds_the_template(tmp_path):
+    """tokenizer_config.json's template (string or named list) and chat_template.jinja, which wins."""
+    from runtime.tokenizer import Tokenizer
+    stories = Path(__file__).resolve().parents[1] / "model_defs" / "stories260K"
+    cfg = json.loads((TEMPLATES / "mistral-v1.json").read_text())
+    (tmp_path / "tokenizer.json").write_bytes((stories / "tokenizer.json").read_bytes())
+    named = [{"name": "default", "template": cfg["chat_template"]}, {"name": "tool_use", "template": "x"}]
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "chat_template": named}))
+    tok = Tokenizer(tmp_path)
+    assert tok.apply_chat_template(TURNS) == apply_chat_template(TURNS, cfg["chat_template"], bos_token="<s>",
+                                                                 eos_token="</s>")
+    (tmp_path / "chat_template.jinja").write_text("{{ bos_token }}{{ messages[0]['content'] }}")
+    assert Tokenizer(tmp_path).apply_chat_template(TURNS) == "<s>Hi there!"

@@ -1,17 +1,17 @@
 """GGUFSource: config and HF-layout tensors from real (stories260K) and test-written (Llama, Qwen2, Qwen3) GGUFs."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import SHARED_DATA
 
 gguf = pytest.importorskip("gguf")
 from compile.gguf_source import GGUFSource  # noqa: E402
 from runtime.errors import KilnError  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-STORIES = DATA / "stories260K"
+STORIES = SHARED_DATA / "stories260K"
 needs_data = pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} is not here")
 
 # HF name pattern -> llama.cpp name pattern (what llama.cpp's convert_hf_to_gguf writes).
@@ -22,7 +22,6 @@ _TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_at
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
 
-
 def gguf_name(hf):
     if hf in _GLOBAL or hf == "rope_freqs.weight":
         return _GLOBAL.get(hf, hf)
@@ -30,20 +29,20 @@ def gguf_name(hf):
     module, kind = rest.rsplit(".", 1)
     return f"blk.{layer}.{_TO_GGUF[module]}.{kind}"
 
-
 def llama_cpp_permute(w, n_head):
     """llama.cpp's convert_hf_to_gguf LlamaModel.permute: HF rotate_half rows -> interleaved pairs."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
 
 def random_model(arch, seed=0):
     """(HF config, HF-named float32 tensors) of a tiny random Llama / Qwen2 / Qwen3 with a 512-token vocab."""
     rng = np.random.default_rng(seed)
     heads, kv, head_dim, hidden, inter, layers = 4, 2, (32 if arch == "qwen3" else 16), 64, 96, 2
-    cfg = {"architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]],
-           "model_type": arch, "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+    hf_arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]
+    cfg = {"architectures": [hf_arch], "model_type": arch, "hidden_size": hidden, "intermediate_size": inter,
+           "num_hidden_layers": layers,
            "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim, "vocab_size": 512,
-           "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0 if arch != "llama" else 10000.0,
+           "max_position_embeddings": 256, "rms_norm_eps": 1e-6,
+           "rope_theta": 1000000.0 if arch != "llama" else 10000.0,
            "rope_scaling": None, "hidden_act": "silu", "tie_word_embeddings": arch == "qwen3",
            "attention_bias": arch == "qwen2", "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2}
     w = {"model.embed_tokens.weight": (512, hidden), "model.norm.weight": (hidden,)}
@@ -51,8 +50,10 @@ def random_model(arch, seed=0):
         w["lm_head.weight"] = (512, hidden)
     for i in range(layers):
         p = f"model.layers.{i}."
-        w |= {p + "self_attn.q_proj.weight": (heads * head_dim, hidden), p + "self_attn.k_proj.weight": (kv * head_dim, hidden),
-              p + "self_attn.v_proj.weight": (kv * head_dim, hidden), p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+        w |= {p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
+              p + "self_attn.k_proj.weight": (kv * head_dim, hidden),
+              p + "self_attn.v_proj.weight": (kv * head_dim, hidden),
+              p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
               p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
               p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
               p + "post_attention_layernorm.weight": (hidden,)}
@@ -67,7 +68,6 @@ def random_model(arch, seed=0):
         else:
             tensors[name] = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
     return cfg, tensors
-
 
 def write_model_gguf(path, cfg, tensors, tokenizer_gguf=STORIES / "gguf" / "stories260K-f32.gguf", qtype=None):
     """Write an HF model as llama.cpp would: its names, metadata and (llama) the q/k row permutation.
@@ -108,7 +108,6 @@ def write_model_gguf(path, cfg, tensors, tokenizer_gguf=STORIES / "gguf" / "stor
     w.close()
     return path
 
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @needs_data
 def test_random_model_round_trip(arch, tmp_path):
@@ -119,7 +118,6 @@ def test_random_model_round_trip(arch, tmp_path):
     assert sorted(src.tensor_names()) == sorted(tensors)
     for name, t in tensors.items():
         np.testing.assert_array_equal(src.tensor(name), t, err_msg=name)
-
 
 @needs_data
 def test_random_llama_q8_0(tmp_path):
@@ -136,7 +134,6 @@ def test_random_llama_q8_0(tmp_path):
             expected = expected.reshape(n, -1, 2, t.shape[1]).transpose(0, 2, 1, 3).reshape(t.shape)
         np.testing.assert_array_equal(src.tensor(name), expected)
         assert 0 < np.abs(src.tensor(name) - t).max() < 0.05
-
 
 @needs_data
 @pytest.mark.parametrize("form", ["f32", "q8_0", "q4_0"])
@@ -156,7 +153,6 @@ def test_stories260k(form):
         else:
             assert np.abs(got - t).max() < (0.02 if form == "q8_0" else 0.2), name
 
-
 @needs_data
 def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
     """llama.cpp keeps Llama 3.1 RoPE scaling only as a rope_freqs tensor; we recover the HF rope_scaling."""
@@ -169,8 +165,9 @@ def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
     factors = np.where(wavelen < 8192 / 4, 1.0, np.where(wavelen > 8192, 8.0, 1 / ((1 - smooth) / 8 + smooth)))
     path = tmp_path / "l3.gguf"
     write_model_gguf(path, cfg, tensors | {"rope_freqs.weight": factors.astype(np.float32)})
-    assert GGUFSource(path).config["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    assert GGUFSource(path).config["rope_scaling"] == {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}
     write_model_gguf(path, cfg, tensors | {"rope_freqs.weight": (factors * 1.5).astype(np.float32)})
     with pytest.raises(KilnError, match="rope_freqs"):
         GGUFSource(path)
