@@ -3,9 +3,10 @@
 
 Every function takes one row per sequence and no weights. Greedy rows use `argmax`; sampled rows use
 `sample_probs` (temperature and min_p) and then either `sample_multinomial` or, when a row asks for
-top_p/top_k, `sample_top_p_top_k` (a full sort of each row); `logprobs` serves requests that ask
-for log-probabilities. Random numbers come from the host (one uniform per row, from the request's
-seeded generator), so seeded requests reproduce.
+top_p/top_k, `sample_top_p_top_k` (a full sort of each row); `apply_penalties` first changes the
+logits of rows with penalties; `logprobs` serves requests that ask for log-probabilities. Random
+numbers come from the host (one uniform per row, from the request's seeded generator), so seeded
+requests reproduce.
 """
 
 from __future__ import annotations
@@ -20,6 +21,21 @@ class SamplingFunctions:
     def argmax(self, logits: nn.Tensor) -> nn.Tensor:
         """int32[b]: the most likely token of each row (exact greedy)."""
         return nn.op.wrap_nested(relax.op.astype(relax.op.argmax(logits._expr, axis=-1), "int32"), "argmax")
+
+    def apply_penalties(self, logits: nn.Tensor, pairs: nn.Tensor, counts: nn.Tensor, repetition: nn.Tensor,
+                        frequency: nn.Tensor, presence: nn.Tensor) -> nn.Tensor:
+        """float32[b, V]: `logits` with penalties at `pairs` (int64[m, 2], distinct (row, token) of each
+        row's prompt and output tokens; `counts` f32[m]: times in the output): repetition (transformers':
+        divide positive logits, multiply negative ones, for every seen token), then frequency × count and
+        presence (OpenAI's, output tokens only). Penalties are per pair, m × 1 each."""
+        def expr(t):
+            return t._expr
+
+        x = nn.op.wrap_nested(relax.op.gather_nd(expr(logits), expr(pairs)), "penalized_logits")
+        x = nn.op.where(nn.op.greater(x, nn.op.zeros(x.shape, "float32")), x / repetition, x * repetition)
+        in_output = nn.op.astype(nn.op.greater(counts, nn.op.zeros(counts.shape, "float32")), "float32")
+        x = x - frequency * counts - presence * in_output
+        return nn.op.wrap_nested(relax.op.scatter_nd(expr(logits), expr(pairs), expr(x)), "penalize")
 
     def sample_probs(self, logits: nn.Tensor, temperature: nn.Tensor, min_p: nn.Tensor) -> nn.Tensor:
         """float32[b, V]: softmax(logits / temperature) without the tokens below min_p × the row's top

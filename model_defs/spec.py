@@ -40,6 +40,11 @@ def export_spec(cfg: ModelConfig, dtype: str) -> dict:
                                "top_k": nn.spec.Tensor(["b", 1], "int32"),
                                "uniform": nn.spec.Tensor(["n", 1], "float32"),
                                "rows": nn.spec.Tensor(["n", 1], "int32"), "$": _NO_PARAMS},
+        "apply_penalties": {"logits": nn.spec.Tensor(["b", "vocab"], "float32"),
+                            "pairs": nn.spec.Tensor(["m", 2], "int64"), "counts": nn.spec.Tensor(["m"], "float32"),
+                            "repetition": nn.spec.Tensor(["m"], "float32"),
+                            "frequency": nn.spec.Tensor(["m"], "float32"),
+                            "presence": nn.spec.Tensor(["m"], "float32"), "$": _NO_PARAMS},
         "logprobs": {"logits": nn.spec.Tensor(["b", "vocab"], "float32"),
                      "tokens": nn.spec.Tensor(["b", 1], "int32"), "$": _NO_PARAMS},
         "create_paged_kv_cache": {
