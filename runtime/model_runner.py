@@ -58,9 +58,9 @@ class ModelRunner:
             "kv_state_begin_forward", "kv_state_end_forward", "attention_kv_cache_get_num_available_pages",
             "attention_kv_cache_get_sequence_length")}
         self.total_pages = self.free_pages()
-        # artifacts compiled before model_defs/sampling.py (logprobs is its newest) lack these; the engine
-        # samples on the host then
-        self.can_sample = self.vm.module.implements_function("logprobs")
+        # artifacts compiled before model_defs/sampling.py (apply_penalties is its newest) lack these; the
+        # engine samples on the host then
+        self.can_sample = self.vm.module.implements_function("apply_penalties")
 
     def _load_params(self) -> list:
         names = [p["name"] for p in self.artifact.params()]
@@ -152,6 +152,16 @@ class ModelRunner:
             drawn = self.vm["sample_multinomial"](probs, u, picks)
         tokens[draw] = drawn.numpy()[:, 0]
         return tokens
+
+    def apply_penalties(self, logits, pairs: np.ndarray, counts: np.ndarray, repetition: np.ndarray,
+                        frequency: np.ndarray, presence: np.ndarray):
+        """Device `logits` with penalties at (row, token) `pairs`, one value per pair (model_defs/sampling.py)."""
+        def tensor(a, dtype):
+            return self._tvm.runtime.tensor(np.ascontiguousarray(a, dtype), self.device)
+
+        return self.vm["apply_penalties"](logits, tensor(pairs, np.int64), tensor(counts, np.float32),
+                                          tensor(repetition, np.float32), tensor(frequency, np.float32),
+                                          tensor(presence, np.float32))
 
     def logprobs(self, logits, rows: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For `rows` of device `logits`: log_softmax at `tokens`, and the top 20 (log-probabilities, ids)."""
