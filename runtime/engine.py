@@ -339,8 +339,7 @@ class Engine:
             raise RuntimeError("the scheduler found nothing to run")  # would spin; fail loudly instead
         rows = [i for i, (seq, n) in enumerate(batch) if n == seq.pending]  # these get a token this step
         seqs = [batch[i][0] for i in rows]
-        on_device = self.cfg.device_sampling and self.runner.can_sample and not all(
-            s.request.params.penalized for s in seqs)
+        on_device = self.cfg.device_sampling and self.runner.can_sample
         logits = self.runner.forward([s.seq_id for s, _ in batch],
                                      [s.token_ids[s.num_computed:s.num_computed + n] for s, n in batch], on_device)
         for seq, n in batch:
@@ -351,39 +350,32 @@ class Engine:
                 self._append(seq, token, logprob)
 
     def _sample(self, logits, rows: np.ndarray, seqs: list[Sequence], on_device: bool):
-        """(token ids, TokenLogprob or None) for `seqs`, whose logits are `rows` of `logits`: on the device
-        where possible; rows with penalties (or all, without device sampling) on the host."""
+        """(token ids, TokenLogprob or None) for `seqs`, whose logits are `rows` of `logits`: with the
+        artifact's compiled functions, or numpy on the host (no compiled functions, or device_sampling off)."""
         params = [s.request.params for s in seqs]
-        on_host = np.array([p.penalized or not on_device for p in params])
-        tokens = np.zeros(len(seqs), np.int64)
-        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
-        dev = np.flatnonzero(~on_host)
-        if dev.size:
-            ps = [params[j] for j in dev]
-            tokens[dev] = self.runner.sample(
-                logits, rows[dev], np.array([0 if p.greedy else p.temperature for p in ps], np.float32),
-                np.array([p.top_p for p in ps], np.float32), np.array([p.top_k for p in ps]),
-                np.array([p.min_p for p in ps], np.float32),
-                np.array([0 if p.greedy else seqs[j].rng.random() for j, p in zip(dev, ps)]))
-            want = np.array([j for j in dev if params[j].logprobs], np.int64)
-            if want.size:
-                lp, top_lp, top_ids = self.runner.logprobs(logits, rows[want], tokens[want])
-                for k, j in enumerate(want):
-                    logprobs[j] = _token_logprob(tokens[j], lp[k], top_ids[k], top_lp[k], params[j].top_logprobs)
-        host = np.flatnonzero(on_host)
-        if host.size:
-            ps, ss = [params[j] for j in host], [seqs[j] for j in host]
-            penalized = any(p.penalized for p in ps)
-            out = sample((logits.numpy() if on_device else logits)[rows[host]], ps, [s.rng for s in ss],
-                         [s.token_ids[:s.num_prompt] for s in ss] if penalized else None,
-                         [s.output_ids for s in ss] if penalized else None)
-            tokens[host] = out.token_ids
-            if out.logprobs is not None:
-                top_ids = out.top_ids if out.top_ids is not None else np.zeros((len(host), 0), np.int64)
-                top_lp = out.top_logprobs if out.top_logprobs is not None else np.zeros((len(host), 0))
-                for k, (j, p) in enumerate(zip(host, ps)):
-                    if p.logprobs:
-                        logprobs[j] = _token_logprob(tokens[j], out.logprobs[k], top_ids[k], top_lp[k], p.top_logprobs)
+        if not on_device:
+            penalized = any(p.penalized for p in params)
+            out = sample(logits[rows], params, [s.rng for s in seqs],
+                         [s.token_ids[:s.num_prompt] for s in seqs] if penalized else None,
+                         [s.output_ids for s in seqs] if penalized else None)
+            tokens, lp, top_lp, top_ids = out.token_ids, out.logprobs, out.top_logprobs, out.top_ids
+        else:
+            raw = logits
+            penalties = _penalty_pairs(rows, seqs)
+            if penalties:
+                logits = self.runner.apply_penalties(logits, *penalties)
+            tokens = self.runner.sample(
+                logits, rows, np.array([0 if p.greedy else p.temperature for p in params], np.float32),
+                np.array([p.top_p for p in params], np.float32), np.array([p.top_k for p in params]),
+                np.array([p.min_p for p in params], np.float32),
+                np.array([0 if p.greedy else s.rng.random() for s, p in zip(seqs, params)]))
+            lp = top_lp = top_ids = None
+            if any(p.logprobs for p in params):
+                lp, top_lp, top_ids = self.runner.logprobs(raw, rows, tokens)
+        logprobs = [None if not p.logprobs else
+                    _token_logprob(tokens[j], lp[j], top_ids[j] if top_ids is not None else np.zeros(0, np.int64),
+                                   top_lp[j] if top_lp is not None else np.zeros(0), p.top_logprobs)
+                    for j, p in enumerate(params)]
         return tokens, logprobs
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
@@ -437,3 +429,23 @@ class Engine:
 
 def _token_logprob(token, logprob, top_ids: np.ndarray, top_logprobs: np.ndarray, n: int) -> TokenLogprob:
     return TokenLogprob(int(token), float(logprob), dict(zip(top_ids[:n].tolist(), top_logprobs[:n].tolist())))
+
+
+def _penalty_pairs(rows: np.ndarray, seqs: list[Sequence]) -> tuple[np.ndarray, ...]:
+    """ModelRunner.apply_penalties' arguments: the distinct (row, token) pairs each penalized sequence
+    has seen (prompt and output for repetition, output only otherwise) with output counts and penalties;
+    () when there are none."""
+    parts = []
+    for row, seq in zip(rows, seqs):
+        p = seq.request.params
+        if not p.penalized:
+            continue
+        out_ids, counts = np.unique(np.asarray(seq.output_ids, np.int64), return_counts=True)
+        seen = np.union1d(seq.prompt_unique, out_ids) if p.repetition_penalty != 1 else out_ids
+        seen_counts = np.zeros(len(seen), np.float32)
+        seen_counts[np.searchsorted(seen, out_ids)] = counts
+        n = len(seen)
+        if n:
+            parts.append((np.stack([np.full(n, row, np.int64), seen], axis=1), seen_counts,
+                          *(np.full(n, x) for x in (p.repetition_penalty, p.frequency_penalty, p.presence_penalty))))
+    return tuple(np.concatenate(column) for column in zip(*parts))

@@ -8,6 +8,7 @@ hold-back here, so the engine loop only says which token came next.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -116,6 +117,11 @@ class Sequence:
     @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt:]
+
+    @functools.cached_property
+    def prompt_unique(self) -> np.ndarray:
+        """The prompt's distinct token ids, sorted (for the repetition penalty)."""
+        return np.unique(np.asarray(self.token_ids[:self.num_prompt], np.int64))
 
     @property
     def num_output(self) -> int:

@@ -1,9 +1,8 @@
 """Sampling: SamplingParams (one request's knobs) and `sample`, which turns a batch of logits into tokens.
 
-The engine samples on the device (model_defs/sampling.py through ModelRunner.sample and .logprobs);
-this numpy path serves the rows that ask for repetition/frequency/presence penalties, artifacts
-compiled without the sampling functions, and EngineConfig(device_sampling=False). It is the
-reference the compiled functions are tested against.
+The engine samples on the device (model_defs/sampling.py through ModelRunner.apply_penalties,
+.sample and .logprobs); this numpy path serves artifacts compiled without those functions and
+EngineConfig(device_sampling=False), and is the reference the compiled functions are tested against.
 
 `sample` is vectorized over the batch: every step does a fixed number of numpy passes over the
 [batch, vocab] logits whatever the mix of greedy and sampled rows, so host cost grows with the

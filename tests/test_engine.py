@@ -309,3 +309,17 @@ def test_tiny_qwen3_shares_prefixes_and_preempts_like_each_alone(tmp_path):
     runner = ModelRunner(artifact)
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == generate_ids(runner, [prompt], 24)[0]
+
+
+def test_penalties_on_the_device_match_the_numpy_path(engine):
+    params = SamplingParams(temperature=0, max_tokens=30, frequency_penalty=0.7, presence_penalty=0.4,
+                            repetition_penalty=1.2, ignore_eos=True)
+    device = engine.generate_sync(params, ["Tom had a dog", "The sun was hot"])
+    engine.cfg.device_sampling = False
+    try:
+        host = engine.generate_sync(params, ["Tom had a dog", "The sun was hot"])
+    finally:
+        engine.cfg.device_sampling = True
+    assert [o.token_ids for o in device] == [o.token_ids for o in host]
+    assert device[0].token_ids != engine.generate_sync(SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+                                                       ["Tom had a dog"])[0].token_ids
