@@ -104,8 +104,8 @@ def apply_penalties(logits: np.ndarray, params: list[SamplingParams], prompts: l
     out_counts = counts(outputs)
     if (rep != 1).any():
         seen = (out_counts + counts(prompts)) > 0
-        factor = np.where(logits > 0, 1 / rep[:, None], rep[:, None])
-        logits = np.where(seen, logits * factor, logits)
+        penalized = np.where(logits > 0, logits / rep[:, None], logits * rep[:, None])  # transformers' order
+        logits = np.where(seen, penalized, logits)
     return logits - freq[:, None] * out_counts - pres[:, None] * (out_counts > 0)
 
 
