@@ -23,13 +23,18 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 PROMPT = [1, 17, 99, 3, 250, 42, 7, 11, 200, 5]
 
 
+# head_dim 128 (GQA 4): the shapes Kiln's own attention kernels serve (smaller heads use TVM's)
+HEAD_DIM_128 = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=1, head_dim=128)
+
+
 def build(out: Path) -> None:
     from conftest import TINY_CONFIGS, make_tiny_hf
 
-    for family in sorted(TINY_CONFIGS):
-        hf = make_tiny_hf(family, out / f"hf-{family}")
+    models = [(f, f, {}) for f in sorted(TINY_CONFIGS)] + [(f"{f}-hd128", f, HEAD_DIM_128) for f in ("llama3", "qwen3")]
+    for name, family, overrides in models:
+        hf = make_tiny_hf(family, out / f"hf-{name}", **overrides)
         subprocess.run([sys.executable, "-m", "compile", "--model", str(hf), "--target", "cuda", "--dtype",
-                        "bfloat16", "--out", str(out / f"art-{family}")], cwd=REPO, check=True)
+                        "bfloat16", "--out", str(out / f"art-{name}")], cwd=REPO, check=True)
     # the same model without build-time nvcc: the artifact carries CUDA source
     env = dict(os.environ, PATH=":".join(p for p in os.environ["PATH"].split(":") if not Path(p, "nvcc").exists()))
     subprocess.run([sys.executable, "-m", "compile", "--model", str(out / "hf-qwen3"), "--target", "cuda",

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from tvm import relax
 from tvm.relax.frontend import nn
-from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 
 from .config import ModelConfig
+from .kv_cache import KilnPagedKVCache
 from .sampling import SamplingFunctions
 
 
@@ -105,7 +106,7 @@ class CausalLM(nn.Module, SamplingFunctions):
     def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                               support_sliding_window) -> PagedKVCache:
         cfg = self.cfg
-        return TIRPagedKVCache(
+        return KilnPagedKVCache(  # Kiln's attention kernels on CUDA, TVM's elsewhere
             attn_kind="mha",
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,

@@ -2,7 +2,8 @@
 
 from .engine import Engine, EngineConfig
 from .errors import KilnError
-from .request import Message, RequestOutput
+from .request import Completion, Delta, Message, RequestOutput, TokenLogprob
 from .sampling import SamplingParams
 
-__all__ = ["Engine", "EngineConfig", "KilnError", "Message", "RequestOutput", "SamplingParams"]
+__all__ = ["Completion", "Delta", "Engine", "EngineConfig", "KilnError", "Message", "RequestOutput",
+           "SamplingParams", "TokenLogprob"]

@@ -15,12 +15,13 @@ The asyncio interface (what the HTTP server builds on):
     engine.abort("r1")        # from any thread; leaving the `async for` early aborts too
     engine.stats()            # EngineStats: requests running/waiting, KV pages (what /metrics shows)
 
-`generate_async` raises KilnError at once for a bad request (prompt too long, bad sampling field,
-non-UTF-8 text); other requests are unaffected. The engine loop runs on its own thread and
-owns the ModelRunner; callers only put commands on a queue and read their requests' Deltas, so
-every public method is thread-safe. One step: Scheduler.schedule → ModelRunner.forward →
-sampling.sample (vectorized over the batch) → per sequence: stop checks, detokenization,
-stop-string hold-back → Delta to the request's sink.
+`generate_async` (called inside the event loop) raises KilnError at once for a bad request (prompt
+too long, bad sampling field, non-UTF-8 text); other requests are unaffected. The engine loop runs
+on its own thread and owns the ModelRunner; callers only put commands on a queue and read their
+requests' Deltas, so every public method is thread-safe. One step: Scheduler.schedule →
+ModelRunner.forward → ModelRunner.sample on the device (sampling.sample on the host, vectorized, for
+rows with penalties or logprobs) → per sequence: stop checks, detokenization, stop-string hold-back
+→ Delta to the request's sink.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_model_len: int | None = None  # tokens per sequence (prompt + output); ≤ the artifact's context
     max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
-    prefix_caching: bool = True
+    prefix_caching: bool = True  # keep finished sequences' pages for later prompts (running ones are shared anyway)
     device_sampling: bool = True  # sample with the artifact's compiled functions when a batch allows it
     seed: int | None = None  # seeds requests that bring no seed of their own (None: fresh entropy)
 
@@ -173,6 +174,10 @@ class Engine:
         """Stop a request now; its last Delta has finish_reason "abort"."""
         self._inbox.put(("abort", request_id))
 
+    def tokenize(self, prompt: str | bytes | list[int]) -> list[int]:
+        """The token ids `prompt` runs as (checked as add_request checks them); KilnError if malformed."""
+        return self._prompt(prompt)[1]
+
     def _prompt(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, list):
             bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < self.runner.vocab_size)]
@@ -223,13 +228,17 @@ class Engine:
         deltas: queue.Queue = queue.Queue()
         return TextStream(self, self.add_request(prompt, params, deltas.put, request_id), deltas)
 
-    async def generate_async(self, params: SamplingParams, prompt: str | list[int],
-                             request_id: str | None = None) -> AsyncIterator[Delta]:
-        """Deltas of every completion as they come; see the module docstring."""
+    def generate_async(self, params: SamplingParams, prompt: str | list[int],
+                       request_id: str | None = None) -> AsyncIterator[Delta]:
+        """Deltas of every completion as they come (call it inside the event loop); a bad request raises
+        KilnError here, before any iteration. See the module docstring."""
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
         rid = self.add_request(prompt, params, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d),
                                request_id)
+        return self._deltas(rid, deltas)
+
+    async def _deltas(self, request_id: str, deltas: asyncio.Queue) -> AsyncIterator[Delta]:
         finished = False
         try:
             while not finished:
@@ -238,7 +247,7 @@ class Engine:
                 yield delta
         finally:
             if not finished:
-                self.abort(rid)
+                self.abort(request_id)
 
     # ---- the engine thread
     def _start(self) -> None:
@@ -375,7 +384,7 @@ class Engine:
         req, params = seq.request, seq.request.params
         if req.first_token_time is None:
             req.first_token_time = time.perf_counter()
-        if seq.index == 0 and not seq.output_ids:
+        if seq.index == 0 and seq.num_output == 0:
             for _ in range(params.n - 1):  # siblings fork from this prompt's pages (prefix cache)
                 self._new_sequence(req)
         delta = Delta(req.request_id, seq.index)
@@ -390,7 +399,7 @@ class Engine:
                 seq.logprobs.append(logprob)
             delta.text = seq.add_text(seq.detok.add(token))
             flush = seq.finish_reason is None and (
-                (params.max_tokens is not None and len(seq.output_ids) >= params.max_tokens)
+                (params.max_tokens is not None and seq.num_output >= params.max_tokens)
                 or len(seq.token_ids) >= self.max_model_len)
             if flush:
                 seq.finish_reason = "length"

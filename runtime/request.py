@@ -118,6 +118,10 @@ class Sequence:
         return self.token_ids[self.num_prompt:]
 
     @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    @property
     def pending(self) -> int:
         """Tokens still to be put through the model before the next one can be sampled."""
         return len(self.token_ids) - self.num_computed
@@ -126,7 +130,11 @@ class Sequence:
         """Append decoded text; return what may be streamed now. A stop string ends the sequence at
         its start; a suffix that could begin a stop string is held back until resolved."""
         stops = self.request.params.stop
-        start = max(0, len(self.text) - max((len(s) for s in stops), default=0) + 1)
+        if not stops:  # the common case: nothing to hold back
+            self.text += piece
+            self.emitted = len(self.text)
+            return piece
+        start = max(0, len(self.text) - max(len(s) for s in stops) + 1)
         self.text += piece
         hits = [i for i in (self.text.find(s, start) for s in stops) if i >= 0]
         if hits:

@@ -1,12 +1,13 @@
 """Scheduler: which sequences run in the next step, and how many of their tokens.
 
 Every sequence is treated alike: it has `pending` tokens not yet in the KV cache (the prompt, the
-rest of a chunked prompt, or the one token sampled last step). A step serves the running queue
-oldest first, then admits waiting sequences, under a token budget (max_num_batched_tokens) and a
-sequence cap (max_num_seqs); a long prompt simply takes several steps (chunked prefill), mixed
-with other sequences' decodes. Pages are checked against ModelRunner.free_pages() before every
-step. When they run out we first evict retained prefix-cache sequences, then preempt the youngest
-running sequence by recompute (drop its pages, put it back at the head of the waiting queue).
+rest of a chunked prompt, or the one token sampled last step). A step serves the running decodes,
+then the running prefills (each oldest first), then admits waiting sequences, under a token budget
+(max_num_batched_tokens) and a sequence cap (max_num_seqs); a long prompt simply takes several
+steps (chunked prefill), mixed with other sequences' decodes. Pages are checked against
+ModelRunner.free_pages() before every step. When they run out we first evict retained
+prefix-cache sequences, then preempt the youngest running sequence not yet in the batch by
+recompute (drop its pages, put it back at the head of the waiting queue).
 As long as one sequence of max_model_len tokens fits in the cache, some sequence always makes
 progress: no crash, no deadlock.
 """
@@ -59,27 +60,35 @@ class Scheduler:
             return self.runner.free_pages() - reserved
 
         batch: list[tuple[Sequence, int]] = []
-        preempted = False
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        scheduled: set[int] = set()
+        preempted: set[int] = set()
+        # decodes first (steady inter-token latency under long prefills), then prefill chunks; oldest first
+        for seq in sorted(self.running, key=lambda s: s.pending > 1):
+            if budget == 0:
+                break
+            if seq.seq_id in preempted:  # for an older sequence, this step
+                continue
             n = min(seq.pending, budget)
-            while self._new_pages(seq.num_computed, n) > free():
+            while n and self._new_pages(seq.num_computed, n) > free():
                 if self.cache.evict():
                     continue
                 if self._fit(seq.num_computed, free()) > 0:
                     n = self._fit(seq.num_computed, free())  # a shorter prefill chunk
                     continue
-                victim = self.running[-1]
-                self.preempt(victim)
-                preempted = True
-                if victim is seq:
+                victims = [s for s in self.running if s is not seq and s.seq_id not in scheduled]
+                if not victims and seq.pending > 1:
+                    n = 0  # a prefill waits for the scheduled sequences to free pages
                     break
-            else:
+                victim = victims[-1] if victims else seq  # the youngest not yet in the batch
+                self.preempt(victim)
+                preempted.add(victim.seq_id)
+                if victim is seq:
+                    n = 0
+            if n:
                 batch.append((seq, n))
+                scheduled.add(seq.seq_id)
                 budget -= n
                 reserved += self._new_pages(seq.num_computed, n)
-                i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
             while True:

@@ -16,16 +16,19 @@ import argparse
 import asyncio
 import functools
 import json
+import os
+import secrets
 import sys
 import time
 import uuid
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from . import openai_protocol as api
@@ -39,7 +42,10 @@ STATIC = Path(__file__).parent / "static"
 
 
 class _Call:
-    """One API call's engine requests (one per prompt), read as one stream of (prompt index, Delta)."""
+    """One API call's engine requests (one per prompt), read as one stream of (prompt index, Delta).
+
+    Built on Engine.add_request rather than generate_async: one queue serves all of a call's prompts,
+    and the sink counts every finished request for /metrics, aborted ones too."""
 
     def __init__(self, server: "Server", prompts: list[list[int]], params: SamplingParams):
         loop = asyncio.get_running_loop()
@@ -90,8 +96,8 @@ def _sse(obj) -> str:
 class Server:
     """The FastAPI app over one Engine; `max_queue` sequences may wait beyond max_num_seqs, more get 429."""
 
-    def __init__(self, engine: Engine, model_name: str, max_queue: int = 256):
-        self.engine, self.model_name = engine, model_name
+    def __init__(self, engine: Engine, model_name: str, max_queue: int = 256, api_key: str | None = None):
+        self.engine, self.model_name, self.api_key = engine, model_name, api_key
         self.max_in_flight = engine.cfg.max_num_seqs + max_queue
         self.metrics = Metrics(engine)
         self.logprobs = api.Logprobs(engine.tokenizer)
@@ -100,6 +106,11 @@ class Server:
         self.app = self._routes(FastAPI(title="Kiln", version="0.1.0"))
 
     # ---- helpers
+    async def _authorize(self, authorization: str | None = Header(None)) -> None:
+        """With an API key set, the model endpoints want `Authorization: Bearer KEY` (as OpenAI's)."""
+        if self.api_key and not secrets.compare_digest(authorization or "", f"Bearer {self.api_key}"):
+            raise api.ApiError(401, "invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key")
+
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
             raise api.ApiError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
@@ -107,7 +118,7 @@ class Server:
 
     async def _encode(self, prompt: str | list[int], params: SamplingParams, param: str) -> list[int]:
         """Token ids of a prompt, checked against the context length (OpenAI's 400 and wording)."""
-        ids = await asyncio.to_thread(self.engine.tokenizer.encode, prompt) if isinstance(prompt, str) else prompt
+        ids = await asyncio.to_thread(self.engine.tokenize, prompt)
         limit, want = self.engine.max_model_len, params.max_tokens or 0
         if len(ids) >= limit or (want > 0 and len(ids) + want > limit):
             raise api.ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -131,9 +142,10 @@ class Server:
     async def _generate(self, request: Request, body, prompts: list[list[int]], params: SamplingParams, chat: bool):
         call = self._submit(prompts, params)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        if body.stream:
+        if body.stream:  # the background close covers a client that leaves before the first chunk
             return StreamingResponse(self._stream(call, body, rid, params, chat), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(call.close))
         watcher = asyncio.create_task(self._abort_when_gone(request, call))
         try:
             async for _ in call.deltas():
@@ -229,6 +241,8 @@ class Server:
         async def internal_error(_, e: Exception):  # a bug in Kiln; uvicorn logs the traceback
             return JSONResponse(api.error_body(f"internal error: {type(e).__name__}", "server_error"), 500)
 
+        guarded = APIRouter(dependencies=[Depends(self._authorize)])
+
         @app.get("/health")
         async def health():
             return {"status": "ok"}
@@ -237,11 +251,11 @@ class Server:
         async def metrics():
             return Response(await asyncio.to_thread(self.metrics.render), media_type=CONTENT_TYPE)  # waits a step
 
-        @app.get("/v1/models")
+        @guarded.get("/v1/models")
         async def models():
             return {"object": "list", "data": [model_card()]}
 
-        @app.get("/v1/models/{model:path}")
+        @guarded.get("/v1/models/{model:path}")
         async def model(model: str):
             self._check_model(model)
             return model_card()
@@ -250,7 +264,7 @@ class Server:
             return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "kiln",
                     "max_model_len": engine.max_model_len}
 
-        @app.post("/v1/completions")
+        @guarded.post("/v1/completions")
         async def completions(body: api.CompletionRequest, request: Request):
             self._check_model(body.model)
             params = body.sampling_params()
@@ -258,7 +272,7 @@ class Server:
             prompts = [await self._encode(p, params, "prompt") for p in body.prompts()]
             return await self._generate(request, body, prompts, params, chat=False)
 
-        @app.post("/v1/chat/completions")
+        @guarded.post("/v1/chat/completions")
         async def chat_completions(body: api.ChatRequest, request: Request):
             self._check_model(body.model)
             params = body.sampling_params()
@@ -267,23 +281,27 @@ class Server:
             return await self._generate(request, body, [await self._encode(text, params, "messages")], params,
                                         chat=True)
 
-        @app.post("/tokenize")
+        @guarded.post("/tokenize")
         async def tokenize(body: api.TokenizeRequest):
             self._check_model(body.model)
             if (body.prompt is None) == (body.messages is None):
                 raise api.ApiError(400, "give exactly one of prompt and messages", "prompt")
             text = body.prompt if body.messages is None else engine.apply_chat_template(
                 [m.message() for m in body.messages], body.add_generation_prompt)
-            ids = await asyncio.to_thread(engine.tokenizer.encode, text, body.add_special_tokens)
+            encode = engine.tokenize if body.add_special_tokens else functools.partial(
+                engine.tokenizer.encode, add_special_tokens=False)
+            ids = await asyncio.to_thread(encode, text)
             return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
 
-        @app.post("/detokenize")
+        @guarded.post("/detokenize")
         async def detokenize(body: api.DetokenizeRequest):
             self._check_model(body.model)
             vocab = engine.runner.vocab_size
             if bad := [t for t in body.tokens if not 0 <= t < vocab]:
                 raise api.ApiError(400, f"token {bad[0]} is not in the vocabulary (size {vocab})", "tokens")
             return {"prompt": engine.tokenizer.decode(body.tokens)}
+
+        app.include_router(guarded)
 
         @app.get("/", include_in_schema=False)
         async def chat_page():
@@ -307,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--served-model-name", "--served_model_name", help="the model id clients use (default: "
                    "the artifact folder's name)")
     p.add_argument("--seed", type=int, help="seed for requests that bring none")
+    p.add_argument("--api-key", "--api_key", default=os.environ.get("KILN_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on the model endpoints (default: $KILN_API_KEY)")
     p.add_argument("--max-queue", "--max_queue", type=int, default=256,
                    help="sequences that may wait beyond --max-num-seqs; more are answered 429")
     p.add_argument("--graceful-timeout", "--graceful_timeout", type=float, default=30,
@@ -321,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     name = args.served_model_name or engine.runner.artifact.path.name
-    server = Server(engine, name, args.max_queue)
+    server = Server(engine, name, args.max_queue, args.api_key)
     print(f"kiln: serving {name} (max_model_len {engine.max_model_len}) on http://{args.host}:{args.port}",
           file=sys.stderr)
     try:

@@ -30,14 +30,14 @@ TINY_CONFIGS = {
 }
 
 
-def make_tiny_hf(family: str, out: Path, seed: int = 0) -> Path:
+def make_tiny_hf(family: str, out: Path, seed: int = 0, **overrides) -> Path:
     """Save a random-weight transformers model of `family` to `out`; weights scaled so logits are spread."""
     import torch
     import transformers
 
     config_cls, model_cls, kwargs = TINY_CONFIGS[family]
     torch.manual_seed(seed)
-    config = getattr(transformers, config_cls)(**kwargs)
+    config = getattr(transformers, config_cls)(**{**kwargs, **overrides})
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -273,3 +273,34 @@ def test_a_random_mix_under_page_pressure_always_finishes(stories_artifact):
             assert len(out.outputs) == params[rid].n or any(c.finish_reason == "abort" for c in out.outputs)
             assert not any(s in c.text for c in finished for s in params[rid].stop)
         assert all_pages_free(eng)
+
+
+def test_generate_async_raises_bad_requests_at_the_call(engine):
+    async def run():
+        with pytest.raises(KilnError, match="top_p"):
+            engine.generate_async(SamplingParams(top_p=0), "hi")
+        return [d async for d in engine.generate_async(SamplingParams(temperature=0, max_tokens=3), "hi")]
+
+    assert asyncio.run(run())[-1].output.num_output_tokens == 3
+
+
+def test_tiny_qwen3_shares_prefixes_and_preempts_like_each_alone(tmp_path):
+    """Another family and head layout (qwen3: q/k norms, head_dim 32, GQA), random weights; prompts as ids."""
+    import shutil
+
+    from conftest import STORIES_HF, compile_cpu, make_tiny_hf
+
+    artifact = compile_cpu(make_tiny_hf("qwen3", tmp_path / "hf"), tmp_path / "art")
+    shutil.copy(STORIES_HF / "tokenizer.json", artifact)  # the engine needs a tokenizer; prompts are ids < 256
+    rng = np.random.default_rng(0)
+    shared = rng.integers(3, 256, 70).tolist()
+    prompts = [shared[:rng.integers(20, 70)] + rng.integers(3, 256, rng.integers(1, 30)).tolist() for _ in range(12)]
+    cfg = EngineConfig(model_path=str(artifact), kv_tokens=16 * 16, max_num_seqs=12, max_num_batched_tokens=40)
+    with Engine(cfg) as eng:
+        outs = eng.generate_sync(SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), prompts[:1])
+        outs += eng.generate_sync(SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), prompts[1:])
+        assert eng.scheduler.num_preemptions > 0
+        assert all_pages_free(eng)
+    runner = ModelRunner(artifact)
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == generate_ids(runner, [prompt], 24)[0]

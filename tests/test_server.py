@@ -49,11 +49,12 @@ class LiveServer:
         return {m[1]: float(m[2]) for m in re.finditer(r"^(\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
 
     def wait_idle(self, timeout: float = 10) -> dict[str, float]:
-        """/metrics once no request runs or waits and no KV page is held by one."""
+        """/metrics once no request runs or waits, no KV page is held by one and no call is open."""
         deadline = time.monotonic() + timeout
         while True:
             m = self.metrics()
-            if m["kiln_num_requests_running"] == m["kiln_num_requests_waiting"] == m["kiln_kv_pages_used"] == 0:
+            if m["kiln_num_requests_running"] == m["kiln_num_requests_waiting"] == m["kiln_kv_pages_used"] == \
+                    self.server.active == 0:
                 return m
             assert time.monotonic() < deadline, f"still busy: {m}"
             time.sleep(0.05)
@@ -206,7 +207,7 @@ def test_tokenize_detokenize(live):
     assert r["tokens"] == live.engine.tokenizer.encode("Once upon a time") and r["count"] == len(r["tokens"])
     assert httpx.post(live.url + "/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == "Once upon a time"
     chat = httpx.post(live.url + "/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
-    assert chat["tokens"] == live.engine.tokenizer.encode(chat_prompt(live, "Hi"))
+    assert chat["tokens"] == live.engine.tokenize(chat_prompt(live, "Hi"))
     assert httpx.post(live.url + "/detokenize", json={"tokens": [10 ** 6]}).status_code == 400
 
 
@@ -256,6 +257,7 @@ BAD = [  # (path, body: dict or raw str, status, words of the message)
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"model": MODEL, "prompt": [5, 10 ** 7]}, 400, "vocabulary"),
     ("/v1/completions", {"model": MODEL, "prompt": []}, 400, "empty"),
+    ("/v1/completions", '{"model": "stories", "prompt": "bad \\ud800 text"}', 400, "UTF-8"),
     ("/v1/completions", {"model": MODEL}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": "Once upon a time " * 60_000}, 400, "maximum context length"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 100_000}, 400, "maximum context length"),
@@ -324,3 +326,36 @@ def test_a_bug_is_a_500_in_openai_shape(live, monkeypatch):
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     monkeypatch.undo()
     assert httpx.get(live.url + "/metrics").status_code == 200
+
+
+def test_api_key(live):
+    guarded = LiveServer(live.engine, api_key="sk-kiln")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            guarded.client().models.list()
+        client = openai.OpenAI(base_url=guarded.url + "/v1", api_key="sk-kiln", max_retries=0)
+        assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+        r = httpx.post(guarded.url + "/v1/completions", json={"model": MODEL, "max_tokens": -1})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(guarded.url + "/health").status_code == 200
+    finally:
+        guarded.close()
+
+
+def test_an_engine_failure_is_a_500_or_an_error_event(live, monkeypatch):
+    live.wait_idle()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(live.engine.runner, "forward", broken)
+    body = {"model": MODEL, "prompt": "Lily and Tom", "max_tokens": 3}
+    r = httpx.post(live.url + "/v1/completions", json=body)
+    assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
+    with httpx.stream("POST", live.url + "/v1/completions", json=dict(body, stream=True)) as s:
+        events = [line for line in s.iter_lines() if line]
+    assert json.loads(events[-2][6:])["error"]["type"] == "server_error" and events[-1] == "data: [DONE]"
+    monkeypatch.undo()
+    out = live.client().completions.create(model=MODEL, prompt="Lily and Tom", max_tokens=3, temperature=0)
+    assert out.choices[0].text == reference(live, "Lily and Tom", temperature=0, max_tokens=3).text
+    live.wait_idle()

@@ -1,6 +1,6 @@
 // Kiln's chat page: the conversation streams through /v1/chat/completions (server-sent events).
-// URL parameters preset the settings (?temperature=0&max_tokens=20) and ?q=... sends a first message,
-// which is how the headless-browser test drives it.
+// URL parameters preset the settings (?temperature=0&max_tokens=20), ?q=... sends a first message, and
+// ?key=... is the server's --api-key, if it has one.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -8,6 +8,7 @@ const params = new URLSearchParams(location.search);
 const history = [];
 let model = null;
 let controller = null;
+const auth = params.get("key") ? { Authorization: `Bearer ${params.get("key")}` } : {};
 
 for (const name of ["temperature", "max_tokens"]) {
   if (params.has(name)) $(name).value = params.get(name);
@@ -57,7 +58,7 @@ async function send(text) {
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", ...auth },
       signal: controller.signal,
       body: JSON.stringify({
         model, messages: history, stream: true,
@@ -106,7 +107,7 @@ $("clear").addEventListener("click", () => {
   $("log").replaceChildren();
 });
 
-fetch("/v1/models").then((r) => r.json()).then((list) => {
+fetch("/v1/models", { headers: auth }).then((r) => r.json()).then((list) => {
   model = list.data[0].id;
   $("model").textContent = model;
   if (params.get("q")) send(params.get("q"));
