@@ -131,6 +131,9 @@ class SafetensorsModel:
     def names(self) -> list[str]:
         return list(self._where)
 
+    def files(self) -> list[Path]:
+        return list(self._files)
+
     def array(self, name: str) -> np.ndarray:
         if name not in self._where:
             raise KilnError(f"{self.folder}: no tensor {name!r} in the safetensors files")
