@@ -23,12 +23,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 PROMPT = [1, 17, 99, 3, 250, 42, 7, 11, 200, 5]
 
 
-# head_dim 128 (GQA 4): the shapes Kiln's own attention kernels serve (smaller heads use TVM's)
-HEAD_DIM_128 = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=1, head_dim=128)
-
-
 def build(out: Path) -> None:
-    from conftest import TINY_CONFIGS, make_tiny_hf
+    from conftest import HEAD_DIM_128, TINY_CONFIGS, make_tiny_hf
 
     models = [(f, f, {}) for f in sorted(TINY_CONFIGS)] + [(f"{f}-hd128", f, HEAD_DIM_128) for f in ("llama3", "qwen3")]
     for name, family, overrides in models:

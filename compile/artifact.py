@@ -12,6 +12,7 @@ import yaml
 import model_defs
 
 WEIGHTS_DIR = "weights"
+_SAMPLES, _SAMPLE_BYTES = 64, 1 << 16
 
 
 def content_hash(config: dict, dtype: str, target: str, arch: str | None, source) -> str:
@@ -20,11 +21,13 @@ def content_hash(config: dict, dtype: str, target: str, arch: str | None, source
     h.update(json.dumps([config, dtype, target, arch, tvm.__version__], sort_keys=True, default=str).encode())
     for f in sorted(Path(model_defs.__file__).parent.glob("*.py")):
         h.update(f.read_bytes())
-    if source is not None:
-        for name in sorted(source.tensor_names()):
-            t = source.tensor(name)
-            h.update(f"{name}{t.shape}{t.dtype}".encode())
-            h.update(t.ravel()[:64].tobytes())  # a sample: hashing every byte of a 16 GB model is too slow
+    for path in source.files() if source is not None else []:
+        h.update(f"{path.name}:{path.stat().st_size}".encode())
+        with open(path, "rb") as f:  # samples across the file: hashing every byte of 16 GB takes minutes
+            size = path.stat().st_size
+            for offset in range(0, size, max(size // _SAMPLES, 1)):
+                f.seek(offset)
+                h.update(f.read(_SAMPLE_BYTES))
     return h.hexdigest()[:16]
 
 

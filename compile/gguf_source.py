@@ -280,6 +280,10 @@ class GGUFSource:
                             "factors 1/4 and original context 8192; this scaling is not supported")
         return scaling
 
+    def files(self) -> list[Path]:
+        """The files the model is made of (what the artifact's content hash covers)."""
+        return [self.path]
+
     def tensor_names(self) -> list[str]:
         return list(self._names)
 

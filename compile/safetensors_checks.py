@@ -103,10 +103,10 @@ class SafetensorsModel:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-                assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
-                raise KilnError(f"{index}: not a valid index "
-                                "(needs a \"weight_map\" of tensor name -> shard file)") from None
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                weight_map = None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise KilnError(f"{index}: not a valid index (needs a \"weight_map\" of tensor name -> shard file)")
             for name, shard in weight_map.items():
                 path = self.folder / shard
                 if path not in self._files:
@@ -130,6 +130,9 @@ class SafetensorsModel:
 
     def names(self) -> list[str]:
         return list(self._where)
+
+    def files(self) -> list[Path]:
+        return list(self._files)
 
     def array(self, name: str) -> np.ndarray:
         if name not in self._where:

@@ -34,6 +34,10 @@ class HFSource:
             raise KilnError(f"{config_file}: malformed JSON ({e})") from None
         self._weights = SafetensorsModel(self.path)
 
+    def files(self) -> list[Path]:
+        """The files the model is made of (what the artifact's content hash covers)."""
+        return [self.path / "config.json", *self._weights.files()]
+
     def tensor_names(self) -> list[str]:
         return self._weights.names()
 

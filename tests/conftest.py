@@ -29,6 +29,9 @@ TINY_CONFIGS = {
                                                       tie_word_embeddings=True, attention_bias=False)),
 }
 
+# head_dim 128 with GQA 4: the shapes Kiln's own CUDA attention kernels serve (smaller heads use TVM's)
+HEAD_DIM_128 = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=1, head_dim=128)
+
 
 def make_tiny_hf(family: str, out: Path, seed: int = 0, **overrides) -> Path:
     """Save a random-weight transformers model of `family` to `out`; weights scaled so logits are spread."""

@@ -11,15 +11,15 @@ import tarfile
 import pytest
 import yaml
 
-from conftest import REPO, STORIES_HF
+from conftest import HEAD_DIM_128, REPO, STORIES_HF, make_tiny_hf
 
 FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)
 
 
-def _compile(tmp_path, target, dtype):
+def _compile(tmp_path, target, dtype, model=STORIES_HF):
     out = tmp_path / target
     # A subprocess: CUDA AOT loads TVM's CUDA runtime (with a stub driver) into the compiling process.
-    proc = subprocess.run([sys.executable, "-m", "compile", "--model", str(STORIES_HF), "--target", target,
+    proc = subprocess.run([sys.executable, "-m", "compile", "--model", str(model), "--target", target,
                            "--dtype", dtype, "--out", str(out)], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, yaml.safe_load((out / "kiln.yaml").read_text())
@@ -27,7 +27,9 @@ def _compile(tmp_path, target, dtype):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_cuda_artifact_holds_a_compiled_binary(tmp_path):
-    out, manifest = _compile(tmp_path, "cuda", "bfloat16")
+    # Llama-3 RoPE scaling at head_dim 128: Kiln's attention kernels, and the shape that once broke TIR's CSE
+    model = make_tiny_hf("llama3", tmp_path / "hf", **HEAD_DIM_128)
+    out, manifest = _compile(tmp_path, "cuda", "bfloat16", model)
     assert manifest["cuda_binary"] is True and manifest["cuda_arch"] == "sm_90a"
     library = (out / "model.so").read_bytes()
     assert FATBIN_MAGIC in library            # nvcc's fatbin is embedded ...

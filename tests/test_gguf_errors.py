@@ -264,3 +264,11 @@ def test_vocab_only_gguf_is_not_a_model():
     vocab = STORIES.parent / "llama.cpp-vocab" / "ggml-vocab-llama-spm.gguf"
     with pytest.raises(KilnError, match=r"ggml-vocab-llama-spm\.gguf: no tensors \(a vocab-only GGUF"):
         GGUFSource(vocab)
+
+
+@pytest.mark.parametrize("index", ["{", '{"weight_map": ["a"]}', '{"weight_map": {"a": 3}}', "[]"])
+def test_malformed_shard_index(index, tmp_path):
+    folder = _copy_hf(tmp_path)
+    (folder / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(KilnError, match=r"model\.safetensors\.index\.json: not a valid index"):
+        SafetensorsModel(folder)
