@@ -358,7 +358,9 @@ class Engine:
             out = sample(logits[rows], params, [s.rng for s in seqs],
                          [s.token_ids[:s.num_prompt] for s in seqs] if penalized else None,
                          [s.output_ids for s in seqs] if penalized else None)
-            tokens, lp, top_lp, top_ids = out.token_ids, out.logprobs, out.top_logprobs, out.top_ids
+            tokens, lp = out.token_ids, out.logprobs
+            none = np.zeros((len(seqs), 0))  # no row asked for top_logprobs
+            top_lp, top_ids = (none, none) if out.top_ids is None else (out.top_logprobs, out.top_ids)
         else:
             raw = logits
             penalties = _penalty_pairs(rows, seqs)
@@ -369,14 +371,11 @@ class Engine:
                 np.array([p.top_p for p in params], np.float32), np.array([p.top_k for p in params]),
                 np.array([p.min_p for p in params], np.float32),
                 np.array([0 if p.greedy else s.rng.random() for s, p in zip(seqs, params)]))
-            lp = top_lp = top_ids = None
             if any(p.logprobs for p in params):
                 lp, top_lp, top_ids = self.runner.logprobs(raw, rows, tokens)
-        logprobs = [None if not p.logprobs else
-                    _token_logprob(tokens[j], lp[j], top_ids[j] if top_ids is not None else np.zeros(0, np.int64),
-                                   top_lp[j] if top_lp is not None else np.zeros(0), p.top_logprobs)
-                    for j, p in enumerate(params)]
-        return tokens, logprobs
+        return tokens, [TokenLogprob(int(tokens[j]), float(lp[j]), dict(zip(top_ids[j, :p.top_logprobs].tolist(),
+                                                                            top_lp[j, :p.top_logprobs].tolist())))
+                        if p.logprobs else None for j, p in enumerate(params)]
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         req, params = seq.request, seq.request.params
@@ -425,10 +424,6 @@ class Engine:
             req.sink(delta)
         except Exception:  # a broken consumer must not stop the engine
             traceback.print_exc(file=sys.stderr)
-
-
-def _token_logprob(token, logprob, top_ids: np.ndarray, top_logprobs: np.ndarray, n: int) -> TokenLogprob:
-    return TokenLogprob(int(token), float(logprob), dict(zip(top_ids[:n].tolist(), top_logprobs[:n].tolist())))
 
 
 def _penalty_pairs(rows: np.ndarray, seqs: list[Sequence]) -> tuple[np.ndarray, ...]:
