@@ -60,6 +60,8 @@ class SamplingParams:
             raise KilnError(f"max_tokens must be > 0, got {self.max_tokens}")
         if self.n < 1:
             raise KilnError(f"n must be >= 1, got {self.n}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise KilnError(f"seed must be in [0, 2**63), got {self.seed}")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise KilnError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         if any(not s for s in self.stop):

@@ -149,7 +149,7 @@ def test_bad_requests_fail_alone_while_others_are_served(engine):
     next(pieces)
     bad = {"context": ("word " * 600, SamplingParams()), "max_tokens": ("hi", SamplingParams(max_tokens=0)),
            "top_p": ("hi", SamplingParams(top_p=1.5)), "UTF-8": (b"\xff\xfe", SamplingParams()),
-           "UTF-8 ": ("caf\udce9", SamplingParams())}
+           "UTF-8 ": ("caf\udce9", SamplingParams()), "seed": ("hi", SamplingParams(seed=-1))}
     for word, (prompt, params) in bad.items():
         with pytest.raises(KilnError, match=word.strip()):
             engine.generate_stream(params, prompt)
