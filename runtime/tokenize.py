@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
 import fire
 
+from .artifact import MANIFEST, find_artifact
 from .errors import KilnError
 from .tokenizer import Tokenizer
 
@@ -35,7 +37,11 @@ def tokenize(*text, model: str, ids=False) -> None:
     """Text → ids, or with --ids, ids → text."""
     argv = sys.argv[1:]
     words = _raw_words(argv)
-    tok = Tokenizer(model)
+    path = Path(model)
+    if path.is_dir() and not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")) \
+            and any(path.glob(f"*/{MANIFEST}")):
+        path = find_artifact(path)  # a folder of artifacts, as `--w artifacts/` takes
+    tok = Tokenizer(path)
     if any(a == "--ids" or a.startswith("--ids=") for a in argv):
         numbers = re.findall(r"-?\d+", " ".join(words))
         if not numbers or any(int(n) < 0 or int(n) >= tok.vocab_size for n in numbers):
