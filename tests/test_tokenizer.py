@@ -178,3 +178,9 @@ def test_tokenize_cli():
     assert out.stdout == "<s> " + ref["prompt"] + "\n"
     bad = _tokenize_cli("--model", gguf_file, "--ids", "7 100000")
     assert bad.returncode == 1 and bad.stderr.startswith("error: --ids needs token ids between 0 and 511")
+
+
+def test_tokenize_cli_on_a_folder_of_artifacts(stories_artifact):
+    ref = EXPECTED["greedy_once_upon_a_time"]
+    out = _tokenize_cli("--model", str(stories_artifact.parent), ref["prompt"])
+    assert out.stdout.split() == [str(i) for i in ref["prompt_ids"]], out.stderr
