@@ -180,7 +180,9 @@ def test_tokenize_cli():
     assert bad.returncode == 1 and bad.stderr.startswith("error: --ids needs token ids between 0 and 511")
 
 
-def test_tokenize_cli_on_a_folder_of_artifacts(stories_artifact):
+def test_tokenize_cli_on_a_folder_of_artifacts(stories_artifact, tmp_path):
+    import shutil
+    shutil.copytree(stories_artifact, tmp_path / "stories260k-float32-cpu")
     ref = EXPECTED["greedy_once_upon_a_time"]
-    out = _tokenize_cli("--model", str(stories_artifact.parent), ref["prompt"])
+    out = _tokenize_cli("--model", str(tmp_path), ref["prompt"])
     assert out.stdout.split() == [str(i) for i in ref["prompt_ids"]], out.stderr
