@@ -37,11 +37,6 @@ VARIANTS = {
     # The rule's default (what the model gets): includes the run-time switch to LowBatchGEMV
     # for M ≤ 32 when N has fewer than 16 column tiles.
     "tc128x128x64s3": ("Config()", "bfloat16", "all"),
-    "tc128x128x64s3w2x4": ("Config(wn=4)", "bfloat16", "all"),
-    "tc128x128x64s3w4x2": ("Config(wm=4)", "bfloat16", "llama"),
-    "tc64x128x64s3": ("Config(bm=64)", "bfloat16", "all"),
-    "tc128x128x64s4": ("Config(stages=4)", "bfloat16", "two"),
-    "tc128x128x64s3r16": ("Config(raster=16)", "bfloat16", "llama"),
     "tc128x128x64s3fp16": ("Config()", "float16", "two"),
     "lowbatch": ("LowBatchGEMV", "bfloat16", "two"),
 }

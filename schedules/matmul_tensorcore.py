@@ -140,10 +140,6 @@ class MatmulTensorCore(GPUScheduleRule):
         arch = str(target.attrs.get("arch", ""))
         if not arch.startswith("sm_") or int("".join(c for c in arch[3:] if c.isdigit())) < 80:
             return None
-        # int32 indices: LowerWarpMemory does not recognise int64 lane arithmetic (fragments
-        # would land in local memory, or at wrong offsets) and int64 address math is slower.
-        # This assumes M·N and M·K < 2^31 (e.g. M < 14k rows for a 151936-wide LM head).
-        func = tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
         sch = s_tir.Schedule(func)
         blocks = sch.get_child_blocks(get_root_block(sch))
         reduction = get_reduction_blocks(sch, blocks)
@@ -168,12 +164,12 @@ class MatmulTensorCore(GPUScheduleRule):
         if tc is None:
             return None
         sch, m_ext, n_tiles = tc
+        result = sch.mod["main"]
         if _static(m_ext) is None and n_tiles < self.few_tiles:
             small = dl.gpu.LowBatchGEMV().apply(func, target, False)
             if small is not None:
-                return s_tir.Schedule(_branch_on_rows(small.mod["main"], sch.mod["main"],
-                                                      m_ext, self.small_m))
-        return sch
+                result = _branch_on_rows(small.mod["main"], result, m_ext, self.small_m)
+        return s_tir.Schedule(result)
 
     def _schedule(self, sch, main, maps, dtype):
         mma_intrin.register()

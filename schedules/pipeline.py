@@ -14,6 +14,7 @@ from tvm.relax.backend.cuda import pipeline as cuda_passes
 from tvm.relax.backend.gpu_generic import pipeline as gpu_passes
 from tvm.s_tir import dlight as dl
 
+from .low_batch import LowBatchDispatch
 from .matmul_tensorcore import MatmulTensorCore
 from .metal_matmul import MatmulNoSimdgroup
 
@@ -38,6 +39,8 @@ def _passes(target: tvm.target.Target) -> list:
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
     ]
+    if kind == "cuda":
+        legalize.append(LowBatchDispatch(gpu_rules(target)))
     if kind != "llvm":
         legalize.append(dl.ApplyDefaultSchedule(*gpu_rules(target)))
     dataflow_lower = [

@@ -1,0 +1,42 @@
+# Kiln: `make demo` (set up, compile the bundled model for the CPU, print a story), `make test`.
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+MODEL   ?= stories260k
+TARGET  ?= cpu
+DTYPE   ?=
+WEIGHTS ?=
+OUT     ?=
+ARCH    ?=
+
+COMPILE_FLAGS := --model $(MODEL) --target $(TARGET) $(if $(DTYPE),--dtype $(DTYPE)) \
+                 $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(OUT),--out $(OUT)) $(if $(ARCH),--cuda_arch $(ARCH))
+
+.PHONY: install compile demo test clean
+
+$(VENV)/.kiln-base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.kiln-test: $(VENV)/.kiln-base
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.kiln-base
+
+## compile MODEL (preset name, HF folder or .gguf) for TARGET (cpu|cuda|metal) into artifacts/
+compile: $(VENV)/.kiln-base
+	$(PY) -m compile $(COMPILE_FLAGS)
+
+## the main job on the bundled model: compile stories260K for the CPU and print a greedy story
+demo: $(VENV)/.kiln-base
+	$(PY) -m compile --model stories260k --target cpu --out artifacts/stories260k-float32-cpu
+	$(PY) -m runtime.generate --w artifacts/stories260k-float32-cpu --prompt "Once upon a time" --max_tokens 200
+
+test: $(VENV)/.kiln-test
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf artifacts

@@ -1,0 +1,443 @@
+"""Paged-attention kernels: correctness vs float32 and timing, Kiln kernels vs TVM's and torch.
+
+Two steps, because the GPU machine has no TVM compiler:
+  python bench/attention.py build --out .gpu/attn          # here: kernels -> kernels.so (CUDA source)
+  python attention.py run --lib .gpu/attn/kernels.so --out $OUT   # GPU: nvcc at load, check, time
+
+One Llama-3.1-8B attention layer: 32 query heads, 8 KV heads, head_dim 128, bf16, page size 16.
+Decode is timed against the measured device-to-device copy bandwidth (bytes of K and V read),
+prefill against torch SDPA (bf16, causal) in the same run. L2 is flushed before every timed call.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+H_QO, H_KV, D, PAGE = 32, 8, 128, 16
+DTYPE = "bfloat16"
+DECODE_SHAPES = [(b, c) for b in (1, 16, 64) for c in (1024, 8192, 32768)]
+PREFILL_LENS = (1024, 4096, 16384)
+DECODE_KERNELS = ("kiln_decode_paged_kv", "kiln_decode_paged_kv_w2", "tvm_decode")
+
+
+def build(out_dir):
+    """Compile every kernel into one library (CUDA source; the GPU machine compiles it at load)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    import tvm
+    from tvm.relax.frontend.nn.llm import kv_cache as tvm_kv
+
+    from schedules.attention import kernels_for_bench
+
+    target = tvm.target.Target("nvidia/nvidia-h100", host="llvm")
+    funcs = dict(kernels_for_bench(H_KV, H_QO, D, DTYPE))
+    funcs["tvm_decode"] = tvm_kv._attention_decode(H_KV, H_QO, D, DTYPE, False, {}, target)
+    funcs["tvm_prefill"] = tvm_kv._attention_prefill(H_KV, H_QO, D, DTYPE, False, {}, target)
+    funcs["tvm_prefill_ragged"] = tvm_kv._attention_prefill_ragged(H_KV, H_QO, D, D, DTYPE, {}, target)
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    with target:
+        lib = tvm.tirx.build(mod, target=target)
+    os.makedirs(out_dir, exist_ok=True)
+    lib.export_library(os.path.join(out_dir, "kernels.so"))
+    print("built", sorted(funcs), "->", out_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU side (runtime-only TVM + torch)
+
+
+def _load(lib_path):
+    import ctypes
+    import subprocess
+    import tempfile
+
+    import tvm
+    import tvm_ffi
+
+    ctypes.CDLL(os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so"), mode=ctypes.RTLD_GLOBAL)
+
+    @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
+    def _nvcc(code, *_):
+        with tempfile.TemporaryDirectory() as tmp:
+            src, out = os.path.join(tmp, "k.cu"), os.path.join(tmp, "k.fatbin")
+            with open(src, "w") as f:
+                f.write(code)
+            subprocess.run(["nvcc", "--fatbin", "-O3", "-w", "-gencode=arch=compute_90a,code=sm_90a", "-o", out, src], check=True)
+            with open(out, "rb") as f:
+                return bytearray(f.read())
+
+    t = time.time()
+    mod = tvm.runtime.load_module(lib_path)
+    print(f"loaded {lib_path} (nvcc) in {time.time() - t:.1f}s", flush=True)
+    return mod
+
+
+class Bench:
+    def __init__(self, mod, out_dir):
+        import torch
+
+        self.torch, self.mod, self.out_dir = torch, mod, out_dir
+        self.dev = torch.device("cuda")
+        self.flush_buf = torch.empty(512 << 20, dtype=torch.int8, device=self.dev)
+        self.rows, self.checks = [], []
+        self.gen = torch.Generator(device=self.dev).manual_seed(0)
+
+    def tv(self, t):
+        import tvm
+
+        return tvm.runtime.from_dlpack(t)
+
+    def time_ms(self, fn, iters):
+        """Median of `iters` event-timed calls, L2 flushed before each."""
+        torch = self.torch
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(iters):
+            self.flush_buf.zero_()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            fn()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1))
+        times.sort()
+        return times[len(times) // 2]
+
+    def copy_bandwidth(self):
+        torch = self.torch
+        n = 1 << 30
+        src = torch.empty(n, dtype=torch.int8, device=self.dev).random_()
+        dst = torch.empty_like(src)
+        ms = self.time_ms(lambda: dst.copy_(src), 20)
+        del src, dst
+        return 2 * n / ms / 1e6  # GB/s, read + write
+
+    def rand(self, *shape):
+        return (self.torch.randn(*shape, generator=self.gen, device=self.dev, dtype=self.torch.float32)).to(self.torch.bfloat16)
+
+    # ---- paged KV cache contents ----
+    def make_pages(self, lens, extra_pages=3):
+        """Random K/V pages for sequences of `lens` tokens, in a shuffled page order."""
+        torch = self.torch
+        npg = [(n + PAGE - 1) // PAGE for n in lens]
+        total = sum(npg) + extra_pages
+        pages = self.rand(total, 2, H_KV, PAGE, D)
+        # unused slots hold NaN: a kernel that reads past a sequence's end shows it
+        perm = torch.randperm(total, generator=self.gen, device=self.dev)[: sum(npg)].to(torch.int32)
+        indptr = torch.tensor([0] + list(__import__("itertools").accumulate(npg)), dtype=torch.int32, device=self.dev)
+        last = torch.tensor([n - (p - 1) * PAGE if p else 0 for n, p in zip(lens, npg)], dtype=torch.int32, device=self.dev)
+        for i, n in enumerate(lens):
+            if n % PAGE:
+                pages[perm[indptr[i + 1] - 1].long(), :, :, n % PAGE:, :] = float("nan")
+        return pages, indptr, perm, last
+
+    def gather_kv(self, pages, indptr, values, i, n):
+        pg = values[indptr[i]: indptr[i + 1]].long()
+        kv = pages[pg].float()  # (p, 2, H_kv, PAGE, D)
+        kv = kv.permute(1, 2, 0, 3, 4).reshape(2, H_KV, -1, D)[:, :, :n]
+        return kv[0], kv[1]
+
+    def ref_attention(self, q, k, v, causal_offset=None):
+        """float32 softmax attention with GQA; q (n, H_qo, D), k/v (H_kv, m, D) -> o, lse (base 2)."""
+        torch = self.torch
+        g = H_QO // H_KV
+        kr, vr = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
+        s = torch.einsum("nhd,hmd->hnm", q.float(), kr) * D ** -0.5
+        if causal_offset is not None:
+            n, m = q.shape[0], k.shape[1]
+            mask = torch.arange(m, device=self.dev)[None, :] > (torch.arange(n, device=self.dev)[:, None] + causal_offset)
+            s = s.masked_fill(mask[None], float("-inf"))
+        lse = torch.logsumexp(s, -1) / 0.6931471805599453
+        o = torch.einsum("hnm,hmd->nhd", torch.softmax(s, -1), vr)
+        return o, lse.transpose(0, 1)
+
+    def check(self, name, out, ref, lse=None, lse_ref=None, tol=1e-2):
+        torch = self.torch
+        ok_fin = bool(torch.isfinite(out).all())
+        rel = float((out.float() - ref).norm() / ref.norm())
+        lse_err = float((lse - lse_ref).abs().max()) if lse is not None else 0.0
+        ok = ok_fin and rel <= tol and lse_err <= 1e-2
+        self.checks.append(dict(name=name, rel=rel, lse_abs=lse_err, finite=ok_fin, ok=ok))
+        print(f"check {name:48s} rel {rel:.2e} lse {lse_err:.1e} {'OK' if ok else 'FAIL'}", flush=True)
+        return ok
+
+    # ---- decode ----
+    def decode_call(self, fname, q, pages, indptr, values, last, out, lse):
+        torch = self.torch
+        b = q.shape[0]
+        zeros = torch.zeros(b, dtype=torch.int32, device=self.dev)
+        f = self.mod[fname]
+        args = [self.tv(x) for x in (q, pages, indptr, values, last, zeros, zeros, out, lse)]
+        return lambda: f(*args, 0, 1.0, 1e4, D ** -0.5)
+
+    def decode_case(self, fname, lens, check_only=False, iters=20):
+        torch = self.torch
+        pages, indptr, values, last = self.make_pages(lens)
+        b = len(lens)
+        q = self.rand(b, H_QO, D)
+        out = torch.full((b, H_QO, D), float("nan"), dtype=torch.bfloat16, device=self.dev)
+        lse = torch.full((b, H_QO), float("nan"), dtype=torch.float32, device=self.dev)
+        call = self.decode_call(fname, q, pages, indptr, values, last, out, lse)
+        call()
+        torch.cuda.synchronize()
+        # an empty sequence (a cascade level may have none) gives o = 0 and lse = -5e4, as TVM's kernels do
+        empty = (torch.zeros(1, H_QO, D, device=self.dev), torch.full((1, H_QO), -5e4, device=self.dev))
+        refs = [self.ref_attention(q[i: i + 1], *self.gather_kv(pages, indptr, values, i, n)) if n else empty
+                for i, n in enumerate(lens)]
+        ok = self.check(f"{fname} lens={lens if len(lens) <= 4 else f'{b}x{lens[0]}'}", out,
+                        torch.cat([r[0] for r in refs]), lse, torch.cat([r[1] for r in refs]))
+        if check_only:
+            return ok, None
+        ms = self.time_ms(call, iters)
+        # back to back, as layers run in a decode step: calls over enough distinct KV pools to miss L2
+        nbytes = sum(lens) * H_KV * D * 2 * 2
+        calls = [call] + [self.decode_call(fname, q, *self.make_pages(lens), out, lse)
+                          for _ in range(max(0, -(-(256 << 20) // nbytes) - 1))]
+        reps = max(1, 20 // len(calls))
+        ms_stream = self.time_ms(lambda: [c() for _ in range(reps) for c in calls], 3) / (reps * len(calls))
+        del pages, calls
+        return ok, (ms, ms_stream)
+
+    def run_decode(self, bw):
+        for lens in ([1, 17, 300, 4111], [5000], [16, 15, 33], [0, 40, 0]):
+            for fname in [n for n in DECODE_KERNELS[:2] if self.has(n)]:
+                self.decode_case(fname, lens, check_only=True)
+        for b, c in DECODE_SHAPES:
+            nbytes = b * c * H_KV * D * 2 * 2
+            for fname in [n for n in DECODE_KERNELS if self.has(n)]:
+                if fname == "tvm_decode" and (b, c) not in ((1, 8192), (16, 8192)):
+                    continue  # the baseline: two points are enough to compare
+                ok, (ms, ms_s) = self.decode_case(fname, [c] * b, iters=10 if b * c >= 64 * 8192 else 20)
+                gbs, gbs_s = nbytes / ms / 1e6, nbytes / ms_s / 1e6
+                self.rows.append(dict(kind="decode", kernel=fname, batch=b, ctx=c, ms=ms, gbs=gbs, pct_bw=100 * gbs / bw,
+                                      ms_stream=ms_s, pct_bw_stream=100 * gbs_s / bw, ok=ok))
+                print(f"decode {fname:22s} b={b:3d} ctx={c:6d} {ms * 1e3:9.1f} us {100 * gbs / bw:5.1f}% | back-to-back "
+                      f"{ms_s * 1e3:9.1f} us {100 * gbs_s / bw:5.1f}% ok={ok}", flush=True)
+            self.torch.cuda.empty_cache()
+
+    # ---- prefill ----
+    def run_prefill(self):
+        torch = self.torch
+        import torch.nn.functional as F
+
+        names = [n for n in ("kiln_prefill_ragged", "kiln_prefill_ragged_m1n32", "kiln_prefill_ragged_m2n32",
+                             "tvm_prefill_ragged") if self.has(n)]
+        # correctness: ragged mixed lengths, GQA, causal
+        for fname in names:
+            for lens in ([1, 37, 300, 16], [1000, 130, 64, 65]):
+                self.ragged_case(fname, lens, check_only=True)
+        # chunked prefill: new tokens attend to the tokens already in pages (non-causal); the runtime
+        # merges this state with the ragged one
+        for fname in ("kiln_prefill_paged", "tvm_prefill"):
+            if self.has(fname):
+                self.paged_case(fname, [(5, 100), (64, 1000), (1, 17), (200, 33), (3, 0)])
+        for n in PREFILL_LENS:
+            flops = 4 * n * n * D * H_QO / 2  # causal: half of QK^T and PV
+            q, k, v = self.rand(1, H_QO, n, D), self.rand(1, H_KV, n, D), self.rand(1, H_KV, n, D)
+            kk, vv = k.repeat_interleave(H_QO // H_KV, 1), v.repeat_interleave(H_QO // H_KV, 1)
+            ms = self.time_ms(lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=True), 20)
+            sdpa = flops / ms / 1e9
+            self.rows.append(dict(kind="prefill", kernel="torch_sdpa", n=n, ms=ms, tflops=sdpa, pct_sdpa=100.0, ok=True))
+            print(f"prefill torch_sdpa           n={n:6d} {ms * 1e3:9.1f} us {sdpa:6.1f} TFLOP/s", flush=True)
+            for fname in names:
+                if fname.startswith("tvm") and n > 4096:
+                    continue
+                ok, ms = self.ragged_case(fname, [n], iters=10)
+                tf = flops / ms / 1e9
+                self.rows.append(dict(kind="prefill", kernel=fname, n=n, ms=ms, tflops=tf, pct_sdpa=100 * tf / sdpa, ok=ok))
+                print(f"prefill {fname:20s} n={n:6d} {ms * 1e3:9.1f} us {tf:6.1f} TFLOP/s {100 * tf / sdpa:5.1f}% of SDPA ok={ok}", flush=True)
+
+    def has(self, name):
+        try:
+            self.mod[name]
+            return True
+        except Exception:  # pylint: disable=broad-except
+            return False
+
+    def ragged_case(self, fname, lens, check_only=False, iters=20):
+        """Causal self-attention over the new tokens of each sequence (k/v not yet in pages)."""
+        torch = self.torch
+        n = sum(lens)
+        q, k, v = self.rand(n, H_QO, D), self.rand(n, H_KV, D), self.rand(n, H_KV, D)
+        indptr = torch.tensor([0] + list(__import__("itertools").accumulate(lens)), dtype=torch.int32, device=self.dev)
+        zeros = torch.zeros(len(lens), dtype=torch.int32, device=self.dev)
+        qpos = torch.zeros(n, dtype=torch.int32, device=self.dev)
+        out = torch.full((n, H_QO, D), float("nan"), dtype=torch.bfloat16, device=self.dev)
+        lse = torch.full((n, H_QO), float("nan"), dtype=torch.float32, device=self.dev)
+        f = self.mod[fname]
+        args = [self.tv(x) for x in (q, indptr, k, v, indptr, qpos, zeros, out, lse)]
+        call = lambda: f(*args, 1, 0, 1.0, 1e4, D ** -0.5)  # noqa: E731  causal=1, rotary_mode=0
+        call()
+        torch.cuda.synchronize()
+        outs, lses = [], []
+        for i, m in enumerate(lens):
+            s, e = int(indptr[i]), int(indptr[i + 1])
+            o, l2 = self.ref_attention(q[s:e], k[s:e].float().transpose(0, 1), v[s:e].float().transpose(0, 1), causal_offset=0)
+            outs.append(o)
+            lses.append(l2)
+        ok = self.check(f"{fname} lens={lens}", out, torch.cat(outs), lse, torch.cat(lses))
+        if check_only:
+            return ok, None
+        return ok, self.time_ms(call, iters)
+
+    def paged_case(self, fname, cases):
+        """(new tokens, tokens already in pages) per sequence: q attends to all cached tokens."""
+        torch = self.torch
+        qlens = [a for a, _ in cases]
+        pages, indptr, values, last = self.make_pages([c for _, c in cases])
+        n = sum(qlens)
+        q = self.rand(n, H_QO, D)
+        qo_indptr = torch.tensor([0] + list(__import__("itertools").accumulate(qlens)), dtype=torch.int32, device=self.dev)
+        zeros = torch.zeros(len(cases), dtype=torch.int32, device=self.dev)
+        qpos = torch.zeros(n, dtype=torch.int32, device=self.dev)
+        out = torch.full((n, H_QO, D), float("nan"), dtype=torch.bfloat16, device=self.dev)
+        lse = torch.full((n, H_QO), float("nan"), dtype=torch.float32, device=self.dev)
+        f = self.mod[fname]
+        args = [self.tv(x) for x in (q, qo_indptr, pages, indptr, values, last, zeros, qpos, out, lse)]
+        f(*args, 0, 0, 1.0, 1e4, D ** -0.5)
+        torch.cuda.synchronize()
+        outs, lses = [], []
+        for i, (a, c) in enumerate(cases):
+            if c == 0:  # nothing cached: o = 0, lse = -5e4 (TVM's convention; the merge ignores it)
+                outs.append(torch.zeros(a, H_QO, D, device=self.dev))
+                lses.append(torch.full((a, H_QO), -5e4, device=self.dev))
+                continue
+            o, l2 = self.ref_attention(q[int(qo_indptr[i]): int(qo_indptr[i + 1])], *self.gather_kv(pages, indptr, values, i, c))
+            outs.append(o)
+            lses.append(l2)
+        return self.check(f"{fname} (new, cached)={cases}", out, torch.cat(outs), lse, torch.cat(lses))
+
+
+def run(lib, out_dir, what):
+    import torch
+
+    bench = Bench(_load(lib), out_dir)
+    name = torch.cuda.get_device_name()
+    bw = bench.copy_bandwidth()
+    print(f"device {name}; copy bandwidth {bw:.0f} GB/s", flush=True)
+    if "decode" in what:
+        bench.run_decode(bw)
+    if "prefill" in what:
+        bench.run_prefill()
+    res = dict(device=name, copy_gbs=bw, rows=bench.rows, checks=bench.checks, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "attention_results.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"\n{name}, copy {bw:.0f} GB/s; checks {sum(c['ok'] for c in bench.checks)}/{len(bench.checks)} ok")
+    for r in bench.rows:
+        if r["kind"] == "decode":
+            print(f"| decode | {r['kernel']} | b={r['batch']} ctx={r['ctx']} | {r['ms'] * 1e3:.1f} us | {r['pct_bw']:.1f}% | "
+                  f"{r['ms_stream'] * 1e3:.1f} us | {r['pct_bw_stream']:.1f}% | {'ok' if r['ok'] else 'FAIL'} |")
+        else:
+            print(f"| prefill | {r['kernel']} | n={r['n']} | {r['ms'] * 1e3:.1f} us | {r['tflops']:.1f} TFLOP/s | {r['pct_sdpa']:.1f}% | {'ok' if r['ok'] else 'FAIL'} |")
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: a random-weight model (head_dim 128, GQA 4) compiled twice, with TVM's and with
+# Kiln's cache kernels, run on the GPU against transformers' float32 logits computed at build time.
+
+E2E_CONFIG = dict(hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=8,
+                  num_key_value_heads=2, head_dim=128, vocab_size=256, max_position_embeddings=4096,
+                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, rope_theta=1e6, tie_word_embeddings=True,
+                  attention_bias=False)
+
+
+def e2e_build(out_dir):
+    repo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    sys.path[:0] = [repo, os.path.join(repo, "tests")]
+    from pathlib import Path
+
+    import conftest
+    import model_defs.layers as layers
+    from compile.driver import compile_artifact
+    from model_defs.kv_cache import KilnPagedKVCache
+
+    out = Path(out_dir)
+    conftest.TINY_CONFIGS["qwen3-d128"] = ("Qwen3Config", "Qwen3ForCausalLM", E2E_CONFIG)
+    hf = conftest.make_tiny_hf("qwen3-d128", out / "hf")
+    args = dict(model=str(hf), target="cuda", dtype="bfloat16", weights=None, cuda_arch=None, context=4096,
+                page_size=16, prefill_chunk=1024)
+    compile_artifact(out=str(out / "tvm"), **args)
+    layers.TIRPagedKVCache = KilnPagedKVCache  # the one-line switch the model needs
+    compile_artifact(out=str(out / "kiln"), **args)
+    # the reference: transformers in float32 on this CPU (the GPU machine has no transformers)
+    import numpy as np
+    import torch
+    import transformers
+
+    prompt = np.random.default_rng(0).integers(3, 256, 300).tolist()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16).float().eval()
+    with torch.no_grad():
+        greedy = ref.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+        want = ref(torch.tensor([prompt + greedy])).logits[0].numpy()
+    np.savez(out / "reference.npz", prompt=np.array(prompt), greedy=np.array(greedy), logits=want)
+
+
+def e2e_run(root, out_dir):
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, os.getcwd())
+    from runtime.model_runner import ModelRunner
+
+    data = np.load(os.path.join(root, "reference.npz"))
+    prompt, greedy, want = data["prompt"].tolist(), data["greedy"].tolist(), data["logits"]
+
+    def rel(a, b):
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    res = {}
+    for name in ("tvm", "kiln"):
+        runner = ModelRunner(os.path.join(root, name), kv_tokens=8192)
+        errs = {}
+        # one prefill of 300 tokens, then 16 teacher-forced decode steps
+        runner.add_sequence(0)
+        got = [runner.forward([0], [prompt])[0]] + [runner.forward([0], [[t]])[0] for t in greedy]
+        errs["prefill+decode"] = max(rel(g, want[len(prompt) - 1 + i]) for i, g in enumerate(got))
+        # chunked prefill: 200 tokens, then 100 attending to the cached 200 (paged prefill + merge)
+        runner.add_sequence(1)
+        runner.forward([1], [prompt[:200]])
+        errs["chunked prefill 200+100"] = rel(runner.forward([1], [prompt[200:]])[0], want[len(prompt) - 1])
+        # ragged batch: two new sequences of different lengths in one forward (a causal prefix of the
+        # prompt has the prompt's logits), then one batched decode step over three sequences
+        runner.add_sequence(2)
+        runner.add_sequence(3)
+        both = runner.forward([2, 3], [prompt[:77], prompt])
+        errs["ragged batch 77|300"] = max(rel(both[0], want[76]), rel(both[1], want[len(prompt) - 1]))
+        dec = runner.forward([1, 3, 2], [[greedy[0]], [greedy[0]], [prompt[77]]])
+        errs["batched decode 300|300|77"] = max(rel(dec[0], want[len(prompt)]), rel(dec[1], want[len(prompt)]),
+                                                rel(dec[2], want[77]))
+        res[name] = errs
+        print(name, json.dumps(errs), flush=True)
+    ok = all(v < 2e-2 for e in res.values() for v in e.values())
+    with open(os.path.join(out_dir, "e2e.json"), "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), errors=res, ok=ok), f, indent=1)
+    print(f"e2e {'PASS' if ok else 'FAIL'} (max relative logits error vs transformers fp32 < 2e-2)")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--out", default=".gpu/attn")
+    r = sub.add_parser("run")
+    r.add_argument("--lib", required=True)
+    r.add_argument("--out", default=os.environ.get("OUT", "."))
+    r.add_argument("--what", default="decode,prefill")
+    eb = sub.add_parser("e2e-build")
+    eb.add_argument("--out", default=".gpu/attn/e2e")
+    er = sub.add_parser("e2e-run")
+    er.add_argument("--dir", required=True)
+    er.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = ap.parse_args()
+    if a.cmd == "build":
+        build(a.out)
+    elif a.cmd == "run":
+        run(a.lib, a.out, a.what)
+    elif a.cmd == "e2e-build":
+        e2e_build(a.out)
+    else:
+        e2e_run(a.dir, a.out)

@@ -1,0 +1,82 @@
+"""Engine throughput on a real model shape with random weights (issue 4's GPU report).
+
+Here:   python -m compile --model qwen3 --target cuda --out .gpu/qwen3-cuda   (library only)
+There:  python bench/engine_throughput.py .gpu/qwen3-cuda --tokenizer DIR [--requests 64]
+
+Fills the artifact with random weights, then submits N concurrent greedy requests (random prompt ids,
+ignore_eos) through the Engine and prints prompt and generated tokens/s, time to first token, and a
+single-request decode rate for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.random_weights import fill  # noqa: E402
+from runtime import Engine, EngineConfig, SamplingParams  # noqa: E402
+
+
+def run(engine: Engine, n: int, prompt_len: int, max_tokens: int, vocab: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, min(vocab, 150000), prompt_len).tolist() for _ in range(n)]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    outs = engine.generate_sync(params, prompts)
+    dt = time.perf_counter() - t0
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    ttft = sorted(o.first_token_time - o.arrival_time for o in outs)
+    return dict(requests=n, prompt_len=prompt_len, max_tokens=max_tokens, seconds=round(dt, 2),
+                generated_tok_s=round(generated / dt, 1), total_tok_s=round((generated + n * prompt_len) / dt, 1),
+                ttft_median_s=round(ttft[len(ttft) // 2], 3), ttft_max_s=round(ttft[-1], 3))
+
+
+def step_times(runner, batches=(1, 16, 64), context=256, steps=32) -> dict:
+    """Milliseconds per ModelRunner decode step (kernels + Python + logits to host), no engine."""
+    out = {}
+    for b in batches:
+        seqs = list(range(10_000, 10_000 + b))
+        for s in seqs:
+            runner.add_sequence(s)
+        runner.forward(seqs, [[5] * context for _ in seqs])
+        runner.forward(seqs, [[7] for _ in seqs])  # warm-up of this batch size
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            runner.forward(seqs, [[7] for _ in seqs])
+        out[f"decode_step_ms_b{b}"] = round((time.perf_counter() - t0) / steps * 1e3, 3)
+        for s in seqs:
+            runner.remove_sequence(s)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("artifact", type=Path)
+    ap.add_argument("--tokenizer", type=Path)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    a = ap.parse_args()
+    if not (a.artifact / "weights").is_dir():
+        fill(a.artifact, a.tokenizer)
+    engine = Engine(EngineConfig(model_path=str(a.artifact), kv_tokens=a.requests * (a.prompt_len + a.max_tokens + 32),
+                                 max_num_seqs=a.requests, max_num_batched_tokens=4096))
+    vocab = engine.runner.vocab_size
+    run(engine, 4, 32, 8, vocab)  # warm-up: first kernel launches, allocator
+    steps = step_times(engine.runner)
+    rows = [run(engine, 1, a.prompt_len, a.max_tokens, vocab), run(engine, a.requests, a.prompt_len, a.max_tokens, vocab)]
+    print(json.dumps(dict(card=engine.runner.device.device_name or "cpu",
+                          model=engine.runner.artifact.manifest["name"], dtype=engine.runner.artifact.manifest["dtype"],
+                          runner=steps, rows=rows), indent=1))
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The compile driver: source → config → Relax module → compiled library + converted weights."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import tvm
+from tqdm import tqdm
+
+from model_defs.config import ModelConfig
+from model_defs.spec import export
+from runtime.errors import KilnError
+from schedules.pipeline import relax_pipeline
+
+from . import artifact, targets
+from .convert import convert
+from .cuda_aot import enable_cuda_binaries
+from .presets import resolve
+from .sources import open_source
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@tvm.ir.instrument.pass_instrument
+class _PassProgress:
+    """A progress bar over the compiler's passes (tvm.compile gives no other progress signal)."""
+
+    def __init__(self, bar: tqdm):
+        self.bar = bar
+
+    def run_after_pass(self, mod, info):
+        self.bar.set_postfix_str(info.name[:40], refresh=False)
+        self.bar.update()
+
+
+def compile_artifact(model: str, target: str, dtype: str, out: str | None, weights: str | None,
+                     cuda_arch: str | None, context: int, page_size: int, prefill_chunk: int,
+                     max_batch: int = 256) -> Path:
+    if target not in targets.TARGETS:
+        raise KilnError(f"unknown target '{target}'; choose one of {', '.join(targets.TARGETS)}")
+    if dtype not in DTYPES:
+        raise KilnError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    name, preset_config, weights_path = resolve(model)
+    if weights:
+        weights_path = Path(weights).expanduser()
+        if not weights_path.exists():
+            raise KilnError(f"WEIGHTS={weights}: no such file or folder")
+    source = open_source(weights_path) if weights_path is not None and weights_path.exists() else None
+    if source is None and preset_config is None:
+        raise KilnError(f"{weights_path}: model weights not found")
+    raw_config = source.config if source is not None else preset_config
+    config_name = f"{weights_path}/config.json" if source is not None and weights_path.is_dir() else str(
+        weights_path if source is not None else "presets.yaml:" + name)
+    cfg = ModelConfig.from_dict(raw_config, config_name)
+    context = min(context, cfg.max_position_embeddings)
+    arch = (cuda_arch or targets.DEFAULT_CUDA_ARCH) if target == "cuda" else None
+
+    out_dir = Path(out) if out else Path("artifacts") / f"{name}-{dtype}-{target}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tvm_target = targets.tvm_target(target, arch or targets.DEFAULT_CUDA_ARCH)
+    cuda_binary = target == "cuda" and enable_cuda_binaries(arch)
+    if target == "cuda" and not cuda_binary:
+        print("kiln: nvcc not found; the artifact carries CUDA source, compiled on the GPU at first load",
+              file=sys.stderr)
+
+    t0 = time.time()
+    mod, named_params = export(cfg, dtype, tvm_target, max_batch, prefill_chunk)
+    library = targets.library_name(target)
+    with tqdm(desc=f"compiling {name} for {target}", unit="pass", leave=False) as bar:
+        # TIR's CSE emits a use before its definition in TVM's RoPE kernel under Llama-3 frequency
+        # scaling (head_dim 128) on GPU targets; the device compilers eliminate common subexpressions anyway.
+        config = {"relax.backend.use_cuda_graph": target == "cuda", "tirx.disable_cse_tir": target != "cpu"}
+        with tvm.transform.PassContext(opt_level=3, config=config, instruments=[_PassProgress(bar)]), tvm_target:
+            executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(tvm_target))
+        bar.set_postfix_str("linking")
+        executable.export_library(str(out_dir / library))
+    print(f"kiln: compiled {name} for {target} ({dtype}) in {time.time() - t0:.1f}s", file=sys.stderr)
+
+    params = [(n, tuple(int(d) for d in p.shape), p.dtype) for n, p in named_params]
+    artifact.write_params(out_dir, params)
+    manifest = {
+        "architecture": cfg.architecture,
+        "family": cfg.family,
+        "name": name,
+        "config": cfg.to_dict(),
+        "dtype": dtype,
+        "target": target,
+        "cuda_arch": arch,
+        "cuda_binary": bool(cuda_binary),
+        "library": library,
+        "page_size": page_size,
+        "context_length": context,
+        "prefill_chunk": prefill_chunk,
+        "max_batch": max_batch,
+        "tvm_version": tvm.__version__,
+        "content_hash": artifact.content_hash(cfg.to_dict(), dtype, target, arch, source),
+        "weights": None,
+        "weights_hint": None,
+    }
+    if source is not None:
+        convert(source, params, out_dir / artifact.WEIGHTS_DIR)
+        source.write_tokenizer(out_dir)
+        manifest["weights"] = artifact.WEIGHTS_DIR
+    else:
+        manifest["weights_hint"] = (f"make compile MODEL={model} TARGET={target} WEIGHTS=/path/to/{name} "
+                                    f"(an HF folder or .gguf file; looked for {weights_path})")
+        print(f"kiln: no weights at {weights_path}; built the library only. Add weights with: "
+              f"{manifest['weights_hint']}", file=sys.stderr)
+    artifact.write_manifest(out_dir, manifest)
+    print(f"kiln: artifact written to {out_dir}", file=sys.stderr)
+    return out_dir

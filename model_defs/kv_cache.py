@@ -1,0 +1,127 @@
+"""Kiln's paged KV cache: TVM's runtime cache object with Kiln's attention kernels on CUDA.
+
+`KilnPagedKVCache` takes exactly the arguments of TVM's `TIRPagedKVCache` and emits the same
+`vm.builtin.paged_attention_kv_cache_create` call (the runtime in paged_kv_cache.cc is unchanged),
+but passes Kiln's TIR kernels (schedules/attention/) where they exist:
+  - decode: split-KV flash-decoding (schedules/attention/decode.py); TVM's runs one block per
+    (sequence, KV head) and reaches ~1% of HBM bandwidth at batch 1;
+  - ragged prefill and prefill over pages (chunked prefill), head_dim 64 or 128: FlashAttention-2
+    on tensor cores (schedules/attention/prefill.py); TVM's use no tensor cores (~3 TFLOP/s).
+Everything else (sliding-window and tree-attention variants, state merge, page copies, RoPE) stays
+TVM's. Other targets (llvm: TVM's *_cpu kernels; Metal), MLA, inline RoPE
+and non-16-bit dtypes fall back to `TIRPagedKVCache` unchanged.
+"""
+
+from typing import Any
+
+import tvm
+from tvm import relax as rx
+from tvm.relax.frontend.nn.llm import kv_cache as tvm_kv
+from tvm.relax.frontend.nn.llm.kv_cache import AttnKind, PagedKVCache, RopeMode, TIRPagedKVCache
+
+from schedules.attention.decode import decode_kernel
+from schedules.attention.prefill import prefill_kernel
+
+
+def kiln_kernels_apply(attn_kind, rope_mode, dtype, qk_head_dim, v_head_dim, target) -> bool:
+    """Whether Kiln's CUDA kernels cover this configuration (else TVM's kernels are used)."""
+    return (target.kind.name == "cuda" and attn_kind == "mha" and rope_mode != RopeMode.INLINE
+            and dtype in ("float16", "bfloat16") and qk_head_dim == v_head_dim and qk_head_dim in (32, 64, 128, 256))
+
+
+class KilnPagedKVCache(PagedKVCache):  # pylint: disable=too-few-public-methods
+    """Drop-in for `TIRPagedKVCache` (same positional and keyword arguments)."""
+
+    def __init__(  # pylint: disable=too-many-locals,too-many-arguments
+        self,
+        attn_kind,
+        max_batch_size,
+        max_total_seq_len,
+        prefill_chunk_size,
+        page_size,
+        support_sliding_window,
+        layer_partition,
+        num_hidden_layers: int,
+        num_attention_heads: int,
+        num_key_value_heads: int,
+        qk_head_dim: int,
+        v_head_dim: int,
+        mla_original_qk_head_dim: int,
+        mla_original_v_head_dim: int,
+        rope_mode,
+        rope_scale,
+        rope_theta,
+        rope_scaling: dict[str, Any],
+        rope_ext_factors,
+        rotary_dim: int,
+        enable_disaggregation: bool,
+        dtype: str,
+        target,
+        name: str = "paged_kv_cache",
+        *,
+        layer_sliding_window_size: int = 1024,
+    ) -> None:
+        args = (attn_kind, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window,
+                layer_partition, num_hidden_layers, num_attention_heads, num_key_value_heads, qk_head_dim, v_head_dim,
+                mla_original_qk_head_dim, mla_original_v_head_dim, rope_mode, rope_scale, rope_theta, rope_scaling,
+                rope_ext_factors, rotary_dim, enable_disaggregation, dtype, target)
+        if not kiln_kernels_apply(attn_kind, rope_mode, dtype, qk_head_dim, v_head_dim, target):
+            tvm_cache = TIRPagedKVCache(*args, name, layer_sliding_window_size=layer_sliding_window_size)
+            super().__init__(_expr=tvm_cache._expr, _name=name)  # pylint: disable=protected-access
+            return
+
+        rope_scaling = tvm_kv._prepare_yarn_rope_scaling(rope_scaling, rope_theta)  # pylint: disable=protected-access
+        h_kv, h_qo, d = num_key_value_heads, num_attention_heads, qk_head_dim
+        bb = rx.BlockBuilder.current()
+        kiln_prefill = d in (64, 128)  # the tensor-core tiles are built for these head sizes
+
+        def tir(func, fname):
+            return rx.Tuple([tvm.ir.StringImm("tirx"), bb.add_func(func, fname)])
+
+        # Same argument list as TIRPagedKVCache builds for GPU targets (kv_cache.py, TVM 0.27),
+        # with Kiln's kernels in the decode and (non-sliding) prefill slots.
+        call_args = [
+            rx.ShapeExpr([max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window,
+                          layer_sliding_window_size]),
+            layer_partition,
+            rx.prim_value(h_qo),
+            rx.prim_value(h_kv),
+            rx.prim_value(qk_head_dim),
+            rx.prim_value(v_head_dim),
+            rx.ShapeExpr([int(AttnKind.MHA) for _ in range(num_hidden_layers)]),
+            rx.prim_value(enable_disaggregation),
+            rx.prim_value(rope_mode),
+            rx.prim_value(rope_scale),
+            rx.prim_value(rope_theta),
+            rope_ext_factors,
+            rx.op.zeros((), dtype),
+            bb.add_func(tvm_kv._kv_cache_transpose_append(h_kv, d, dtype), "kv_cache_transpose_append"),
+            bb.add_func(tvm_kv._kv_cache_transpose_append_mla(d, dtype), "kv_cache_transpose_append_mla"),
+            tir(prefill_kernel("ragged", h_kv, h_qo, d, dtype) if kiln_prefill
+                else tvm_kv._attention_prefill_ragged(h_kv, h_qo, d, v_head_dim, dtype, rope_scaling, target),
+                "tir_attention_prefill_ragged"),
+            tir(prefill_kernel("paged", h_kv, h_qo, d, dtype) if kiln_prefill
+                else tvm_kv._attention_prefill(h_kv, h_qo, d, dtype, False, rope_scaling, target),
+                "tir_attention_prefill"),
+            tir(decode_kernel(h_kv, h_qo, d, dtype), "kiln_attention_decode"),
+            tir(tvm_kv._attention_prefill(h_kv, h_qo, d, dtype, True, rope_scaling, target,
+                                          sliding_window_size=layer_sliding_window_size),
+                "tir_attention_prefill_sliding_window"),
+            tir(tvm_kv._attention_decode(h_kv, h_qo, d, dtype, True, rope_scaling, target),
+                "tir_attention_decode_sliding_window"),
+            tir(tvm_kv.tree_attn_with_paged_kv_cache(h_kv, h_qo, d, dtype, rope_scaling, target),
+                "tir_attention_prefill_with_tree_mask_with_paged_kv_cache"),
+            tir(tvm_kv.tree_attn(h_kv, h_qo, d, dtype, rope_scaling, target), "tir_attention_prefill_with_tree_mask"),
+            rx.Tuple([]),  # no MLA prefill
+            rx.Tuple([bb.add_func(tvm_kv._merge_state_inplace(h_qo, v_head_dim, dtype, target, "tir_attention_merge_state"),
+                                  "tir_attention_merge_state")]),
+            bb.add_func(tvm_kv.llama_rope_with_position_map(rope_theta, rope_scale, d, h_qo, h_kv, dtype, rope_scaling,
+                                                            rotary_dim), "tir_split_rotary"),
+            bb.add_func(tvm_kv._copy_single_page(h_kv, page_size, d, dtype, target), "kv_cache_copy_single_page"),
+            bb.add_func(tvm_kv._kv_cache_debug_get_kv(num_hidden_layers, h_kv, d, dtype), "kv_cache_debug_get_kv"),
+            bb.add_func(tvm_kv._compact_kv_copy(h_kv, d, dtype, target), "kv_cache_compact_kv_copy"),
+        ]
+        super().__init__(
+            _expr=rx.call_pure_packed("vm.builtin.paged_attention_kv_cache_create", *call_args, ty_args=rx.AnyType()),
+            _name=name,
+        )

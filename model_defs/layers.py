@@ -1,0 +1,133 @@
+"""Blocks every Kiln family shares: an fp32-accumulating Linear, the SwiGLU MLP, the decoder stack.
+
+A family file (llama.py, qwen2.py, qwen3.py) only says how its attention differs.
+"""
+
+from __future__ import annotations
+
+from tvm import relax
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
+
+from .config import ModelConfig
+from .kv_cache import KilnPagedKVCache
+from .sampling import SamplingFunctions
+
+
+class Linear(nn.Linear):
+    """y = x W^T (+ b), accumulated in fp32 and cast back (nn.Linear accumulates in the input dtype)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: str, bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias, dtype=dtype, out_dtype="float32")
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        return super().forward(x).astype(x.dtype)
+
+
+def rms_norm(size: int, eps: float, dtype: str) -> nn.RMSNorm:
+    return nn.RMSNorm(size, -1, eps, bias=False, dtype=dtype)  # nn.RMSNorm adds a bias by default
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused into one matmul."""
+
+    def __init__(self, cfg: ModelConfig, dtype: str):
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, dtype)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, dtype)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        gate, up = nn.op.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(nn.op.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, attention: nn.Module, dtype: str):
+        self.input_layernorm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = attention
+        self.post_attention_layernorm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, dtype)
+
+    def forward(self, x: nn.Tensor, kv: PagedKVCache) -> nn.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Token embedding, the layer stack and the final norm (HF's `model.` prefix)."""
+
+    def __init__(self, cfg: ModelConfig, attention_cls, dtype: str):
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(
+            [DecoderLayer(cfg, attention_cls(cfg, i, dtype), dtype) for i in range(cfg.num_hidden_layers)])
+        self.norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(self, x: nn.Tensor, kv: PagedKVCache) -> nn.Tensor:
+        for layer in self.layers:
+            x = layer(x, kv)
+        return self.norm(x)
+
+
+class CausalLM(nn.Module, SamplingFunctions):
+    """A decoder with an LM head, exposing the functions of model_defs/spec.py.
+
+    Prefill and decode return final hidden states; `logits` applies the LM head separately so
+    intermediate prefill chunks never pay for it.
+    """
+
+    attention_cls: type = None  # set by each family
+
+    def __init__(self, cfg: ModelConfig, dtype: str, target):
+        self.cfg, self.dtype, self.target = cfg, dtype, target  # the KV cache's kernels are per target
+        self.model = Decoder(cfg, self.attention_cls, dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype)
+
+    def embed(self, input_ids: nn.Tensor) -> nn.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def prefill(self, embeds: nn.Tensor, logit_pos: nn.Tensor, kv: PagedKVCache) -> nn.Tensor:
+        n, hidden = embeds.shape
+        h = self.model(nn.op.reshape(embeds, (1, n, hidden)), kv)
+        h = nn.op.take(h, logit_pos, axis=1)  # (1, b, H): the last new token of each sequence
+        return nn.op.reshape(h, (logit_pos.shape[0], hidden))
+
+    def decode(self, embeds: nn.Tensor, kv: PagedKVCache) -> nn.Tensor:
+        b, hidden = embeds.shape
+        return nn.op.reshape(self.model(nn.op.reshape(embeds, (b, 1, hidden)), kv), (b, hidden))
+
+    def logits(self, hidden: nn.Tensor) -> nn.Tensor:
+        if self.cfg.tie_word_embeddings:
+            return nn.op.matmul(hidden, nn.op.permute_dims(self.model.embed_tokens.weight), out_dtype="float32")
+        return nn.op.matmul(hidden, nn.op.permute_dims(self.lm_head.weight), out_dtype="float32")
+
+    def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
+                              support_sliding_window) -> PagedKVCache:
+        cfg = self.cfg
+        return KilnPagedKVCache(  # Kiln's attention kernels on CUDA, TVM's elsewhere
+            attn_kind="mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=relax.ShapeExpr([0, cfg.num_hidden_layers]),
+            num_hidden_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads,
+            qk_head_dim=cfg.head_dim,
+            v_head_dim=cfg.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL,  # the cache applies RoPE (rotate_half) to q and k
+            rope_scale=1,
+            rope_theta=cfg.rope_theta,
+            rope_scaling=cfg.rope_scaling,
+            rope_ext_factors=relax.prim_value(0),
+            rotary_dim=cfg.head_dim,
+            enable_disaggregation=False,
+            dtype=self.dtype,
+            target=self.target,
+        )

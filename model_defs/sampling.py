@@ -1,0 +1,70 @@
+"""On-device sampling: the functions that turn a batch of logits into token ids without copying the
+[batch, vocab] logits to the host (runtime.model_runner.ModelRunner.sample drives them).
+
+Every function takes one row per sequence and no weights. Greedy rows use `argmax`; sampled rows use
+`sample_probs` (temperature and min_p) and then either `sample_multinomial` or, when a row asks for
+top_p/top_k, `sample_top_p_top_k` (a full sort of each row); `apply_penalties` first changes the
+logits of rows with penalties; `logprobs` serves requests that ask for log-probabilities. Random
+numbers come from the host (one uniform per row, from the request's seeded generator), so seeded
+requests reproduce.
+"""
+
+from __future__ import annotations
+
+from tvm import relax
+from tvm.relax.frontend import nn
+
+
+class SamplingFunctions:
+    """Mixed into CausalLM; model_defs/spec.py exports these methods."""
+
+    def argmax(self, logits: nn.Tensor) -> nn.Tensor:
+        """int32[b]: the most likely token of each row (exact greedy)."""
+        return nn.op.wrap_nested(relax.op.astype(relax.op.argmax(logits._expr, axis=-1), "int32"), "argmax")
+
+    def apply_penalties(self, logits: nn.Tensor, pairs: nn.Tensor, counts: nn.Tensor, repetition: nn.Tensor,
+                        frequency: nn.Tensor, presence: nn.Tensor) -> nn.Tensor:
+        """float32[b, V]: `logits` with penalties at `pairs` (int64[m, 2], distinct (row, token) of each
+        row's prompt and output tokens; `counts` f32[m]: times in the output): repetition (transformers':
+        divide positive logits, multiply negative ones, for every seen token), then frequency × count and
+        presence (OpenAI's, output tokens only). Penalties are per pair, m × 1 each."""
+        def expr(t):
+            return t._expr
+
+        x = nn.op.wrap_nested(relax.op.gather_nd(expr(logits), expr(pairs)), "penalized_logits")
+        x = nn.op.where(nn.op.greater(x, nn.op.zeros(x.shape, "float32")), x / repetition, x * repetition)
+        in_output = nn.op.astype(nn.op.greater(counts, nn.op.zeros(counts.shape, "float32")), "float32")
+        x = x - frequency * counts - presence * in_output
+        return nn.op.wrap_nested(relax.op.scatter_nd(expr(logits), expr(pairs), expr(x)), "penalize")
+
+    def sample_probs(self, logits: nn.Tensor, temperature: nn.Tensor, min_p: nn.Tensor) -> nn.Tensor:
+        """float32[b, V]: softmax(logits / temperature) without the tokens below min_p × the row's top
+        probability, renormalized."""
+        b = logits.shape[0]
+        probs = nn.op.softmax(logits / nn.op.reshape(temperature, (b, 1)), axis=-1)
+        threshold = nn.op.max(probs, axis=-1, keepdims=True) * nn.op.reshape(min_p, (b, 1))
+        kept = nn.op.where(nn.op.greater_equal(probs, threshold), probs, nn.op.zeros(probs.shape, "float32"))
+        return kept / nn.op.sum(kept, axis=-1, keepdims=True)
+
+    def sample_multinomial(self, probs: nn.Tensor, uniform: nn.Tensor, rows: nn.Tensor) -> nn.Tensor:
+        """int32[n, 1]: a token from probs[rows[i]] for each uniform[i] (inverse CDF)."""
+        return nn.op.multinomial_from_uniform(probs, uniform, rows, dtype="int32")
+
+    def sample_top_p_top_k(self, probs: nn.Tensor, top_p: nn.Tensor, top_k: nn.Tensor, uniform: nn.Tensor,
+                           rows: nn.Tensor) -> nn.Tensor:
+        """int32[n, 1]: a token of probs[rows[i]] among its top_k most likely whose mass is within top_p."""
+        sorted_ids = nn.op.argsort(probs, axis=-1, descending=True, dtype="int32")  # one sort, then a gather
+        sorted_probs = nn.op.wrap_nested(relax.op.gather_elements(probs._expr, sorted_ids._expr, axis=1),
+                                         "sorted_probs")
+        return nn.op.sample_top_p_top_k_from_sorted_prob(sorted_probs, sorted_ids, top_p, top_k, uniform, rows)
+
+    def logprobs(self, logits: nn.Tensor, tokens: nn.Tensor) -> tuple[nn.Tensor, nn.Tensor, nn.Tensor]:
+        """log_softmax(logits) at `tokens` (int32[b, 1]) → f32[b, 1], and the TOP_LOGPROBS most likely tokens
+        of each row: (f32[b, k], int32[b, k]), best first."""
+        lp = nn.op.wrap_nested(relax.op.nn.log_softmax(logits._expr, axis=-1), "log_softmax")
+        chosen = nn.op.wrap_nested(relax.op.gather_elements(lp._expr, tokens._expr, axis=1), "chosen_logprob")
+        top_values, top_ids = nn.op.topk(lp, k=TOP_LOGPROBS, axis=-1, ret_type="both", dtype="int32")
+        return chosen, top_values, top_ids
+
+
+TOP_LOGPROBS = 20  # OpenAI's cap on top_logprobs; the compiled `logprobs` always returns this many

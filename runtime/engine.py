@@ -1,0 +1,446 @@
+"""The serving engine: requests in, tokens out, continuous batching over the paged KV cache.
+
+    from runtime import Engine, EngineConfig, SamplingParams, Message
+    engine = Engine(EngineConfig(model_path="artifacts/", kvmem=4096, max_num_seqs=64))
+    prompt = engine.apply_chat_template([Message("user", "How are you?")], True)
+    outs = engine.generate_sync(SamplingParams(temperature=0), [prompt, prompt])  # list[RequestOutput]
+    for piece in engine.generate_stream(SamplingParams(), prompt): print(piece, end="")
+
+The asyncio interface (what the HTTP server builds on):
+
+    async for delta in engine.generate_async(params, prompt, request_id="r1"):
+        delta.index, delta.text, delta.token_ids, delta.logprobs   # new since the last delta
+        delta.finish_reason                                        # set when completion `index` ends
+        delta.output                                               # RequestOutput, on the last delta only
+    engine.abort("r1")        # from any thread; leaving the `async for` early aborts too
+    engine.stats()            # EngineStats: requests running/waiting, KV pages (what /metrics shows)
+
+`generate_async` (called inside the event loop) raises KilnError at once for a bad request (prompt
+too long, bad sampling field, non-UTF-8 text); other requests are unaffected. The engine loop runs
+on its own thread and owns the ModelRunner; callers only put commands on a queue and read their
+requests' Deltas, so every public method is thread-safe. One step: Scheduler.schedule →
+ModelRunner.forward → ModelRunner.sample on the device (sampling.sample on the host, vectorized, for
+rows with penalties or logprobs) → per sequence: stop checks, detokenization, stop-string hold-back
+→ Delta to the request's sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Iterator
+
+import numpy as np
+
+from .artifact import Artifact
+from .errors import KilnError
+from .model_runner import ModelRunner
+from .request import Completion, Delta, Message, Request, RequestOutput, Sequence, TokenLogprob
+from .sampling import SamplingParams, sample
+from .scheduler import Scheduler
+from .tokenizer import Tokenizer
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass
+class EngineConfig:
+    """Engine settings; None means: derived from the artifact."""
+
+    model_path: str
+    device_id: int = 0
+    kvmem: float | None = None  # KV cache size: MB if > 1, else a fraction of the device's memory
+    kv_tokens: int | None = None  # KV cache size in tokens (overrides kvmem)
+    max_num_seqs: int = 64
+    max_model_len: int | None = None  # tokens per sequence (prompt + output); ≤ the artifact's context
+    max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
+    prefix_caching: bool = True  # keep finished sequences' pages for later prompts (running ones are shared anyway)
+    device_sampling: bool = True  # sample with the artifact's compiled functions when a batch allows it
+    seed: int | None = None  # seeds requests that bring no seed of their own (None: fresh entropy)
+
+
+@dataclass
+class EngineStats:
+    """What a server's /metrics shows; the engine thread refreshes it after every step."""
+
+    running: int = 0  # requests with a sequence in the running batch
+    waiting: int = 0  # requests none of whose sequences has started yet
+    kv_pages_total: int = 0
+    kv_pages_free: int = 0
+    kv_pages_used: int = 0  # held by unfinished sequences (a page shared by forks counts for each)
+    kv_pages_cached: int = 0  # held only by the prefix cache: reclaimed when needed
+    preemptions: int = 0
+
+
+def _kv_tokens(cfg: EngineConfig, artifact: Artifact) -> int | None:
+    """KV cache capacity in tokens for `cfg.kvmem` (None: ModelRunner's default)."""
+    if cfg.kv_tokens is not None or cfg.kvmem is None:
+        return cfg.kv_tokens
+    if cfg.kvmem <= 0:
+        raise KilnError(f"kvmem must be > 0 (MB, or a fraction of device memory ≤ 1), got {cfg.kvmem}")
+    c = artifact.config
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    per_token = 2 * c["num_hidden_layers"] * c.get("num_key_value_heads", c["num_attention_heads"]) * head_dim \
+        * _DTYPE_BYTES.get(artifact.manifest["dtype"], 2)
+    if cfg.kvmem > 1:
+        return int(cfg.kvmem * 2 ** 20 // per_token)
+    if artifact.target == "cpu":
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        import tvm
+        total = tvm.device(artifact.target, cfg.device_id).total_global_memory
+    weights = sum(f.stat().st_size for f in artifact.weight_shards())
+    return int(max(cfg.kvmem * total - weights, 0) // per_token)
+
+
+class TextStream:
+    """Iterate for text pieces; afterwards `output` is the RequestOutput (token counts, timings)."""
+
+    def __init__(self, engine: "Engine", request_id: str, deltas: queue.Queue):
+        self.engine, self.request_id, self._deltas = engine, request_id, deltas
+        self.output: RequestOutput | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            while self.output is None:
+                delta = self._deltas.get()
+                self.output = delta.output
+                if delta.text and delta.index == 0:
+                    yield delta.text
+        finally:
+            self.cancel()  # if the caller stopped early (break, Ctrl-C)
+
+    def cancel(self) -> None:
+        """Abort the request unless it has finished; `output` then holds what was generated."""
+        if self.output is None:
+            self.engine.abort(self.request_id)
+            while self.output is None:
+                self.output = self._deltas.get().output
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        artifact = Artifact.open(cfg.model_path)
+        device = f"{artifact.target}:{cfg.device_id}"
+        if cfg.max_num_seqs < 1 or cfg.max_num_batched_tokens < 1:
+            raise KilnError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.runner = ModelRunner(artifact, device=device, max_batch=cfg.max_num_seqs,
+                                  kv_tokens=_kv_tokens(cfg, artifact))
+        self.tokenizer = Tokenizer(artifact.path)
+        capacity = (self.runner.total_pages - 1) * self.runner.page_size
+        limit = min(self.runner.max_context, capacity)
+        if cfg.max_model_len is not None and cfg.max_model_len > limit:
+            raise KilnError(f"max_model_len {cfg.max_model_len} exceeds what this engine can hold ({limit} tokens: "
+                            f"context {self.runner.max_context}, KV cache {capacity}); raise kvmem or lower it")
+        self.max_model_len = cfg.max_model_len or limit
+        self.scheduler = Scheduler(self.runner, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.prefix_caching)
+        self._rng = np.random.default_rng(cfg.seed)
+        self._seq_ids = itertools.count()
+        self._requests: dict[str, Request] = {}  # owned by the engine thread
+        self._inbox: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # ---- chat
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+        """The prompt text for a conversation, through the model's chat template (runtime.chat_template)."""
+        return self.tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                                  add_generation_prompt)
+
+    # ---- submission (any thread)
+    def add_request(self, prompt: str | bytes | list[int], params: SamplingParams, sink: Callable[[Delta], None],
+                    request_id: str | None = None) -> str:
+        """Queue a request; `sink` gets its Deltas on the engine thread. KilnError if it is malformed."""
+        req = Request(request_id or uuid.uuid4().hex, *self._prompt(prompt), params, sink,
+                      self._stop_ids(params))
+        params.check()
+        if len(req.prompt_ids) >= self.max_model_len:
+            raise KilnError(f"prompt has {len(req.prompt_ids)} tokens; the context limit is {self.max_model_len} "
+                            "(prompt + output)")
+        self._start()
+        self._inbox.put(("add", req))
+        return req.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now; its last Delta has finish_reason "abort"."""
+        self._inbox.put(("abort", request_id))
+
+    def tokenize(self, prompt: str | bytes | list[int]) -> list[int]:
+        """The token ids `prompt` runs as (checked as add_request checks them); KilnError if malformed."""
+        return self._prompt(prompt)[1]
+
+    def _prompt(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, list):
+            bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < self.runner.vocab_size)]
+            if bad:
+                raise KilnError(f"prompt token {bad[0]!r} is not in the vocabulary (size {self.runner.vocab_size})")
+            ids, text = list(prompt), None
+        else:
+            try:
+                text = prompt.decode("utf-8") if isinstance(prompt, bytes) else prompt
+                text.encode("utf-8")
+            except UnicodeError:
+                raise KilnError("prompt is not valid UTF-8 text") from None
+            ids = self.tokenizer.encode(text)
+            bos = self.tokenizer.bos_token_id
+            if len(ids) > 1 and ids[0] == ids[1] == bos:  # a chat template wrote BOS and encode added one
+                ids = ids[1:]
+        if not ids:
+            raise KilnError("prompt is empty")
+        return text, ids
+
+    def _stop_ids(self, params: SamplingParams) -> set[int]:
+        bad = [t for t in params.stop_token_ids if not 0 <= t < self.runner.vocab_size]
+        if bad:
+            raise KilnError(f"stop_token_ids: {bad[0]} is not in the vocabulary (size {self.runner.vocab_size})")
+        return set(params.stop_token_ids) | (set() if params.ignore_eos else self.tokenizer.eos_token_ids)
+
+    # ---- the three ways to generate
+    def generate_sync(self, params: SamplingParams, prompts: list[str | list[int]]) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order; a bad prompt gets finish_reason "error" and `error`."""
+        done: queue.Queue = queue.Queue()
+        outputs: list[RequestOutput | None] = [None] * len(prompts)
+        ids = {}
+        for i, prompt in enumerate(prompts):
+            try:
+                ids[self.add_request(prompt, params, done.put)] = i
+            except KilnError as e:
+                outputs[i] = RequestOutput(f"invalid-{i}", None, [], [Completion(0, finish_reason="error")],
+                                           time.perf_counter(), error=str(e))
+        while ids:
+            delta = done.get()
+            if delta.output is not None:
+                outputs[ids.pop(delta.request_id)] = delta.output
+        return outputs
+
+    def generate_stream(self, params: SamplingParams, prompt: str | list[int],
+                        request_id: str | None = None) -> TextStream:
+        """Text pieces of completion 0 as they are decoded (stop strings never leak)."""
+        deltas: queue.Queue = queue.Queue()
+        return TextStream(self, self.add_request(prompt, params, deltas.put, request_id), deltas)
+
+    def generate_async(self, params: SamplingParams, prompt: str | list[int],
+                       request_id: str | None = None) -> AsyncIterator[Delta]:
+        """Deltas of every completion as they come (call it inside the event loop); a bad request raises
+        KilnError here, before any iteration. See the module docstring."""
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue = asyncio.Queue()
+        rid = self.add_request(prompt, params, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d),
+                               request_id)
+        return self._deltas(rid, deltas)
+
+    async def _deltas(self, request_id: str, deltas: asyncio.Queue) -> AsyncIterator[Delta]:
+        finished = False
+        try:
+            while not finished:
+                delta = await deltas.get()
+                finished = delta.output is not None
+                yield delta
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    # ---- the engine thread
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="kiln-engine", daemon=True)
+                self._thread.start()
+
+    def close(self) -> None:
+        """Stop the engine thread; requests still in flight end with finish_reason "abort"."""
+        with self._lock:
+            if self._thread is not None:
+                self._inbox.put(None)
+                self._thread.join()
+                self._thread = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                commands = [self._inbox.get(block=not self.scheduler.has_work)]
+                while not self._inbox.empty():
+                    commands.append(self._inbox.get())
+            except queue.Empty:
+                commands = []
+            for command in commands:
+                if command is None:
+                    for req in list(self._requests.values()):
+                        self._end_request(req, "abort")
+                    return
+                kind, arg = command
+                if kind == "add":
+                    self._admit(arg)
+                elif kind == "stats":
+                    arg(self._snapshot())
+                elif arg in self._requests:
+                    self._end_request(self._requests[arg], "abort")
+            if self.scheduler.has_work:
+                try:
+                    self.step()
+                except Exception as e:  # a bug, not a user mistake: fail what is in flight, keep serving
+                    traceback.print_exc(file=sys.stderr)
+                    for req in list(self._requests.values()):
+                        self._end_request(req, "error", f"internal error: {e}")
+
+    def stats(self) -> EngineStats:
+        """Requests running/waiting and KV pages, for /metrics: taken by the engine thread between steps
+        (it owns the KV cache), so this waits for at most one step."""
+        with self._lock:
+            if self._thread is None:
+                return self._snapshot()
+            reply: queue.Queue = queue.Queue()
+            self._inbox.put(("stats", reply.put))
+        return reply.get()
+
+    def _snapshot(self) -> EngineStats:
+        sched, ps = self.scheduler, self.runner.page_size
+        free, total = self.runner.free_pages(), self.runner.total_pages
+        used = min(sum(-(-s.num_computed // ps) for s in sched.running), total - free)
+        running = len({s.request.request_id for s in sched.running})
+        return EngineStats(running, len(self._requests) - running, total, free, used, total - free - used,
+                           sched.num_preemptions)
+
+    def _admit(self, req: Request) -> None:
+        if req.request_id in self._requests:
+            self._emit(req, Delta(req.request_id, 0, finish_reason="error",
+                                  output=req.output(f"request id {req.request_id} is already running")))
+            return
+        self._requests[req.request_id] = req
+        self._new_sequence(req)
+
+    def _new_sequence(self, req: Request) -> None:
+        index = len(req.seqs)
+        seed = req.params.seed
+        rng = np.random.default_rng(self._rng.integers(2 ** 63) if seed is None else seed + index)
+        seq = Sequence(next(self._seq_ids), req, index, req.prompt_ids, rng, self.tokenizer)
+        req.seqs.append(seq)
+        self.scheduler.add(seq, first=index > 0)
+
+    def step(self) -> None:
+        """One batch: schedule, forward, sample the sequences whose pending tokens are all computed."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            raise RuntimeError("the scheduler found nothing to run")  # would spin; fail loudly instead
+        rows = [i for i, (seq, n) in enumerate(batch) if n == seq.pending]  # these get a token this step
+        seqs = [batch[i][0] for i in rows]
+        on_device = self.cfg.device_sampling and self.runner.can_sample
+        logits = self.runner.forward([s.seq_id for s, _ in batch],
+                                     [s.token_ids[s.num_computed:s.num_computed + n] for s, n in batch], on_device)
+        for seq, n in batch:
+            self.scheduler.computed(seq, n)
+        if rows:
+            tokens, logprobs = self._sample(logits, np.array(rows), seqs, on_device)
+            for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs):
+                self._append(seq, token, logprob)
+
+    def _sample(self, logits, rows: np.ndarray, seqs: list[Sequence], on_device: bool):
+        """(token ids, TokenLogprob or None) for `seqs`, whose logits are `rows` of `logits`: with the
+        artifact's compiled functions, or numpy on the host (no compiled functions, or device_sampling off)."""
+        params = [s.request.params for s in seqs]
+        if not on_device:
+            penalized = any(p.penalized for p in params)
+            out = sample(logits[rows], params, [s.rng for s in seqs],
+                         [s.token_ids[:s.num_prompt] for s in seqs] if penalized else None,
+                         [s.output_ids for s in seqs] if penalized else None)
+            tokens, lp = out.token_ids, out.logprobs
+            none = np.zeros((len(seqs), 0))  # no row asked for top_logprobs
+            top_lp, top_ids = (none, none) if out.top_ids is None else (out.top_logprobs, out.top_ids)
+        else:
+            raw = logits
+            penalties = _penalty_pairs(rows, seqs)
+            if penalties:
+                logits = self.runner.apply_penalties(logits, *penalties)
+            tokens = self.runner.sample(
+                logits, rows, np.array([0 if p.greedy else p.temperature for p in params], np.float32),
+                np.array([p.top_p for p in params], np.float32), np.array([p.top_k for p in params]),
+                np.array([p.min_p for p in params], np.float32),
+                np.array([0 if p.greedy else s.rng.random() for s, p in zip(seqs, params)]))
+            if any(p.logprobs for p in params):
+                lp, top_lp, top_ids = self.runner.logprobs(raw, rows, tokens)
+        return tokens, [TokenLogprob(int(tokens[j]), float(lp[j]), dict(zip(top_ids[j, :p.top_logprobs].tolist(),
+                                                                            top_lp[j, :p.top_logprobs].tolist())))
+                        if p.logprobs else None for j, p in enumerate(params)]
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
+        req, params = seq.request, seq.request.params
+        if req.first_token_time is None:
+            req.first_token_time = time.perf_counter()
+        if seq.index == 0 and seq.num_output == 0:
+            for _ in range(params.n - 1):  # siblings fork from this prompt's pages (prefix cache)
+                self._new_sequence(req)
+        delta = Delta(req.request_id, seq.index)
+        flush = token in req.stop_ids  # ended by a token: release held-back text
+        if flush:
+            seq.finish_reason = "stop"
+        else:
+            seq.token_ids.append(token)
+            delta.token_ids.append(token)
+            if logprob is not None:
+                delta.logprobs.append(logprob)
+                seq.logprobs.append(logprob)
+            delta.text = seq.add_text(seq.detok.add(token))
+            flush = seq.finish_reason is None and (
+                (params.max_tokens is not None and seq.num_output >= params.max_tokens)
+                or len(seq.token_ids) >= self.max_model_len)
+            if flush:
+                seq.finish_reason = "length"
+        if flush:
+            delta.text += seq.add_text(seq.detok.flush(), final=True)
+        if seq.finish_reason:
+            self.scheduler.finish(seq)
+            delta.finish_reason = seq.finish_reason
+            if req.finished:
+                del self._requests[req.request_id]
+                delta.output = req.output()
+        self._emit(req, delta)
+
+    def _end_request(self, req: Request, reason: str, error: str | None = None) -> None:
+        for seq in req.seqs:
+            if seq.finish_reason is None:
+                seq.finish_reason = reason
+                self.scheduler.finish(seq, keep=error is None)  # after an error its KV state is suspect
+        self._requests.pop(req.request_id, None)
+        self._emit(req, Delta(req.request_id, 0, finish_reason=reason, output=req.output(error)))
+
+    @staticmethod
+    def _emit(req: Request, delta: Delta) -> None:
+        try:
+            req.sink(delta)
+        except Exception:  # a broken consumer must not stop the engine
+            traceback.print_exc(file=sys.stderr)
+
+
+def _penalty_pairs(rows: np.ndarray, seqs: list[Sequence]) -> tuple[np.ndarray, ...]:
+    """ModelRunner.apply_penalties' arguments: the distinct (row, token) pairs each penalized sequence
+    has seen (prompt and output for repetition, output only otherwise) with output counts and penalties;
+    () when there are none."""
+    parts = []
+    for row, seq in zip(rows, seqs):
+        p = seq.request.params
+        if not p.penalized:
+            continue
+        out_ids, counts = np.unique(np.asarray(seq.output_ids, np.int64), return_counts=True)
+        seen = np.union1d(seq.prompt_unique, out_ids) if p.repetition_penalty != 1 else out_ids
+        seen_counts = np.zeros(len(seen), np.float32)
+        seen_counts[np.searchsorted(seen, out_ids)] = counts
+        n = len(seen)
+        if n:
+            parts.append((np.stack([np.full(n, row, np.int64), seen], axis=1), seen_counts,
+                          *(np.full(n, x) for x in (p.repetition_penalty, p.frequency_penalty, p.presence_penalty))))
+    return tuple(np.concatenate(column) for column in zip(*parts))

@@ -1,0 +1,201 @@
+"""ModelRunner: the compiled model's VM functions, its weights and the paged KV cache.
+
+Everything above this file thinks in sequences and token ids; nothing above it touches TVM.
+`forward` appends tokens to any mix of sequences (prefills, chunks of prefills, decodes) and
+returns the logits of each sequence's last new token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from safetensors import safe_open
+
+from .artifact import Artifact, import_tvm, load_library
+from .errors import KilnError
+
+_TARGET_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "metal"}
+
+
+def parse_device(device: str | None, target: str) -> tuple[str, int]:
+    """"cuda:1" → ("cuda", 1); None → the artifact's own device kind, number 0."""
+    kind, _, index = (device or _TARGET_DEVICE[target]).partition(":")
+    if kind != _TARGET_DEVICE[target]:
+        raise KilnError(f"this artifact was compiled for {target}; it cannot run on device '{device}' "
+                        f"(compile it with TARGET={kind})")
+    return kind, int(index or 0)
+
+
+class ModelRunner:
+    def __init__(self, artifact: str | Artifact, device: str | None = None, max_batch: int = 64,
+                 kv_tokens: int | None = None, prefill_chunk: int | None = None):
+        self.artifact = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
+        manifest, cfg = self.artifact.manifest, self.artifact.config
+        kind, index = parse_device(device, self.artifact.target)
+        tvm = import_tvm(kind)
+        self._tvm = tvm
+        from tvm.runtime.vm import VirtualMachine
+
+        self.device = tvm.device(kind, index)
+        if not self.device.exist:
+            raise KilnError(f"device {kind}:{index} not found")
+        self.vm = VirtualMachine(load_library(self.artifact, kind), self.device)
+        self.params = self._load_params()
+        self.vocab_size = cfg["vocab_size"]
+        self.page_size = manifest["page_size"]
+        self.max_context = manifest["context_length"]
+        self.prefill_chunk = min(prefill_chunk or manifest["prefill_chunk"], manifest["prefill_chunk"])
+        if max_batch > manifest["max_batch"]:
+            raise KilnError(f"{self.artifact.path}: at most {manifest['max_batch']} sequences per step were "
+                            f"compiled in, {max_batch} asked; lower max_num_seqs or recompile with --max_batch")
+        self.max_batch = max_batch
+        kv_tokens = kv_tokens or max(self.max_context, 8192)
+        shape = tvm.runtime.ShapeTuple
+        self.kv = self.vm["create_paged_kv_cache"](shape([max_batch]), shape([kv_tokens]),
+                                                   shape([self.prefill_chunk]), shape([self.page_size]),
+                                                   shape([0]))
+        self._f = {name: tvm.get_global_func("vm.builtin." + name) for name in (
+            "kv_state_add_sequence", "kv_state_remove_sequence", "kv_state_fork_sequence", "kv_state_popn",
+            "kv_state_begin_forward", "kv_state_end_forward", "attention_kv_cache_get_num_available_pages",
+            "attention_kv_cache_get_sequence_length")}
+        self.total_pages = self.free_pages()
+        # artifacts compiled before model_defs/sampling.py (apply_penalties is its newest) lack these; the
+        # engine samples on the host then
+        self.can_sample = self.vm.module.implements_function("apply_penalties")
+
+    def _load_params(self) -> list:
+        names = [p["name"] for p in self.artifact.params()]
+        arrays = {}
+        for shard in self.artifact.weight_shards():
+            with safe_open(str(shard), framework="numpy") as f:
+                for name in f.keys():
+                    arrays[name] = self._tvm.runtime.tensor(f.get_tensor(name), self.device)
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise KilnError(f"{self.artifact.path}: weights lack {missing[0]} (and {len(missing) - 1} more); "
+                            "recompile the artifact")
+        return [arrays[n] for n in names]
+
+    # ---- sequences in the KV cache
+    def add_sequence(self, seq_id: int) -> None:
+        self._f["kv_state_add_sequence"](self.kv, seq_id)
+
+    def remove_sequence(self, seq_id: int) -> None:
+        self._f["kv_state_remove_sequence"](self.kv, seq_id)
+
+    def fork_sequence(self, parent: int, child: int, pos: int = -1) -> None:
+        """`child` starts as the first `pos` tokens of `parent` (all of it for -1), sharing its pages."""
+        self._f["kv_state_fork_sequence"](self.kv, parent, child, pos)
+
+    def popn(self, seq_id: int, n: int) -> None:
+        self._f["kv_state_popn"](self.kv, seq_id, n)
+
+    def sequence_length(self, seq_id: int) -> int:
+        return int(self._f["attention_kv_cache_get_sequence_length"](self.kv, seq_id))
+
+    def free_pages(self) -> int:
+        return int(self._f["attention_kv_cache_get_num_available_pages"](self.kv))
+
+    # ---- the forward pass
+    def forward(self, seq_ids: list[int], token_lists: list[list[int]], on_device: bool = False):
+        """Append each token list to its sequence; float32 logits [len(seq_ids), vocab] of the last tokens
+        (a numpy array, or with `on_device` a device tensor for `sample`)."""
+        if len(seq_ids) != len(token_lists) or len(set(seq_ids)) != len(seq_ids):
+            raise ValueError("forward needs one token list per distinct sequence")
+        if len(seq_ids) > self.max_batch:
+            raise ValueError(f"forward got {len(seq_ids)} sequences; this runner takes at most {self.max_batch}")
+        for tokens in token_lists:
+            if not tokens:
+                raise ValueError("forward needs at least one token per sequence")
+            bad = [t for t in tokens if not 0 <= t < self.vocab_size]
+            if bad:
+                raise KilnError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+        done = []  # (hidden rows of a forward, [(row, index into seq_ids)] whose last token it ran)
+        for chunk in self._chunks(token_lists):
+            rows = self._run_chunk([seq_ids[i] for i, _, _ in chunk], [t for _, t, _ in chunk])
+            finished = [(row, i) for row, (i, _, last) in enumerate(chunk) if last]
+            if finished:
+                done.append((rows, finished))
+        if len(done) == 1 and all(row == i for row, i in done[0][1]) and len(done[0][1]) == len(seq_ids):
+            hidden = done[0][0]  # the common case: one forward, rows already in order
+        else:
+            host = {i: rows.numpy()[row] for rows, finished in done for row, i in finished}
+            hidden = self._tvm.runtime.tensor(np.stack([host[i] for i in range(len(seq_ids))]), self.device)
+        logits = self.vm["logits"](hidden, self.params)
+        return logits if on_device else logits.numpy()
+
+    def sample(self, logits, rows: np.ndarray, temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray,
+               min_p: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+        """One token id for each of `rows` of device `logits`, chosen on the device (only ids come back):
+        temperature 0 is argmax, else softmax(logits / temperature) filtered by min_p, top_p and top_k
+        (≤ 0: off), drawn with `uniform` (host random numbers in [0, 1)). Arrays are per entry of `rows`."""
+        tensor, f32, i32 = self._tvm.runtime.tensor, np.float32, np.int32
+        b = logits.shape[0]
+        tokens = self.vm["argmax"](logits).numpy()[rows]
+        draw = temperature > 0
+        if not draw.any():
+            return tokens
+
+        def per_row(values, fill, dtype):  # a [b] array: `values` at `rows`, `fill` elsewhere
+            full = np.full(b, fill, dtype)
+            full[rows] = values
+            return full
+
+        probs = self.vm["sample_probs"](logits, tensor(per_row(np.where(draw, temperature, 1), 1, f32), self.device),
+                                        tensor(per_row(min_p, 0, f32), self.device))
+        picks = tensor(rows[draw].astype(i32)[:, None], self.device)
+        u = tensor(uniform[draw].astype(f32)[:, None], self.device)
+        if (top_p[draw] < 1).any() or (top_k[draw] > 0).any():
+            tp = per_row(top_p, 1, f32)[:, None]
+            tk = per_row(np.where(top_k > 0, top_k, self.vocab_size), self.vocab_size, i32)[:, None]
+            drawn = self.vm["sample_top_p_top_k"](probs, tensor(tp, self.device), tensor(tk, self.device), u, picks)
+        else:
+            drawn = self.vm["sample_multinomial"](probs, u, picks)
+        tokens[draw] = drawn.numpy()[:, 0]
+        return tokens
+
+    def apply_penalties(self, logits, pairs: np.ndarray, counts: np.ndarray, repetition: np.ndarray,
+                        frequency: np.ndarray, presence: np.ndarray):
+        """Device `logits` with penalties at (row, token) `pairs`, one value per pair (model_defs/sampling.py)."""
+        def tensor(a, dtype):
+            return self._tvm.runtime.tensor(np.ascontiguousarray(a, dtype), self.device)
+
+        return self.vm["apply_penalties"](logits, tensor(pairs, np.int64), tensor(counts, np.float32),
+                                          tensor(repetition, np.float32), tensor(frequency, np.float32),
+                                          tensor(presence, np.float32))
+
+    def logprobs(self, logits, rows: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For `rows` of device `logits`: log_softmax at `tokens`, and the top 20 (log-probabilities, ids)."""
+        chosen = np.zeros((logits.shape[0], 1), np.int32)
+        chosen[rows, 0] = tokens
+        lp, top_lp, top_ids = self.vm["logprobs"](logits, self._tvm.runtime.tensor(chosen, self.device))
+        return lp.numpy()[rows, 0], top_lp.numpy()[rows], top_ids.numpy()[rows]
+
+    def _chunks(self, token_lists):
+        """Pack (sequence index, tokens, is_last_piece) into forwards of ≤ prefill_chunk tokens."""
+        chunk, room = [], self.prefill_chunk
+        for i, tokens in enumerate(token_lists):
+            start = 0
+            while start < len(tokens):
+                take = min(room, len(tokens) - start)
+                chunk.append((i, tokens[start:start + take], start + take == len(tokens)))
+                start += take
+                room -= take
+                if room == 0:
+                    yield chunk
+                    chunk, room = [], self.prefill_chunk
+        if chunk:
+            yield chunk
+
+    def _run_chunk(self, seq_ids: list[int], token_lists: list[list[int]]):
+        tvm, shape = self._tvm, self._tvm.runtime.ShapeTuple
+        lengths = [len(t) for t in token_lists]
+        flat = np.fromiter((t for ts in token_lists for t in ts), dtype="int32", count=sum(lengths))
+        self._f["kv_state_begin_forward"](self.kv, shape(seq_ids), shape(lengths))
+        try:
+            embeds = self.vm["embed"](tvm.runtime.tensor(flat, self.device), self.params)
+            if all(n == 1 for n in lengths):
+                return self.vm["decode"](embeds, self.kv, self.params)
+            logit_pos = tvm.runtime.tensor(np.cumsum(lengths).astype("int32") - 1, self.device)
+            return self.vm["prefill"](embeds, logit_pos, self.kv, self.params)
+        finally:
+            self._f["kv_state_end_forward"](self.kv)

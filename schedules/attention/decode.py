@@ -1,0 +1,300 @@
+"""Split-KV (flash-decoding) paged attention for one query token per sequence, CUDA TIR.
+
+Why: TVM's fallback decode kernel runs one thread block per (sequence, KV head), so at batch 1 it
+occupies 8 of 132 SMs and reaches ~1% of HBM bandwidth. Here each sequence's pages are split over
+``num_splits`` blocks (chosen from the batch size so that batch x KV heads x splits fills one wave of
+resident blocks), each block writes a partial softmax state (o, lse) and a second kernel in the same
+PrimFunc merges the states. Each block reads its KV head once for the whole GQA group, by 16-byte
+cp.async copies in a 3-stage pipeline. H200, Llama-3.1-8B layer: 73-81% of copy bandwidth at
+batch >= 16 and context >= 8k, 30-62% at batch 1 (docs/attention.md).
+
+Calling convention = TVM's ``TIRPagedDecodeFunc`` (runtime/vm/attn_backend.h):
+``(q, pages, page_indptr, page_values, length_info, k_rope_pos_offset, q_rope_position,
+output, lse, rotary_mode, rope_scale, rope_theta, sm_scale)``; ``lse`` is base-2 like TVM's.
+Only RopeMode NORMAL/NONE (RoPE applied before the cache) and no sliding window.
+"""
+
+import math
+
+from tvm.script import tirx as T
+
+from .cuda_helpers import CP_ASYNC16, CP_COMMIT, cp_async_wait
+
+PAGE_SIZE = 16
+TOKENS_PER_ROW = 4  # tokens one row of lanes handles per iteration (loads in flight per thread)
+RESIDENT_BLOCKS = 132 * 3  # H100/H200: 132 SMs x 3 blocks (159 registers x 128 threads, 65 KB smem)
+MIN_SPLIT_PAGES = 4  # below 64 tokens per block the merge costs more than it saves
+STAGES = 3  # cp.async pipeline depth: 2 tiles (32 KB) in flight per block while one is computed
+MERGE_SLICES = 16  # thread rows of the split-merge kernel (splits merged in parallel)
+NEG = -1.0e30  # finite "minus infinity": exp2(NEG - NEG) must not be NaN
+
+
+def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, stages: int = STAGES,
+                  resident_blocks: int = RESIDENT_BLOCKS):
+    """Build the split-KV decode PrimFunc (global symbol ``kiln_decode_paged_kv``)."""
+    assert dtype in ("float16", "bfloat16"), dtype
+    H_kv, H_qo, D = num_kv_heads, num_qo_heads, head_dim
+    G = H_qo // H_kv
+    VEC = 8  # 8 x 16-bit = one 16-byte load per lane
+    LANES = D // VEC
+    assert D % VEC == 0 and LANES in (4, 8, 16, 32), head_dim
+    ROWS = 128 // LANES
+    U = TOKENS_PER_ROW
+    ROWS_PER_PAGE = PAGE_SIZE // U
+    PAGES_PER_TILE = ROWS // ROWS_PER_PAGE
+    NTHREADS = ROWS * LANES
+    assert G * ROWS * D * 4 <= 48 * 1024, "row-merge buffer exceeds 48 KB of shared memory"
+    EPT = (G * D + NTHREADS - 1) // NTHREADS  # outputs each thread finalizes
+    MVEC = 4  # dims per thread in the split-merge kernel
+    scale_log2 = math.log2(math.e)
+    WAIT_NAME, WAIT_SRC = cp_async_wait(stages - 1)  # tile `it` landed, later ones may fly
+
+    # pylint: disable=invalid-name,too-many-locals,too-many-statements
+    @T.prim_func(s_tir=True)
+    def kiln_decode_paged_kv(
+        Q_handle: T.handle,
+        pages_handle: T.handle,
+        page_indptr_handle: T.handle,
+        page_values_handle: T.handle,
+        length_info_handle: T.handle,
+        k_rope_pos_offset_handle: T.handle,
+        q_rope_position_handle: T.handle,
+        output_handle: T.handle,
+        lse_handle: T.handle,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "global_symbol": "kiln_decode_paged_kv"})
+        B = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        page_indptr_elem_offset = T.int32()
+        page_values_elem_offset = T.int32()
+        length_info_elem_offset = T.int32()
+        k_rope_elem_offset = T.int32()
+        q_rope_elem_offset = T.int32()
+
+        Q = T.match_buffer(Q_handle, (B, H_qo, D), dtype)
+        pages = T.match_buffer(pages_handle, (max_num_pages, 2, H_kv, PAGE_SIZE, D), dtype)
+        page_indptr = T.match_buffer(page_indptr_handle, (B + 1,), "int32", elem_offset=page_indptr_elem_offset)
+        page_values = T.match_buffer(page_values_handle, (nnz_pages,), "int32", elem_offset=page_values_elem_offset)
+        length_info = T.match_buffer(length_info_handle, (B,), "int32", elem_offset=length_info_elem_offset)
+        k_rope_pos_offset = T.match_buffer(k_rope_pos_offset_handle, (B,), "int32", elem_offset=k_rope_elem_offset)
+        q_rope_position = T.match_buffer(q_rope_position_handle, (B,), "int32", elem_offset=q_rope_elem_offset)
+        output = T.match_buffer(output_handle, (B, H_qo, D), dtype)
+        lse = T.match_buffer(lse_handle, (B, H_qo), "float32")
+
+        # splits per sequence: as many as fit in one wave of resident blocks (a second, partial wave
+        # would cost a whole block time)
+        NS = T.meta_var(T.max(1, T.floordiv(resident_blocks, B * H_kv)))
+        O_part = T.alloc_buffer((NS, B, H_qo, D), "float32")
+        L_part = T.alloc_buffer((NS, B, H_qo), "float32")
+
+        # ---- kernel 1: one block per (split, kv head, sequence) ----
+        for bz in T.thread_binding(B, thread="blockIdx.z"):
+            for by in T.thread_binding(H_kv, thread="blockIdx.y"):
+                for bx in T.thread_binding(NS, thread="blockIdx.x"):
+                    for ty in T.thread_binding(ROWS, thread="threadIdx.y"):
+                        for tx in T.thread_binding(LANES, thread="threadIdx.x"):
+                            with T.sblock("split"):
+                                T.reads()
+                                T.writes()
+                                q_loc = T.sblock_alloc_buffer((G, VEC), "float32", scope="local")
+                                o_loc = T.sblock_alloc_buffer((G, VEC), "float32", scope="local")
+                                m_loc = T.sblock_alloc_buffer((G,), "float32", scope="local")
+                                d_loc = T.sblock_alloc_buffer((G,), "float32", scope="local")
+                                k_loc = T.sblock_alloc_buffer((U, VEC), dtype, scope="local")
+                                v_loc = T.sblock_alloc_buffer((U, VEC), dtype, scope="local")
+                                vf = T.sblock_alloc_buffer((U, VEC), "float32", scope="local")
+                                s_loc = T.sblock_alloc_buffer((U, G), "float32", scope="local")
+                                p_loc = T.sblock_alloc_buffer((U,), "float32", scope="local")
+                                valid = T.sblock_alloc_buffer((U,), "bool", scope="local")
+                                mx = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                alpha = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                page_no = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                                fin = T.sblock_alloc_buffer((4,), "float32", scope="local")
+                                # each thread copies and later reads only its own 16-byte chunks, so
+                                # the pipeline needs cp.async.wait_group but no block barrier
+                                kv_sm = T.sblock_alloc_buffer((stages, 2, ROWS * U, D), dtype, scope="shared.dyn")
+                                sm_o = T.sblock_alloc_buffer((ROWS, G, D), "float32", scope="shared")
+                                sm_md = T.sblock_alloc_buffer((ROWS, G, 2), "float32", scope="shared")
+                                # per-block scalars in registers (T.let would be re-expanded at every use)
+                                info = T.sblock_alloc_buffer((6,), "int32", scope="local")
+                                info[0] = page_indptr[bz]  # first page slot of the sequence
+                                info[1] = page_indptr[bz + 1] - info[0]  # pages of the sequence
+                                info[2] = T.max(T.truncdiv(info[1] + NS - 1, NS), MIN_SPLIT_PAGES)  # pages per split
+                                info[3] = T.max(1, T.truncdiv(info[1] + info[2] - 1, info[2]))  # splits used
+                                info[4] = T.min(info[1], bx * info[2] + info[2])  # this split's page end
+                                info[5] = T.min(T.if_then_else(info[1] > 0, (info[1] - 1) * PAGE_SIZE + length_info[bz], 0), info[4] * PAGE_SIZE)  # token end
+                                pg_begin: T.let[T.int32] = info[0]
+                                n_used: T.let[T.int32] = info[3]
+                                pg_lo: T.let[T.int32] = bx * info[2]
+                                pg_hi: T.let[T.int32] = info[4]
+                                tok_hi: T.let[T.int32] = info[5]
+                                n_it: T.let[T.int32] = T.truncdiv(pg_hi - pg_lo + PAGES_PER_TILE - 1, PAGES_PER_TILE)
+                                row_pg: T.let[T.int32] = ty // ROWS_PER_PAGE
+                                row_off: T.let[T.int32] = (ty % ROWS_PER_PAGE) * U
+                                if bx < n_used:
+                                    for g in T.unroll(G):
+                                        m_loc[g] = T.float32(NEG)
+                                        d_loc[g] = T.float32(0)
+                                        for v in T.unroll(VEC):
+                                            o_loc[g, v] = T.float32(0)
+                                            q_loc[g, v] = T.cast(Q[bz, by * G + g, tx * VEC + v], "float32") * sm_scale * T.float32(scale_log2)
+                                    # page_no always holds the page of the next tile to copy
+                                    page_no[0] = T.if_then_else(pg_lo + row_pg < pg_hi, page_values[pg_begin + pg_lo + row_pg], 0)
+                                    for st in T.unroll(stages - 1):
+                                        if pg_lo + st * PAGES_PER_TILE + row_pg < pg_hi:
+                                            for u in T.unroll(U):
+                                                for kv in T.unroll(2):
+                                                    T.evaluate(T.cuda.func_call(
+                                                        "kiln_cp_async16",
+                                                        kv_sm.data, ((((st * 2 + kv) * ROWS * U + ty * U + u) * D) + tx * VEC) * 2,
+                                                        T.address_of(pages[T.Cast("int64", page_no[0]), kv, by, row_off + u, tx * VEC]),
+                                                        source_code=CP_ASYNC16))
+                                        T.evaluate(T.cuda.func_call("kiln_cp_async_commit", source_code=CP_COMMIT))
+                                        page_no[0] = T.if_then_else(pg_lo + (st + 1) * PAGES_PER_TILE + row_pg < pg_hi,
+                                                                    page_values[pg_begin + pg_lo + (st + 1) * PAGES_PER_TILE + row_pg], 0)
+                                    for it in T.serial(n_it):
+                                        pg_next: T.let[T.int32] = pg_lo + (it + stages - 1) * PAGES_PER_TILE + row_pg
+                                        if pg_next < pg_hi:
+                                            for u in T.unroll(U):
+                                                for kv in T.unroll(2):
+                                                    T.evaluate(T.cuda.func_call(
+                                                        "kiln_cp_async16",
+                                                        kv_sm.data, (((((it + stages - 1) % stages * 2 + kv) * ROWS * U + ty * U + u) * D) + tx * VEC) * 2,
+                                                        T.address_of(pages[T.Cast("int64", page_no[0]), kv, by, row_off + u, tx * VEC]),
+                                                        source_code=CP_ASYNC16))
+                                        T.evaluate(T.cuda.func_call("kiln_cp_async_commit", source_code=CP_COMMIT))
+                                        # prefetch the page number of the tile after; the compute below hides it
+                                        page_no[0] = T.if_then_else(pg_next + PAGES_PER_TILE < pg_hi, page_values[pg_begin + pg_next + PAGES_PER_TILE], 0)
+                                        T.evaluate(T.cuda.func_call(WAIT_NAME, source_code=WAIT_SRC))
+                                        pg: T.let[T.int32] = pg_lo + it * PAGES_PER_TILE + row_pg
+                                        for u in T.unroll(U):
+                                            for v in T.vectorized(VEC):
+                                                k_loc[u, v] = kv_sm[it % stages, 0, ty * U + u, tx * VEC + v]
+                                            for v in T.vectorized(VEC):
+                                                v_loc[u, v] = kv_sm[it % stages, 1, ty * U + u, tx * VEC + v]
+                                        for u in T.unroll(U):
+                                            valid[u] = pg * PAGE_SIZE + row_off + u < tok_hi
+                                            for g in T.unroll(G):
+                                                s_loc[u, g] = T.float32(0)
+                                                for v in T.unroll(VEC):
+                                                    s_loc[u, g] = s_loc[u, g] + q_loc[g, v] * T.cast(k_loc[u, v], "float32")
+                                        # sum the dot products over the LANES lanes of a row
+                                        for sh in T.unroll(int(math.log2(LANES))):
+                                            for u in T.unroll(U):
+                                                for g in T.unroll(G):
+                                                    s_loc[u, g] = s_loc[u, g] + T.tvm_warp_shuffle_xor(
+                                                        T.uint32(0xFFFFFFFF), s_loc[u, g], LANES >> (sh + 1), 32, 32)
+                                        for u in T.unroll(U):
+                                            for v in T.unroll(VEC):
+                                                # stale or unwritten slots may hold NaN bits: select, not multiply
+                                                vf[u, v] = T.if_then_else(valid[u], T.cast(v_loc[u, v], "float32"), T.float32(0))
+                                        for g in T.unroll(G):
+                                            mx[0] = m_loc[g]
+                                            for u in T.unroll(U):
+                                                s_loc[u, g] = T.if_then_else(valid[u], s_loc[u, g], T.float32(NEG))
+                                                mx[0] = T.max(mx[0], s_loc[u, g])
+                                            alpha[0] = T.exp2(m_loc[g] - mx[0])
+                                            m_loc[g] = mx[0]
+                                            d_loc[g] = d_loc[g] * alpha[0]
+                                            for u in T.unroll(U):
+                                                p_loc[u] = T.if_then_else(valid[u], T.exp2(s_loc[u, g] - mx[0]), T.float32(0))
+                                                d_loc[g] = d_loc[g] + p_loc[u]
+                                            for v in T.unroll(VEC):
+                                                o_loc[g, v] = o_loc[g, v] * alpha[0]
+                                                for u in T.unroll(U):
+                                                    o_loc[g, v] = o_loc[g, v] + p_loc[u] * vf[u, v]
+                                    # merge the ROWS row states of this block through shared memory
+                                    for g in T.unroll(G):
+                                        for v in T.unroll(VEC):
+                                            sm_o[ty, g, tx * VEC + v] = o_loc[g, v]
+                                        if tx == 0:
+                                            sm_md[ty, g, 0] = m_loc[g]
+                                            sm_md[ty, g, 1] = d_loc[g]
+                                    T.tvm_storage_sync("shared")
+                                    for e in T.unroll(EPT):
+                                        idx: T.let[T.int32] = (ty * LANES + tx) * EPT + e
+                                        if idx < G * D:
+                                            gi: T.let[T.int32] = idx // D
+                                            di: T.let[T.int32] = idx % D
+                                            fin[0] = T.float32(NEG)
+                                            for r in T.unroll(ROWS):
+                                                fin[0] = T.max(fin[0], sm_md[r, gi, 0])
+                                            fin[1] = T.float32(0)
+                                            fin[2] = T.float32(0)
+                                            for r in T.unroll(ROWS):
+                                                fin[3] = T.exp2(sm_md[r, gi, 0] - fin[0])
+                                                fin[1] = fin[1] + sm_md[r, gi, 1] * fin[3]
+                                                fin[2] = fin[2] + sm_o[r, gi, di] * fin[3]
+                                            fin[2] = T.if_then_else(fin[1] > T.float32(0), fin[2] / fin[1], T.float32(0))
+                                            fin[3] = T.if_then_else(fin[1] > T.float32(0), fin[0] + T.log2(fin[1]), T.float32(-5e4))
+                                            if n_used == 1:
+                                                output[bz, by * G + gi, di] = T.cast(fin[2], dtype)
+                                                if di == 0:
+                                                    lse[bz, by * G + gi] = fin[3]
+                                            else:
+                                                O_part[bx, bz, by * G + gi, di] = fin[2]
+                                                if di == 0:
+                                                    L_part[bx, bz, by * G + gi] = fin[3]
+
+        # ---- kernel 2: merge the split states of sequences that used more than one split ----
+        for bz in T.thread_binding(B, thread="blockIdx.y"):
+            for bh in T.thread_binding(H_qo, thread="blockIdx.x"):
+                for ty in T.thread_binding(MERGE_SLICES, thread="threadIdx.y"):
+                    for tx in T.thread_binding(D // MVEC, thread="threadIdx.x"):
+                        with T.sblock("merge"):
+                            T.reads()
+                            T.writes()
+                            acc = T.sblock_alloc_buffer((MVEC,), "float32", scope="local")
+                            st = T.sblock_alloc_buffer((4,), "float32", scope="local")
+                            sm_acc = T.sblock_alloc_buffer((MERGE_SLICES, D), "float32", scope="shared")
+                            sm_st = T.sblock_alloc_buffer((MERGE_SLICES, 2), "float32", scope="shared")
+                            info2 = T.sblock_alloc_buffer((3,), "int32", scope="local")
+                            info2[0] = page_indptr[bz + 1] - page_indptr[bz]
+                            info2[1] = T.max(T.truncdiv(info2[0] + NS - 1, NS), MIN_SPLIT_PAGES)
+                            info2[2] = T.max(1, T.truncdiv(info2[0] + info2[1] - 1, info2[1]))
+                            n_used2: T.let[T.int32] = info2[2]
+                            if n_used2 > 1:
+                                # slice ty merges splits ty, ty + MERGE_SLICES, ... online
+                                st[0] = T.float32(NEG)
+                                st[1] = T.float32(0)
+                                for v in T.unroll(MVEC):
+                                    acc[v] = T.float32(0)
+                                for i in T.serial(T.truncdiv(n_used2 + MERGE_SLICES - 1, MERGE_SLICES)):
+                                    if i * MERGE_SLICES + ty < n_used2:
+                                        st[2] = L_part[i * MERGE_SLICES + ty, bz, bh]
+                                        st[3] = T.max(st[0], st[2])
+                                        st[2] = T.exp2(st[2] - st[3])
+                                        st[0] = T.exp2(st[0] - st[3])  # rescale factor of the old state
+                                        st[1] = st[1] * st[0] + st[2]
+                                        for v in T.unroll(MVEC):
+                                            acc[v] = acc[v] * st[0] + O_part[i * MERGE_SLICES + ty, bz, bh, tx * MVEC + v] * st[2]
+                                        st[0] = st[3]
+                                for v in T.unroll(MVEC):
+                                    sm_acc[ty, tx * MVEC + v] = acc[v]
+                                if tx == 0:
+                                    sm_st[ty, 0] = st[0]
+                                    sm_st[ty, 1] = st[1]
+                                T.tvm_storage_sync("shared")
+                                if ty == 0:
+                                    st[0] = T.float32(NEG)
+                                    for r in T.unroll(MERGE_SLICES):
+                                        st[0] = T.max(st[0], sm_st[r, 0])
+                                    st[1] = T.float32(0)
+                                    for v in T.unroll(MVEC):
+                                        acc[v] = T.float32(0)
+                                    for r in T.unroll(MERGE_SLICES):
+                                        st[2] = T.exp2(sm_st[r, 0] - st[0])
+                                        st[1] = st[1] + sm_st[r, 1] * st[2]
+                                        for v in T.unroll(MVEC):
+                                            acc[v] = acc[v] + sm_acc[r, tx * MVEC + v] * st[2]
+                                    for v in T.unroll(MVEC):
+                                        output[bz, bh, tx * MVEC + v] = T.cast(acc[v] / st[1], dtype)
+                                    if tx == 0:
+                                        lse[bz, bh] = st[0] + T.log2(st[1])
+
+    return kiln_decode_paged_kv

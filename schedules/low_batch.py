@@ -1,0 +1,62 @@
+"""Run-time dispatch on the token count for matmuls: GEMV-style kernels for a few rows, tiled GEMM for many.
+
+A matmul with a dynamic row count (decode batch `b`, prefill tokens `n`) gets one kernel for every
+M, and a tile-based GEMM wastes almost all of its work when M is 1–8: decode then reads the
+weights at a fraction of the memory bandwidth. This pass gives each such PrimFunc an
+`if M <= limit` chain: dlight's LowBatchGEMV schedules (rows padded to a small bucket, weights read
+once per bucket) below the limits, the large-M rules above them.
+"""
+
+from __future__ import annotations
+
+import tvm
+import tvm_ffi
+from tvm import s_tir, tirx
+from tvm.ir import IRModule
+from tvm.s_tir import dlight as dl
+
+LIMITS_AND_BUCKETS = ((2, 2), (8, 4))  # M <= 2 → bucket 2; M <= 8 → bucket 4; else the GEMM rules
+
+
+def _schedule(func: tirx.PrimFunc, rules: list) -> tirx.PrimFunc:
+    return dl.ApplyDefaultSchedule(*rules)(IRModule({"main": func}))["main"]
+
+
+def _root(func: tirx.PrimFunc) -> tuple:
+    """(body inside the root block, the root block's buffers): one function's part of the if-chain."""
+    block = func.body.block
+    return block.body, list(block.alloc_buffers)
+
+
+def _single_dynamic_dim(func: tirx.PrimFunc):
+    buffers = [p for p in func.params if hasattr(p, "shape")]  # params that are buffers, not scalars
+    dims = {d for buf in buffers for d in buf.shape if isinstance(d, tirx.Var)}
+    return dims.pop() if len(dims) == 1 else None
+
+
+@tvm.transform.module_pass(opt_level=0, name="KilnLowBatchDispatch")
+class LowBatchDispatch:
+    """Specialise every GEMV-shaped PrimFunc with one dynamic dimension (see the module docstring)."""
+
+    def __init__(self, large_rules: list):
+        self.large_rules = large_rules
+
+    def transform_module(self, mod: IRModule, _ctx) -> IRModule:
+        for gvar, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or func.attrs and "tir.is_scheduled" in func.attrs:
+                continue
+            rows = _single_dynamic_dim(func)
+            if rows is None:
+                continue
+            small = [_schedule(func, [dl.gpu.LowBatchGEMV(bucket)]) for _, bucket in LIMITS_AND_BUCKETS]
+            if any(tvm_ffi.structural_equal(s, func) for s in small):
+                continue  # not a matmul LowBatchGEMV understands
+            body, buffers = _root(_schedule(func, self.large_rules))
+            for (limit, _), low in reversed(list(zip(LIMITS_AND_BUCKETS, small))):
+                low_body, low_buffers = _root(low)
+                body = tirx.IfThenElse(tirx.op.tvm_thread_invariant(rows <= limit), low_body, body)
+                buffers += low_buffers
+            body = s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", body, alloc_buffers=buffers))
+            new = func.with_body(body).with_attr("tir.is_scheduled", True)
+            mod.update_func(gvar, new.with_attr("tir.HoistIfThenElseExprWithBlock", 1))
+        return mod

@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny random-weight HF models (transformers, CPU) and compiled Kiln artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+STORIES_HF = REPO / "model_defs" / "stories260K"
+STORIES_EXPECTED = json.loads((REPO / "tests" / "data" / "stories260K_expected.json").read_text())
+
+# Tiny configs of each family: GQA, several layers, head_dim 16 (32 for qwen3), vocab 256.
+_COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, rms_norm_eps=1e-5,
+               bos_token_id=1, eos_token_id=2)
+TINY_CONFIGS = {
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
+        _COMMON, rope_theta=500000.0, tie_word_embeddings=False,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=64))),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(_COMMON, rope_theta=1e6, tie_word_embeddings=False,
+                                                            head_dim=16, sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_COMMON, rope_theta=1e6, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_COMMON, head_dim=32, rope_theta=1e6,
+                                                      tie_word_embeddings=True, attention_bias=False)),
+}
+
+# head_dim 128 with GQA 4: the shapes Kiln's own CUDA attention kernels serve (smaller heads use TVM's)
+HEAD_DIM_128 = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=1, head_dim=128)
+
+
+def make_tiny_hf(family: str, out: Path, seed: int = 0, **overrides) -> Path:
+    """Save a random-weight transformers model of `family` to `out`; weights scaled so logits are spread."""
+    import torch
+    import transformers
+
+    config_cls, model_cls, kwargs = TINY_CONFIGS[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**{**kwargs, **overrides})
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * (0.5 if "embed" in name else 1.0) / p.shape[-1] ** 0.5)
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(out)
+    return out
+
+
+def hf_logits(model_dir: Path, ids: list[int]) -> np.ndarray:
+    """transformers' float64 logits of every position of `ids` (the reference)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float64).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def hf_greedy(model_dir: Path, ids: list[int], n: int, dtype: str = "float64") -> list[int]:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=getattr(torch, dtype)).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                             pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def compile_cpu(model: str | Path, out: Path, dtype: str = "float32") -> Path:
+    from compile.driver import compile_artifact
+
+    return compile_artifact(model=str(model), target="cpu", dtype=dtype, out=str(out), weights=None,
+                            cuda_arch=None, context=512, page_size=16, prefill_chunk=64)
+
+
+@pytest.fixture(scope="session")
+def stories_artifact(tmp_path_factory) -> Path:
+    return compile_cpu(STORIES_HF, tmp_path_factory.mktemp("stories"))

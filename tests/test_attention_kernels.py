@@ -1,0 +1,213 @@
+"""Kiln attention kernels and KilnPagedKVCache, on a machine without a GPU.
+
+CUDA kernels: compiled to CUDA source (and by nvcc when present) and checked for the properties
+they exist for (split-KV grid, cp.async pipeline, 16-byte page loads, no register spills).
+Numerics on GPU: bench/attention.py (float32 reference before every timing).
+The cache class: on llvm it must be TVM's cache with TVM's CPU kernels (the model's CPU tests rely on
+it) and match a float64 numpy attention; on CUDA its decode slot must hold Kiln's kernel; Metal builds.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
+from tvm.runtime import ShapeTuple
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from model_defs.kv_cache import KilnPagedKVCache  # noqa: E402
+from schedules.attention.decode import decode_kernel  # noqa: E402
+from schedules.attention.prefill import prefill_kernel  # noqa: E402
+
+CUDA = tvm.target.Target("nvidia/nvidia-h100", host="llvm")
+
+
+def _cuda_source(funcs):
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    with CUDA:
+        lib = tvm.tirx.build(mod, target=CUDA)
+    return lib.imports[0].inspect_source()
+
+
+@pytest.fixture(scope="module")
+def decode_src():
+    return _cuda_source({"kiln_decode_paged_kv": decode_kernel(8, 32, 128, "bfloat16")})
+
+
+def test_decode_kernel_structure(decode_src):
+    kernels = re.findall(r'extern "C" __global__ void __launch_bounds__\((\d+)\) (\w+)\(', decode_src)
+    names = {n: int(t) for t, n in kernels}
+    # split kernel (8 rows x 16 lanes) + split-merge kernel
+    assert names == {"kiln_decode_paged_kv_kernel": 128, "kiln_decode_paged_kv_kernel_1": 512}, names
+    body = decode_src.split("kiln_decode_paged_kv_kernel(", 2)[2]
+    # K and V tiles arrive by 16-byte cp.async, 3-stage pipeline: 2 groups may stay in flight
+    # (2 prologue tiles, unrolled + 1 in the loop) x (K, V) x 4 tokens
+    assert body.count("kiln_cp_async16(") == 3 * 2 * 4
+    assert "kiln_cp_async_wait2();" in body
+    # dot products reduced over the 16 lanes of a row by warp shuffles (4 steps x 4 tokens x 4 heads)
+    assert body.count("__shfl_xor_sync") == 64
+    # the shared-memory reads of K/V are 16-byte vectors
+    assert len(re.findall(r"\*\(uint4\*\)\(k_loc_ptr \+ \d+\) = kv_sm_ptr\[", body)) == 4  # kv_sm is uint4-typed
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_decode_kernel_nvcc_no_spills(decode_src, tmp_path):
+    src = tmp_path / "decode.cu"
+    src.write_text(decode_src)
+    res = subprocess.run(["nvcc", "-cubin", "-w", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "--resource-usage",
+                          "-o", str(tmp_path / "decode.cubin"), str(src)], capture_output=True, text=True, check=True)
+    report = res.stdout + res.stderr
+    assert report.count("0 bytes spill stores, 0 bytes spill loads") == 2, report
+    regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
+    assert max(regs) <= 168, regs  # 3 blocks of 128 threads per SM
+
+
+def test_decode_kernel_other_shapes_build():
+    """GQA group 4 with fp16, group 7 (Qwen2-7B), MHA (group 1), head_dim 64."""
+    shapes = {"a": (1, 4, 128, "float16"), "b": (4, 28, 128, "bfloat16"), "c": (16, 16, 128, "bfloat16"),
+              "d": (8, 32, 64, "float16")}
+    src = _cuda_source({n: decode_kernel(*shape) for n, shape in shapes.items()})
+    for n in shapes:
+        assert f" {n}_kernel(" in src and f" {n}_kernel_1(" in src
+
+
+@pytest.fixture(scope="module")
+def prefill_src():
+    return _cuda_source({f"kiln_prefill_{k}": prefill_kernel(k, 8, 32, 128, "bfloat16") for k in ("ragged", "paged")})
+
+
+def test_prefill_kernels_use_tensor_cores(prefill_src):
+    for kind in ("ragged", "paged"):
+        body = prefill_src.split(f"kiln_prefill_{kind}_kernel(", 2)[2].split("extern \"C\"")[0]
+        # per 64-token KV tile and warp (16 rows): S = Q K^T is 8 n-tiles x 8 k-steps, O += P V 16 n-tiles x 4
+        assert body.count("kiln_mma_16816_bf16(") == 64 + 64
+        assert body.count("kiln_ldsm_x4(") == 8 + 32  # Q: 8 k-steps; K: 8 n-tiles x 4 k-step pairs
+        assert body.count("kiln_ldsm_x4_t(") == 32  # V: 4 k-steps x 8 n-tile pairs, transposed
+        assert body.count("kiln_ex2(") == 2 * 8 * 2  # softmax exponentials (2 rows x 16 columns) on MUFU
+        assert "kiln_cp_async_wait1();" in body and body.count("kiln_syncthreads();") == 2
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in prefill_src
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_prefill_kernels_nvcc_no_spills(prefill_src, tmp_path):
+    src = tmp_path / "prefill.cu"
+    src.write_text(prefill_src)
+    res = subprocess.run(["nvcc", "-cubin", "-w", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "--resource-usage",
+                          "-o", str(tmp_path / "prefill.cubin"), str(src)], capture_output=True, text=True, check=True)
+    report = res.stdout + res.stderr
+    assert report.count("0 bytes spill stores, 0 bytes spill loads") == 2, report
+
+
+# ---------------------------------------------------------------- the cache class in a model
+NQ, NKV, HD, HID = 4, 2, 32, 32
+
+
+class _Attn(nn.Module):
+    """One attention layer over the paged cache: qkv projection, cache attention, output."""
+
+    def __init__(self, target, dtype, head_dim=HD):
+        self.target, self.dtype, self.hd = target, dtype, head_dim
+        self.qkv = nn.Linear(HID, (NQ + 2 * NKV) * head_dim, bias=False, dtype=dtype)
+
+    def forward(self, x, kv: PagedKVCache):
+        b, s, _ = x.shape
+        qkv = nn.op.reshape(self.qkv(x), (b, s, NQ + 2 * NKV, self.hd))
+        o = kv.attention_with_fused_qkv(0, qkv, NQ, sm_scale=self.hd ** -0.5)
+        return nn.op.reshape(o, (b, s, NQ * self.hd))
+
+    def prefill(self, x, kv: PagedKVCache):
+        return self.forward(x, kv)
+
+    def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
+                              support_sliding_window):
+        return KilnPagedKVCache(
+            attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size, page_size=page_size, support_sliding_window=support_sliding_window,
+            layer_partition=relax.ShapeExpr([0, 1]), num_hidden_layers=1, num_attention_heads=NQ,
+            num_key_value_heads=NKV, qk_head_dim=self.hd, v_head_dim=self.hd, mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0, rope_mode=RopeMode.NONE, rope_scale=1, rope_theta=10000, rope_scaling={},
+            rope_ext_factors=relax.prim_value(0), rotary_dim=self.hd, enable_disaggregation=False, dtype=self.dtype,
+            target=self.target)
+
+
+def _export(target, dtype, head_dim=HD):
+    model = _Attn(target, dtype, head_dim)
+    mod, params = model.export_tvm(spec={
+        "prefill": {"x": nn.spec.Tensor([1, "n", HID], dtype), "kv": nn.spec.Object(object_type=PagedKVCache),
+                    "$": {"param_mode": "packed", "effect_mode": "none"}},
+        "create_paged_kv_cache": {"max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
+                                  "page_size": int, "support_sliding_window": int,
+                                  "$": {"param_mode": "none", "effect_mode": "none"}}})
+    return mod, params
+
+
+@pytest.mark.parametrize("head_dim", [32, 128])
+def test_cache_cuda_uses_kiln_kernels(head_dim):
+    """Kiln's decode for any head size; Kiln's prefill kernels where its tiles fit (64, 128)."""
+    mod, _ = _export(CUDA, "float16", head_dim)
+    names = {gv.name_hint for gv in mod.get_global_vars()}
+    create = [c for c in str(mod["create_paged_kv_cache"]).splitlines() if "paged_attention_kv_cache_create" in c][0]
+    assert "kiln_decode_paged_kv" in create and "batch_decode_paged_kv" not in names, names
+    kiln_prefill = {"kiln_prefill_ragged", "kiln_prefill_paged"}
+    if head_dim == 128:
+        assert kiln_prefill <= names and all(n in create for n in kiln_prefill)
+        assert "batch_prefill_ragged_kv" not in names
+    else:
+        assert not kiln_prefill & names and "batch_prefill_ragged_kv" in names
+
+
+def test_cache_metal_falls_back_to_tvm_kernels():
+    """Kiln's kernels are CUDA-only: Metal gets TVM's GPU kernels (built by the model's Metal tests)."""
+    mod, _ = _export(tvm.target.Target("apple/m2-gpu"), "float16")
+    names = {gv.name_hint for gv in mod.get_global_vars()}
+    assert "batch_decode_paged_kv" in names and "kiln_decode_paged_kv" not in names
+
+
+def test_cache_llvm_prefill_and_decode_match_numpy():
+    """On llvm the class is TVM's cache with *_cpu kernels: two sequences, prefill then decode."""
+    target = tvm.target.Target("llvm")
+    mod, params = _export(target, "float32")
+    assert "kiln_decode_paged_kv" not in {gv.name_hint for gv in mod.get_global_vars()}
+    ex = tvm.compile(mod, target)
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(ex, dev)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(((NQ + 2 * NKV) * HD, HID)).astype("float32") * 0.3
+    g = lambda n: tvm.get_global_func("vm.builtin." + n)  # noqa: E731
+    kv = vm["create_paged_kv_cache"](ShapeTuple([2]), ShapeTuple([128]), ShapeTuple([64]), ShapeTuple([16]), ShapeTuple([0]))
+    hist = {0: [], 1: []}
+
+    def step(lens):
+        g("kv_state_begin_forward")(kv, ShapeTuple([0, 1]), ShapeTuple(lens))
+        x = rng.standard_normal((1, sum(lens), HID)).astype("float32")
+        out = vm["prefill"](tvm.runtime.tensor(x, dev), kv, [tvm.runtime.tensor(w, dev)]).numpy()[0]
+        g("kv_state_end_forward")(kv)
+        qkv = (x[0].astype("float64") @ w.T.astype("float64")).reshape(-1, NQ + 2 * NKV, HD)
+        ref, start = [], 0
+        for sid, n in zip((0, 1), lens):
+            new = qkv[start:start + n]
+            hist[sid].append(new)
+            allk = np.concatenate(hist[sid])
+            k, v = allk[:, NQ:NQ + NKV], allk[:, NQ + NKV:]
+            m = len(allk)
+            for i in range(n):
+                pos = m - n + i
+                for h in range(NQ):
+                    s = new[i, h] @ k[: pos + 1, h // (NQ // NKV)].T * HD ** -0.5
+                    p = np.exp(s - s.max())
+                    ref.append(p @ v[: pos + 1, h // (NQ // NKV)] / p.sum())
+            start += n
+        np.testing.assert_allclose(out.reshape(-1, HD), np.array(ref), rtol=1e-4, atol=1e-4)
+
+    g("kv_state_add_sequence")(kv, 0)
+    g("kv_state_add_sequence")(kv, 1)
+    step([19, 5])
+    for _ in range(3):
+        step([1, 1])
