@@ -110,8 +110,12 @@ def _branch_on_rows(small: tirx.PrimFunc, large: tirx.PrimFunc, rows, limit: int
         return tirx.For(tirx.Var(name, "int32"), tirx.IntImm("int32", 0), trips,
                         tirx.ForKind.SERIAL, body)
 
-    body = tirx.SeqStmt([once("small_m", take, small.body), once("large_m", 1 - take, large.body)])
-    return large.with_body(s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", body)))
+    small_root, large_root = small.body.block, large.body.block
+    body = tirx.SeqStmt([once("small_m", take, small_root.body),
+                         once("large_m", 1 - take, large_root.body)])
+    buffers = list(small_root.alloc_buffers) + list(large_root.alloc_buffers)
+    return large.with_body(s_tir.SBlockRealize(
+        [], True, s_tir.SBlock([], [], [], "root", body, alloc_buffers=buffers)))
 
 
 def _static(x) -> int | None:
