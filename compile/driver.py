@@ -12,7 +12,7 @@ from tqdm import tqdm
 from model_defs.config import ModelConfig
 from model_defs.spec import export
 from runtime.errors import KilnError
-from schedules.pipeline import relax_pipeline
+from schedules.pipeline import relax_pipeline, tir_pipeline
 
 from . import artifact, targets
 from .convert import convert
@@ -73,7 +73,8 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
         # scaling (head_dim 128) on GPU targets; the device compilers eliminate common subexpressions anyway.
         config = {"relax.backend.use_cuda_graph": target == "cuda", "tirx.disable_cse_tir": target != "cpu"}
         with tvm.transform.PassContext(opt_level=3, config=config, instruments=[_PassProgress(bar)]), tvm_target:
-            executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(tvm_target))
+            executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(tvm_target),
+                                     tir_pipeline=tir_pipeline(tvm_target))
         bar.set_postfix_str("linking")
         executable.export_library(str(out_dir / library))
     print(f"kiln: compiled {name} for {target} ({dtype}) in {time.time() - t0:.1f}s", file=sys.stderr)

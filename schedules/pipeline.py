@@ -15,7 +15,7 @@ from tvm.relax.backend.gpu_generic import pipeline as gpu_passes
 from tvm.s_tir import dlight as dl
 
 from .low_batch import LowBatchDispatch
-from .matmul_tensorcore import MatmulTensorCore
+from .matmul_tensorcore import TIR_PIPELINE, MatmulTensorCore
 from .metal_matmul import MatmulNoSimdgroup
 
 
@@ -63,3 +63,9 @@ def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
             return tvm.transform.Sequential(passes)(mod)
 
     return _pipeline
+
+
+def tir_pipeline(target: tvm.target.Target) -> str:
+    """The TIR pipeline for `target` (`tvm.compile(tir_pipeline=...)`): CUDA needs ours, on which the
+    tensor-core kernels' async copies and register fragments depend."""
+    return TIR_PIPELINE if target.kind.name == "cuda" else "default"
