@@ -29,6 +29,21 @@ def kiln_kernels_apply(attn_kind, rope_mode, dtype, qk_head_dim, v_head_dim, tar
             and dtype in ("float16", "bfloat16") and qk_head_dim == v_head_dim and qk_head_dim in (32, 64, 128, 256))
 
 
+def _cap_decode_threads(target, head_dim: int, group: int):
+    """TVM's decode kernel makes blockDim.z = threads / (bdx·bdy) with bdx = head_dim / vec; for tiny
+    heads (stories260K: head_dim 8) that exceeds CUDA's limit of 64 and the launch fails. Lower the
+    target's thread limit just enough for this cache's kernels."""
+    if target.kind.name != "cuda":
+        return target
+    cap = 64 * (head_dim // 4) * group  # TVM's _attention_decode: bdx = head_dim / 4, bdy = group
+    if cap >= int(target.attrs["max_num_threads"]) or cap >= 512:
+        return target
+    spec = dict(target.export())
+    spec.update(max_num_threads=cap, max_threads_per_block=cap)
+    spec.pop("keys", None)
+    return tvm.target.Target(spec, host=target.host)
+
+
 class KilnPagedKVCache(PagedKVCache):  # pylint: disable=too-few-public-methods
     """Drop-in for `TIRPagedKVCache` (same positional and keyword arguments)."""
 
@@ -66,6 +81,8 @@ class KilnPagedKVCache(PagedKVCache):  # pylint: disable=too-few-public-methods
                 mla_original_qk_head_dim, mla_original_v_head_dim, rope_mode, rope_scale, rope_theta, rope_scaling,
                 rope_ext_factors, rotary_dim, enable_disaggregation, dtype, target)
         if not kiln_kernels_apply(attn_kind, rope_mode, dtype, qk_head_dim, v_head_dim, target):
+            target = _cap_decode_threads(target, qk_head_dim, num_attention_heads // num_key_value_heads)
+            args = (*args[:-1], target)
             tvm_cache = TIRPagedKVCache(*args, name, layer_sliding_window_size=layer_sliding_window_size)
             super().__init__(_expr=tvm_cache._expr, _name=name)  # pylint: disable=protected-access
             return
