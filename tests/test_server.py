@@ -6,6 +6,7 @@ Also: OpenAI-shaped 4xx for bad requests, 429 when full, aborts on disconnect, /
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -64,12 +65,21 @@ class LiveServer:
         self.thread.join(timeout=30)
 
 
+@contextlib.contextmanager
+def serving(artifact, max_num_seqs: int = 64):
+    """A live server over a fresh engine on `artifact`, shut down afterwards."""
+    with Engine(EngineConfig(model_path=str(artifact), max_num_seqs=max_num_seqs)) as engine:
+        server = LiveServer(engine)
+        try:
+            yield server
+        finally:
+            server.close()
+
+
 @pytest.fixture(scope="module")
 def live(stories_artifact):
-    with Engine(EngineConfig(model_path=str(stories_artifact), max_num_seqs=64)) as engine:
-        server = LiveServer(engine)
+    with serving(stories_artifact) as server:
         yield server
-        server.close()
 
 
 def reference(live, prompt: str, **params):

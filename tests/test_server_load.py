@@ -21,9 +21,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from test_server import MODEL, LiveServer
+from test_server import MODEL, serving
 
-from runtime import Engine, EngineConfig, Message, SamplingParams
+from runtime import Message, SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
 CLIENTS, REQUESTS_EACH = 64, 3
@@ -32,10 +32,8 @@ OPENINGS = ["Once upon a time", "Tom had a dog", "The sun was hot", "Lily went t
 
 @pytest.fixture(scope="module")
 def live(stories_artifact):
-    with Engine(EngineConfig(model_path=str(stories_artifact), max_num_seqs=64)) as engine:
-        server = LiveServer(engine)
+    with serving(stories_artifact) as server:
         yield server
-        server.close()
 
 
 def test_64_streaming_clients_with_disconnects(live):

@@ -17,9 +17,9 @@ import time
 
 import httpx
 import pytest
-from test_server import LiveServer
+from test_server import serving
 
-from runtime import Engine, EngineConfig, Message, SamplingParams
+from runtime import Message, SamplingParams
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PROMPT = "Tell me a story about a cat."
@@ -27,10 +27,8 @@ PROMPT = "Tell me a story about a cat."
 
 @pytest.fixture(scope="module")
 def live(stories_artifact):
-    with Engine(EngineConfig(model_path=str(stories_artifact), max_num_seqs=8)) as engine:
-        server = LiveServer(engine)
+    with serving(stories_artifact, max_num_seqs=8) as server:
         yield server
-        server.close()
 
 
 def test_page_and_script_are_served(live):
