@@ -2,9 +2,10 @@
 
 A matmul with a dynamic row count (decode batch `b`, prefill tokens `n`) gets one kernel for every
 M, and a tile-based GEMM wastes almost all of its work when M is 1–8: decode then reads the
-weights at a fraction of the memory bandwidth. This pass gives each such PrimFunc an
-`if M <= limit` chain: dlight's LowBatchGEMV schedules (rows padded to a small bucket, weights read
-once per bucket) below the limits, the large-M rules above them.
+weights at a fraction of the memory bandwidth. This pass gives each such PrimFunc a chain on
+`M <= limit` (`branch_on_rows`, which the tensor-core rule uses too): dlight's LowBatchGEMV
+schedules (rows padded to a small bucket, weights read once per bucket) below the limits, the
+large-M rules above them.
 """
 
 from __future__ import annotations
@@ -22,10 +23,26 @@ def _schedule(func: tirx.PrimFunc, rules: list) -> tirx.PrimFunc:
     return dl.ApplyDefaultSchedule(*rules)(IRModule({"main": func}))["main"]
 
 
-def _root(func: tirx.PrimFunc) -> tuple:
-    """(body inside the root block, the root block's buffers): one function's part of the if-chain."""
-    block = func.body.block
-    return block.body, list(block.alloc_buffers)
+def branch_on_rows(small: tirx.PrimFunc, large: tirx.PrimFunc, rows, limit: int) -> tirx.PrimFunc:
+    """One PrimFunc that runs `small`'s kernels when rows <= limit, else `large`'s.
+
+    Each body sits in a host loop of 0 or 1 trips rather than under an `if`: TIR's ThreadSync refuses
+    kernels with barriers (the tensor-core GEMM) under a condition, even a host-side one. The two
+    root blocks become one, holding both sets of buffers (nested roots are rejected).
+    """
+    renamed = {a: b for a, b in zip(small.params, large.params) if not a.same_as(b)}
+    if renamed:  # make `small`'s body refer to `large`'s parameters
+        small = small.specialize(renamed)
+    take = tirx.Select(rows <= limit, tirx.IntImm("int32", 1), tirx.IntImm("int32", 0))
+
+    def once(name, trips, body):
+        return tirx.For(tirx.Var(name, "int32"), tirx.IntImm("int32", 0), trips, tirx.ForKind.SERIAL, body)
+
+    small_root, large_root = small.body.block, large.body.block
+    body = tirx.SeqStmt([once("small_m", take, small_root.body), once("large_m", 1 - take, large_root.body)])
+    buffers = list(small_root.alloc_buffers) + list(large_root.alloc_buffers)
+    return large.with_body(s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", body,
+                                                                      alloc_buffers=buffers)))
 
 
 def _single_dynamic_dim(func: tirx.PrimFunc):
@@ -51,12 +68,8 @@ class LowBatchDispatch:
             small = [_schedule(func, [dl.gpu.LowBatchGEMV(bucket)]) for _, bucket in LIMITS_AND_BUCKETS]
             if any(tvm_ffi.structural_equal(s, func) for s in small):
                 continue  # not a matmul LowBatchGEMV understands
-            body, buffers = _root(_schedule(func, self.large_rules))
+            chained = _schedule(func, self.large_rules)
             for (limit, _), low in reversed(list(zip(LIMITS_AND_BUCKETS, small))):
-                low_body, low_buffers = _root(low)
-                body = tirx.IfThenElse(tirx.op.tvm_thread_invariant(rows <= limit), low_body, body)
-                buffers += low_buffers
-            body = s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", body, alloc_buffers=buffers))
-            new = func.with_body(body).with_attr("tir.is_scheduled", True)
-            mod.update_func(gvar, new.with_attr("tir.HoistIfThenElseExprWithBlock", 1))
+                chained = branch_on_rows(low, chained, rows, limit)
+            mod.update_func(gvar, chained.with_attr("tir.is_scheduled", True))
         return mod

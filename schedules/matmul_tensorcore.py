@@ -35,6 +35,7 @@ from tvm.s_tir.dlight.gpu.matmul import (
 )
 
 from . import mma_intrin
+from .low_batch import branch_on_rows
 from .mma_intrin import frag_layout
 
 # TIR options our kernels need at build time (`PassContext(config=PASS_CONFIG)`):
@@ -99,27 +100,6 @@ def _unroll(sch, loop) -> None:
     sch.annotate(loop, "pragma_unroll_explicit", False)
 
 
-def _branch_on_rows(small: tirx.PrimFunc, large: tirx.PrimFunc, rows, limit: int):
-    """One PrimFunc that runs `small`'s kernels when rows ≤ limit, else `large`'s.
-
-    Each body sits in a host loop of 0 or 1 trips rather than an `if`: TIR's ThreadSync refuses
-    kernels (barriers) under a condition, even a host-side one.
-    """
-    small = small.specialize(dict(zip(small.params, large.params)))
-    take = tirx.Select(rows <= limit, tirx.IntImm("int32", 1), tirx.IntImm("int32", 0))
-
-    def once(name, trips, body):
-        return tirx.For(tirx.Var(name, "int32"), tirx.IntImm("int32", 0), trips,
-                        tirx.ForKind.SERIAL, body)
-
-    small_root, large_root = small.body.block, large.body.block
-    body = tirx.SeqStmt([once("small_m", take, small_root.body),
-                         once("large_m", 1 - take, large_root.body)])
-    buffers = list(small_root.alloc_buffers) + list(large_root.alloc_buffers)
-    return large.with_body(s_tir.SBlockRealize(
-        [], True, s_tir.SBlock([], [], [], "root", body, alloc_buffers=buffers)))
-
-
 def _static(x) -> int | None:
     return int(x) if isinstance(x, tirx.IntImm) else None
 
@@ -174,7 +154,7 @@ class MatmulTensorCore(GPUScheduleRule):
         if _static(m_ext) is None and n_tiles < self.few_tiles:
             small = dl.gpu.LowBatchGEMV().apply(func, target, False)
             if small is not None:
-                result = _branch_on_rows(small.mod["main"], result, m_ext, self.small_m)
+                result = branch_on_rows(small.mod["main"], result, m_ext, self.small_m)
         return s_tir.Schedule(result)
 
     def _schedule(self, sch, main, maps, dtype):
