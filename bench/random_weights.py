@@ -10,39 +10,34 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import ml_dtypes  # noqa: F401
 import numpy as np
 import yaml
-from safetensors.numpy import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from compile.artifact import WEIGHTS_DIR, write_manifest  # noqa: E402
+from compile.convert import write_shards  # noqa: E402
 
 
 def fill(artifact: Path, tokenizer: Path | None, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
-    params = json.loads((artifact / "params.json").read_text())
-    out = artifact / "weights"
-    out.mkdir(exist_ok=True)
-    shards, current, size = [], {}, 0
-    for p in params:
-        shape = tuple(p["shape"])
-        if p["name"].endswith("norm.weight"):
-            a = np.ones(shape, np.float32)
-        else:
-            a = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1])
-        current[p["name"]] = a.astype(np.dtype(p["dtype"]))
-        size += current[p["name"]].nbytes
-        if size > 1 << 30:
-            shards.append(f"params-{len(shards):05d}.safetensors")
-            save_file(current, str(out / shards[-1]))
-            current, size = {}, 0
-    if current:
-        shards.append(f"params-{len(shards):05d}.safetensors")
-        save_file(current, str(out / shards[-1]))
-    (out / "index.json").write_text(json.dumps({"shards": shards}))
+
+    def arrays():
+        for p in json.loads((artifact / "params.json").read_text()):
+            shape = tuple(p["shape"])
+            if p["name"].endswith("norm.weight"):
+                a = np.ones(shape, np.float32)
+            else:
+                a = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1])
+            yield p["name"], a.astype(np.dtype(p["dtype"]))
+
+    write_shards(arrays(), artifact / WEIGHTS_DIR)
     manifest = yaml.safe_load((artifact / "kiln.yaml").read_text())
-    manifest["weights"] = "weights"
-    (artifact / "kiln.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    write_manifest(artifact, {**manifest, "weights": WEIGHTS_DIR})
     if tokenizer:
         for f in tokenizer.iterdir():
             shutil.copyfile(f, artifact / f.name)

@@ -22,7 +22,7 @@ SHARD_BYTES = 1 << 30
 
 _FUSED = [
     (re.compile(r"(.*)\.self_attn\.qkv_proj\.(weight|bias)$"), ("q_proj", "k_proj", "v_proj"), "self_attn"),
-    (re.compile(r"(.*)\.mlp\.gate_up_proj\.weight$"), ("gate_proj", "up_proj"), "mlp"),
+    (re.compile(r"(.*)\.mlp\.gate_up_proj\.(weight)$"), ("gate_proj", "up_proj"), "mlp"),
 ]
 
 
@@ -31,8 +31,7 @@ def hf_names(kiln_name: str) -> list[str]:
     for pattern, parts, block in _FUSED:
         m = pattern.match(kiln_name)
         if m:
-            suffix = m.group(2) if m.lastindex >= 2 else "weight"
-            return [f"{m.group(1)}.{block}.{p}.{suffix}" for p in parts]
+            return [f"{m.group(1)}.{block}.{p}.{m.group(2)}" for p in parts]
     return [kiln_name]
 
 
@@ -46,8 +45,9 @@ def build_param(source, name: str, shape: tuple, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(array.astype(np.dtype(dtype)))
 
 
-def convert(source, params: list[tuple[str, tuple, str]], out_dir: Path) -> list[str]:
-    """Write `params` [(name, shape, dtype)] from `source` into out_dir/*.safetensors; return file names."""
+def write_shards(arrays, out_dir: Path) -> list[str]:
+    """Write (name, array) pairs, consumed one at a time, into out_dir/params-*.safetensors of about
+    SHARD_BYTES each plus index.json; return the shard file names."""
     out_dir.mkdir(parents=True, exist_ok=True)
     shards, current, size = [], {}, 0
 
@@ -59,8 +59,7 @@ def convert(source, params: list[tuple[str, tuple, str]], out_dir: Path) -> list
             shards.append(file)
             current, size = {}, 0
 
-    for name, shape, dtype in tqdm(params, desc="converting weights", unit="tensor", leave=False):
-        array = build_param(source, name, shape, dtype)
+    for name, array in arrays:
         if size and size + array.nbytes > SHARD_BYTES:
             flush()
         current[name] = array
@@ -68,3 +67,10 @@ def convert(source, params: list[tuple[str, tuple, str]], out_dir: Path) -> list
     flush()
     (out_dir / "index.json").write_text(json.dumps({"shards": shards}, indent=1))
     return shards
+
+
+def convert(source, params: list[tuple[str, tuple, str]], out_dir: Path) -> list[str]:
+    """Write `params` [(name, shape, dtype)] from `source` into out_dir/*.safetensors; return file names."""
+    with tqdm(params, desc="converting weights", unit="tensor", leave=False) as progress:  # closed on errors too
+        return write_shards(((name, build_param(source, name, shape, dtype)) for name, shape, dtype in progress),
+                            out_dir)
