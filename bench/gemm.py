@@ -31,14 +31,20 @@ SHAPES = {  # (K, N) per model: every Linear of one decoder layer, plus the LM h
 MS = [16, 128, 512, 2048, 8192]
 RAGGED_MS = [7, 333]  # correctness only: predicated tail tiles, and both sides of the M ≤ 32 switch
 
-# name -> (rule constructor source, dtype, which shapes). Kept as data so that `run` needs no TVM
-# compiler to know what it is timing.
+# name -> (rule config source, dtype, which shapes, epilogue). Kept as data so that `run` needs no
+# TVM compiler to know what it is timing. `Config(...)` is the mma.sync rule (MatmulTensorCore),
+# `WgmmaConfig(...)` the Hopper rule (MatmulWgmma). Epilogue "cast": y = acc.astype(dtype) on 2-D
+# x[M, K]; "residual": y = r + acc.astype(dtype) on 3-D x[1, M, K] (the model's O / down projections).
 VARIANTS = {
-    # The rule's default (what the model gets): includes the run-time switch to LowBatchGEMV
+    # The mma.sync rule's default: includes the run-time switch to LowBatchGEMV
     # for M ≤ 32 when N has fewer than 16 column tiles.
-    "tc128x128x64s3": ("Config()", "bfloat16", "all"),
-    "tc128x128x64s3fp16": ("Config()", "float16", "two"),
-    "lowbatch": ("LowBatchGEMV", "bfloat16", "two"),
+    "tc128x128x64s3": ("Config()", "bfloat16", "llama", "cast"),
+    "wg128x256s4": ("WgmmaConfig()", "bfloat16", "llama", "cast"),
+    "wg128x256s3": ("WgmmaConfig(stages=3)", "bfloat16", "llama", "cast"),
+    "wg128x128s6": ("WgmmaConfig(bn=128, stages=6)", "bfloat16", "llama", "cast"),
+    "wg128x256s4res": ("WgmmaConfig()", "bfloat16", "two", "residual"),
+    "wg128x256s4fp16": ("WgmmaConfig()", "float16", "two", "cast"),
+    "lowbatch": ("LowBatchGEMV", "bfloat16", "two", "cast"),
 }
 
 
@@ -57,18 +63,27 @@ def _shapes_for(which: str):
 
 
 # ------------------------------------------------------------------------------------ build
-def _prim_func(k: int, n: int, dtype: str):
+def _prim_func(k: int, n: int, dtype: str, epilogue: str):
     from tvm import te, tirx
 
     m = tirx.Var("m", "int64")  # int64 shapes, as Relax emits them
+    one = tirx.IntImm("int64", 1)
     k, n = tirx.IntImm("int64", k), tirx.IntImm("int64", n)
-    x = te.placeholder((m, k), dtype, name="x")
     w = te.placeholder((n, k), dtype, name="w")
     r = te.reduce_axis((tirx.IntImm("int64", 0), k), "k")
-    acc = te.compute((m, n), lambda i, j: te.sum(
-        x[i, r].astype("float32") * w[j, r].astype("float32"), axis=r), name="NT_matmul")
-    y = te.compute((m, n), lambda i, j: acc[i, j].astype(dtype), name="compute")
-    return te.create_prim_func([x, w, y])
+    if epilogue == "cast":
+        x = te.placeholder((m, k), dtype, name="x")
+        acc = te.compute((m, n), lambda i, j: te.sum(
+            x[i, r].astype("float32") * w[j, r].astype("float32"), axis=r), name="NT_matmul")
+        y = te.compute((m, n), lambda i, j: acc[i, j].astype(dtype), name="compute")
+        return te.create_prim_func([x, w, y])
+    x = te.placeholder((one, m, k), dtype, name="x")
+    res = te.placeholder((one, m, n), dtype, name="res")
+    acc = te.compute((one, m, n), lambda b, i, j: te.sum(
+        x[b, i, r].astype("float32") * w[j, r].astype("float32"), axis=r), name="NT_matmul")
+    c = te.compute((one, m, n), lambda b, i, j: acc[b, i, j].astype(dtype), name="compute")
+    y = te.compute((one, m, n), lambda b, i, j: res[b, i, j] + c[b, i, j], name="T_add")
+    return te.create_prim_func([x, w, res, y])
 
 
 def build(out: str, variants: list[str]) -> None:
@@ -77,15 +92,19 @@ def build(out: str, variants: list[str]) -> None:
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from schedules.matmul_tensorcore import TIR_PIPELINE, Config, MatmulTensorCore
+    from schedules.matmul_wgmma import MatmulWgmma, WgmmaConfig
 
     target = tvm.target.Target("nvidia/nvidia-h100")
     funcs = {}
     chosen = {v: VARIANTS[v] for v in variants}
-    for variant, (cfg, dtype, which) in chosen.items():
-        rule = dl.gpu.LowBatchGEMV() if cfg == "LowBatchGEMV" else MatmulTensorCore(
-            eval(cfg, {"Config": Config}), min_m=1)  # noqa: S307 (our own table)
+    for variant, (cfg, dtype, which, epilogue) in chosen.items():
+        if cfg == "LowBatchGEMV":
+            rule = dl.gpu.LowBatchGEMV()
+        else:
+            config = eval(cfg, {"Config": Config, "WgmmaConfig": WgmmaConfig})  # noqa: S307 (our table)
+            rule = (MatmulWgmma if isinstance(config, WgmmaConfig) else MatmulTensorCore)(config, min_m=1)
         for k, n in _shapes_for(which):
-            sch = rule.apply(_prim_func(k, n, dtype), target, False)
+            sch = rule.apply(_prim_func(k, n, dtype, epilogue), target, False)
             assert sch is not None, f"{variant} rejected K={k} N={n}"
             name = kernel_name(variant, k, n)
             funcs[name] = sch.mod["main"].with_attr("global_symbol", name)
@@ -157,8 +176,9 @@ def run(out: str, ms: list[int], results: str | None, command: str) -> None:
     dl = tvm.runtime.from_dlpack
     rows, log = [], []
     torch.manual_seed(0)
-    for variant, (_, dtype, which) in meta["variants"].items():
+    for variant, (_, dtype, which, epilogue) in meta["variants"].items():
         tdt = getattr(torch, dtype)
+        residual = epilogue == "residual"
         for k, n in _shapes_for(which):
             f = lib[kernel_name(variant, k, n)]
             w = torch.randn(n, k, device=dev).to(tdt) / math.sqrt(k)
@@ -168,14 +188,18 @@ def run(out: str, ms: list[int], results: str | None, command: str) -> None:
                 # Correctness on fresh inputs, poisoned output.
                 x = torch.randn(m, k, device=dev).to(tdt)
                 y = torch.full((m, n), float("nan"), device=dev, dtype=tdt)
-                f(dl(x), dl(w), dl(y))
-                ref = x.float() @ w.float().T
+                if residual:
+                    res = torch.randn(m, n, device=dev).to(tdt)
+                    f(dl(x[None]), dl(w), dl(res[None]), dl(y[None]))
+                    ref = res.float() + (x.float() @ w.float().T).to(tdt).float()
+                else:
+                    f(dl(x), dl(w), dl(y))
+                    ref = x.float() @ w.float().T
                 err = ((y.float() - ref).norm() / ref.norm()).item()
                 ok = bool(np.isfinite(err) and err <= 1e-2)
-                if m in RAGGED_MS:
+                if m in RAGGED_MS or residual:
                     log.append(f"{variant} K={k} N={n} M={m} relerr={err:.2e} ok={ok}")
-                    if not ok:
-                        print(log[-1], flush=True)
+                    print(log[-1], flush=True)
                     continue
                 set_bytes = (m * k + n * k + m * n) * x.element_size()
                 nsets = max(1, min(16, math.ceil(3 * l2 / set_bytes)))
@@ -193,6 +217,8 @@ def run(out: str, ms: list[int], results: str | None, command: str) -> None:
                                  kiln_ms=t_k, cublas_ms=t_c, kiln_tflops=flop / t_k / 1e9,
                                  cublas_tflops=flop / t_c / 1e9, ratio=t_c / t_k))
                 log.append(json.dumps(rows[-1]))
+                print(f"{variant} K={k} N={n} M={m} relerr={err:.1e} {rows[-1]['kiln_tflops']:.0f} vs "
+                      f"{rows[-1]['cublas_tflops']:.0f} TFLOP/s", flush=True)
                 del ws, xs, ys, tvm_sets
             torch.cuda.empty_cache()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
