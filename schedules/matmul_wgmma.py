@@ -24,12 +24,14 @@ from types import SimpleNamespace
 
 from tvm import ir, s_tir, tirx
 from tvm.ir.prim import expr as E
+from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import get_root_block
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.s_tir.dlight.gpu.matmul import get_reduction_blocks
 from tvm.script import tirx as T
 
 from . import hopper_ptx as ptx
+from .low_batch import branch_on_rows
 
 BK = 64  # k elements per stage: one 128-byte swizzled row of 16-bit values
 DTYPES = ("float16", "bfloat16")
@@ -51,6 +53,11 @@ class WgmmaConfig:
 
     def smem_bytes(self) -> int:
         return 1024 + self.stages * (self.bm + self.bn) * BK * 2 + 2 * self.stages * 8
+
+
+# Half-wave tiling for few rows: 128×128 tiles, 6 stages (same shared memory as 128×256 × 4).
+SMALL = WgmmaConfig(bn=128, stages=6)
+SMS = 132  # multiprocessors of an H100 SXM (the sm_90a part this rule targets)
 
 
 class _Decline(Exception):
@@ -126,6 +133,8 @@ def analyze(func: tirx.PrimFunc):
         raise _Decline("A index")
     if not all(_is_var(e, v) for e, v in zip(loads[1].indices, b_idx)) or len(loads[1].indices) != 2:
         raise _Decline("B index")
+    if any(not (isinstance(x.elem_offset, E.IntImm) and int(x.elem_offset) == 0) for x in (a_buf, b_buf)):
+        raise _Decline("TMA needs the operands at their buffer's start")
     dtype = str(a_buf.dtype)
     if dtype not in DTYPES or str(b_buf.dtype) != dtype or str(c_buf.dtype) != "float32":
         raise _Decline("dtypes")
@@ -278,34 +287,49 @@ def gemm_kernel(g, cfg: WgmmaConfig) -> tirx.PrimFunc:
     return gemm
 
 
-def _arch_number(target) -> int | None:
-    arch = str(target.attrs.get("arch", ""))
-    digits = "".join(c for c in arch[3:] if c.isdigit()) if arch.startswith("sm_") else ""
-    return int(digits) if digits else None
-
-
 class MatmulWgmma(GPUScheduleRule):
     """Schedules fp16/bf16 matmuls (fp32 accumulation) on sm_90a with TMA + wgmma (module docstring).
 
-    Returns None (the next rule applies) for other targets and any form `analyze` declines.
-    `small` (a config for M ≤ `small_m`, e.g. narrower tiles that fill the SMs) is chosen at run time.
+    Returns None (the next rule applies) for other targets and any form `analyze` declines. With a
+    dynamic M, the row count picks the kernel at run time (`branch_on_rows`): `small` tiles while
+    `large` tiles would fill at most half of the SMs, and dlight's LowBatchGEMV for M ≤ `small_m`
+    when even `small` has fewer than `few_tiles` column tiles (N = 1024: 8 blocks for 132 SMs).
     """
 
-    def __init__(self, config: WgmmaConfig | None = None, min_m: int = 64):
-        self.config = config or WgmmaConfig()
+    def __init__(self, large: WgmmaConfig | None = None, small: WgmmaConfig | None = SMALL,
+                 min_m: int = 64, small_m: int = 32, few_tiles: int = 16):
+        self.large = large or WgmmaConfig()
+        self.small = small
         self.min_m = min_m
+        self.small_m = small_m
+        self.few_tiles = few_tiles
 
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda":
             return None
-        if not str(target.attrs.get("arch", "")).startswith("sm_90a"):
+        if str(target.attrs.get("arch", "")) != "sm_90a":
             return None
         try:
             g = analyze(func)
         except _Decline:
             return None
-        if isinstance(g.m, E.IntImm) and int(g.m) < self.min_m:
-            return None
-        kernel = gemm_kernel(g, self.config)
-        result = func.with_body(kernel.body).with_attr("tirx.is_scheduled", True)
+        if isinstance(g.m, E.IntImm):
+            if int(g.m) < self.min_m:
+                return None
+            return s_tir.Schedule(self._kernel(func, g, self.large))
+        result = self._kernel(func, g, self.large)
+        small = self.small or self.large
+        if self.small is not None:
+            # rows up to which `large` has at most half a wave of blocks (`small`: twice as many)
+            limit = self.large.bm * (SMS // 2 // -(-g.n // self.large.bn))
+            if limit >= self.small.bm:
+                result = branch_on_rows(self._kernel(func, g, self.small), result, g.m, limit)
+        if -(-g.n // small.bn) < self.few_tiles:
+            gemv = dl.gpu.LowBatchGEMV().apply(func, target, False)
+            if gemv is not None:
+                result = branch_on_rows(gemv.mod["main"], result, g.m, self.small_m)
         return s_tir.Schedule(result)
+
+    @staticmethod
+    def _kernel(func, g, config):
+        return func.with_body(gemm_kernel(g, config).body).with_attr("tirx.is_scheduled", True)

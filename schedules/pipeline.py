@@ -16,6 +16,7 @@ from tvm.s_tir import dlight as dl
 
 from .low_batch import LowBatchDispatch
 from .matmul_tensorcore import TIR_PIPELINE, MatmulTensorCore
+from .matmul_wgmma import MatmulWgmma
 from .metal_matmul import MatmulNoSimdgroup
 
 
@@ -23,8 +24,9 @@ def gpu_rules(target: tvm.target.Target) -> list:
     """The dlight rules tried, in order, on every PrimFunc the model produces for a GPU target."""
     if target.kind.name == "metal":
         matmul = [MatmulNoSimdgroup()]
-    else:  # tensor cores first (None off CUDA sm_80+ or for small static M), then dlight's
-        matmul = [MatmulTensorCore(), dl.gpu.Matmul()]
+    else:  # tensor cores first: wgmma on sm_90a, else mma.sync on sm_80+ (each None elsewhere or
+        # for small static M), then dlight's
+        matmul = [MatmulWgmma(), MatmulTensorCore(), dl.gpu.Matmul()]
     return [*matmul, dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
             dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
