@@ -31,20 +31,28 @@ SHAPES = {  # (K, N) per model: every Linear of one decoder layer, plus the LM h
 MS = [16, 128, 512, 2048, 8192]
 RAGGED_MS = [7, 333]  # correctness only: predicated tail tiles, and both sides of the M ≤ 32 switch
 
-# name -> (rule config source, dtype, which shapes, epilogue). Kept as data so that `run` needs no
-# TVM compiler to know what it is timing. `Config(...)` is the mma.sync rule (MatmulTensorCore),
-# `WgmmaConfig(...)` the Hopper rule (MatmulWgmma). Epilogue "cast": y = acc.astype(dtype) on 2-D
-# x[M, K]; "residual": y = r + acc.astype(dtype) on 3-D x[1, M, K] (the model's O / down projections).
+# name -> (rule source, dtype, which shapes, epilogue). Kept as data so that `run` needs no TVM
+# compiler to know what it is timing. Rules: MatmulWgmma (Hopper: TMA + wgmma; its defaults are
+# what the model gets, run-time tile switch included), MatmulTensorCore (mma.sync) and dlight's
+# LowBatchGEMV. Epilogue "cast": y = acc.astype(dtype) on 2-D x[M, K]; "residual":
+# y = r + acc.astype(dtype) on 3-D x[1, M, K] (the model's O / down projections).
 VARIANTS = {
-    # The mma.sync rule's default: includes the run-time switch to LowBatchGEMV
-    # for M ≤ 32 when N has fewer than 16 column tiles.
-    "tc128x128x64s3": ("Config()", "bfloat16", "llama", "cast"),
-    "wg128x256s4": ("WgmmaConfig()", "bfloat16", "llama", "cast"),
-    "wg128x256s3": ("WgmmaConfig(stages=3)", "bfloat16", "llama", "cast"),
-    "wg128x128s6": ("WgmmaConfig(bn=128, stages=6)", "bfloat16", "llama", "cast"),
-    "wg128x256s4res": ("WgmmaConfig()", "bfloat16", "two", "residual"),
-    "wg128x256s4fp16": ("WgmmaConfig()", "float16", "two", "cast"),
-    "lowbatch": ("LowBatchGEMV", "bfloat16", "two", "cast"),
+    "wgmma": ("MatmulWgmma()", "bfloat16", "llama", "cast"),
+    "wg256s4": ("MatmulWgmma(WgmmaConfig(), small=None)", "bfloat16", "llama", "cast"),
+    "wg256s4p": ("MatmulWgmma(WgmmaConfig(persistent=True), small=None)", "bfloat16", "llama", "cast"),
+    "wg256s4v": ("MatmulWgmma(WgmmaConfig(pair_stores=True), small=None)", "bfloat16", "llama", "cast"),
+    "wg256s4pv": ("MatmulWgmma(WgmmaConfig(persistent=True, pair_stores=True), small=None)", "bfloat16", "llama", "cast"),
+    "wg256s3pv": ("MatmulWgmma(WgmmaConfig(stages=3, persistent=True, pair_stores=True), small=None)", "bfloat16", "llama", "cast"),
+    "wg256s4pv_r4": ("MatmulWgmma(WgmmaConfig(raster=4, persistent=True, pair_stores=True), small=None)", "bfloat16", "llama", "cast"),
+    "wg256s4pv_nosetmaxnreg": ("MatmulWgmma(WgmmaConfig(persistent=True, pair_stores=True, setmaxnreg=False), small=None)", "bfloat16", "llama", "cast"),
+    "wg128s6v": ("MatmulWgmma(WgmmaConfig(bn=128, stages=6, pair_stores=True), small=None)", "bfloat16", "llama", "cast"),
+    "wg128s6pv": ("MatmulWgmma(WgmmaConfig(bn=128, stages=6, persistent=True, pair_stores=True), small=None)", "bfloat16", "llama", "cast"),
+    "wg256s4pv_res": ("MatmulWgmma(WgmmaConfig(persistent=True, pair_stores=True), small=None)", "bfloat16", "two", "residual"),
+    "wg128s6pv_res": ("MatmulWgmma(WgmmaConfig(bn=128, stages=6, persistent=True, pair_stores=True), small=None)", "bfloat16", "two", "residual"),
+    "wg256s4pv_fp16": ("MatmulWgmma(WgmmaConfig(persistent=True, pair_stores=True), small=None)", "float16", "two", "cast"),
+    "wgmma_res": ("MatmulWgmma()", "bfloat16", "two", "residual"),
+    "mma_sync": ("MatmulTensorCore()", "bfloat16", "llama", "cast"),
+    "lowbatch": ("LowBatchGEMV()", "bfloat16", "two", "cast"),
 }
 
 
@@ -91,18 +99,15 @@ def build(out: str, variants: list[str]) -> None:
     from tvm.s_tir import dlight as dl
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from schedules.matmul_tensorcore import TIR_PIPELINE, Config, MatmulTensorCore
+    from schedules.matmul_tensorcore import TIR_PIPELINE, MatmulTensorCore
     from schedules.matmul_wgmma import MatmulWgmma, WgmmaConfig
 
     target = tvm.target.Target("nvidia/nvidia-h100")
     funcs = {}
     chosen = {v: VARIANTS[v] for v in variants}
     for variant, (cfg, dtype, which, epilogue) in chosen.items():
-        if cfg == "LowBatchGEMV":
-            rule = dl.gpu.LowBatchGEMV()
-        else:
-            config = eval(cfg, {"Config": Config, "WgmmaConfig": WgmmaConfig})  # noqa: S307 (our table)
-            rule = (MatmulWgmma if isinstance(config, WgmmaConfig) else MatmulTensorCore)(config, min_m=1)
+        rule = eval(cfg, {"MatmulWgmma": MatmulWgmma, "WgmmaConfig": WgmmaConfig,  # noqa: S307 (our table)
+                          "MatmulTensorCore": MatmulTensorCore, "LowBatchGEMV": dl.gpu.LowBatchGEMV})
         for k, n in _shapes_for(which):
             sch = rule.apply(_prim_func(k, n, dtype, epilogue), target, False)
             assert sch is not None, f"{variant} rejected K={k} N={n}"
@@ -183,7 +188,7 @@ def run(out: str, ms: list[int], results: str | None, command: str) -> None:
             f = lib[kernel_name(variant, k, n)]
             w = torch.randn(n, k, device=dev).to(tdt) / math.sqrt(k)
             # The GEMV-style rule is only a contender (and only tolerably fast) for few rows.
-            vms = [m for m in ms if m <= 128] if variant == "lowbatch" else ms
+            vms = [m for m in ms if m <= 128] if "LowBatchGEMV" in meta["variants"][variant][0] else ms
             for m in [*RAGGED_MS, *vms]:
                 # Correctness on fresh inputs, poisoned output.
                 x = torch.randn(m, k, device=dev).to(tdt)

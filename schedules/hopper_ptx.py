@@ -119,3 +119,13 @@ def wgmma_ss(n: int, dtype: str):
            f"               : {outs}\n"
            f'               : "l"(da), "l"(db));\n}}\n')
     return name, src
+
+
+def store_pair(dtype: str):
+    """(name, source): store two adjacent values of `dtype` (4- or 8-byte aligned) as one vector."""
+    vec, make = {"bfloat16": ("__nv_bfloat162", "__halves2bfloat162"), "float16": ("half2", "__halves2half2"),
+                 "float32": ("float2", "make_float2")}[dtype]
+    scalar = {"bfloat16": "nv_bfloat16", "float16": "half", "float32": "float"}[dtype]
+    name = f"kiln_store_pair_{dtype}"
+    return name, (f"__device__ __forceinline__ void {name}(void* p, {scalar} a, {scalar} b) "
+                  f"{{ *({vec}*)p = {make}(a, b); }}\n")

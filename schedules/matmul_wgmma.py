@@ -46,6 +46,8 @@ class WgmmaConfig:
     stages: int = 4
     raster: int = 8  # N-tiles per panel: consecutive blocks sweep down M within a panel (L2 reuse)
     setmaxnreg: bool = True
+    persistent: bool = False  # one block per SM looping over tiles (loads of the next tile overlap the epilogue)
+    pair_stores: bool = False  # the epilogue stores two adjacent outputs at once
 
     @property
     def bm(self) -> int:
@@ -206,7 +208,9 @@ def gemm_kernel(g, cfg: WgmmaConfig) -> tirx.PrimFunc:
         BM=BM, BN=BN, ST=ST, NC=NC, A_BYTES=A_BYTES, STAGE=STAGE, BARS=BARS, KT=KT, NT=128 * (NC + 1),
         N_TILES=n_tiles, PANEL=panel, REGS=regs, N=g.n, K=g.k, dtype=g.dtype, n_guard=g.n % BN != 0,
         SMEM_HALVES=cfg.smem_bytes() // 2, M=g.m, a_data=g.a.data, b_data=g.b.data, out=g.out,
-        epi=g.epilogue, out_index=g.out_index, setmaxnreg=cfg.setmaxnreg,
+        epi=g.epilogue, out_index=g.out_index, setmaxnreg=cfg.setmaxnreg, pairs=cfg.pair_stores,
+        load_out=lambda row, col: tirx.BufferLoad(g.out, g.out_index(row, col)),
+        GRID=SMS if cfg.persistent else 1 << 30, PAIR=ptx.store_pair(str(g.out.dtype)),
         tma_a=tirx.Var("A_tensormap", ty=T.handle("tensormap").ty),
         tma_b=tirx.Var("B_tensormap", ty=T.handle("tensormap").ty))
     K.SMEM, K.INIT, K.INIT_FENCE, K.EXPECT, K.ARRIVE, K.WAIT = (
@@ -228,7 +232,7 @@ def gemm_kernel(g, cfg: WgmmaConfig) -> tirx.PrimFunc:
         T.tensormap_encode_tiled(K.tma_b, K.b_data, T.int64(K.K), T.int64(K.N), T.int64(K.K * 2),
                                  T.int32(64), T.int32(K.BN), T.int32(1), T.int32(1),
                                  descriptor_dtype=K.dtype, rank=2, swizzle=3)
-        for bx in T.thread_binding(T.truncdiv(T.Cast("int32", K.M) + (K.BM - 1), K.BM) * K.N_TILES, thread="blockIdx.x"):
+        for bx in T.thread_binding(T.min(T.truncdiv(T.Cast("int32", K.M) + (K.BM - 1), K.BM) * K.N_TILES, K.GRID), thread="blockIdx.x"):
             for tid in T.thread_binding(K.NT, thread="threadIdx.x"):
                 with T.sblock("gemm"):
                     T.reads()
@@ -237,8 +241,6 @@ def gemm_kernel(g, cfg: WgmmaConfig) -> tirx.PrimFunc:
                     acc = T.sblock_alloc_buffer((K.REGS,), "float32", scope="local")
                     m_tiles: T.let[T.int32] = T.truncdiv(T.Cast("int32", K.M) + (K.BM - 1), K.BM)
                     base: T.let[T.uint32] = T.cuda.func_call(K.SMEM[0], smem.data, source_code=K.SMEM[1], return_type="uint32")
-                    tile_m: T.let[T.int32] = T.truncdiv(T.truncmod(bx, K.PANEL * m_tiles), K.PANEL)
-                    tile_n: T.let[T.int32] = T.truncdiv(bx, K.PANEL * m_tiles) * K.PANEL + T.truncmod(bx, K.PANEL)
                     wg: T.let[T.int32] = tid // 128
                     if tid == 0:
                         for s in T.unroll(K.ST):
@@ -249,40 +251,55 @@ def gemm_kernel(g, cfg: WgmmaConfig) -> tirx.PrimFunc:
                         if K.setmaxnreg:
                             T.evaluate(T.cuda.func_call(K.DEC[0], source_code=K.DEC[1]))
                         if tid == K.NC * 128:
-                            for kt in T.serial(K.KT):
-                                if kt >= K.ST:
-                                    T.evaluate(T.cuda.func_call(K.WAIT[0], base + K.BARS + (K.ST + kt % K.ST) * 8, (kt // K.ST + 1) % 2, source_code=K.WAIT[1]))
-                                T.evaluate(T.cuda.func_call(K.EXPECT[0], base + K.BARS + (kt % K.ST) * 8, K.STAGE, source_code=K.EXPECT[1]))
-                                T.evaluate(T.cuda.func_call(K.TMA[0], base + (kt % K.ST) * K.STAGE, T.address_of(K.tma_a), base + K.BARS + (kt % K.ST) * 8,
-                                                            kt * 64, tile_m * K.BM, source_code=K.TMA[1]))
-                                T.evaluate(T.cuda.func_call(K.TMA[0], base + (kt % K.ST) * K.STAGE + K.A_BYTES, T.address_of(K.tma_b), base + K.BARS + (kt % K.ST) * 8,
-                                                            kt * 64, tile_n * K.BN, source_code=K.TMA[1]))
+                            for t in T.serial(T.truncdiv(m_tiles * K.N_TILES - bx + K.GRID - 1, K.GRID)):
+                                tile_m: T.let[T.int32] = T.truncdiv(T.truncmod(bx + t * K.GRID, K.PANEL * m_tiles), K.PANEL)
+                                tile_n: T.let[T.int32] = T.truncdiv(bx + t * K.GRID, K.PANEL * m_tiles) * K.PANEL + T.truncmod(bx + t * K.GRID, K.PANEL)
+                                for kt in T.serial(K.KT):
+                                    it: T.let[T.int32] = t * K.KT + kt
+                                    if it >= K.ST:
+                                        T.evaluate(T.cuda.func_call(K.WAIT[0], base + K.BARS + (K.ST + it % K.ST) * 8, (it // K.ST + 1) % 2, source_code=K.WAIT[1]))
+                                    T.evaluate(T.cuda.func_call(K.EXPECT[0], base + K.BARS + (it % K.ST) * 8, K.STAGE, source_code=K.EXPECT[1]))
+                                    T.evaluate(T.cuda.func_call(K.TMA[0], base + (it % K.ST) * K.STAGE, T.address_of(K.tma_a), base + K.BARS + (it % K.ST) * 8,
+                                                                kt * 64, tile_m * K.BM, source_code=K.TMA[1]))
+                                    T.evaluate(T.cuda.func_call(K.TMA[0], base + (it % K.ST) * K.STAGE + K.A_BYTES, T.address_of(K.tma_b), base + K.BARS + (it % K.ST) * 8,
+                                                                kt * 64, tile_n * K.BN, source_code=K.TMA[1]))
                     else:  # consumer warpgroups: 64 rows each
                         if K.setmaxnreg:
                             T.evaluate(T.cuda.func_call(K.INC[0], source_code=K.INC[1]))
-                        for i in T.unroll(K.REGS):
-                            acc[i] = T.float32(0)
-                        T.evaluate(T.cuda.func_call(K.ACC_FENCE[0], T.tvm_access_ptr(T.type_annotation("float32"), acc.data, 0, K.REGS, 3), source_code=K.ACC_FENCE[1]))
-                        for kt in T.serial(K.KT):
-                            T.evaluate(T.cuda.func_call(K.WAIT[0], base + K.BARS + (kt % K.ST) * 8, (kt // K.ST) % 2, source_code=K.WAIT[1]))
-                            T.evaluate(T.cuda.func_call(K.FENCE[0], source_code=K.FENCE[1]))
-                            for kk in T.unroll(4):
-                                T.evaluate(T.cuda.func_call(
-                                    K.MMA[0], T.tvm_access_ptr(T.type_annotation("float32"), acc.data, 0, K.REGS, 3),
-                                    T.cuda.func_call(K.DESC[0], base + (kt % K.ST) * K.STAGE + wg * 8192 + kk * 32, source_code=K.DESC[1], return_type="uint64"),
-                                    T.cuda.func_call(K.DESC[0], base + (kt % K.ST) * K.STAGE + K.A_BYTES + kk * 32, source_code=K.DESC[1], return_type="uint64"),
-                                    source_code=K.MMA[1]))
-                            T.evaluate(T.cuda.func_call(K.COMMIT[0], source_code=K.COMMIT[1]))
-                            T.evaluate(T.cuda.func_call(K.WAIT1[0], source_code=K.WAIT1[1]))
-                            if kt > 0:
-                                T.evaluate(T.cuda.func_call(K.ARRIVE[0], base + K.BARS + (K.ST + (kt + K.ST - 1) % K.ST) * 8, source_code=K.ARRIVE[1]))
-                        T.evaluate(T.cuda.func_call(K.WAIT0[0], source_code=K.WAIT0[1]))
-                        T.evaluate(T.cuda.func_call(K.ACC_FENCE[0], T.tvm_access_ptr(T.type_annotation("float32"), acc.data, 0, K.REGS, 3), source_code=K.ACC_FENCE[1]))
-                        for i in T.unroll(K.REGS):
-                            row: T.let[T.int32] = tile_m * K.BM + wg * 64 + (tid % 128) // 32 * 16 + (tid % 32) // 4 + 8 * ((i // 2) % 2)
-                            col: T.let[T.int32] = tile_n * K.BN + 8 * (i // 4) + 2 * (tid % 4) + i % 2
-                            if row < T.Cast("int32", K.M) and (not K.n_guard or col < K.N):
-                                T.buffer_store(K.out, K.epi(row, col, acc[i]), K.out_index(row, col))
+                        for t in T.serial(T.truncdiv(m_tiles * K.N_TILES - bx + K.GRID - 1, K.GRID)):
+                            tile_m: T.let[T.int32] = T.truncdiv(T.truncmod(bx + t * K.GRID, K.PANEL * m_tiles), K.PANEL)
+                            tile_n: T.let[T.int32] = T.truncdiv(bx + t * K.GRID, K.PANEL * m_tiles) * K.PANEL + T.truncmod(bx + t * K.GRID, K.PANEL)
+                            for i in T.unroll(K.REGS):
+                                acc[i] = T.float32(0)
+                            T.evaluate(T.cuda.func_call(K.ACC_FENCE[0], T.tvm_access_ptr(T.type_annotation("float32"), acc.data, 0, K.REGS, 3), source_code=K.ACC_FENCE[1]))
+                            for kt in T.serial(K.KT):
+                                it: T.let[T.int32] = t * K.KT + kt
+                                T.evaluate(T.cuda.func_call(K.WAIT[0], base + K.BARS + (it % K.ST) * 8, (it // K.ST) % 2, source_code=K.WAIT[1]))
+                                T.evaluate(T.cuda.func_call(K.FENCE[0], source_code=K.FENCE[1]))
+                                for kk in T.unroll(4):
+                                    T.evaluate(T.cuda.func_call(
+                                        K.MMA[0], T.tvm_access_ptr(T.type_annotation("float32"), acc.data, 0, K.REGS, 3),
+                                        T.cuda.func_call(K.DESC[0], base + (it % K.ST) * K.STAGE + wg * 8192 + kk * 32, source_code=K.DESC[1], return_type="uint64"),
+                                        T.cuda.func_call(K.DESC[0], base + (it % K.ST) * K.STAGE + K.A_BYTES + kk * 32, source_code=K.DESC[1], return_type="uint64"),
+                                        source_code=K.MMA[1]))
+                                T.evaluate(T.cuda.func_call(K.COMMIT[0], source_code=K.COMMIT[1]))
+                                T.evaluate(T.cuda.func_call(K.WAIT1[0], source_code=K.WAIT1[1]))
+                                if kt > 0:  # the previous stage's wgmma group is done: release it
+                                    T.evaluate(T.cuda.func_call(K.ARRIVE[0], base + K.BARS + (K.ST + (it + K.ST - 1) % K.ST) * 8, source_code=K.ARRIVE[1]))
+                            T.evaluate(T.cuda.func_call(K.WAIT0[0], source_code=K.WAIT0[1]))
+                            T.evaluate(T.cuda.func_call(K.ARRIVE[0], base + K.BARS + (K.ST + (t * K.KT + K.KT - 1) % K.ST) * 8, source_code=K.ARRIVE[1]))
+                            T.evaluate(T.cuda.func_call(K.ACC_FENCE[0], T.tvm_access_ptr(T.type_annotation("float32"), acc.data, 0, K.REGS, 3), source_code=K.ACC_FENCE[1]))
+                            # accumulator i: row lane/4 (+8 for i % 4 >= 2) of the warp's 16, column pair 8·(i/4) + 2·(lane%4)
+                            for i in T.unroll(K.REGS // 2):
+                                row: T.let[T.int32] = tile_m * K.BM + wg * 64 + (tid % 128) // 32 * 16 + (tid % 32) // 4 + 8 * (i % 2)
+                                col: T.let[T.int32] = tile_n * K.BN + 8 * (i // 2) + 2 * (tid % 4)
+                                if row < T.Cast("int32", K.M) and (not K.n_guard or col < K.N):
+                                    if K.pairs:
+                                        T.evaluate(T.cuda.func_call(K.PAIR[0], T.address_of(K.load_out(row, col)), K.epi(row, col, acc[2 * i]),
+                                                                    K.epi(row, col + 1, acc[2 * i + 1]), source_code=K.PAIR[1]))
+                                    else:
+                                        T.buffer_store(K.out, K.epi(row, col, acc[2 * i]), K.out_index(row, col))
+                                        T.buffer_store(K.out, K.epi(row, col + 1, acc[2 * i + 1]), K.out_index(row, col + 1))
 
     return gemm
 
