@@ -35,22 +35,18 @@ RAGGED_MS = [7, 333]  # correctness only: predicated tail tiles, and both sides 
 # compiler to know what it is timing. Rules: MatmulWgmma (Hopper: TMA + wgmma; its defaults are
 # what the model gets, run-time tile switch included), MatmulTensorCore (mma.sync) and dlight's
 # LowBatchGEMV. Epilogue "cast": y = acc.astype(dtype) on 2-D x[M, K]; "residual":
-# y = r + acc.astype(dtype) on 3-D x[1, M, K] (the model's O / down projections).
+# y = r + acc.astype(dtype) on 3-D x[1, M, K] (the model's O / down projections); "logits": y = acc
+# in fp32 (the LM head).
 VARIANTS = {
     "wgmma": ("MatmulWgmma()", "bfloat16", "llama", "cast"),
-    "wg256s4": ("MatmulWgmma(WgmmaConfig(), small=None)", "bfloat16", "llama", "cast"),
-    "wg256s4p": ("MatmulWgmma(WgmmaConfig(persistent=True), small=None)", "bfloat16", "llama", "cast"),
-    "wg256s4v": ("MatmulWgmma(WgmmaConfig(pair_stores=True), small=None)", "bfloat16", "llama", "cast"),
-    "wg256s4pv": ("MatmulWgmma(WgmmaConfig(persistent=True, pair_stores=True), small=None)", "bfloat16", "llama", "cast"),
-    "wg256s3pv": ("MatmulWgmma(WgmmaConfig(stages=3, persistent=True, pair_stores=True), small=None)", "bfloat16", "llama", "cast"),
-    "wg256s4pv_r4": ("MatmulWgmma(WgmmaConfig(raster=4, persistent=True, pair_stores=True), small=None)", "bfloat16", "llama", "cast"),
-    "wg256s4pv_nosetmaxnreg": ("MatmulWgmma(WgmmaConfig(persistent=True, pair_stores=True, setmaxnreg=False), small=None)", "bfloat16", "llama", "cast"),
-    "wg128s6v": ("MatmulWgmma(WgmmaConfig(bn=128, stages=6, pair_stores=True), small=None)", "bfloat16", "llama", "cast"),
-    "wg128s6pv": ("MatmulWgmma(WgmmaConfig(bn=128, stages=6, persistent=True, pair_stores=True), small=None)", "bfloat16", "llama", "cast"),
-    "wg256s4pv_res": ("MatmulWgmma(WgmmaConfig(persistent=True, pair_stores=True), small=None)", "bfloat16", "two", "residual"),
-    "wg128s6pv_res": ("MatmulWgmma(WgmmaConfig(bn=128, stages=6, persistent=True, pair_stores=True), small=None)", "bfloat16", "two", "residual"),
-    "wg256s4pv_fp16": ("MatmulWgmma(WgmmaConfig(persistent=True, pair_stores=True), small=None)", "float16", "two", "cast"),
-    "wgmma_res": ("MatmulWgmma()", "bfloat16", "two", "residual"),
+    "wgmma_qwen3": ("MatmulWgmma()", "bfloat16", "qwen3", "cast"),
+    "wgmma_residual": ("MatmulWgmma()", "bfloat16", "two", "residual"),
+    "wgmma_logits": ("MatmulWgmma()", "bfloat16", "lm_head", "logits"),
+    "wgmma_fp16": ("MatmulWgmma()", "float16", "two", "cast"),
+    "wg256s4": ("MatmulWgmma(small=None)", "bfloat16", "llama", "cast"),
+    "wg128s6": ("MatmulWgmma(WgmmaConfig(bn=128, stages=6), small=None)", "bfloat16", "llama", "cast"),
+    "wg192s5": ("MatmulWgmma(WgmmaConfig(bn=192, stages=5), small=None)", "bfloat16", "llama", "cast"),
+    "wg256s4_r16": ("MatmulWgmma(WgmmaConfig(raster=16), small=None)", "bfloat16", "llama", "cast"),
     "mma_sync": ("MatmulTensorCore()", "bfloat16", "llama", "cast"),
     "lowbatch": ("LowBatchGEMV()", "bfloat16", "two", "cast"),
 }
@@ -61,9 +57,9 @@ def kernel_name(variant: str, k: int, n: int) -> str:
 
 
 def _shapes_for(which: str):
-    """"all", a model prefix ("llama"), or "two" (Llama 4096→4096 and 14336→4096)."""
-    if which == "two":
-        yield from [(4096, 4096), (14336, 4096)]
+    """"all", a model prefix ("llama"), "two" (Llama 4096→4096 and 14336→4096) or "lm_head" (Llama's)."""
+    if which in ("two", "lm_head"):
+        yield from [(4096, 4096), (14336, 4096)] if which == "two" else [(4096, 128256)]
         return
     for model, shapes in SHAPES.items():
         if which == "all" or model.startswith(which):
@@ -79,10 +75,12 @@ def _prim_func(k: int, n: int, dtype: str, epilogue: str):
     k, n = tirx.IntImm("int64", k), tirx.IntImm("int64", n)
     w = te.placeholder((n, k), dtype, name="w")
     r = te.reduce_axis((tirx.IntImm("int64", 0), k), "k")
-    if epilogue == "cast":
+    if epilogue in ("cast", "logits"):
         x = te.placeholder((m, k), dtype, name="x")
         acc = te.compute((m, n), lambda i, j: te.sum(
             x[i, r].astype("float32") * w[j, r].astype("float32"), axis=r), name="NT_matmul")
+        if epilogue == "logits":
+            return te.create_prim_func([x, w, acc])
         y = te.compute((m, n), lambda i, j: acc[i, j].astype(dtype), name="compute")
         return te.create_prim_func([x, w, y])
     x = te.placeholder((one, m, k), dtype, name="x")
@@ -192,7 +190,8 @@ def run(out: str, ms: list[int], results: str | None, command: str) -> None:
             for m in [*RAGGED_MS, *vms]:
                 # Correctness on fresh inputs, poisoned output.
                 x = torch.randn(m, k, device=dev).to(tdt)
-                y = torch.full((m, n), float("nan"), device=dev, dtype=tdt)
+                ydt = torch.float32 if epilogue == "logits" else tdt
+                y = torch.full((m, n), float("nan"), device=dev, dtype=ydt)
                 if residual:
                     res = torch.randn(m, n, device=dev).to(tdt)
                     f(dl(x[None]), dl(w), dl(res[None]), dl(y[None]))
@@ -211,13 +210,15 @@ def run(out: str, ms: list[int], results: str | None, command: str) -> None:
                 ws = [w] + [torch.randn(n, k, device=dev).to(tdt) / math.sqrt(k)
                             for _ in range(nsets - 1)]
                 xs = [x] + [torch.randn(m, k, device=dev).to(tdt) for _ in range(nsets - 1)]
-                ys = [torch.empty(m, n, device=dev, dtype=tdt) for _ in range(nsets)]
+                ys = [torch.empty(m, n, device=dev, dtype=ydt) for _ in range(nsets)]
                 flop = 2 * m * n * k
                 iters = max(5, min(200, int(2e12 / flop)))
                 tvm_sets = [(dl(a), dl(b), dl(c)) for a, b, c in zip(xs, ws, ys)]
                 t_k = _time_ms(f, tvm_sets, iters)
+                # cuBLAS writes `dtype` (torch has no fp32-output bf16 matmul): half our bytes for logits
+                outs = [c.to(tdt) for c in ys] if ydt != tdt else ys
                 t_c = _time_ms(lambda a, b, c: torch.matmul(a, b.T, out=c),
-                               list(zip(xs, ws, ys)), iters)
+                               list(zip(xs, ws, outs)), iters)
                 rows.append(dict(variant=variant, dtype=dtype, k=k, n=n, m=m, err=err, ok=ok,
                                  kiln_ms=t_k, cublas_ms=t_c, kiln_tflops=flop / t_k / 1e9,
                                  cublas_tflops=flop / t_c / 1e9, ratio=t_c / t_k))

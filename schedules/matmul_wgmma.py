@@ -46,8 +46,7 @@ class WgmmaConfig:
     stages: int = 4
     raster: int = 8  # N-tiles per panel: consecutive blocks sweep down M within a panel (L2 reuse)
     setmaxnreg: bool = True
-    persistent: bool = False  # one block per SM looping over tiles (loads of the next tile overlap the epilogue)
-    pair_stores: bool = False  # the epilogue stores two adjacent outputs at once
+    persistent: bool = True  # one block per SM looping over tiles (loads of the next tile overlap the epilogue)
 
     @property
     def bm(self) -> int:
@@ -57,7 +56,7 @@ class WgmmaConfig:
         return 1024 + self.stages * (self.bm + self.bn) * BK * 2 + 2 * self.stages * 8
 
 
-# Half-wave tiling for few rows: 128×128 tiles, 6 stages (same shared memory as 128×256 × 4).
+# Tiling for few rows: 128×128 tiles, 6 stages (the shared memory of 128×256 × 4 stages).
 SMALL = WgmmaConfig(bn=128, stages=6)
 SMS = 132  # multiprocessors of an H100 SXM (the sm_90a part this rule targets)
 
@@ -208,7 +207,7 @@ def gemm_kernel(g, cfg: WgmmaConfig) -> tirx.PrimFunc:
         BM=BM, BN=BN, ST=ST, NC=NC, A_BYTES=A_BYTES, STAGE=STAGE, BARS=BARS, KT=KT, NT=128 * (NC + 1),
         N_TILES=n_tiles, PANEL=panel, REGS=regs, N=g.n, K=g.k, dtype=g.dtype, n_guard=g.n % BN != 0,
         SMEM_HALVES=cfg.smem_bytes() // 2, M=g.m, a_data=g.a.data, b_data=g.b.data, out=g.out,
-        epi=g.epilogue, out_index=g.out_index, setmaxnreg=cfg.setmaxnreg, pairs=cfg.pair_stores,
+        epi=g.epilogue, out_index=g.out_index, setmaxnreg=cfg.setmaxnreg,
         load_out=lambda row, col: tirx.BufferLoad(g.out, g.out_index(row, col)),
         GRID=SMS if cfg.persistent else 1 << 30, PAIR=ptx.store_pair(str(g.out.dtype)),
         tma_a=tirx.Var("A_tensormap", ty=T.handle("tensormap").ty),
@@ -294,12 +293,8 @@ def gemm_kernel(g, cfg: WgmmaConfig) -> tirx.PrimFunc:
                                 row: T.let[T.int32] = tile_m * K.BM + wg * 64 + (tid % 128) // 32 * 16 + (tid % 32) // 4 + 8 * (i % 2)
                                 col: T.let[T.int32] = tile_n * K.BN + 8 * (i // 2) + 2 * (tid % 4)
                                 if row < T.Cast("int32", K.M) and (not K.n_guard or col < K.N):
-                                    if K.pairs:
-                                        T.evaluate(T.cuda.func_call(K.PAIR[0], T.address_of(K.load_out(row, col)), K.epi(row, col, acc[2 * i]),
-                                                                    K.epi(row, col + 1, acc[2 * i + 1]), source_code=K.PAIR[1]))
-                                    else:
-                                        T.buffer_store(K.out, K.epi(row, col, acc[2 * i]), K.out_index(row, col))
-                                        T.buffer_store(K.out, K.epi(row, col + 1, acc[2 * i + 1]), K.out_index(row, col + 1))
+                                    T.evaluate(T.cuda.func_call(K.PAIR[0], T.address_of(K.load_out(row, col)), K.epi(row, col, acc[2 * i]),
+                                                                K.epi(row, col + 1, acc[2 * i + 1]), source_code=K.PAIR[1]))
 
     return gemm
 
