@@ -6,15 +6,18 @@ followed by elementwise ops (cast, residual or bias add) — and writes one hand
 
   block tile BM×BN×64, BM = 64 × consumer warpgroups; one extra producer warpgroup;
   producer: one thread issues two TMA loads per k-step (A and B tiles, 128-byte swizzle, zero fill
-            past M and N) into a `stages`-deep ring, each stage guarded by a full/empty mbarrier pair;
-  consumers: per k-step four wgmma.m64nBNk16 from shared-memory descriptors, kept one group in
-            flight (the stage is released once the next group is issued);
-  epilogue: each thread applies the PrimFunc's elementwise chain to its accumulators and stores
-            them (rows ≥ M skipped).
+            past M, N and K) into a `stages`-deep ring, each stage guarded by a full/empty mbarrier pair;
+  consumers: per k-step four wgmma.m64nBNk16 from shared-memory descriptors, one group kept in
+            flight (a stage is released once the next group is issued);
+  epilogue: each thread applies the PrimFunc's elementwise chain to its accumulators and stores two
+            adjacent outputs at once (rows ≥ M skipped);
+  persistent grid: min(132, tiles) blocks loop over the tiles, so the producer loads the next tile
+            while the consumers store.
 
 The tensor maps are encoded on the host at every call (`runtime.cuTensorMapEncodeTiled`) and reach
 the kernel as __grid_constant__ parameters, so M may be dynamic. Anything else (other layouts,
 batch dimensions, reductions in the epilogue) is declined and left to MatmulTensorCore.
+Measured on an H100: 89% of cuBLAS (geomean, Llama-3.1-8B shapes, M ≥ 512; docs/gemm.md).
 """
 
 from __future__ import annotations
@@ -206,8 +209,8 @@ def gemm_kernel(g, cfg: WgmmaConfig) -> tirx.PrimFunc:
     K = SimpleNamespace(
         BM=BM, BN=BN, ST=ST, NC=NC, A_BYTES=A_BYTES, STAGE=STAGE, BARS=BARS, KT=KT, NT=128 * (NC + 1),
         N_TILES=n_tiles, PANEL=panel, REGS=regs, N=g.n, K=g.k, dtype=g.dtype, n_guard=g.n % BN != 0,
-        SMEM_HALVES=cfg.smem_bytes() // 2, M=g.m, a_data=g.a.data, b_data=g.b.data, out=g.out,
-        epi=g.epilogue, out_index=g.out_index, setmaxnreg=cfg.setmaxnreg,
+        SMEM_HALVES=cfg.smem_bytes() // 2, M=g.m, a_data=g.a.data, b_data=g.b.data,
+        epi=g.epilogue, setmaxnreg=cfg.setmaxnreg,
         load_out=lambda row, col: tirx.BufferLoad(g.out, g.out_index(row, col)),
         GRID=SMS if cfg.persistent else 1 << 30, PAIR=ptx.store_pair(str(g.out.dtype)),
         tma_a=tirx.Var("A_tensormap", ty=T.handle("tensormap").ty),
