@@ -149,6 +149,8 @@ def analyze(func: tirx.PrimFunc):
     if kk % 8 or n % 8 or list(map(str, a_buf.shape[-1:])) != [str(k_ext)]:
         raise _Decline("K, N must be multiples of 8 (TMA strides)")
     lead_ext = list(c_buf.shape[:-1])
+    if list(map(str, a_buf.shape[:-1])) != list(map(str, lead_ext)):
+        raise _Decline("A's rows are not C's rows")  # TMA reads A as a dense [M, K] matrix
     rows = [i for i, d in enumerate(lead_ext) if not (isinstance(d, E.IntImm) and int(d) == 1)]
     if len(rows) > 1:
         raise _Decline("more than one row dimension")
