@@ -375,15 +375,19 @@ def e2e_build(out_dir):
     import conftest
     import model_defs.layers as layers
     from compile.driver import compile_artifact
-    from model_defs.kv_cache import KilnPagedKVCache
+    from tvm.relax.frontend.nn.llm.kv_cache import TIRPagedKVCache
 
     out = Path(out_dir)
     conftest.TINY_CONFIGS["qwen3-d128"] = ("Qwen3Config", "Qwen3ForCausalLM", E2E_CONFIG)
     hf = conftest.make_tiny_hf("qwen3-d128", out / "hf")
     args = dict(model=str(hf), target="cuda", dtype="bfloat16", weights=None, cuda_arch=None, context=4096,
                 page_size=16, prefill_chunk=1024)
-    compile_artifact(out=str(out / "tvm"), **args)
-    layers.TIRPagedKVCache = KilnPagedKVCache  # the one-line switch the model needs
+    kiln_cache = layers.KilnPagedKVCache  # what the model uses; TVM's cache (same arguments) for the baseline
+    layers.KilnPagedKVCache = TIRPagedKVCache
+    try:
+        compile_artifact(out=str(out / "tvm"), **args)
+    finally:
+        layers.KilnPagedKVCache = kiln_cache
     compile_artifact(out=str(out / "kiln"), **args)
     # the reference: transformers in float32 on this CPU (the GPU machine has no transformers)
     import numpy as np

@@ -10,10 +10,8 @@ from .decode import decode_kernel
 from .prefill import prefill_kernel
 from .prefill_hopper import prefill_hopper_kernel
 
-# Hopper prefill variants timed by bench/attention.py: (warpgroups per block, KV tile, min blocks per SM,
-# softmax overlapping the previous tile's P V)
-HOPPER_VARIANTS = {"w2n64_serial": (2, 64, 1, False), "w1n64mb2": (1, 64, 2, True), "w1n64mb2_serial": (1, 64, 2, False),
-                   "w2n128": (2, 128, 1, True)}
+# Hopper prefill variants timed by bench/attention.py: (warpgroups per block, KV tile, min blocks per SM, stages)
+HOPPER_VARIANTS = {"w2n64": (2, 64, 1, 2), "w1n32mb3": (1, 32, 3, 2)}
 
 
 def kernels_for_bench(num_kv_heads, num_qo_heads, head_dim, dtype):

@@ -24,10 +24,10 @@ from .. import hopper_ptx as H
 from .cuda_helpers import CP_ASYNC16, CP_COMMIT, EX2, SYNC, cp_async_wait, pack2
 from .prefill import NEG, PAGE_SIZE, finalize, find_work, plan_tiles, rescale_o, softmax_tile
 
-NWG = 2  # warpgroups per block (64 query rows each); they share the K/V tiles
+NWG = 1  # warpgroups per block (64 query rows each; 2 share the K/V tiles but fit only 1 block per SM)
 BN = 64  # kv tokens per tile
-OVERLAP = True  # softmax of tile t overlaps P V of tile t - 1 (FlashAttention-3's intra-warpgroup pipelining)
-MIN_BLOCKS = 1  # __launch_bounds__ minimum blocks per SM (2 caps the registers at 65536 / (2 x threads))
+STAGES = 2  # shared-memory stages of K and of V
+MIN_BLOCKS = 2  # __launch_bounds__ minimum blocks per SM (caps the registers at 65536 / (MIN_BLOCKS x threads))
 
 
 def hopper_prefill_applies(target, head_dim: int) -> bool:
@@ -36,10 +36,10 @@ def hopper_prefill_applies(target, head_dim: int) -> bool:
 
 
 def prefill_hopper_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str,
-                          nwg: int = NWG, block_n: int = BN, min_blocks: int = MIN_BLOCKS, overlap: bool = OVERLAP):
+                          nwg: int = NWG, block_n: int = BN, min_blocks: int = MIN_BLOCKS, stages: int = STAGES):
     """``kind`` "ragged" or "paged"; global symbol ``kiln_prefill_<kind>``."""
     assert kind in ("ragged", "paged") and dtype in ("float16", "bfloat16") and head_dim == 128
-    assert nwg in (1, 2) and block_n in (64, 128)
+    assert nwg in (1, 2) and block_n in (32, 64, 128)
     H_kv, H_qo, D = num_kv_heads, num_qo_heads, head_dim
     BN = block_n  # pylint: disable=redefined-outer-name
     NT = 128 * nwg
@@ -51,21 +51,19 @@ def prefill_hopper_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_
     BM = 64 * nwg  # query rows per block
     Q_BYTES = BM * D * 2
     TILE_BYTES = BN * D * 2
-    SMEM_BYTES = 1024 + Q_BYTES + 2 * 2 * TILE_BYTES  # + 1024: the base is aligned at run time
+    S = stages
+    SMEM_BYTES = 1024 + Q_BYTES + S * 2 * TILE_BYTES  # + 1024: the base is aligned at run time
     CPT = BN * (D // 8) // NT  # 16-byte chunks per thread per K (and V) tile
     QCPT = BM * (D // 8) // NT  # ... per Q tile
     PACK, PACK_SRC = pack2(dtype)
-    WAIT1, WAIT1_SRC = cp_async_wait(1)
-    WAIT0, WAIT0_SRC = cp_async_wait(0)
     WG_S, WG_S_SRC = H.wgmma_ss(BN, dtype)
     WG_O, WG_O_SRC = H.wgmma_rs(D, dtype, trans_b=1)
-    WAIT_S, WAIT_S_SRC = H.wgmma_wait(0, BN // 2)
-    WAIT_S1, WAIT_S1_SRC = H.wgmma_wait(1, BN // 2)
+    WAIT_S, WAIT_S_SRC = H.wgmma_wait(1, BN // 2)
     WAIT_O, WAIT_O_SRC = H.wgmma_wait(0, D // 2)
     scale_log2 = math.log2(math.e)
     K = SimpleNamespace(**{n: v for n, v in locals().items() if n[0].isupper() or n in ("dtype", "scale_log2")})
     K.NEG, K.PAGE_SIZE = NEG, PAGE_SIZE
-    K.CP_ASYNC16, K.CP_COMMIT, K.SYNC, K.EX2 = CP_ASYNC16, CP_COMMIT, SYNC, EX2
+    K.CP_ASYNC16, K.CP_COMMIT, K.SYNC, K.EX2, K.cp_async_wait = CP_ASYNC16, CP_COMMIT, SYNC, EX2, cp_async_wait
     K.H = H
 
     # pylint: disable=invalid-name,too-many-locals,too-many-statements,unused-argument
@@ -73,12 +71,12 @@ def prefill_hopper_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_
 
         @T.macro(hygienic=False)
         def issue_tile(t, which):
-            # K (which 0) or V (1) of KV tile t into stage t % 2: [64-dim half][token][128 B], swizzled
+            # K (which 0) or V (1) of KV tile t into stage t % S: [64-dim half][token][128 B], swizzled
             for i in T.unroll(K.CPT):
                 r: T.let[T.int32] = (tid + i * K.NT) // 16
                 c: T.let[T.int32] = (tid + i * K.NT) % 16
                 pos: T.let[T.int32] = info[4] + T.min(t * K.BN + r, info[5] - 1)
-                dst: T.let[T.int32] = (pad + K.Q_BYTES + ((t % 2) * 2 + which) * K.TILE_BYTES + (c // 8) * K.BN * 128 + r * 128
+                dst: T.let[T.int32] = (pad + K.Q_BYTES + ((t % K.S) * 2 + which) * K.TILE_BYTES + (c // 8) * K.BN * 128 + r * 128
                                        + T.bitwise_xor(c % 8, r % 8) * 16)
                 if which == 0:
                     T.evaluate(T.cuda.func_call("kiln_cp_async16", smem.data, dst, T.address_of(k[pos, hq // K.G, c * 8]), source_code=K.CP_ASYNC16))
@@ -93,7 +91,7 @@ def prefill_hopper_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_
                 c: T.let[T.int32] = (tid + i * K.NT) % 16
                 pos: T.let[T.int32] = T.min(t * K.BN + r, info[5] - 1)
                 page: T.let[T.int64] = T.Cast("int64", page_values[info[4] + pos // K.PAGE_SIZE])
-                dst: T.let[T.int32] = (pad + K.Q_BYTES + ((t % 2) * 2 + which) * K.TILE_BYTES + (c // 8) * K.BN * 128 + r * 128
+                dst: T.let[T.int32] = (pad + K.Q_BYTES + ((t % K.S) * 2 + which) * K.TILE_BYTES + (c // 8) * K.BN * 128 + r * 128
                                        + T.bitwise_xor(c % 8, r % 8) * 16)
                 T.evaluate(T.cuda.func_call("kiln_cp_async16", smem.data, dst, T.address_of(pages[page, which, hq // K.G, pos % K.PAGE_SIZE, c * 8]),
                                             source_code=K.CP_ASYNC16))
@@ -114,14 +112,14 @@ def prefill_hopper_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_
     @T.macro(hygienic=False)
     def tiles_landed(pending):
         # this thread's copies done (but ``pending`` groups), made visible to the tensor cores, then everyone's
-        K.call(K.WAIT1 if pending == 1 else K.WAIT0, K.WAIT1_SRC if pending == 1 else K.WAIT0_SRC)
+        K.call(*K.cp_async_wait(pending))
         K.call("kiln_fence_proxy_async", K.H.FENCE_PROXY_ASYNC)
         K.call("kiln_syncthreads", K.SYNC)
 
     @T.macro(hygienic=False)
     def s_gemm(t):
         # S = Q K^T over 8 k-steps of 16 dims; a k-step moves the descriptors 32 bytes along a 128-byte row
-        kbase: T.let[T.int32] = pad + K.Q_BYTES + (t % 2) * 2 * K.TILE_BYTES
+        kbase: T.let[T.int32] = pad + K.Q_BYTES + (t % K.S) * 2 * K.TILE_BYTES
         for kk in T.unroll(K.KSTEPS):
             T.evaluate(T.cuda.func_call(
                 K.WG_S, T.tvm_access_ptr(T.type_annotation("float32"), sacc.data, 0, K.NTN * 4, 3),
@@ -136,7 +134,7 @@ def prefill_hopper_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_
     def pv_gemm(t):
         # O += P V with P from registers and V [token][dim] read MN-major: a k-step of 16 tokens is 2 KB on;
         # LBO = distance between the two 64-dim halves, SBO = between 8-token groups
-        vbase: T.let[T.int32] = pad + K.Q_BYTES + ((t % 2) * 2 + 1) * K.TILE_BYTES
+        vbase: T.let[T.int32] = pad + K.Q_BYTES + ((t % K.S) * 2 + 1) * K.TILE_BYTES
         for kt in T.unroll(K.BN // 16):
             T.evaluate(T.cuda.func_call(
                 K.WG_O, T.tvm_access_ptr(T.type_annotation("float32"), oacc.data, 0, K.DTN * 4, 3),
@@ -147,9 +145,10 @@ def prefill_hopper_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_
         K.call("kiln_wgmma_commit", K.H.WGMMA_COMMIT)
 
     @T.macro(hygienic=False)
-    def wait_s(pending):
-        T.evaluate(T.cuda.func_call(K.WAIT_S if pending == 0 else K.WAIT_S1, T.tvm_access_ptr(T.type_annotation("float32"), sacc.data, 0, K.NTN * 4, 3),
-                                    source_code=K.WAIT_S_SRC if pending == 0 else K.WAIT_S1_SRC))
+    def wait_s():
+        # S of this tile done; the P V group committed after it may still run
+        T.evaluate(T.cuda.func_call(K.WAIT_S, T.tvm_access_ptr(T.type_annotation("float32"), sacc.data, 0, K.NTN * 4, 3),
+                                    source_code=K.WAIT_S_SRC))
 
     @T.macro(hygienic=False)
     def wait_o():
@@ -175,44 +174,26 @@ def prefill_hopper_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_
         K.issue_q(q)
 
     @T.macro(hygienic=False)
-    def main_loop_serial(causal, sm_scale, q, output, lse):
-        # per tile: S, wait, softmax, P V, wait (other warpgroups on the SM fill the tensor cores meanwhile)
-        K.init_state(q)
-        if info[6] > 0:
-            K.issue_tile(0, 0)
-            K.issue_tile(0, 1)
-        K.call("kiln_cp_async_commit", K.CP_COMMIT)
-        for t in T.serial(info[6]):
-            if t + 1 < info[6]:
-                K.issue_tile(t + 1, 0)
-                K.issue_tile(t + 1, 1)
-            K.call("kiln_cp_async_commit", K.CP_COMMIT)
-            K.tiles_landed(1)
-            K.call("kiln_wgmma_fence", K.H.WGMMA_FENCE)
-            K.s_gemm(t)
-            K.wait_s(0)
-            K.softmax_tile(t, causal, sm_scale)
-            K.rescale_o()
-            K.pack_p()
-            K.call("kiln_wgmma_fence", K.H.WGMMA_FENCE)
-            K.pv_gemm(t)
-            K.wait_o()
-            K.call("kiln_syncthreads", K.SYNC)
-        K.finalize(output, lse)
-
-    @T.macro(hygienic=False)
-    def main_loop_overlap(causal, sm_scale, q, output, lse):
+    def main_loop(causal, sm_scale, q, output, lse):
         # FlashAttention-3's intra-warpgroup overlap: the softmax of tile t runs while P V of tile t - 1 is
-        # on the tensor cores. Tile t needs K_t and V_{t-1}; {K_{t+1}, V_t} load during iteration t.
+        # on the tensor cores. Iteration t needs K_t and V_{t-1}, and loads {K_{t+S-1}, V_{t+S-2}} (one
+        # cp.async group) into the stages that iterations t - 1 and earlier have released.
         K.init_state(q)
         if info[6] > 0:
             K.issue_tile(0, 0)
         K.call("kiln_cp_async_commit", K.CP_COMMIT)
+        for j in T.unroll(1, K.S - 1):
+            if j < info[6]:
+                K.issue_tile(j, 0)
+            if j - 1 < info[6]:
+                K.issue_tile(j - 1, 1)
+            K.call("kiln_cp_async_commit", K.CP_COMMIT)
         for t in T.serial(info[6]):
-            K.tiles_landed(0)  # also: every warpgroup is past iteration t - 1, so its stages are free
-            if t + 1 < info[6]:
-                K.issue_tile(t + 1, 0)
-            K.issue_tile(t, 1)
+            K.tiles_landed(K.S - 2)  # also: every warpgroup is past iteration t - 1, so its stages are free
+            if t + K.S - 1 < info[6]:
+                K.issue_tile(t + K.S - 1, 0)
+            if t + K.S - 2 < info[6]:
+                K.issue_tile(t + K.S - 2, 1)
             K.call("kiln_cp_async_commit", K.CP_COMMIT)
             K.call("kiln_wgmma_fence", K.H.WGMMA_FENCE)
             K.s_gemm(t)
@@ -220,7 +201,7 @@ def prefill_hopper_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_
                 K.pv_gemm(t - 1)
             else:
                 K.call("kiln_wgmma_commit", K.H.WGMMA_COMMIT)  # an empty group keeps the count uniform
-            K.wait_s(1)
+            K.wait_s()
             K.softmax_tile(t, causal, sm_scale)
             K.wait_o()
             K.rescale_o()
@@ -252,7 +233,7 @@ def prefill_hopper_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_
     K.issue_tile, K.issue_q, K.call, K.tiles_landed, K.allocs = issue_tile, issue_q, call, tiles_landed, allocs
     K.s_gemm, K.pv_gemm, K.wait_s, K.wait_o, K.pack_p, K.init_state = s_gemm, pv_gemm, wait_s, wait_o, pack_p, init_state
     K.find_work, K.plan_tiles, K.softmax_tile, K.rescale_o, K.finalize = find_work, plan_tiles, softmax_tile, rescale_o, finalize
-    K.main_loop = main_loop_overlap if overlap else main_loop_serial
+    K.main_loop = main_loop
 
     if kind == "ragged":
 
@@ -278,8 +259,8 @@ def prefill_hopper_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_
             k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (B,), "int32", elem_offset=k_rope_off)
             output = T.match_buffer(var_output, (qo_len, H_qo, D), dtype)
             lse = T.match_buffer(var_lse, (qo_len, H_qo), "float32")
-            for bx in T.thread_binding(T.truncdiv(qo_len + BM - 1, BM) + B, thread="blockIdx.x"):
-                for hq in T.thread_binding(H_qo, thread="blockIdx.y"):
+            for bx in T.thread_binding(T.truncdiv(qo_len + BM - 1, BM) + B, thread="blockIdx.y"):
+                for hq in T.thread_binding(H_qo, thread="blockIdx.x"):
                     for tid in T.thread_binding(NT, thread="threadIdx.x"):
                         with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", min_blocks):
                             with T.sblock("attn"):
@@ -328,8 +309,8 @@ def prefill_hopper_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_
         q_rope_position = T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_off)
         output = T.match_buffer(var_output, (qo_len, H_qo, D), dtype)
         lse = T.match_buffer(var_lse, (qo_len, H_qo), "float32")
-        for bx in T.thread_binding(T.truncdiv(qo_len + BM - 1, BM) + B, thread="blockIdx.x"):
-            for hq in T.thread_binding(H_qo, thread="blockIdx.y"):
+        for bx in T.thread_binding(T.truncdiv(qo_len + BM - 1, BM) + B, thread="blockIdx.y"):
+            for hq in T.thread_binding(H_qo, thread="blockIdx.x"):
                 for tid in T.thread_binding(NT, thread="threadIdx.x"):
                     with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", min_blocks):
                         with T.sblock("attn"):
