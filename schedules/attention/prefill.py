@@ -8,6 +8,7 @@ the online softmax lives in the mma accumulator registers and P is re-packed in 
 operand of P·V. Causal masking is applied only on tiles that cross the diagonal or the end.
 GQA: a block reads the KV head of its query head (neighbouring blocks share it through L2).
 H200, Llama-3.1-8B layer: 114 / 213 / 259 TFLOP/s at 1k / 4k / 16k tokens (docs/attention.md).
+Used where the wgmma kernel (prefill_hopper.py, sm_90a, head_dim 128) does not apply.
 
 Two forms with TVM's calling conventions (runtime/vm/attn_backend.h):
 - ragged ``(q, qo_indptr, k, v, kv_indptr, q_rope_position, k_rope_pos_offset, output, lse,
