@@ -1,5 +1,6 @@
 """Hopper (sm_90a) PTX wrappers for TIR kernels, called through ``T.cuda.func_call``: one wrapper per
-instruction, each a (name, CUDA source) pair; TVM emits a source once per function name.
+instruction, each a (name, CUDA source) pair (constants) or a function returning one; TVM emits a
+source once per function name.
 
 Why: TVM 0.27's TIR has no stable script form for wgmma outside its tile-primitive framework; these
 few lines of inline PTX are what a warpgroup matrix multiply needs (shared-memory descriptors, the
@@ -12,30 +13,33 @@ Shared operands are passed as (dynamic shared buffer, byte offset); the buffer's
 _TYPES = {"bfloat16": "bf16", "float16": "f16"}
 
 # bytes to add to a dynamic shared buffer's offsets so that offset 0 is 1024-byte aligned
-SMEM_ALIGN_PAD = r"""
+SMEM_ALIGN_PAD = ("kiln_smem_align_pad", r"""
 __device__ __forceinline__ int kiln_smem_align_pad(void* smem) {
   return (int)((1024u - ((unsigned)__cvta_generic_to_shared(smem) & 1023u)) & 1023u);
 }
-"""
+""")
 
 # shared-memory matrix descriptor, 128-byte swizzle: start address, leading / stride byte offsets
-DESC_SW128 = r"""
+DESC_SW128 = ("kiln_desc_sw128", r"""
 __device__ __forceinline__ unsigned long long kiln_desc_sw128(void* smem, int byte_offset, int lbo, int sbo) {
   unsigned s = (unsigned)__cvta_generic_to_shared((char*)smem + byte_offset);
   return (unsigned long long)((s >> 4) & 0x3FFF) | ((unsigned long long)((lbo >> 4) & 0x3FFF) << 16)
        | ((unsigned long long)((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
 }
-"""
-WGMMA_FENCE = r"""
+""")
+
+# the same (name, source) pairs as on the GEMM branch (gemm-wgmma), byte for byte
+WGMMA_FENCE = ("kiln_wgmma_fence", r"""
 __device__ __forceinline__ void kiln_wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-"""
-WGMMA_COMMIT = r"""
+""")
+WGMMA_COMMIT = ("kiln_wgmma_commit", r"""
 __device__ __forceinline__ void kiln_wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-"""
+""")
+
 # make ordinary shared-memory writes (cp.async, st.shared) visible to the tensor cores' async proxy
-FENCE_PROXY_ASYNC = r"""
+FENCE_PROXY_ASYNC = ("kiln_fence_proxy_async", r"""
 __device__ __forceinline__ void kiln_fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-"""
+""")
 
 
 def _regs(first: int, n: int) -> str:

@@ -116,7 +116,7 @@ def prefill_hopper_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_
     def tiles_landed(pending):
         # this thread's copies done (but ``pending`` groups), made visible to the tensor cores, then everyone's
         K.call(*K.cp_async_wait(pending))
-        K.call("kiln_fence_proxy_async", K.H.FENCE_PROXY_ASYNC)
+        K.call(*K.H.FENCE_PROXY_ASYNC)
         K.call("kiln_syncthreads", K.SYNC)
 
     @T.macro(hygienic=False)
@@ -126,12 +126,12 @@ def prefill_hopper_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_
         for kk in T.unroll(K.KSTEPS):
             T.evaluate(T.cuda.func_call(
                 K.WG_S, T.tvm_access_ptr(T.type_annotation("float32"), sacc.data, 0, K.NTN * 4, 3),
-                T.cuda.func_call("kiln_desc_sw128", smem.data, pad + (kk // 4) * K.BM * 128 + wg * 8192 + (kk % 4) * 32, 16, 1024,
-                                 source_code=K.H.DESC_SW128, return_type="uint64"),
-                T.cuda.func_call("kiln_desc_sw128", smem.data, kbase + (kk // 4) * K.BN * 128 + (kk % 4) * 32, 16, 1024,
-                                 source_code=K.H.DESC_SW128, return_type="uint64"),
+                T.cuda.func_call(K.H.DESC_SW128[0], smem.data, pad + (kk // 4) * K.BM * 128 + wg * 8192 + (kk % 4) * 32, 16, 1024,
+                                 source_code=K.H.DESC_SW128[1], return_type="uint64"),
+                T.cuda.func_call(K.H.DESC_SW128[0], smem.data, kbase + (kk // 4) * K.BN * 128 + (kk % 4) * 32, 16, 1024,
+                                 source_code=K.H.DESC_SW128[1], return_type="uint64"),
                 T.min(kk, 1), source_code=K.WG_S_SRC))
-        K.call("kiln_wgmma_commit", K.H.WGMMA_COMMIT)
+        K.call(*K.H.WGMMA_COMMIT)
 
     @T.macro(hygienic=False)
     def pv_gemm(t):
@@ -142,10 +142,10 @@ def prefill_hopper_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_
             T.evaluate(T.cuda.func_call(
                 K.WG_O, T.tvm_access_ptr(T.type_annotation("float32"), oacc.data, 0, K.DTN * 4, 3),
                 T.tvm_access_ptr(T.type_annotation("uint32"), pf.data, kt * 4, 4, 1),
-                T.cuda.func_call("kiln_desc_sw128", smem.data, vbase + kt * 2048, K.BN * 128, 1024,
-                                 source_code=K.H.DESC_SW128, return_type="uint64"),
+                T.cuda.func_call(K.H.DESC_SW128[0], smem.data, vbase + kt * 2048, K.BN * 128, 1024,
+                                 source_code=K.H.DESC_SW128[1], return_type="uint64"),
                 1, source_code=K.WG_O_SRC))
-        K.call("kiln_wgmma_commit", K.H.WGMMA_COMMIT)
+        K.call(*K.H.WGMMA_COMMIT)
 
     @T.macro(hygienic=False)
     def wait_s():
@@ -198,12 +198,12 @@ def prefill_hopper_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_
             if t + K.S - 2 < info[6]:
                 K.issue_tile(t + K.S - 2, 1)
             K.call("kiln_cp_async_commit", K.CP_COMMIT)
-            K.call("kiln_wgmma_fence", K.H.WGMMA_FENCE)
+            K.call(*K.H.WGMMA_FENCE)
             K.s_gemm(t)
             if t > 0:
                 K.pv_gemm(t - 1)
             else:
-                K.call("kiln_wgmma_commit", K.H.WGMMA_COMMIT)  # an empty group keeps the count uniform
+                K.call(*K.H.WGMMA_COMMIT)  # an empty group keeps the count uniform
             K.wait_s()
             K.softmax_tile(t, causal, sm_scale)
             K.wait_o()
@@ -211,7 +211,7 @@ def prefill_hopper_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_
             K.pack_p()
         if info[6] > 0:
             K.tiles_landed(0)
-            K.call("kiln_wgmma_fence", K.H.WGMMA_FENCE)
+            K.call(*K.H.WGMMA_FENCE)
             K.pv_gemm(info[6] - 1)
             K.wait_o()
         K.finalize(output, lse)
@@ -273,7 +273,7 @@ def prefill_hopper_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_
                                 warp: T.let[T.int32] = tid // 32
                                 lane: T.let[T.int32] = tid % 32
                                 wg: T.let[T.int32] = tid // 128
-                                pad: T.let[T.int32] = T.cuda.func_call("kiln_smem_align_pad", smem.data, source_code=K.H.SMEM_ALIGN_PAD,
+                                pad: T.let[T.int32] = T.cuda.func_call(K.H.SMEM_ALIGN_PAD[0], smem.data, source_code=K.H.SMEM_ALIGN_PAD[1],
                                                                        return_type="int32")
                                 K.find_work(q_indptr, B)
                                 if info[0] >= 0:
@@ -323,7 +323,7 @@ def prefill_hopper_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_
                             warp: T.let[T.int32] = tid // 32
                             lane: T.let[T.int32] = tid % 32
                             wg: T.let[T.int32] = tid // 128
-                            pad: T.let[T.int32] = T.cuda.func_call("kiln_smem_align_pad", smem.data, source_code=K.H.SMEM_ALIGN_PAD,
+                            pad: T.let[T.int32] = T.cuda.func_call(K.H.SMEM_ALIGN_PAD[0], smem.data, source_code=K.H.SMEM_ALIGN_PAD[1],
                                                                    return_type="int32")
                             K.find_work(q_indptr, B)
                             if info[0] >= 0:
