@@ -1,6 +1,6 @@
 """Engine throughput: N prompts at once through Engine.generate_sync, device vs host sampling.
 
-    python bench/engine_sampling.py ARTIFACT [--n 64] [--max 128] [--temperature 0] [--top-p 1]
+    python bench/engine_throughput.py ARTIFACT [--n 64] [--max 128] [--temperature 0] [--top-p 1]
 
 Prints tokens/s and where the time went: ModelRunner.forward, on-device sampling, and the rest
 (scheduler, host sampling, detokenization, streaming: the engine's Python per step).

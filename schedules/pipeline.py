@@ -13,23 +13,10 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_passes
 from tvm.relax.backend.cuda import pipeline as cuda_passes
 from tvm.relax.backend.gpu_generic import pipeline as gpu_passes
 from tvm.s_tir import dlight as dl
-from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 
 from .low_batch import LowBatchDispatch
 from .matmul_tensorcore import TIR_PIPELINE, MatmulTensorCore
 from .metal_matmul import MatmulNoSimdgroup
-
-
-class GEMVOrDecline(GPUScheduleRule):
-    """dlight's GEMV, declining where it asserts: it half-recognises reductions like the sampler's
-    bisection sums, sum(where(p[b, v] >= θ[b], p[b, v], 0)), and fails an assertion instead of
-    returning None; the next rule (Reduction) schedules them."""
-
-    def apply(self, func, target, tunable):
-        try:
-            return dl.gpu.GEMV().apply(func, target, tunable)
-        except AssertionError:
-            return None
 
 
 def gpu_rules(target: tvm.target.Target) -> list:
@@ -38,7 +25,7 @@ def gpu_rules(target: tvm.target.Target) -> list:
         matmul = [MatmulNoSimdgroup()]
     else:  # tensor cores first (None off CUDA sm_80+ or for small static M), then dlight's
         matmul = [MatmulTensorCore(), dl.gpu.Matmul()]
-    return [*matmul, GEMVOrDecline(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
+    return [*matmul, dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
             dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
 
