@@ -5,8 +5,9 @@
 but passes Kiln's TIR kernels (schedules/attention/) where they exist:
   - decode: split-KV flash-decoding (schedules/attention/decode.py); TVM's runs one block per
     (sequence, KV head) and reaches ~1% of HBM bandwidth at batch 1;
-  - ragged prefill and prefill over pages (chunked prefill), head_dim 64 or 128: FlashAttention-2
-    on tensor cores (schedules/attention/prefill.py); TVM's use no tensor cores (~3 TFLOP/s).
+  - ragged prefill and prefill over pages (chunked prefill), head_dim 64 or 128: on sm_90a with
+    head_dim 128 FlashAttention-3 style wgmma (schedules/attention/prefill_hopper.py), otherwise
+    FlashAttention-2 on mma.sync (prefill.py); TVM's use no tensor cores (~3 TFLOP/s).
 Everything else (sliding-window and tree-attention variants, state merge, page copies, RoPE) stays
 TVM's. Other targets (llvm: TVM's *_cpu kernels; Metal), MLA, inline RoPE
 and non-16-bit dtypes fall back to `TIRPagedKVCache` unchanged.
@@ -21,6 +22,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import AttnKind, PagedKVCache, RopeMode,
 
 from schedules.attention.decode import decode_kernel
 from schedules.attention.prefill import prefill_kernel
+from schedules.attention.prefill_hopper import hopper_prefill_applies, prefill_hopper_kernel
 
 
 def kiln_kernels_apply(attn_kind, rope_mode, dtype, qk_head_dim, v_head_dim, target) -> bool:
@@ -91,6 +93,7 @@ class KilnPagedKVCache(PagedKVCache):  # pylint: disable=too-few-public-methods
         h_kv, h_qo, d = num_key_value_heads, num_attention_heads, qk_head_dim
         bb = rx.BlockBuilder.current()
         kiln_prefill = d in (64, 128)  # the tensor-core tiles are built for these head sizes
+        prefill = prefill_hopper_kernel if hopper_prefill_applies(target, d) else prefill_kernel
 
         def tir(func, fname):
             return rx.Tuple([tvm.ir.StringImm("tirx"), bb.add_func(func, fname)])
@@ -114,10 +117,10 @@ class KilnPagedKVCache(PagedKVCache):  # pylint: disable=too-few-public-methods
             rx.op.zeros((), dtype),
             bb.add_func(tvm_kv._kv_cache_transpose_append(h_kv, d, dtype), "kv_cache_transpose_append"),
             bb.add_func(tvm_kv._kv_cache_transpose_append_mla(d, dtype), "kv_cache_transpose_append_mla"),
-            tir(prefill_kernel("ragged", h_kv, h_qo, d, dtype) if kiln_prefill
+            tir(prefill("ragged", h_kv, h_qo, d, dtype) if kiln_prefill
                 else tvm_kv._attention_prefill_ragged(h_kv, h_qo, d, v_head_dim, dtype, rope_scaling, target),
                 "tir_attention_prefill_ragged"),
-            tir(prefill_kernel("paged", h_kv, h_qo, d, dtype) if kiln_prefill
+            tir(prefill("paged", h_kv, h_qo, d, dtype) if kiln_prefill
                 else tvm_kv._attention_prefill(h_kv, h_qo, d, dtype, False, rope_scaling, target),
                 "tir_attention_prefill"),
             tir(decode_kernel(h_kv, h_qo, d, dtype), "kiln_attention_decode"),

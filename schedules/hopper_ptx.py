@@ -1,31 +1,110 @@
-"""Inline PTX for Hopper (sm_90a) kernels: TMA loads, mbarriers, wgmma. One helper per instruction.
+"""Hopper (sm_90a) PTX wrappers for TIR kernels, called through ``T.cuda.func_call``: one wrapper per
+instruction, each a (name, CUDA source) pair (constants) or a function returning one; TVM emits a
+source once per function name.
 
-Each entry is a (name, source) pair for ``T.cuda.func_call(name, ..., source_code=source)`` (TVM emits
-each source once per function name). Shared-memory operands are 32-bit shared-window addresses
-(``kiln_smem_addr``): TVM's sync planner then sees no shared-memory access to order, and the
-kernels do all their ordering with mbarriers and wgmma fences themselves.
+Why: TVM 0.27's TIR has no stable script form for wgmma, TMA or mbarriers outside its tile-primitive
+framework; these few lines of inline PTX are what a warpgroup matrix multiply needs (shared-memory
+descriptors, the asynchronous MMA itself, its fence / commit / wait) and what feeds it (TMA loads
+completing on mbarriers), for the attention prefill and the GEMM (schedules/matmul_wgmma.py).
 
-Why hand-written: TVM 0.27's own wgmma/TMA ops live in its tile-primitive framework; these lines are
-all the GEMM needs, and the same style as schedules/attention/cuda_helpers.py.
+Shared operands are passed as (dynamic shared buffer, byte offset), so that TVM's sync planner sees
+no shared-memory access to order; the buffer's base must be 1024-byte aligned for the 128-byte
+swizzle (see ``SMEM_ALIGN_PAD``).
 """
 
-from __future__ import annotations
+_TYPES = {"bfloat16": "bf16", "float16": "f16"}
 
-# Shared-window address of a dynamic shared buffer, rounded up to 1024 bytes (the 128-byte swizzle
-# atom of TMA and wgmma repeats every 8 rows of 128 bytes; TVM aligns shared.dyn to 64 only).
-SMEM_ADDR = ("kiln_smem_addr", r"""
-__device__ __forceinline__ unsigned kiln_smem_addr(void* smem) {
-  return ((unsigned)__cvta_generic_to_shared(smem) + 1023u) & ~1023u;
+# bytes to add to a dynamic shared buffer's offsets so that offset 0 is 1024-byte aligned
+SMEM_ALIGN_PAD = ("kiln_smem_align_pad", r"""
+__device__ __forceinline__ int kiln_smem_align_pad(void* smem) {
+  return (int)((1024u - ((unsigned)__cvta_generic_to_shared(smem) & 1023u)) & 1023u);
 }
 """)
 
+# shared-memory matrix descriptor, 128-byte swizzle: start address, leading / stride byte offsets
+DESC_SW128 = ("kiln_desc_sw128", r"""
+__device__ __forceinline__ unsigned long long kiln_desc_sw128(void* smem, int byte_offset, int lbo, int sbo) {
+  unsigned s = (unsigned)__cvta_generic_to_shared((char*)smem + byte_offset);
+  return (unsigned long long)((s >> 4) & 0x3FFF) | ((unsigned long long)((lbo >> 4) & 0x3FFF) << 16)
+       | ((unsigned long long)((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+""")
+
+# the same (name, source) pairs as on the GEMM branch (gemm-wgmma), byte for byte
+WGMMA_FENCE = ("kiln_wgmma_fence", r"""
+__device__ __forceinline__ void kiln_wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+""")
+WGMMA_COMMIT = ("kiln_wgmma_commit", r"""
+__device__ __forceinline__ void kiln_wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+""")
+
+# make ordinary shared-memory writes (cp.async, st.shared) visible to the tensor cores' async proxy
+FENCE_PROXY_ASYNC = ("kiln_fence_proxy_async", r"""
+__device__ __forceinline__ void kiln_fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+""")
+
+
+def _regs(first: int, n: int) -> str:
+    return ",".join(f"%{first + i}" for i in range(n))
+
+
+def wgmma_wait(n: int, *acc_sizes: int):
+    """(name, source): wait until at most ``n`` wgmma groups are pending. The accumulator arrays of
+    ``acc_sizes`` floats each are tied to the wait (as CUTLASS's warpgroup_fence_operand does), so the
+    compiler reads them only after it."""
+    name = f"kiln_wgmma_wait{n}" + "".join(f"_f{s}" for s in acc_sizes)
+    params = ", ".join(f"float* a{i}" for i in range(len(acc_sizes)))
+    outs = ", ".join(f'"+f"(a{i}[{j}])' for i, s in enumerate(acc_sizes) for j in range(s))
+    src = (f"\n__device__ __forceinline__ void {name}({params}) {{\n"
+           f'  asm volatile("wgmma.wait_group.sync.aligned {n};\\n" : {outs} :: "memory");\n}}\n')
+    return name, src
+
+
+def wgmma_ss(n: int, dtype: str, trans_b: int = 0):
+    """(name, source): D(64 x n, f32) (+)= A(64 x 16) B(16 x n), both from shared memory descriptors
+    (A K-major; B K-major, or MN-major with ``trans_b``); ``scale_d`` 0 overwrites D."""
+    t = _TYPES[dtype]
+    name = f"kiln_wgmma_m64n{n}k16_ss_{t}_t{trans_b}"
+    nd = n // 2
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(nd))
+    src = f"""
+__device__ __forceinline__ void {name}(float* d, unsigned long long da, unsigned long long db, int scale_d) {{
+  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nd + 2}, 0;\\n"
+               "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t} {{{_regs(0, nd)}}}, %{nd}, %{nd + 1}, p, 1, 1, 0, {trans_b};\\n}}\\n"
+               : {outs} : "l"(da), "l"(db), "r"(scale_d) : "memory");
+}}
+"""
+    return name, src
+
+
+def wgmma_rs(n: int, dtype: str, trans_b: int = 0):
+    """(name, source): D(64 x n, f32) += A(64 x 16, four 16-bit-pair registers per thread in the
+    mma.sync A-fragment layout per warp) B(16 x n) from a shared memory descriptor; ``scale_d`` 0
+    overwrites D."""
+    t = _TYPES[dtype]
+    name = f"kiln_wgmma_m64n{n}k16_rs_{t}_t{trans_b}"
+    nd = n // 2
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(nd))
+    src = f"""
+__device__ __forceinline__ void {name}(float* d, const unsigned* a, unsigned long long db, int scale_d) {{
+  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nd + 5}, 0;\\n"
+               "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t} {{{_regs(0, nd)}}}, {{{_regs(nd, 4)}}}, %{nd + 4}, p, 1, 1, {trans_b};\\n}}\\n"
+               : {outs} : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d) : "memory");
+}}
+"""
+    return name, src
+
+
+# ---------------------------------------------------------------- mbarriers and TMA (the GEMM's loads)
+# `bar` arguments are the byte offset of an 8-byte mbarrier in the shared buffer.
 MBAR_INIT = ("kiln_mbar_init", r"""
-__device__ __forceinline__ void kiln_mbar_init(unsigned bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
+__device__ __forceinline__ void kiln_mbar_init(void* smem, int bar, int count) {
+  unsigned b = (unsigned)__cvta_generic_to_shared((char*)smem + bar);
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(b), "r"(count) : "memory");
 }
 """)
 
-# Makes barrier initialisation visible to the async proxy (TMA), then a CTA barrier.
+# makes barrier initialisation visible to the async proxy (TMA), then a CTA barrier
 MBAR_INIT_FENCE = ("kiln_mbar_init_fence", r"""
 __device__ __forceinline__ void kiln_mbar_init_fence() {
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -34,91 +113,47 @@ __device__ __forceinline__ void kiln_mbar_init_fence() {
 """)
 
 MBAR_EXPECT_TX = ("kiln_mbar_expect_tx", r"""
-__device__ __forceinline__ void kiln_mbar_expect_tx(unsigned bar, int bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
+__device__ __forceinline__ void kiln_mbar_expect_tx(void* smem, int bar, int bytes) {
+  unsigned b = (unsigned)__cvta_generic_to_shared((char*)smem + bar);
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(b), "r"(bytes) : "memory");
 }
 """)
 
 MBAR_ARRIVE = ("kiln_mbar_arrive", r"""
-__device__ __forceinline__ void kiln_mbar_arrive(unsigned bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
+__device__ __forceinline__ void kiln_mbar_arrive(void* smem, int bar) {
+  unsigned b = (unsigned)__cvta_generic_to_shared((char*)smem + bar);
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(b) : "memory");
 }
 """)
 
 MBAR_WAIT = ("kiln_mbar_wait", r"""
-__device__ __forceinline__ void kiln_mbar_wait(unsigned bar, int parity) {
+__device__ __forceinline__ void kiln_mbar_wait(void* smem, int bar, int parity) {
+  unsigned b = (unsigned)__cvta_generic_to_shared((char*)smem + bar);
   asm volatile("{\n .reg .pred p;\n WAIT_%=:\n"
                " mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-               " @!p bra WAIT_%=;\n}\n" :: "r"(bar), "r"(parity) : "memory");
+               " @!p bra WAIT_%=;\n}\n" :: "r"(b), "r"(parity) : "memory");
 }
 """)
 
-# 2-D tiled TMA load global → shared, completing on an mbarrier (transaction bytes). `tmap` is the
-# address of a __grid_constant__ CUtensorMap kernel parameter; x is the inner (contiguous) coordinate.
+# 2-D tiled TMA load global → shared (byte offset `dst`), completing on the mbarrier at `bar`
+# (transaction bytes). `tmap` is the address of a __grid_constant__ CUtensorMap kernel parameter;
+# x is the inner (contiguous) coordinate.
 TMA_LOAD_2D = ("kiln_tma_load_2d", r"""
-__device__ __forceinline__ void kiln_tma_load_2d(unsigned dst, unsigned long long tmap, unsigned bar, int x, int y) {
+__device__ __forceinline__ void kiln_tma_load_2d(void* smem, int dst, unsigned long long tmap, int bar, int x, int y) {
+  unsigned d = (unsigned)__cvta_generic_to_shared((char*)smem + dst);
+  unsigned b = (unsigned)__cvta_generic_to_shared((char*)smem + bar);
   asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n"
-               :: "r"(dst), "l"(tmap), "r"(bar), "r"(x), "r"(y) : "memory");
+               :: "r"(d), "l"(tmap), "r"(b), "r"(x), "r"(y) : "memory");
 }
 """)
-
-WGMMA_FENCE = ("kiln_wgmma_fence", r"""
-__device__ __forceinline__ void kiln_wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-""")
-
-WGMMA_COMMIT = ("kiln_wgmma_commit", r"""
-__device__ __forceinline__ void kiln_wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-""")
-
-
-def wgmma_wait(n: int):
-    """(name, source): wait until at most ``n`` wgmma groups of this warpgroup are pending."""
-    name = f"kiln_wgmma_wait{n}"
-    return name, (f'__device__ __forceinline__ void {name}() '
-                  f'{{ asm volatile("wgmma.wait_group.sync.aligned {n};\\n" ::: "memory"); }}\n')
 
 
 def setmaxnreg(count: int, increase: bool):
-    """(name, source): re-balance this warpgroup's registers (sm_90a; needs a register cap at entry)."""
+    """(name, source): re-balance this warpgroup's registers (needs a register cap at entry)."""
     op = "inc" if increase else "dec"
     name = f"kiln_setmaxnreg_{op}{count}"
     return name, (f'__device__ __forceinline__ void {name}() '
                   f'{{ asm volatile("setmaxnreg.{op}.sync.aligned.u32 {count};\\n"); }}\n')
-
-
-# Shared-memory matrix descriptor of a K-major tile with the 128-byte swizzle (rows of 64 16-bit
-# values, 8-row atoms 1024 bytes apart): start address >> 4 | LBO 16 B | SBO 1024 B | swizzle mode 1.
-# Successive k16 steps inside the 64-wide row add 32 bytes to the start address.
-WGMMA_DESC = ("kiln_wgmma_desc", r"""
-__device__ __forceinline__ unsigned long long kiln_wgmma_desc(unsigned addr) {
-  return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
-}
-""")
-
-
-def wgmma_fence_operands(n_regs: int):
-    """(name, source): an empty asm that claims to rewrite ``n_regs`` accumulators, so that the
-    compiler neither reads them before a wgmma wait nor writes them after a wgmma is issued."""
-    name = f"kiln_wgmma_fence_acc{n_regs}"
-    lines = "\n".join(f'  asm volatile("" : "+f"(d[{i}]) :: "memory");' for i in range(n_regs))
-    return name, f"__device__ __forceinline__ void {name}(float* d) {{\n{lines}\n}}\n"
-
-
-def wgmma_ss(n: int, dtype: str):
-    """(name, source): D[64×n] (fp32 registers) += A[64×16] · B[n×16]^T, both K-major in shared
-    memory (descriptors), as one asynchronous warpgroup instruction."""
-    assert n % 8 == 0 and 8 <= n <= 256
-    t = {"bfloat16": "bf16", "float16": "f16"}[dtype]
-    name = f"kiln_wgmma_m64n{n}k16_{t}"
-    regs = n // 2
-    dlist = ", ".join(f"%{i}" for i in range(regs))
-    outs = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
-    src = (f"__device__ __forceinline__ void {name}(float* d, unsigned long long da, unsigned long long db) {{\n"
-           f'  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n"\n'
-           f'               "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t} {{{dlist}}}, %{regs}, %{regs + 1}, p, 1, 1, 0, 0;\\n}}\\n"\n'
-           f"               : {outs}\n"
-           f'               : "l"(da), "l"(db));\n}}\n')
-    return name, src
 
 
 def store_pair(dtype: str):

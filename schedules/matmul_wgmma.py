@@ -217,12 +217,12 @@ def gemm_kernel(g, cfg: WgmmaConfig) -> tirx.PrimFunc:
         GRID=SMS if cfg.persistent else 1 << 30, PAIR=ptx.store_pair(str(g.out.dtype)),
         tma_a=tirx.Var("A_tensormap", ty=T.handle("tensormap").ty),
         tma_b=tirx.Var("B_tensormap", ty=T.handle("tensormap").ty))
-    K.SMEM, K.INIT, K.INIT_FENCE, K.EXPECT, K.ARRIVE, K.WAIT = (
-        ptx.SMEM_ADDR, ptx.MBAR_INIT, ptx.MBAR_INIT_FENCE, ptx.MBAR_EXPECT_TX, ptx.MBAR_ARRIVE, ptx.MBAR_WAIT)
-    K.TMA, K.FENCE, K.COMMIT, K.DESC = ptx.TMA_LOAD_2D, ptx.WGMMA_FENCE, ptx.WGMMA_COMMIT, ptx.WGMMA_DESC
-    K.WAIT0, K.WAIT1 = ptx.wgmma_wait(0), ptx.wgmma_wait(1)
+    K.PAD, K.INIT, K.INIT_FENCE, K.EXPECT, K.ARRIVE, K.WAIT = (
+        ptx.SMEM_ALIGN_PAD, ptx.MBAR_INIT, ptx.MBAR_INIT_FENCE, ptx.MBAR_EXPECT_TX, ptx.MBAR_ARRIVE, ptx.MBAR_WAIT)
+    K.TMA, K.FENCE, K.COMMIT, K.DESC = ptx.TMA_LOAD_2D, ptx.WGMMA_FENCE, ptx.WGMMA_COMMIT, ptx.DESC_SW128
+    # wait_group 0 that also pins the accumulators (no reads before it, no writes moved after a wgmma)
+    K.WAIT0_ACC, K.WAIT1 = ptx.wgmma_wait(0, regs), ptx.wgmma_wait(1)
     K.MMA = ptx.wgmma_ss(BN, g.dtype)
-    K.ACC_FENCE = ptx.wgmma_fence_operands(regs)
     K.DEC, K.INC = ptx.setmaxnreg(40, False), ptx.setmaxnreg(232, True)
 
     # pylint: disable=invalid-name,unused-variable
@@ -244,12 +244,12 @@ def gemm_kernel(g, cfg: WgmmaConfig) -> tirx.PrimFunc:
                     smem = T.sblock_alloc_buffer((K.SMEM_HALVES,), "uint16", scope="shared.dyn")
                     acc = T.sblock_alloc_buffer((K.REGS,), "float32", scope="local")
                     m_tiles: T.let[T.int32] = T.truncdiv(T.Cast("int32", K.M) + (K.BM - 1), K.BM)
-                    base: T.let[T.uint32] = T.cuda.func_call(K.SMEM[0], smem.data, source_code=K.SMEM[1], return_type="uint32")
+                    pad: T.let[T.int32] = T.cuda.func_call(K.PAD[0], smem.data, source_code=K.PAD[1], return_type="int32")
                     wg: T.let[T.int32] = tid // 128
                     if tid == 0:
                         for s in T.unroll(K.ST):
-                            T.evaluate(T.cuda.func_call(K.INIT[0], base + K.BARS + s * 8, 1, source_code=K.INIT[1]))
-                            T.evaluate(T.cuda.func_call(K.INIT[0], base + K.BARS + (K.ST + s) * 8, K.NC * 128, source_code=K.INIT[1]))
+                            T.evaluate(T.cuda.func_call(K.INIT[0], smem.data, pad + K.BARS + s * 8, 1, source_code=K.INIT[1]))
+                            T.evaluate(T.cuda.func_call(K.INIT[0], smem.data, pad + K.BARS + (K.ST + s) * 8, K.NC * 128, source_code=K.INIT[1]))
                     T.evaluate(T.cuda.func_call(K.INIT_FENCE[0], source_code=K.INIT_FENCE[1]))
                     if wg == K.NC:  # producer warpgroup
                         if K.setmaxnreg:
@@ -261,11 +261,11 @@ def gemm_kernel(g, cfg: WgmmaConfig) -> tirx.PrimFunc:
                                 for kt in T.serial(K.KT):
                                     it: T.let[T.int32] = t * K.KT + kt
                                     if it >= K.ST:
-                                        T.evaluate(T.cuda.func_call(K.WAIT[0], base + K.BARS + (K.ST + it % K.ST) * 8, (it // K.ST + 1) % 2, source_code=K.WAIT[1]))
-                                    T.evaluate(T.cuda.func_call(K.EXPECT[0], base + K.BARS + (it % K.ST) * 8, K.STAGE, source_code=K.EXPECT[1]))
-                                    T.evaluate(T.cuda.func_call(K.TMA[0], base + (it % K.ST) * K.STAGE, T.address_of(K.tma_a), base + K.BARS + (it % K.ST) * 8,
+                                        T.evaluate(T.cuda.func_call(K.WAIT[0], smem.data, pad + K.BARS + (K.ST + it % K.ST) * 8, (it // K.ST + 1) % 2, source_code=K.WAIT[1]))
+                                    T.evaluate(T.cuda.func_call(K.EXPECT[0], smem.data, pad + K.BARS + (it % K.ST) * 8, K.STAGE, source_code=K.EXPECT[1]))
+                                    T.evaluate(T.cuda.func_call(K.TMA[0], smem.data, pad + (it % K.ST) * K.STAGE, T.address_of(K.tma_a), pad + K.BARS + (it % K.ST) * 8,
                                                                 kt * 64, tile_m * K.BM, source_code=K.TMA[1]))
-                                    T.evaluate(T.cuda.func_call(K.TMA[0], base + (it % K.ST) * K.STAGE + K.A_BYTES, T.address_of(K.tma_b), base + K.BARS + (it % K.ST) * 8,
+                                    T.evaluate(T.cuda.func_call(K.TMA[0], smem.data, pad + (it % K.ST) * K.STAGE + K.A_BYTES, T.address_of(K.tma_b), pad + K.BARS + (it % K.ST) * 8,
                                                                 kt * 64, tile_n * K.BN, source_code=K.TMA[1]))
                     else:  # consumer warpgroups: 64 rows each
                         if K.setmaxnreg:
@@ -275,24 +275,25 @@ def gemm_kernel(g, cfg: WgmmaConfig) -> tirx.PrimFunc:
                             tile_n: T.let[T.int32] = T.truncdiv(bx + t * K.GRID, K.PANEL * m_tiles) * K.PANEL + T.truncmod(bx + t * K.GRID, K.PANEL)
                             for i in T.unroll(K.REGS):
                                 acc[i] = T.float32(0)
-                            T.evaluate(T.cuda.func_call(K.ACC_FENCE[0], T.tvm_access_ptr(T.type_annotation("float32"), acc.data, 0, K.REGS, 3), source_code=K.ACC_FENCE[1]))
+                            T.evaluate(T.cuda.func_call(K.WAIT0_ACC[0], T.tvm_access_ptr(T.type_annotation("float32"), acc.data, 0, K.REGS, 3), source_code=K.WAIT0_ACC[1]))
                             for kt in T.serial(K.KT):
                                 it: T.let[T.int32] = t * K.KT + kt
-                                T.evaluate(T.cuda.func_call(K.WAIT[0], base + K.BARS + (it % K.ST) * 8, (it // K.ST) % 2, source_code=K.WAIT[1]))
+                                T.evaluate(T.cuda.func_call(K.WAIT[0], smem.data, pad + K.BARS + (it % K.ST) * 8, (it // K.ST) % 2, source_code=K.WAIT[1]))
                                 T.evaluate(T.cuda.func_call(K.FENCE[0], source_code=K.FENCE[1]))
                                 for kk in T.unroll(4):
                                     T.evaluate(T.cuda.func_call(
                                         K.MMA[0], T.tvm_access_ptr(T.type_annotation("float32"), acc.data, 0, K.REGS, 3),
-                                        T.cuda.func_call(K.DESC[0], base + (it % K.ST) * K.STAGE + wg * 8192 + kk * 32, source_code=K.DESC[1], return_type="uint64"),
-                                        T.cuda.func_call(K.DESC[0], base + (it % K.ST) * K.STAGE + K.A_BYTES + kk * 32, source_code=K.DESC[1], return_type="uint64"),
-                                        source_code=K.MMA[1]))
+                                        T.cuda.func_call(K.DESC[0], smem.data, pad + (it % K.ST) * K.STAGE + wg * 8192 + kk * 32, 16, 1024,
+                                                         source_code=K.DESC[1], return_type="uint64"),
+                                        T.cuda.func_call(K.DESC[0], smem.data, pad + (it % K.ST) * K.STAGE + K.A_BYTES + kk * 32, 16, 1024,
+                                                         source_code=K.DESC[1], return_type="uint64"),
+                                        1, source_code=K.MMA[1]))
                                 T.evaluate(T.cuda.func_call(K.COMMIT[0], source_code=K.COMMIT[1]))
                                 T.evaluate(T.cuda.func_call(K.WAIT1[0], source_code=K.WAIT1[1]))
                                 if kt > 0:  # the previous stage's wgmma group is done: release it
-                                    T.evaluate(T.cuda.func_call(K.ARRIVE[0], base + K.BARS + (K.ST + (it + K.ST - 1) % K.ST) * 8, source_code=K.ARRIVE[1]))
-                            T.evaluate(T.cuda.func_call(K.WAIT0[0], source_code=K.WAIT0[1]))
-                            T.evaluate(T.cuda.func_call(K.ARRIVE[0], base + K.BARS + (K.ST + (t * K.KT + K.KT - 1) % K.ST) * 8, source_code=K.ARRIVE[1]))
-                            T.evaluate(T.cuda.func_call(K.ACC_FENCE[0], T.tvm_access_ptr(T.type_annotation("float32"), acc.data, 0, K.REGS, 3), source_code=K.ACC_FENCE[1]))
+                                    T.evaluate(T.cuda.func_call(K.ARRIVE[0], smem.data, pad + K.BARS + (K.ST + (it + K.ST - 1) % K.ST) * 8, source_code=K.ARRIVE[1]))
+                            T.evaluate(T.cuda.func_call(K.WAIT0_ACC[0], T.tvm_access_ptr(T.type_annotation("float32"), acc.data, 0, K.REGS, 3), source_code=K.WAIT0_ACC[1]))
+                            T.evaluate(T.cuda.func_call(K.ARRIVE[0], smem.data, pad + K.BARS + (K.ST + (t * K.KT + K.KT - 1) % K.ST) * 8, source_code=K.ARRIVE[1]))
                             # accumulator i: row lane/4 (+8 for i % 4 >= 2) of the warp's 16, column pair 8·(i/4) + 2·(lane%4)
                             for i in T.unroll(K.REGS // 2):
                                 row: T.let[T.int32] = tile_m * K.BM + wg * 64 + (tid % 128) // 32 * 16 + (tid % 32) // 4 + 8 * (i % 2)

@@ -236,8 +236,8 @@ def test_wgmma_kernels_for_every_model_shape(tmp_path):
         lib = tvm.tirx.build(tvm.IRModule(funcs), target=H100)
     src = lib.imports[0].inspect_source()
     assert src.count("wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16") == 1  # one helper
-    assert src.count("kiln_wgmma_m64n256k16_bf16(") > len(MODEL_SHAPES) * 4  # 4 k16 steps a stage
-    assert src.count("kiln_wgmma_m64n128k16_bf16(") > 0  # the few-rows tiling
+    assert src.count("kiln_wgmma_m64n256k16_ss_bf16_t0(") > len(MODEL_SHAPES) * 4  # 4 k16 steps a stage
+    assert src.count("kiln_wgmma_m64n128k16_ss_bf16_t0(") > 0  # the few-rows tiling
     assert src.count("const __grid_constant__ CUtensorMap") >= 4 * len(MODEL_SHAPES)
     assert "cp.async.bulk.tensor.2d" in src
     if shutil.which("nvcc"):
