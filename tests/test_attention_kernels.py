@@ -1,10 +1,11 @@
 """Kiln attention kernels and KilnPagedKVCache, on a machine without a GPU.
 
 CUDA kernels: compiled to CUDA source (and by nvcc when present) and checked for the properties
-they exist for (split-KV grid, cp.async pipeline, 16-byte page loads, no register spills).
-Numerics on GPU: bench/attention.py (float32 reference before every timing).
+they exist for (split-KV grid, cp.async pipeline, fused split merge, 16-byte page loads, no register
+spills). Metal forms: compiled to Metal source (no PTX, Metal's limits). Numerics on GPU:
+bench/attention.py (float32 reference before every timing; the Metal forms run there compiled for CUDA).
 The cache class: on llvm it must be TVM's cache with TVM's CPU kernels (the model's CPU tests rely on
-it) and match a float64 numpy attention; on CUDA its decode slot must hold Kiln's kernel; Metal builds.
+it) and match a float64 numpy attention; on CUDA and Metal its decode and prefill slots hold Kiln's kernels.
 """
 
 import os
@@ -24,16 +25,22 @@ from tvm.runtime import ShapeTuple
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from model_defs.kv_cache import KilnPagedKVCache  # noqa: E402
 from schedules.attention.decode import decode_kernel  # noqa: E402
+from schedules.attention.metal_prefill import metal_prefill_kernel  # noqa: E402
 from schedules.attention.prefill import prefill_kernel  # noqa: E402
 
 CUDA = tvm.target.Target("nvidia/nvidia-h100", host="llvm")
+METAL = tvm.target.Target("apple/m2-gpu", host="llvm")
+
+
+def _source(funcs, target):
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    with target:
+        lib = tvm.tirx.build(mod, target=target)
+    return lib.imports[0].inspect_source()
 
 
 def _cuda_source(funcs):
-    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
-    with CUDA:
-        lib = tvm.tirx.build(mod, target=CUDA)
-    return lib.imports[0].inspect_source()
+    return _source(funcs, CUDA)
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +51,12 @@ def decode_src():
 def test_decode_kernel_structure(decode_src):
     kernels = re.findall(r'extern "C" __global__ void __launch_bounds__\((\d+)\) (\w+)\(', decode_src)
     names = {n: int(t) for t, n in kernels}
-    # split kernel (8 rows x 16 lanes) + split-merge kernel
-    assert names == {"kiln_decode_paged_kv_kernel": 128, "kiln_decode_paged_kv_kernel_1": 512}, names
+    # one kernel (8 rows x 16 lanes): the last block of each (sequence, KV head) merges the splits
+    assert names == {"kiln_decode_paged_kv_kernel": 128}, names
     body = decode_src.split("kiln_decode_paged_kv_kernel(", 2)[2]
+    assert body.count("kiln_split_arrive(") == 1
+    # it reads the other blocks' states from L2 (4 outputs x 8 splits per chunk, o and lse)
+    assert body.count("kiln_ldcg_f32(") == 2 * 4 * 8
     # K and V tiles arrive by 16-byte cp.async, 3-stage pipeline: 2 groups may stay in flight
     # (2 prologue tiles, unrolled + 1 in the loop) x (K, V) x 4 tokens
     assert body.count("kiln_cp_async16(") == 3 * 2 * 4
@@ -64,7 +74,7 @@ def test_decode_kernel_nvcc_no_spills(decode_src, tmp_path):
     res = subprocess.run(["nvcc", "-cubin", "-w", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "--resource-usage",
                           "-o", str(tmp_path / "decode.cubin"), str(src)], capture_output=True, text=True, check=True)
     report = res.stdout + res.stderr
-    assert report.count("0 bytes spill stores, 0 bytes spill loads") == 2, report
+    assert report.count("0 bytes spill stores, 0 bytes spill loads") == 1, report
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
     assert max(regs) <= 168, regs  # 3 blocks of 128 threads per SM
 
@@ -75,7 +85,24 @@ def test_decode_kernel_other_shapes_build():
               "d": (8, 32, 64, "float16")}
     src = _cuda_source({n: decode_kernel(*shape) for n, shape in shapes.items()})
     for n in shapes:
-        assert f" {n}_kernel(" in src and f" {n}_kernel_1(" in src
+        assert f" {n}_kernel(" in src and f" {n}_kernel_1(" not in src
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_metal_forms_build_for_metal_within_its_limits(dtype):
+    """Decode and both prefills as Metal source: no PTX, <= 1024 threads, <= 32 KB threadgroup memory."""
+    funcs = {"dec": decode_kernel(8, 32, 128, dtype, form="metal"), "dec7": decode_kernel(4, 28, 128, dtype, form="metal")}
+    h_kv, h_qo, d = (8, 32, 128) if dtype == "float16" else (8, 32, 64)  # bf16 tiles are fp32 on Metal
+    funcs.update({f"pf_{k}": metal_prefill_kernel(k, h_kv, h_qo, d, dtype) for k in ("ragged", "paged")})
+    src = _source(funcs, METAL)
+    for name in funcs:
+        assert f"kernel void {name}_kernel(" in src
+    assert "asm" not in src and "simd_shuffle" in src
+    for kernel in src.split("kernel void ")[1:]:
+        body = kernel.split("\nkernel void")[0]
+        smem = sum(int(n) * (2 if t.startswith("half") else 4) * (int(t[-1]) if t[-1].isdigit() else 1)
+                   for t, n in re.findall(r"threadgroup (\w+) \w+\[(\d+)\];", body))
+        assert smem <= 32 * 1024, (kernel[:40], smem)
 
 
 @pytest.fixture(scope="module")
@@ -163,11 +190,21 @@ def test_cache_cuda_uses_kiln_kernels(head_dim):
         assert not kiln_prefill & names and "batch_prefill_ragged_kv" in names
 
 
-def test_cache_metal_falls_back_to_tvm_kernels():
-    """Kiln's kernels are CUDA-only: Metal gets TVM's GPU kernels (built by the model's Metal tests)."""
-    mod, _ = _export(tvm.target.Target("apple/m2-gpu"), "float16")
+@pytest.mark.parametrize("head_dim", [32, 128])
+def test_cache_metal_uses_kiln_metal_forms(head_dim):
+    """Metal gets the plain-TIR decode and prefill (a whole model compiles with them: test_compile_targets)."""
+    mod, _ = _export(tvm.target.Target("apple/m2-gpu"), "float16", head_dim)
     names = {gv.name_hint for gv in mod.get_global_vars()}
-    assert "batch_decode_paged_kv" in names and "kiln_decode_paged_kv" not in names
+    kiln = {"kiln_decode_paged_kv", "kiln_metal_prefill_ragged", "kiln_metal_prefill_paged"}
+    assert kiln <= names and not {"batch_decode_paged_kv", "batch_prefill_ragged_kv"} & names, names
+
+
+def test_cache_metal_bf16_wide_heads_keep_tvm_prefill():
+    """bfloat16 tiles are float32 on Metal: at head_dim 128 they exceed 32 KB, so TVM's prefill stays."""
+    mod, _ = _export(tvm.target.Target("apple/m2-gpu"), "bfloat16", 128)
+    names = {gv.name_hint for gv in mod.get_global_vars()}
+    assert "kiln_decode_paged_kv" in names and "kiln_metal_prefill_ragged" not in names
+    assert "batch_prefill_ragged_kv" in names
 
 
 def test_cache_llvm_prefill_and_decode_match_numpy():

@@ -1,11 +1,13 @@
-"""Kiln's paged-attention kernels (TIR for CUDA), one module per kernel family.
+"""Kiln's paged-attention kernels (TIR for CUDA and Metal), one module per kernel family.
 
-decode.py        split-KV flash-decoding over pages (one query token per sequence)
-prefill.py       FlashAttention-2 prefill on tensor cores: ragged (new tokens) and paged (cached)
-cuda_helpers.py  the inline PTX (cp.async, ldmatrix, mma.sync) the kernels call
+decode.py         split-KV flash-decoding over pages (one query token per sequence); CUDA and Metal forms
+prefill.py        FlashAttention-2 prefill on tensor cores: ragged (new tokens) and paged (cached)
+metal_prefill.py  tiled online-softmax prefill in plain TIR (Metal; also compiles for CUDA)
+cuda_helpers.py   the inline PTX (cp.async, ldmatrix, mma.sync) and device helpers the CUDA kernels call
 """
 
 from .decode import decode_kernel
+from .metal_prefill import metal_prefill_kernel
 from .prefill import prefill_kernel
 
 
@@ -13,8 +15,14 @@ def kernels_for_bench(num_kv_heads, num_qo_heads, head_dim, dtype):
     """(name, PrimFunc) pairs of every Kiln CUDA kernel, for bench/attention.py."""
     return [
         ("kiln_decode_paged_kv", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype)),
-        # variant: splits for two waves of blocks (the default fills one)
-        ("kiln_decode_paged_kv_w2", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype, resident_blocks=2 * 396)),
+        # variants: the split merge as a second kernel (v3); 4 pipeline stages, 2 blocks per SM
+        ("kiln_decode_paged_kv_2k", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype, fused_merge=False)),
+        ("kiln_decode_paged_kv_s4", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype, stages=4, resident_blocks=2 * 132)),
+        ("kiln_decode_paged_kv_rb264", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype, resident_blocks=2 * 132)),
+        # the Metal forms, compiled for CUDA to check them on the GPU
+        ("kiln_metal_decode_paged_kv", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype, form="metal")),
+        ("kiln_metal_prefill_ragged", metal_prefill_kernel("ragged", num_kv_heads, num_qo_heads, head_dim, dtype)),
+        ("kiln_metal_prefill_paged", metal_prefill_kernel("paged", num_kv_heads, num_qo_heads, head_dim, dtype)),
         ("kiln_prefill_ragged", prefill_kernel("ragged", num_kv_heads, num_qo_heads, head_dim, dtype)),
         # variants (m-tiles per warp, KV tile): 32-token tiles (151 registers: 3 blocks per SM); 2 x 32
         ("kiln_prefill_ragged_m1n32", prefill_kernel("ragged", num_kv_heads, num_qo_heads, head_dim, dtype, 1, 32)),

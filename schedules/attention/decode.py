@@ -18,32 +18,50 @@ import math
 
 from tvm.script import tirx as T
 
-from .cuda_helpers import CP_ASYNC16, CP_COMMIT, cp_async_wait
+from .cuda_helpers import CP_ASYNC16, CP_COMMIT, LDCG, SPLIT_ARRIVE, SPLIT_COUNTERS, cp_async_wait
 
 PAGE_SIZE = 16
 TOKENS_PER_ROW = 4  # tokens one row of lanes handles per iteration (loads in flight per thread)
-RESIDENT_BLOCKS = 132 * 3  # H100/H200: 132 SMs x 3 blocks (159 registers x 128 threads, 65 KB smem)
+RESIDENT_BLOCKS = 132 * 3  # H100/H200: 132 SMs x 3 blocks (162 registers x 128 threads, 65 KB smem)
+METAL_RESIDENT_BLOCKS = 38 * 4  # Metal form: an M2 Max's 38 GPU cores x 4 threadgroups (not measured)
 MIN_SPLIT_PAGES = 4  # below 64 tokens per block the merge costs more than it saves
 STAGES = 3  # cp.async pipeline depth: 2 tiles (32 KB) in flight per block while one is computed
 MERGE_SLICES = 16  # thread rows of the split-merge kernel (splits merged in parallel)
+MERGE_CHUNK = 8  # splits whose states one thread loads at once in the fused merge (loads in flight)
 NEG = -1.0e30  # finite "minus infinity": exp2(NEG - NEG) must not be NaN
 
 
+def decode_supported(num_kv_heads: int, num_qo_heads: int, head_dim: int, form: str = "cuda") -> bool:
+    """Head shapes the kernel covers: 4-32 lanes of 8 dims per token, the block's row-merge buffer
+    (group x 128 threads x 8 dims x 4 bytes) within shared memory (48 KB; Metal 32 KB, less the rest)."""
+    group = num_qo_heads // num_kv_heads
+    return head_dim % 8 == 0 and head_dim // 8 in (4, 8, 16, 32) and group * 4096 <= (48 if form == "cuda" else 30) * 1024
+
+
 def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, stages: int = STAGES,
-                  resident_blocks: int = RESIDENT_BLOCKS):
-    """Build the split-KV decode PrimFunc (global symbol ``kiln_decode_paged_kv``)."""
+                  resident_blocks: int | None = None, form: str = "cuda", fused_merge: bool = True):
+    """Build the split-KV decode PrimFunc (global symbol ``kiln_decode_paged_kv``).
+
+    ``form`` "cuda": cp.async pipeline and, with ``fused_merge``, the last block of each (sequence,
+    KV head) merges the splits (one kernel); "metal": plain TIR (loads straight to registers, shuffles
+    by lane, a second kernel merges), which also compiles for CUDA so it can be checked on a GPU.
+    """
     assert dtype in ("float16", "bfloat16"), dtype
+    assert form in ("cuda", "metal"), form
+    CUDA = form == "cuda"
+    FUSED = CUDA and fused_merge
+    resident_blocks = resident_blocks or (RESIDENT_BLOCKS if CUDA else METAL_RESIDENT_BLOCKS)
+    assert resident_blocks // 2 <= SPLIT_COUNTERS  # a counter per (sequence, KV head) that can have splits
     H_kv, H_qo, D = num_kv_heads, num_qo_heads, head_dim
     G = H_qo // H_kv
+    assert decode_supported(H_kv, H_qo, D, form), (H_kv, H_qo, D, form)
     VEC = 8  # 8 x 16-bit = one 16-byte load per lane
     LANES = D // VEC
-    assert D % VEC == 0 and LANES in (4, 8, 16, 32), head_dim
     ROWS = 128 // LANES
     U = TOKENS_PER_ROW
     ROWS_PER_PAGE = PAGE_SIZE // U
     PAGES_PER_TILE = ROWS // ROWS_PER_PAGE
     NTHREADS = ROWS * LANES
-    assert G * ROWS * D * 4 <= 48 * 1024, "row-merge buffer exceeds 48 KB of shared memory"
     EPT = (G * D + NTHREADS - 1) // NTHREADS  # outputs each thread finalizes
     MVEC = 4  # dims per thread in the split-merge kernel
     scale_log2 = math.log2(math.e)
@@ -115,9 +133,15 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                 alpha = T.sblock_alloc_buffer((1,), "float32", scope="local")
                                 page_no = T.sblock_alloc_buffer((1,), "int32", scope="local")
                                 fin = T.sblock_alloc_buffer((4,), "float32", scope="local")
+                                if FUSED:
+                                    last = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                                    lb = T.sblock_alloc_buffer((MERGE_CHUNK, EPT), "float32", scope="local")
+                                    ob = T.sblock_alloc_buffer((MERGE_CHUNK, EPT), "float32", scope="local")
+                                    mst = T.sblock_alloc_buffer((EPT, 3), "float32", scope="local")
                                 # each thread copies and later reads only its own 16-byte chunks, so
                                 # the pipeline needs cp.async.wait_group but no block barrier
-                                kv_sm = T.sblock_alloc_buffer((stages, 2, ROWS * U, D), dtype, scope="shared.dyn")
+                                if CUDA:
+                                    kv_sm = T.sblock_alloc_buffer((stages, 2, ROWS * U, D), dtype, scope="shared.dyn")
                                 sm_o = T.sblock_alloc_buffer((ROWS, G, D), "float32", scope="shared")
                                 sm_md = T.sblock_alloc_buffer((ROWS, G, 2), "float32", scope="shared")
                                 # per-block scalars in registers (T.let would be re-expanded at every use)
@@ -136,6 +160,7 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                 n_it: T.let[T.int32] = T.truncdiv(pg_hi - pg_lo + PAGES_PER_TILE - 1, PAGES_PER_TILE)
                                 row_pg: T.let[T.int32] = ty // ROWS_PER_PAGE
                                 row_off: T.let[T.int32] = (ty % ROWS_PER_PAGE) * U
+                                lane: T.let[T.int32] = (ty * LANES + tx) % 32  # lane in the warp / SIMD group
                                 if bx < n_used:
                                     for g in T.unroll(G):
                                         m_loc[g] = T.float32(NEG)
@@ -143,40 +168,52 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                         for v in T.unroll(VEC):
                                             o_loc[g, v] = T.float32(0)
                                             q_loc[g, v] = T.cast(Q[bz, by * G + g, tx * VEC + v], "float32") * sm_scale * T.float32(scale_log2)
-                                    # page_no always holds the page of the next tile to copy
-                                    page_no[0] = T.if_then_else(pg_lo + row_pg < pg_hi, page_values[pg_begin + pg_lo + row_pg], 0)
-                                    for st in T.unroll(stages - 1):
-                                        if pg_lo + st * PAGES_PER_TILE + row_pg < pg_hi:
-                                            for u in T.unroll(U):
-                                                for kv in T.unroll(2):
-                                                    T.evaluate(T.cuda.func_call(
-                                                        "kiln_cp_async16",
-                                                        kv_sm.data, ((((st * 2 + kv) * ROWS * U + ty * U + u) * D) + tx * VEC) * 2,
-                                                        T.address_of(pages[T.Cast("int64", page_no[0]), kv, by, row_off + u, tx * VEC]),
-                                                        source_code=CP_ASYNC16))
-                                        T.evaluate(T.cuda.func_call("kiln_cp_async_commit", source_code=CP_COMMIT))
-                                        page_no[0] = T.if_then_else(pg_lo + (st + 1) * PAGES_PER_TILE + row_pg < pg_hi,
-                                                                    page_values[pg_begin + pg_lo + (st + 1) * PAGES_PER_TILE + row_pg], 0)
+                                    if CUDA:
+                                        # page_no always holds the page of the next tile to copy
+                                        page_no[0] = T.if_then_else(pg_lo + row_pg < pg_hi, page_values[pg_begin + pg_lo + row_pg], 0)
+                                        for st in T.unroll(stages - 1):
+                                            if pg_lo + st * PAGES_PER_TILE + row_pg < pg_hi:
+                                                for u in T.unroll(U):
+                                                    for kv in T.unroll(2):
+                                                        T.evaluate(T.cuda.func_call(
+                                                            "kiln_cp_async16",
+                                                            kv_sm.data, ((((st * 2 + kv) * ROWS * U + ty * U + u) * D) + tx * VEC) * 2,
+                                                            T.address_of(pages[T.Cast("int64", page_no[0]), kv, by, row_off + u, tx * VEC]),
+                                                            source_code=CP_ASYNC16))
+                                            T.evaluate(T.cuda.func_call("kiln_cp_async_commit", source_code=CP_COMMIT))
+                                            page_no[0] = T.if_then_else(pg_lo + (st + 1) * PAGES_PER_TILE + row_pg < pg_hi,
+                                                                        page_values[pg_begin + pg_lo + (st + 1) * PAGES_PER_TILE + row_pg], 0)
                                     for it in T.serial(n_it):
-                                        pg_next: T.let[T.int32] = pg_lo + (it + stages - 1) * PAGES_PER_TILE + row_pg
-                                        if pg_next < pg_hi:
-                                            for u in T.unroll(U):
-                                                for kv in T.unroll(2):
-                                                    T.evaluate(T.cuda.func_call(
-                                                        "kiln_cp_async16",
-                                                        kv_sm.data, (((((it + stages - 1) % stages * 2 + kv) * ROWS * U + ty * U + u) * D) + tx * VEC) * 2,
-                                                        T.address_of(pages[T.Cast("int64", page_no[0]), kv, by, row_off + u, tx * VEC]),
-                                                        source_code=CP_ASYNC16))
-                                        T.evaluate(T.cuda.func_call("kiln_cp_async_commit", source_code=CP_COMMIT))
-                                        # prefetch the page number of the tile after; the compute below hides it
-                                        page_no[0] = T.if_then_else(pg_next + PAGES_PER_TILE < pg_hi, page_values[pg_begin + pg_next + PAGES_PER_TILE], 0)
-                                        T.evaluate(T.cuda.func_call(WAIT_NAME, source_code=WAIT_SRC))
                                         pg: T.let[T.int32] = pg_lo + it * PAGES_PER_TILE + row_pg
-                                        for u in T.unroll(U):
-                                            for v in T.vectorized(VEC):
-                                                k_loc[u, v] = kv_sm[it % stages, 0, ty * U + u, tx * VEC + v]
-                                            for v in T.vectorized(VEC):
-                                                v_loc[u, v] = kv_sm[it % stages, 1, ty * U + u, tx * VEC + v]
+                                        if CUDA:
+                                            pg_next: T.let[T.int32] = pg_lo + (it + stages - 1) * PAGES_PER_TILE + row_pg
+                                            if pg_next < pg_hi:
+                                                for u in T.unroll(U):
+                                                    for kv in T.unroll(2):
+                                                        T.evaluate(T.cuda.func_call(
+                                                            "kiln_cp_async16",
+                                                            kv_sm.data, (((((it + stages - 1) % stages * 2 + kv) * ROWS * U + ty * U + u) * D) + tx * VEC) * 2,
+                                                            T.address_of(pages[T.Cast("int64", page_no[0]), kv, by, row_off + u, tx * VEC]),
+                                                            source_code=CP_ASYNC16))
+                                            T.evaluate(T.cuda.func_call("kiln_cp_async_commit", source_code=CP_COMMIT))
+                                            # prefetch the page number of the tile after; the compute below hides it
+                                            page_no[0] = T.if_then_else(pg_next + PAGES_PER_TILE < pg_hi, page_values[pg_begin + pg_next + PAGES_PER_TILE], 0)
+                                            T.evaluate(T.cuda.func_call(WAIT_NAME, source_code=WAIT_SRC))
+                                            for u in T.unroll(U):
+                                                for v in T.vectorized(VEC):
+                                                    k_loc[u, v] = kv_sm[it % stages, 0, ty * U + u, tx * VEC + v]
+                                                for v in T.vectorized(VEC):
+                                                    v_loc[u, v] = kv_sm[it % stages, 1, ty * U + u, tx * VEC + v]
+                                        else:
+                                            # plain loads straight into registers (Metal form): the
+                                            # GPU hides their latency with other threadgroups
+                                            page_no[0] = T.if_then_else(pg < pg_hi, page_values[pg_begin + T.min(pg, pg_hi - 1)], 0)
+                                            for u in T.unroll(U):
+                                                for vo in T.unroll(VEC // 4):  # Metal vectors have at most 4 lanes
+                                                    for vi in T.vectorized(4):
+                                                        k_loc[u, vo * 4 + vi] = pages[T.Cast("int64", page_no[0]), 0, by, row_off + u, tx * VEC + vo * 4 + vi]
+                                                    for vi in T.vectorized(4):
+                                                        v_loc[u, vo * 4 + vi] = pages[T.Cast("int64", page_no[0]), 1, by, row_off + u, tx * VEC + vo * 4 + vi]
                                         for u in T.unroll(U):
                                             valid[u] = pg * PAGE_SIZE + row_off + u < tok_hi
                                             for g in T.unroll(G):
@@ -187,8 +224,12 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                         for sh in T.unroll(int(math.log2(LANES))):
                                             for u in T.unroll(U):
                                                 for g in T.unroll(G):
-                                                    s_loc[u, g] = s_loc[u, g] + T.tvm_warp_shuffle_xor(
-                                                        T.uint32(0xFFFFFFFF), s_loc[u, g], LANES >> (sh + 1), 32, 32)
+                                                    if CUDA:
+                                                        s_loc[u, g] = s_loc[u, g] + T.tvm_warp_shuffle_xor(
+                                                            T.uint32(0xFFFFFFFF), s_loc[u, g], LANES >> (sh + 1), 32, 32)
+                                                    else:  # Metal has simd_shuffle (by lane), no xor form
+                                                        s_loc[u, g] = s_loc[u, g] + T.tvm_warp_shuffle(
+                                                            T.uint32(0xFFFFFFFF), s_loc[u, g], T.bitwise_xor(lane, LANES >> (sh + 1)), 32, 32)
                                         for u in T.unroll(U):
                                             for v in T.unroll(VEC):
                                                 # stale or unwritten slots may hold NaN bits: select, not multiply
@@ -240,61 +281,103 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                                 O_part[bx, bz, by * G + gi, di] = fin[2]
                                                 if di == 0:
                                                     L_part[bx, bz, by * G + gi] = fin[3]
+                                    if FUSED:
+                                        if n_used > 1:
+                                            last[0] = T.cuda.func_call("kiln_split_arrive", bz * H_kv + by, n_used,
+                                                                       source_code=SPLIT_ARRIVE, return_type="int32")
+                                            if last[0] != 0:
+                                                # the last split of (sequence, KV head) to finish merges them all:
+                                                # CH splits' states in flight per chunk, online softmax across chunks
+                                                for e in T.unroll(EPT):
+                                                    mst[e, 0] = T.float32(NEG)
+                                                    mst[e, 1] = T.float32(0)
+                                                    mst[e, 2] = T.float32(0)
+                                                for c in T.serial(T.truncdiv(n_used + MERGE_CHUNK - 1, MERGE_CHUNK)):
+                                                    for j in T.unroll(MERGE_CHUNK):
+                                                        for e in T.unroll(EPT):
+                                                            idx: T.let[T.int32] = (ty * LANES + tx) * EPT + e
+                                                            lb[j, e] = T.if_then_else(
+                                                                c * MERGE_CHUNK + j < n_used and idx < G * D,
+                                                                T.cuda.func_call("kiln_ldcg_f32", T.address_of(L_part[c * MERGE_CHUNK + j, bz, by * G + idx // D]),
+                                                                                 source_code=LDCG, return_type="float32"), T.float32(NEG))
+                                                            ob[j, e] = T.if_then_else(
+                                                                c * MERGE_CHUNK + j < n_used and idx < G * D,
+                                                                T.cuda.func_call("kiln_ldcg_f32", T.address_of(O_part[c * MERGE_CHUNK + j, bz, by * G + idx // D, idx % D]),
+                                                                                 source_code=LDCG, return_type="float32"), T.float32(0))
+                                                    for e in T.unroll(EPT):
+                                                        mx[0] = mst[e, 0]
+                                                        for j in T.unroll(MERGE_CHUNK):
+                                                            mx[0] = T.max(mx[0], lb[j, e])
+                                                        alpha[0] = T.exp2(mst[e, 0] - mx[0])
+                                                        mst[e, 0] = mx[0]
+                                                        mst[e, 1] = mst[e, 1] * alpha[0]
+                                                        mst[e, 2] = mst[e, 2] * alpha[0]
+                                                        for j in T.unroll(MERGE_CHUNK):
+                                                            alpha[0] = T.exp2(lb[j, e] - mx[0])
+                                                            mst[e, 1] = mst[e, 1] + alpha[0]
+                                                            mst[e, 2] = mst[e, 2] + alpha[0] * ob[j, e]
+                                                for e in T.unroll(EPT):
+                                                    idx2: T.let[T.int32] = (ty * LANES + tx) * EPT + e
+                                                    if idx2 < G * D:
+                                                        output[bz, by * G + idx2 // D, idx2 % D] = T.cast(mst[e, 2] / mst[e, 1], dtype)
+                                                        if idx2 % D == 0:
+                                                            lse[bz, by * G + idx2 // D] = mst[e, 0] + T.log2(mst[e, 1])
 
         # ---- kernel 2: merge the split states of sequences that used more than one split ----
-        for bz in T.thread_binding(B, thread="blockIdx.y"):
-            for bh in T.thread_binding(H_qo, thread="blockIdx.x"):
-                for ty in T.thread_binding(MERGE_SLICES, thread="threadIdx.y"):
-                    for tx in T.thread_binding(D // MVEC, thread="threadIdx.x"):
-                        with T.sblock("merge"):
-                            T.reads()
-                            T.writes()
-                            acc = T.sblock_alloc_buffer((MVEC,), "float32", scope="local")
-                            st = T.sblock_alloc_buffer((4,), "float32", scope="local")
-                            sm_acc = T.sblock_alloc_buffer((MERGE_SLICES, D), "float32", scope="shared")
-                            sm_st = T.sblock_alloc_buffer((MERGE_SLICES, 2), "float32", scope="shared")
-                            info2 = T.sblock_alloc_buffer((3,), "int32", scope="local")
-                            info2[0] = page_indptr[bz + 1] - page_indptr[bz]
-                            info2[1] = T.max(T.truncdiv(info2[0] + NS - 1, NS), MIN_SPLIT_PAGES)
-                            info2[2] = T.max(1, T.truncdiv(info2[0] + info2[1] - 1, info2[1]))
-                            n_used2: T.let[T.int32] = info2[2]
-                            if n_used2 > 1:
-                                # slice ty merges splits ty, ty + MERGE_SLICES, ... online
-                                st[0] = T.float32(NEG)
-                                st[1] = T.float32(0)
-                                for v in T.unroll(MVEC):
-                                    acc[v] = T.float32(0)
-                                for i in T.serial(T.truncdiv(n_used2 + MERGE_SLICES - 1, MERGE_SLICES)):
-                                    if i * MERGE_SLICES + ty < n_used2:
-                                        st[2] = L_part[i * MERGE_SLICES + ty, bz, bh]
-                                        st[3] = T.max(st[0], st[2])
-                                        st[2] = T.exp2(st[2] - st[3])
-                                        st[0] = T.exp2(st[0] - st[3])  # rescale factor of the old state
-                                        st[1] = st[1] * st[0] + st[2]
-                                        for v in T.unroll(MVEC):
-                                            acc[v] = acc[v] * st[0] + O_part[i * MERGE_SLICES + ty, bz, bh, tx * MVEC + v] * st[2]
-                                        st[0] = st[3]
-                                for v in T.unroll(MVEC):
-                                    sm_acc[ty, tx * MVEC + v] = acc[v]
-                                if tx == 0:
-                                    sm_st[ty, 0] = st[0]
-                                    sm_st[ty, 1] = st[1]
-                                T.tvm_storage_sync("shared")
-                                if ty == 0:
+        if not FUSED:
+            for bz in T.thread_binding(B, thread="blockIdx.y"):
+                for bh in T.thread_binding(H_qo, thread="blockIdx.x"):
+                    for ty in T.thread_binding(MERGE_SLICES, thread="threadIdx.y"):
+                        for tx in T.thread_binding(D // MVEC, thread="threadIdx.x"):
+                            with T.sblock("merge"):
+                                T.reads()
+                                T.writes()
+                                acc = T.sblock_alloc_buffer((MVEC,), "float32", scope="local")
+                                st = T.sblock_alloc_buffer((4,), "float32", scope="local")
+                                sm_acc = T.sblock_alloc_buffer((MERGE_SLICES, D), "float32", scope="shared")
+                                sm_st = T.sblock_alloc_buffer((MERGE_SLICES, 2), "float32", scope="shared")
+                                info2 = T.sblock_alloc_buffer((3,), "int32", scope="local")
+                                info2[0] = page_indptr[bz + 1] - page_indptr[bz]
+                                info2[1] = T.max(T.truncdiv(info2[0] + NS - 1, NS), MIN_SPLIT_PAGES)
+                                info2[2] = T.max(1, T.truncdiv(info2[0] + info2[1] - 1, info2[1]))
+                                n_used2: T.let[T.int32] = info2[2]
+                                if n_used2 > 1:
+                                    # slice ty merges splits ty, ty + MERGE_SLICES, ... online
                                     st[0] = T.float32(NEG)
-                                    for r in T.unroll(MERGE_SLICES):
-                                        st[0] = T.max(st[0], sm_st[r, 0])
                                     st[1] = T.float32(0)
                                     for v in T.unroll(MVEC):
                                         acc[v] = T.float32(0)
-                                    for r in T.unroll(MERGE_SLICES):
-                                        st[2] = T.exp2(sm_st[r, 0] - st[0])
-                                        st[1] = st[1] + sm_st[r, 1] * st[2]
-                                        for v in T.unroll(MVEC):
-                                            acc[v] = acc[v] + sm_acc[r, tx * MVEC + v] * st[2]
+                                    for i in T.serial(T.truncdiv(n_used2 + MERGE_SLICES - 1, MERGE_SLICES)):
+                                        if i * MERGE_SLICES + ty < n_used2:
+                                            st[2] = L_part[i * MERGE_SLICES + ty, bz, bh]
+                                            st[3] = T.max(st[0], st[2])
+                                            st[2] = T.exp2(st[2] - st[3])
+                                            st[0] = T.exp2(st[0] - st[3])  # rescale factor of the old state
+                                            st[1] = st[1] * st[0] + st[2]
+                                            for v in T.unroll(MVEC):
+                                                acc[v] = acc[v] * st[0] + O_part[i * MERGE_SLICES + ty, bz, bh, tx * MVEC + v] * st[2]
+                                            st[0] = st[3]
                                     for v in T.unroll(MVEC):
-                                        output[bz, bh, tx * MVEC + v] = T.cast(acc[v] / st[1], dtype)
+                                        sm_acc[ty, tx * MVEC + v] = acc[v]
                                     if tx == 0:
-                                        lse[bz, bh] = st[0] + T.log2(st[1])
+                                        sm_st[ty, 0] = st[0]
+                                        sm_st[ty, 1] = st[1]
+                                    T.tvm_storage_sync("shared")
+                                    if ty == 0:
+                                        st[0] = T.float32(NEG)
+                                        for r in T.unroll(MERGE_SLICES):
+                                            st[0] = T.max(st[0], sm_st[r, 0])
+                                        st[1] = T.float32(0)
+                                        for v in T.unroll(MVEC):
+                                            acc[v] = T.float32(0)
+                                        for r in T.unroll(MERGE_SLICES):
+                                            st[2] = T.exp2(sm_st[r, 0] - st[0])
+                                            st[1] = st[1] + sm_st[r, 1] * st[2]
+                                            for v in T.unroll(MVEC):
+                                                acc[v] = acc[v] + sm_acc[r, tx * MVEC + v] * st[2]
+                                        for v in T.unroll(MVEC):
+                                            output[bz, bh, tx * MVEC + v] = T.cast(acc[v] / st[1], dtype)
+                                        if tx == 0:
+                                            lse[bz, bh] = st[0] + T.log2(st[1])
 
     return kiln_decode_paged_kv
