@@ -19,7 +19,7 @@ H_QO, H_KV, D, PAGE = 32, 8, 128, 16
 DTYPE = "bfloat16"
 DECODE_SHAPES = [(b, c) for b in (1, 16, 64) for c in (1024, 8192, 32768)]
 PREFILL_LENS = (1024, 4096, 16384)
-DECODE_KERNELS = ("kiln_decode_paged_kv", "kiln_decode_paged_kv_2k", "kiln_decode_paged_kv_s4", "kiln_decode_paged_kv_rb264",
+DECODE_KERNELS = ("kiln_decode_paged_kv", "kiln_decode_paged_kv_v3", "kiln_decode_paged_kv_s4", "kiln_decode_paged_kv_s6",
                   "tvm_decode")
 METAL_DECODE = "kiln_metal_decode_paged_kv"  # Metal-form kernels, compiled for CUDA: checked, timed for reference
 
@@ -203,7 +203,7 @@ class Bench:
                           for _ in range(max(0, -(-(256 << 20) // nbytes) - 1))]
         reps = max(1, 20 // len(calls))
         ms_stream = self.time_ms(lambda: [c() for _ in range(reps) for c in calls], 3) / (reps * len(calls))
-        # still right after hundreds of calls (the fused merge's arrival counters reset themselves)
+        # still right after hundreds of calls with other pools
         out.fill_(float("nan"))
         call()
         torch.cuda.synchronize()

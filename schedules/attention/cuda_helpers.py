@@ -70,26 +70,3 @@ def pack2(dtype: str):
         name = "kiln_pack_f16x2"
         body = "__half2 v = __floats2half2_rn(lo, hi); return *(unsigned*)&v;"
     return name, f"\n__device__ __forceinline__ unsigned {name}(float lo, float hi) {{ {body} }}\n"
-
-# Fused split merge (decode): a per-(sequence, KV head) arrival counter in device memory, zero when the
-# module loads and reset by the last block, so one kernel both computes and merges the splits.
-SPLIT_COUNTERS = 1024
-SPLIT_ARRIVE = r"""
-__device__ unsigned kiln_split_counters[SPLIT_COUNTERS];
-__device__ __forceinline__ int kiln_split_arrive(int idx, int n) {
-  __shared__ int last;
-  __threadfence();  // this block's partial state is visible device-wide before it is counted
-  __syncthreads();
-  if (threadIdx.x == 0 && threadIdx.y == 0) {
-    last = atomicAdd(&kiln_split_counters[idx], 1u) == (unsigned)(n - 1);
-    if (last) kiln_split_counters[idx] = 0u;
-  }
-  __syncthreads();
-  if (last) __threadfence();
-  return last;
-}
-""".replace("SPLIT_COUNTERS", str(SPLIT_COUNTERS))
-# L2 load (ld.global.cg): another block's writes of this launch may be stale in this SM's L1
-LDCG = r"""
-__device__ __forceinline__ float kiln_ldcg_f32(const float* p) { return __ldcg(p); }
-"""

@@ -1,12 +1,12 @@
-"""Split-KV (flash-decoding) paged attention for one query token per sequence, CUDA TIR.
+"""Split-KV (flash-decoding) paged attention for one query token per sequence, TIR for CUDA and Metal.
 
 Why: TVM's fallback decode kernel runs one thread block per (sequence, KV head), so at batch 1 it
 occupies 8 of 132 SMs and reaches ~1% of HBM bandwidth. Here each sequence's pages are split over
 ``num_splits`` blocks (chosen from the batch size so that batch x KV heads x splits fills one wave of
 resident blocks), each block writes a partial softmax state (o, lse) and a second kernel in the same
-PrimFunc merges the states. Each block reads its KV head once for the whole GQA group, by 16-byte
-cp.async copies in a 3-stage pipeline. H200, Llama-3.1-8B layer: 73-81% of copy bandwidth at
-batch >= 16 and context >= 8k, 30-62% at batch 1 (docs/attention.md).
+PrimFunc merges the states. Each block reads its KV head once for the whole GQA group, on CUDA by
+16-byte cp.async copies in a 5-stage pipeline (docs/attention.md has the measurements). The Metal
+form is the same algorithm in plain TIR: loads straight to registers, SIMD shuffles by lane.
 
 Calling convention = TVM's ``TIRPagedDecodeFunc`` (runtime/vm/attn_backend.h):
 ``(q, pages, page_indptr, page_values, length_info, k_rope_pos_offset, q_rope_position,
@@ -18,16 +18,18 @@ import math
 
 from tvm.script import tirx as T
 
-from .cuda_helpers import CP_ASYNC16, CP_COMMIT, LDCG, SPLIT_ARRIVE, SPLIT_COUNTERS, cp_async_wait
+from .cuda_helpers import CP_ASYNC16, CP_COMMIT, cp_async_wait
 
 PAGE_SIZE = 16
 TOKENS_PER_ROW = 4  # tokens one row of lanes handles per iteration (loads in flight per thread)
-RESIDENT_BLOCKS = 132 * 3  # H100/H200: 132 SMs x 3 blocks (162 registers x 128 threads, 65 KB smem)
+SMS, SMEM_PER_SM = 132, 228 * 1024  # H100 / H200
+MAX_BLOCKS_PER_SM = 3  # registers: 159 x 128 threads
 METAL_RESIDENT_BLOCKS = 38 * 4  # Metal form: an M2 Max's 38 GPU cores x 4 threadgroups (not measured)
 MIN_SPLIT_PAGES = 4  # below 64 tokens per block the merge costs more than it saves
-STAGES = 3  # cp.async pipeline depth: 2 tiles (32 KB) in flight per block while one is computed
+# cp.async pipeline depth: 4 tiles (64 KB) in flight per block while one is computed, 2 blocks per SM
+# (H100: b=1/8k 41% of copy bandwidth back to back, b=64 96%; 3 stages, 3 blocks: 45% and 74%)
+STAGES = 5
 MERGE_SLICES = 16  # thread rows of the split-merge kernel (splits merged in parallel)
-MERGE_CHUNK = 8  # splits whose states one thread loads at once in the fused merge (loads in flight)
 NEG = -1.0e30  # finite "minus infinity": exp2(NEG - NEG) must not be NaN
 
 
@@ -39,19 +41,15 @@ def decode_supported(num_kv_heads: int, num_qo_heads: int, head_dim: int, form: 
 
 
 def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, stages: int = STAGES,
-                  resident_blocks: int | None = None, form: str = "cuda", fused_merge: bool = True):
+                  form: str = "cuda"):
     """Build the split-KV decode PrimFunc (global symbol ``kiln_decode_paged_kv``).
 
-    ``form`` "cuda": cp.async pipeline and, with ``fused_merge``, the last block of each (sequence,
-    KV head) merges the splits (one kernel); "metal": plain TIR (loads straight to registers, shuffles
-    by lane, a second kernel merges), which also compiles for CUDA so it can be checked on a GPU.
+    ``form`` "cuda": K/V tiles by cp.async in a ``stages``-deep pipeline; "metal": plain TIR (loads
+    straight to registers, shuffles by lane), which also compiles for CUDA to be checked on a GPU.
     """
     assert dtype in ("float16", "bfloat16"), dtype
     assert form in ("cuda", "metal"), form
     CUDA = form == "cuda"
-    FUSED = CUDA and fused_merge
-    resident_blocks = resident_blocks or (RESIDENT_BLOCKS if CUDA else METAL_RESIDENT_BLOCKS)
-    assert resident_blocks // 2 <= SPLIT_COUNTERS  # a counter per (sequence, KV head) that can have splits
     H_kv, H_qo, D = num_kv_heads, num_qo_heads, head_dim
     G = H_qo // H_kv
     assert decode_supported(H_kv, H_qo, D, form), (H_kv, H_qo, D, form)
@@ -59,6 +57,9 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
     LANES = D // VEC
     ROWS = 128 // LANES
     U = TOKENS_PER_ROW
+    # blocks that fit on the GPU at once (shared memory: pipeline + row-merge buffer + 1 KB reserved)
+    block_smem = stages * 2 * ROWS * U * D * 2 + ROWS * G * D * 4 + ROWS * G * 8 + 1024
+    resident_blocks = SMS * min(MAX_BLOCKS_PER_SM, SMEM_PER_SM // block_smem) if CUDA else METAL_RESIDENT_BLOCKS
     ROWS_PER_PAGE = PAGE_SIZE // U
     PAGES_PER_TILE = ROWS // ROWS_PER_PAGE
     NTHREADS = ROWS * LANES
@@ -133,11 +134,6 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                 alpha = T.sblock_alloc_buffer((1,), "float32", scope="local")
                                 page_no = T.sblock_alloc_buffer((1,), "int32", scope="local")
                                 fin = T.sblock_alloc_buffer((4,), "float32", scope="local")
-                                if FUSED:
-                                    last = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                                    lb = T.sblock_alloc_buffer((MERGE_CHUNK, EPT), "float32", scope="local")
-                                    ob = T.sblock_alloc_buffer((MERGE_CHUNK, EPT), "float32", scope="local")
-                                    mst = T.sblock_alloc_buffer((EPT, 3), "float32", scope="local")
                                 # each thread copies and later reads only its own 16-byte chunks, so
                                 # the pipeline needs cp.async.wait_group but no block barrier
                                 if CUDA:
@@ -281,103 +277,61 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                                 O_part[bx, bz, by * G + gi, di] = fin[2]
                                                 if di == 0:
                                                     L_part[bx, bz, by * G + gi] = fin[3]
-                                    if FUSED:
-                                        if n_used > 1:
-                                            last[0] = T.cuda.func_call("kiln_split_arrive", bz * H_kv + by, n_used,
-                                                                       source_code=SPLIT_ARRIVE, return_type="int32")
-                                            if last[0] != 0:
-                                                # the last split of (sequence, KV head) to finish merges them all:
-                                                # CH splits' states in flight per chunk, online softmax across chunks
-                                                for e in T.unroll(EPT):
-                                                    mst[e, 0] = T.float32(NEG)
-                                                    mst[e, 1] = T.float32(0)
-                                                    mst[e, 2] = T.float32(0)
-                                                for c in T.serial(T.truncdiv(n_used + MERGE_CHUNK - 1, MERGE_CHUNK)):
-                                                    for j in T.unroll(MERGE_CHUNK):
-                                                        for e in T.unroll(EPT):
-                                                            idx: T.let[T.int32] = (ty * LANES + tx) * EPT + e
-                                                            lb[j, e] = T.if_then_else(
-                                                                c * MERGE_CHUNK + j < n_used and idx < G * D,
-                                                                T.cuda.func_call("kiln_ldcg_f32", T.address_of(L_part[c * MERGE_CHUNK + j, bz, by * G + idx // D]),
-                                                                                 source_code=LDCG, return_type="float32"), T.float32(NEG))
-                                                            ob[j, e] = T.if_then_else(
-                                                                c * MERGE_CHUNK + j < n_used and idx < G * D,
-                                                                T.cuda.func_call("kiln_ldcg_f32", T.address_of(O_part[c * MERGE_CHUNK + j, bz, by * G + idx // D, idx % D]),
-                                                                                 source_code=LDCG, return_type="float32"), T.float32(0))
-                                                    for e in T.unroll(EPT):
-                                                        mx[0] = mst[e, 0]
-                                                        for j in T.unroll(MERGE_CHUNK):
-                                                            mx[0] = T.max(mx[0], lb[j, e])
-                                                        alpha[0] = T.exp2(mst[e, 0] - mx[0])
-                                                        mst[e, 0] = mx[0]
-                                                        mst[e, 1] = mst[e, 1] * alpha[0]
-                                                        mst[e, 2] = mst[e, 2] * alpha[0]
-                                                        for j in T.unroll(MERGE_CHUNK):
-                                                            alpha[0] = T.exp2(lb[j, e] - mx[0])
-                                                            mst[e, 1] = mst[e, 1] + alpha[0]
-                                                            mst[e, 2] = mst[e, 2] + alpha[0] * ob[j, e]
-                                                for e in T.unroll(EPT):
-                                                    idx2: T.let[T.int32] = (ty * LANES + tx) * EPT + e
-                                                    if idx2 < G * D:
-                                                        output[bz, by * G + idx2 // D, idx2 % D] = T.cast(mst[e, 2] / mst[e, 1], dtype)
-                                                        if idx2 % D == 0:
-                                                            lse[bz, by * G + idx2 // D] = mst[e, 0] + T.log2(mst[e, 1])
 
         # ---- kernel 2: merge the split states of sequences that used more than one split ----
-        if not FUSED:
-            for bz in T.thread_binding(B, thread="blockIdx.y"):
-                for bh in T.thread_binding(H_qo, thread="blockIdx.x"):
-                    for ty in T.thread_binding(MERGE_SLICES, thread="threadIdx.y"):
-                        for tx in T.thread_binding(D // MVEC, thread="threadIdx.x"):
-                            with T.sblock("merge"):
-                                T.reads()
-                                T.writes()
-                                acc = T.sblock_alloc_buffer((MVEC,), "float32", scope="local")
-                                st = T.sblock_alloc_buffer((4,), "float32", scope="local")
-                                sm_acc = T.sblock_alloc_buffer((MERGE_SLICES, D), "float32", scope="shared")
-                                sm_st = T.sblock_alloc_buffer((MERGE_SLICES, 2), "float32", scope="shared")
-                                info2 = T.sblock_alloc_buffer((3,), "int32", scope="local")
-                                info2[0] = page_indptr[bz + 1] - page_indptr[bz]
-                                info2[1] = T.max(T.truncdiv(info2[0] + NS - 1, NS), MIN_SPLIT_PAGES)
-                                info2[2] = T.max(1, T.truncdiv(info2[0] + info2[1] - 1, info2[1]))
-                                n_used2: T.let[T.int32] = info2[2]
-                                if n_used2 > 1:
-                                    # slice ty merges splits ty, ty + MERGE_SLICES, ... online
+        for bz in T.thread_binding(B, thread="blockIdx.y"):
+            for bh in T.thread_binding(H_qo, thread="blockIdx.x"):
+                for ty in T.thread_binding(MERGE_SLICES, thread="threadIdx.y"):
+                    for tx in T.thread_binding(D // MVEC, thread="threadIdx.x"):
+                        with T.sblock("merge"):
+                            T.reads()
+                            T.writes()
+                            acc = T.sblock_alloc_buffer((MVEC,), "float32", scope="local")
+                            st = T.sblock_alloc_buffer((4,), "float32", scope="local")
+                            sm_acc = T.sblock_alloc_buffer((MERGE_SLICES, D), "float32", scope="shared")
+                            sm_st = T.sblock_alloc_buffer((MERGE_SLICES, 2), "float32", scope="shared")
+                            info2 = T.sblock_alloc_buffer((3,), "int32", scope="local")
+                            info2[0] = page_indptr[bz + 1] - page_indptr[bz]
+                            info2[1] = T.max(T.truncdiv(info2[0] + NS - 1, NS), MIN_SPLIT_PAGES)
+                            info2[2] = T.max(1, T.truncdiv(info2[0] + info2[1] - 1, info2[1]))
+                            n_used2: T.let[T.int32] = info2[2]
+                            if n_used2 > 1:
+                                # slice ty merges splits ty, ty + MERGE_SLICES, ... online
+                                st[0] = T.float32(NEG)
+                                st[1] = T.float32(0)
+                                for v in T.unroll(MVEC):
+                                    acc[v] = T.float32(0)
+                                for i in T.serial(T.truncdiv(n_used2 + MERGE_SLICES - 1, MERGE_SLICES)):
+                                    if i * MERGE_SLICES + ty < n_used2:
+                                        st[2] = L_part[i * MERGE_SLICES + ty, bz, bh]
+                                        st[3] = T.max(st[0], st[2])
+                                        st[2] = T.exp2(st[2] - st[3])
+                                        st[0] = T.exp2(st[0] - st[3])  # rescale factor of the old state
+                                        st[1] = st[1] * st[0] + st[2]
+                                        for v in T.unroll(MVEC):
+                                            acc[v] = acc[v] * st[0] + O_part[i * MERGE_SLICES + ty, bz, bh, tx * MVEC + v] * st[2]
+                                        st[0] = st[3]
+                                for v in T.unroll(MVEC):
+                                    sm_acc[ty, tx * MVEC + v] = acc[v]
+                                if tx == 0:
+                                    sm_st[ty, 0] = st[0]
+                                    sm_st[ty, 1] = st[1]
+                                T.tvm_storage_sync("shared")
+                                if ty == 0:
                                     st[0] = T.float32(NEG)
+                                    for r in T.unroll(MERGE_SLICES):
+                                        st[0] = T.max(st[0], sm_st[r, 0])
                                     st[1] = T.float32(0)
                                     for v in T.unroll(MVEC):
                                         acc[v] = T.float32(0)
-                                    for i in T.serial(T.truncdiv(n_used2 + MERGE_SLICES - 1, MERGE_SLICES)):
-                                        if i * MERGE_SLICES + ty < n_used2:
-                                            st[2] = L_part[i * MERGE_SLICES + ty, bz, bh]
-                                            st[3] = T.max(st[0], st[2])
-                                            st[2] = T.exp2(st[2] - st[3])
-                                            st[0] = T.exp2(st[0] - st[3])  # rescale factor of the old state
-                                            st[1] = st[1] * st[0] + st[2]
-                                            for v in T.unroll(MVEC):
-                                                acc[v] = acc[v] * st[0] + O_part[i * MERGE_SLICES + ty, bz, bh, tx * MVEC + v] * st[2]
-                                            st[0] = st[3]
+                                    for r in T.unroll(MERGE_SLICES):
+                                        st[2] = T.exp2(sm_st[r, 0] - st[0])
+                                        st[1] = st[1] + sm_st[r, 1] * st[2]
+                                        for v in T.unroll(MVEC):
+                                            acc[v] = acc[v] + sm_acc[r, tx * MVEC + v] * st[2]
                                     for v in T.unroll(MVEC):
-                                        sm_acc[ty, tx * MVEC + v] = acc[v]
+                                        output[bz, bh, tx * MVEC + v] = T.cast(acc[v] / st[1], dtype)
                                     if tx == 0:
-                                        sm_st[ty, 0] = st[0]
-                                        sm_st[ty, 1] = st[1]
-                                    T.tvm_storage_sync("shared")
-                                    if ty == 0:
-                                        st[0] = T.float32(NEG)
-                                        for r in T.unroll(MERGE_SLICES):
-                                            st[0] = T.max(st[0], sm_st[r, 0])
-                                        st[1] = T.float32(0)
-                                        for v in T.unroll(MVEC):
-                                            acc[v] = T.float32(0)
-                                        for r in T.unroll(MERGE_SLICES):
-                                            st[2] = T.exp2(sm_st[r, 0] - st[0])
-                                            st[1] = st[1] + sm_st[r, 1] * st[2]
-                                            for v in T.unroll(MVEC):
-                                                acc[v] = acc[v] + sm_acc[r, tx * MVEC + v] * st[2]
-                                        for v in T.unroll(MVEC):
-                                            output[bz, bh, tx * MVEC + v] = T.cast(acc[v] / st[1], dtype)
-                                        if tx == 0:
-                                            lse[bz, bh] = st[0] + T.log2(st[1])
+                                        lse[bz, bh] = st[0] + T.log2(st[1])
 
     return kiln_decode_paged_kv
