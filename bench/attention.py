@@ -371,8 +371,9 @@ def run(lib, out_dir, what):
 
 
 # ----------------------------------------------------------------------------------------------
-# End to end: a random-weight model (head_dim 128, GQA 4) compiled twice, with TVM's and with
-# Kiln's cache kernels, run on the GPU against transformers' float32 logits computed at build time.
+# End to end: a random-weight model (head_dim 128, GQA 4) compiled three times, with TVM's cache
+# kernels, Kiln's and Kiln's Metal forms (compiled for CUDA), run on the GPU against transformers'
+# float32 logits computed at build time.
 
 E2E_CONFIG = dict(hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=8,
                   num_key_value_heads=2, head_dim=128, vocab_size=256, max_position_embeddings=4096,
@@ -398,6 +399,13 @@ def e2e_build(out_dir):
     compile_artifact(out=str(out / "tvm"), **args)
     layers.TIRPagedKVCache = KilnPagedKVCache  # the one-line switch the model needs
     compile_artifact(out=str(out / "kiln"), **args)
+    # Kiln's Metal forms (plain TIR) in the CUDA build: the kernels Metal gets, in the real runtime
+    import model_defs.kv_cache as kiln_kv
+    from schedules.attention import decode_kernel, metal_prefill_kernel
+
+    kiln_kv.prefill_kernel = metal_prefill_kernel
+    kiln_kv.decode_kernel = lambda *shape, form: decode_kernel(*shape, form="metal")
+    compile_artifact(out=str(out / "kiln-metal-forms"), **args)
     # the reference: transformers in float32 on this CPU (the GPU machine has no transformers)
     import numpy as np
     import torch
@@ -426,7 +434,7 @@ def e2e_run(root, out_dir):
         return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
     res = {}
-    for name in ("tvm", "kiln"):
+    for name in [n for n in ("tvm", "kiln", "kiln-metal-forms") if os.path.isdir(os.path.join(root, n))]:
         runner = ModelRunner(os.path.join(root, name), kv_tokens=8192)
         errs = {}
         # one prefill of 300 tokens, then 16 teacher-forced decode steps

@@ -138,6 +138,7 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                 # the pipeline needs cp.async.wait_group but no block barrier
                                 if CUDA:
                                     kv_sm = T.sblock_alloc_buffer((stages, 2, ROWS * U, D), dtype, scope="shared.dyn")
+                                    pnos = T.sblock_alloc_buffer((stages - 1,), "int32", scope="local")
                                 sm_o = T.sblock_alloc_buffer((ROWS, G, D), "float32", scope="shared")
                                 sm_md = T.sblock_alloc_buffer((ROWS, G, 2), "float32", scope="shared")
                                 # per-block scalars in registers (T.let would be re-expanded at every use)
@@ -165,8 +166,10 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                             o_loc[g, v] = T.float32(0)
                                             q_loc[g, v] = T.cast(Q[bz, by * G + g, tx * VEC + v], "float32") * sm_scale * T.float32(scale_log2)
                                     if CUDA:
-                                        # page_no always holds the page of the next tile to copy
-                                        page_no[0] = T.if_then_else(pg_lo + row_pg < pg_hi, page_values[pg_begin + pg_lo + row_pg], 0)
+                                        # the prologue's page numbers first (independent loads), then its copies
+                                        for st in T.unroll(stages - 1):
+                                            pnos[st] = T.if_then_else(pg_lo + st * PAGES_PER_TILE + row_pg < pg_hi,
+                                                                      page_values[pg_begin + pg_lo + st * PAGES_PER_TILE + row_pg], 0)
                                         for st in T.unroll(stages - 1):
                                             if pg_lo + st * PAGES_PER_TILE + row_pg < pg_hi:
                                                 for u in T.unroll(U):
@@ -174,11 +177,12 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                                         T.evaluate(T.cuda.func_call(
                                                             "kiln_cp_async16",
                                                             kv_sm.data, ((((st * 2 + kv) * ROWS * U + ty * U + u) * D) + tx * VEC) * 2,
-                                                            T.address_of(pages[T.Cast("int64", page_no[0]), kv, by, row_off + u, tx * VEC]),
+                                                            T.address_of(pages[T.Cast("int64", pnos[st]), kv, by, row_off + u, tx * VEC]),
                                                             source_code=CP_ASYNC16))
                                             T.evaluate(T.cuda.func_call("kiln_cp_async_commit", source_code=CP_COMMIT))
-                                            page_no[0] = T.if_then_else(pg_lo + (st + 1) * PAGES_PER_TILE + row_pg < pg_hi,
-                                                                        page_values[pg_begin + pg_lo + (st + 1) * PAGES_PER_TILE + row_pg], 0)
+                                        # page_no always holds the page of the next tile to copy
+                                        page_no[0] = T.if_then_else(pg_lo + (stages - 1) * PAGES_PER_TILE + row_pg < pg_hi,
+                                                                    page_values[pg_begin + pg_lo + (stages - 1) * PAGES_PER_TILE + row_pg], 0)
                                     for it in T.serial(n_it):
                                         pg: T.let[T.int32] = pg_lo + it * PAGES_PER_TILE + row_pg
                                         if CUDA:
