@@ -19,8 +19,7 @@ H_QO, H_KV, D, PAGE = 32, 8, 128, 16
 DTYPE = "bfloat16"
 DECODE_SHAPES = [(b, c) for b in (1, 16, 64) for c in (1024, 8192, 32768)]
 PREFILL_LENS = (1024, 4096, 16384)
-DECODE_KERNELS = ("kiln_decode_paged_kv", "kiln_decode_paged_kv_v3", "kiln_decode_paged_kv_s4", "kiln_decode_paged_kv_s6",
-                  "tvm_decode")
+DECODE_KERNELS = ("kiln_decode_paged_kv", "kiln_decode_paged_kv_v3", "kiln_decode_paged_kv_s5", "tvm_decode")
 METAL_DECODE = "kiln_metal_decode_paged_kv"  # Metal-form kernels, compiled for CUDA: checked, timed for reference
 
 

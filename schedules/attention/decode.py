@@ -5,7 +5,7 @@ occupies 8 of 132 SMs and reaches ~1% of HBM bandwidth. Here each sequence's pag
 ``num_splits`` blocks (chosen from the batch size so that batch x KV heads x splits fills one wave of
 resident blocks), each block writes a partial softmax state (o, lse) and a second kernel in the same
 PrimFunc merges the states. Each block reads its KV head once for the whole GQA group, on CUDA by
-16-byte cp.async copies in a 5-stage pipeline (docs/attention.md has the measurements). The Metal
+16-byte cp.async copies in a 4-stage pipeline (docs/attention.md has the measurements). The Metal
 form is the same algorithm in plain TIR: loads straight to registers, SIMD shuffles by lane.
 
 Calling convention = TVM's ``TIRPagedDecodeFunc`` (runtime/vm/attn_backend.h):
@@ -26,9 +26,10 @@ SMS, SMEM_PER_SM = 132, 228 * 1024  # H100 / H200
 MAX_BLOCKS_PER_SM = 3  # registers: 159 x 128 threads
 METAL_RESIDENT_BLOCKS = 38 * 4  # Metal form: an M2 Max's 38 GPU cores x 4 threadgroups (not measured)
 MIN_SPLIT_PAGES = 4  # below 64 tokens per block the merge costs more than it saves
-# cp.async pipeline depth: 4 tiles (64 KB) in flight per block while one is computed, 2 blocks per SM
-# (H100: b=1/8k 41% of copy bandwidth back to back, b=64 96%; 3 stages, 3 blocks: 45% and 74%)
-STAGES = 5
+# cp.async pipeline depth: 3 tiles (48 KB) in flight per block while one is computed, 2 blocks per SM.
+# H100, b=1/8k: 41% of copy bandwidth per call (3 stages, 3 blocks per SM: 37%; 5 or 6 stages: 36-37%);
+# b=64: 97-100% (3 stages: 74-76%, 512 blocks in 1.3 waves of 396; here 1.9 waves of 264)
+STAGES = 4
 MERGE_SLICES = 16  # thread rows of the split-merge kernel (splits merged in parallel)
 NEG = -1.0e30  # finite "minus infinity": exp2(NEG - NEG) must not be NaN
 
