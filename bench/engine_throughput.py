@@ -2,10 +2,14 @@
 
 Here:   python -m compile --model qwen3 --target cuda --out .gpu/qwen3-cuda   (library only)
 There:  python bench/engine_throughput.py .gpu/qwen3-cuda --tokenizer DIR [--requests 64]
+Prefill (issue 6: 16 prompts x 1,024 tokens on the Llama-3.1-8B shape):
+        python -m compile --model llama3 --target cuda --prefill_chunk 8192 --out .gpu/llama3-cuda
+        python bench/engine_throughput.py .gpu/llama3-cuda --requests 16 --prompt-len 1024 --max-tokens 1 \
+            --batched-tokens 8192
 
 Fills the artifact with random weights, then submits N concurrent greedy requests (random prompt ids,
-ignore_eos) through the Engine and prints prompt and generated tokens/s, time to first token, and a
-single-request decode rate for comparison.
+ignore_eos) through the Engine and prints prompt tokens/s (all prompts' tokens over the time until the
+last first token), generated tokens/s, time to first token, and a single-request decode rate.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ def run(engine: Engine, n: int, prompt_len: int, max_tokens: int, vocab: int, se
     dt = time.perf_counter() - t0
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     ttft = sorted(o.first_token_time - o.arrival_time for o in outs)
+    prefill_s = max(o.first_token_time for o in outs) - min(o.arrival_time for o in outs)
     return dict(requests=n, prompt_len=prompt_len, max_tokens=max_tokens, seconds=round(dt, 2),
+                prompt_tok_s=round(n * prompt_len / prefill_s, 1),
                 generated_tok_s=round(generated / dt, 1), total_tok_s=round((generated + n * prompt_len) / dt, 1),
                 ttft_median_s=round(ttft[len(ttft) // 2], 3), ttft_max_s=round(ttft[-1], 3))
 
@@ -63,14 +69,15 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--batched-tokens", type=int, default=4096, help="engine's max_num_batched_tokens")
     a = ap.parse_args()
     if not (a.artifact / "weights").is_dir():
         fill(a.artifact, a.tokenizer)
     engine = Engine(EngineConfig(model_path=str(a.artifact), kv_tokens=a.requests * (a.prompt_len + a.max_tokens + 32),
-                                 max_num_seqs=a.requests, max_num_batched_tokens=4096))
+                                 max_num_seqs=a.requests, max_num_batched_tokens=a.batched_tokens))
     vocab = engine.runner.vocab_size
     run(engine, 4, 32, 8, vocab)  # warm-up: first kernel launches, allocator
-    steps = step_times(engine.runner)
+    steps = step_times(engine.runner, batches=tuple(b for b in (1, 16, 64) if b <= a.requests))
     rows = [run(engine, 1, a.prompt_len, a.max_tokens, vocab), run(engine, a.requests, a.prompt_len, a.max_tokens, vocab)]
     print(json.dumps(dict(card=engine.runner.device.device_name or "cpu",
                           model=engine.runner.artifact.manifest["name"], dtype=engine.runner.artifact.manifest["dtype"],

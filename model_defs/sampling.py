@@ -52,11 +52,22 @@ class SamplingFunctions:
 
     def sample_top_p_top_k(self, probs: nn.Tensor, top_p: nn.Tensor, top_k: nn.Tensor, uniform: nn.Tensor,
                            rows: nn.Tensor) -> nn.Tensor:
-        """int32[n, 1]: a token of probs[rows[i]] among its top_k most likely whose mass is within top_p."""
+        """int32[n, 1]: a token of probs[rows[i]] among its top_k most likely, then the smallest prefix of
+        those whose share of the top-k mass reaches top_p (top-k first, renormalized: transformers' and
+        vLLM's order). TVM's sampler compares top_p with the absolute cumulative mass, so it gets top_p ×
+        the top-k mass."""
+        def expr(t):
+            return t._expr
+
         sorted_ids = nn.op.argsort(probs, axis=-1, descending=True, dtype="int32")  # one sort, then a gather
-        sorted_probs = nn.op.wrap_nested(relax.op.gather_elements(probs._expr, sorted_ids._expr, axis=1),
+        sorted_probs = nn.op.wrap_nested(relax.op.gather_elements(expr(probs), expr(sorted_ids), axis=1),
                                          "sorted_probs")
-        return nn.op.sample_top_p_top_k_from_sorted_prob(sorted_probs, sorted_ids, top_p, top_k, uniform, rows)
+        kth = nn.op.wrap_nested(relax.op.gather_elements(expr(sorted_probs), expr(top_k - 1), axis=1), "kth_prob")
+        in_top_k = nn.op.greater_equal(sorted_probs, kth)
+        mass_k = nn.op.sum(nn.op.where(in_top_k, sorted_probs, nn.op.zeros(sorted_probs.shape, "float32")),
+                           axis=-1, keepdims=True)
+        return nn.op.sample_top_p_top_k_from_sorted_prob(sorted_probs, sorted_ids, top_p * mass_k, top_k, uniform,
+                                                         rows)
 
     def logprobs(self, logits: nn.Tensor, tokens: nn.Tensor) -> tuple[nn.Tensor, nn.Tensor, nn.Tensor]:
         """log_softmax(logits) at `tokens` (int32[b, 1]) → f32[b, 1], and the TOP_LOGPROBS most likely tokens

@@ -146,7 +146,8 @@ class ModelRunner:
         u = tensor(uniform[draw].astype(f32)[:, None], self.device)
         if (top_p[draw] < 1).any() or (top_k[draw] > 0).any():
             tp = per_row(top_p, 1, f32)[:, None]
-            tk = per_row(np.where(top_k > 0, top_k, self.vocab_size), self.vocab_size, i32)[:, None]
+            width = logits.shape[1]  # top_k ≤ 0 or beyond the row: the whole row
+            tk = per_row(np.where((top_k > 0) & (top_k < width), top_k, width), width, i32)[:, None]
             drawn = self.vm["sample_top_p_top_k"](probs, tensor(tp, self.device), tensor(tk, self.device), u, picks)
         else:
             drawn = self.vm["sample_multinomial"](probs, u, picks)

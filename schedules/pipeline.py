@@ -13,10 +13,24 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_passes
 from tvm.relax.backend.cuda import pipeline as cuda_passes
 from tvm.relax.backend.gpu_generic import pipeline as gpu_passes
 from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 
 from .low_batch import LowBatchDispatch
 from .matmul_tensorcore import TIR_PIPELINE, MatmulTensorCore
 from .metal_matmul import MatmulNoSimdgroup
+from .row_reduction import RowReduction
+
+
+class GEMVOrDecline(GPUScheduleRule):
+    """dlight's GEMV, declining where it asserts: it half-recognises row sums with a per-row operand,
+    sum(where(p[b, v] >= t[b], p[b, v], 0)) (the sampler's top-k mass), and fails an assertion instead
+    of returning None; the next rule (Reduction) schedules them."""
+
+    def apply(self, func, target, tunable):
+        try:
+            return dl.gpu.GEMV().apply(func, target, tunable)
+        except AssertionError:
+            return None
 
 
 def gpu_rules(target: tvm.target.Target) -> list:
@@ -25,8 +39,8 @@ def gpu_rules(target: tvm.target.Target) -> list:
         matmul = [MatmulNoSimdgroup()]
     else:  # tensor cores first (None off CUDA sm_80+ or for small static M), then dlight's
         matmul = [MatmulTensorCore(), dl.gpu.Matmul()]
-    return [*matmul, dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
-            dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    return [*matmul, GEMVOrDecline(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
+            dl.gpu.GeneralReduction(), RowReduction(), dl.gpu.Fallback()]
 
 
 def _passes(target: tvm.target.Target) -> list:

@@ -76,6 +76,35 @@ def test_compiled_sampling_matches_the_target_distribution(runner, params, proce
     assert np.abs(got - want).max() < 0.015, (got, want)
 
 
+def test_compiled_top_p_top_k_keep_exactly_the_reference_tokens(runner):
+    """Over a 1,000-token vocabulary with a long tail: every token the compiled (sort-free) top-p/top-k
+    draws is in the host reference's kept set, and every kept token of visible probability is drawn."""
+    rng = np.random.default_rng(4)
+    vocab, draws = 1000, 400
+    settings = [(k, p) for k in (0, 1, 7, 60) for p in (1.0, 0.9, 0.5)]
+    settings.remove((0, 1.0))
+    logits = (rng.standard_normal((len(settings), vocab)) * 3).astype(np.float32)
+    rows = np.repeat(np.arange(len(settings)), draws)
+    uniform = np.tile((np.arange(draws) + 0.5) / draws, len(settings))
+
+    def col(i):
+        return np.array([settings[r][i] for r in rows])
+
+    tokens = runner.sample(runner._tvm.runtime.tensor(logits, runner.device), rows, np.ones(len(rows)),
+                           col(1).astype(np.float32), col(0), np.zeros(len(rows), np.float32), uniform)
+    for r, (k, p) in enumerate(settings):
+        probs = np.exp(logits[r] - logits[r].max())
+        probs /= probs.sum()
+        order = np.argsort(-probs)
+        top = order[:k or vocab]
+        mass = np.cumsum(probs[top]) / probs[top].sum()
+        kept = set(top[:int(np.searchsorted(mass, p - 1e-6)) + 1].tolist())
+        drawn = set(tokens[rows == r].tolist())
+        assert drawn <= kept, (k, p, sorted(drawn - kept))
+        visible = {t for t in kept if probs[t] / probs[list(kept)].sum() > 2 / draws}
+        assert visible <= drawn, (k, p, sorted(visible - drawn))
+
+
 def test_greedy_and_top_k_1_are_exact_argmax():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(16, 50)).astype(np.float32)
