@@ -19,6 +19,7 @@ H_QO, H_KV, D, PAGE = 32, 8, 128, 16
 DTYPE = "bfloat16"
 DECODE_SHAPES = [(b, c) for b in (1, 16, 64) for c in (1024, 8192, 32768)]
 PREFILL_LENS = (1024, 4096, 16384)
+PAGED_TIMING = (1024, 15360)  # (new tokens, cached tokens) of the timed paged prefill
 DECODE_KERNELS = ("kiln_decode_paged_kv", "kiln_decode_paged_kv_v3", "kiln_decode_paged_kv_s5", "tvm_decode")
 METAL_DECODE = "kiln_metal_decode_paged_kv"  # Metal-form kernels, compiled for CUDA: checked, timed for reference
 
@@ -44,6 +45,8 @@ def build(out_dir, only=None):
         lib = tvm.tirx.build(mod, target=target)
     os.makedirs(out_dir, exist_ok=True)
     lib.export_library(os.path.join(out_dir, "kernels.so"))
+    with open(os.path.join(out_dir, "kernels.json"), "w") as f:
+        json.dump(sorted(funcs), f)
     print("built", sorted(funcs), "->", out_dir)
 
 
@@ -78,10 +81,10 @@ def _load(lib_path):
 
 
 class Bench:
-    def __init__(self, mod, out_dir):
+    def __init__(self, mod, out_dir, built):
         import torch
 
-        self.torch, self.mod, self.out_dir = torch, mod, out_dir
+        self.torch, self.mod, self.out_dir, self.built = torch, mod, out_dir, built
         self.dev = torch.device("cuda")
         self.flush_buf = torch.empty(512 << 20, dtype=torch.int8, device=self.dev)
         self.rows, self.checks = [], []
@@ -147,15 +150,19 @@ class Bench:
         """float32 softmax attention with GQA; q (n, H_qo, D), k/v (H_kv, m, D) -> o, lse (base 2)."""
         torch = self.torch
         g = H_QO // H_KV
-        kr, vr = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
-        s = torch.einsum("nhd,hmd->hnm", q.float(), kr) * D ** -0.5
+        n, m = q.shape[0], k.shape[1]
+        mask = None
         if causal_offset is not None:
-            n, m = q.shape[0], k.shape[1]
             mask = torch.arange(m, device=self.dev)[None, :] > (torch.arange(n, device=self.dev)[:, None] + causal_offset)
-            s = s.masked_fill(mask[None], float("-inf"))
-        lse = torch.logsumexp(s, -1) / 0.6931471805599453
-        o = torch.einsum("hnm,hmd->nhd", torch.softmax(s, -1), vr)
-        return o, lse.transpose(0, 1)
+        os_, lses = [], []
+        for h in range(H_KV):  # one GQA group at a time: 16k tokens x 32 heads of fp32 scores would not fit an H100
+            s = torch.einsum("nhd,md->hnm", q[:, h * g:(h + 1) * g].float(), k[h]) * D ** -0.5
+            if mask is not None:
+                s = s.masked_fill(mask[None], float("-inf"))
+            lses.append(torch.logsumexp(s, -1) / 0.6931471805599453)
+            os_.append(torch.einsum("hnm,md->nhd", torch.softmax(s, -1), v[h]))
+            del s
+        return torch.cat(os_, 1), torch.cat(lses, 0).transpose(0, 1)
 
     def check(self, name, out, ref, lse=None, lse_ref=None, tol=1e-2):
         torch = self.torch
@@ -255,17 +262,24 @@ class Bench:
         torch = self.torch
         import torch.nn.functional as F
 
-        names = [n for n in ("kiln_prefill_ragged", "kiln_prefill_ragged_m1n32", "kiln_prefill_ragged_m2n32",
-                             "tvm_prefill_ragged") if self.has(n)]
+        names = [n for n in self.kernel_names() if n.startswith("kiln_prefill_ragged")] + \
+            [n for n in ("tvm_prefill_ragged",) if self.has(n)]
         # correctness: ragged mixed lengths, GQA, causal
         for fname in names:
             for lens in ([1, 37, 300, 16], [1000, 130, 64, 65]):
                 self.ragged_case(fname, lens, check_only=True)
         # chunked prefill: new tokens attend to the tokens already in pages (non-causal); the runtime
         # merges this state with the ragged one
-        for fname in ("kiln_prefill_paged", "tvm_prefill"):
-            if self.has(fname):
-                self.paged_case(fname, [(5, 100), (64, 1000), (1, 17), (200, 33), (3, 0)])
+        paged = [n for n in ("kiln_prefill_paged", "kiln_prefill_paged_fa2", "tvm_prefill") if self.has(n)]
+        for fname in paged:
+            self.paged_case(fname, [(5, 100), (64, 1000), (1, 17), (200, 33), (3, 0)])
+        # chunked prefill's second half: a 1k chunk against 15k cached tokens (non-causal)
+        new, cached = PAGED_TIMING
+        flops = 4 * new * cached * D * H_QO
+        for fname in (n for n in paged if n.startswith("kiln")):
+            ok, ms = self.paged_case(fname, [(new, cached)], iters=10)
+            self.rows.append(dict(kind="prefill", kernel=fname, n=f"{new}+{cached}", ms=ms, tflops=flops / ms / 1e9, pct_sdpa=0.0, ok=ok))
+            print(f"prefill {fname:20s} n={new}+{cached} {ms * 1e3:9.1f} us {flops / ms / 1e9:6.1f} TFLOP/s ok={ok}", flush=True)
         for n in PREFILL_LENS:
             flops = 4 * n * n * D * H_QO / 2  # causal: half of QK^T and PV
             q, k, v = self.rand(1, H_QO, n, D), self.rand(1, H_KV, n, D), self.rand(1, H_KV, n, D)
@@ -281,6 +295,10 @@ class Bench:
                 tf = flops / ms / 1e9
                 self.rows.append(dict(kind="prefill", kernel=fname, n=n, ms=ms, tflops=tf, pct_sdpa=100 * tf / sdpa, ok=ok))
                 print(f"prefill {fname:20s} n={n:6d} {ms * 1e3:9.1f} us {tf:6.1f} TFLOP/s {100 * tf / sdpa:5.1f}% of SDPA ok={ok}", flush=True)
+
+    def kernel_names(self):
+        """Kiln kernels in the library, from the list it was built from (kernels.json beside it)."""
+        return [n for n in self.built if self.has(n)]
 
     def has(self, name):
         try:
@@ -315,8 +333,9 @@ class Bench:
             return ok, None
         return ok, self.time_ms(call, iters)
 
-    def paged_case(self, fname, cases):
-        """(new tokens, tokens already in pages) per sequence: q attends to all cached tokens."""
+    def paged_case(self, fname, cases, iters=0):
+        """(new tokens, tokens already in pages) per sequence: q attends to all cached tokens.
+        With ``iters``, also times the call: (ok, ms)."""
         torch = self.torch
         qlens = [a for a, _ in cases]
         pages, indptr, values, last = self.make_pages([c for _, c in cases])
@@ -329,7 +348,8 @@ class Bench:
         lse = torch.full((n, H_QO), float("nan"), dtype=torch.float32, device=self.dev)
         f = self.mod[fname]
         args = [self.tv(x) for x in (q, qo_indptr, pages, indptr, values, last, zeros, qpos, out, lse)]
-        f(*args, 0, 0, 1.0, 1e4, D ** -0.5)
+        call = lambda: f(*args, 0, 0, 1.0, 1e4, D ** -0.5)  # noqa: E731  causal=0
+        call()
         torch.cuda.synchronize()
         outs, lses = [], []
         for i, (a, c) in enumerate(cases):
@@ -340,13 +360,16 @@ class Bench:
             o, l2 = self.ref_attention(q[int(qo_indptr[i]): int(qo_indptr[i + 1])], *self.gather_kv(pages, indptr, values, i, c))
             outs.append(o)
             lses.append(l2)
-        return self.check(f"{fname} (new, cached)={cases}", out, torch.cat(outs), lse, torch.cat(lses))
+        ok = self.check(f"{fname} (new, cached)={cases}", out, torch.cat(outs), lse, torch.cat(lses))
+        return (ok, self.time_ms(call, iters)) if iters else ok
 
 
 def run(lib, out_dir, what):
     import torch
 
-    bench = Bench(_load(lib), out_dir)
+    with open(os.path.join(os.path.dirname(lib), "kernels.json")) as f:
+        built = json.load(f)
+    bench = Bench(_load(lib), out_dir, built)
     name = torch.cuda.get_device_name()
     bw = bench.copy_bandwidth()
     print(f"device {name}; copy bandwidth {bw:.0f} GB/s", flush=True)
@@ -388,21 +411,25 @@ def e2e_build(out_dir):
     import conftest
     import model_defs.layers as layers
     from compile.driver import compile_artifact
-    from model_defs.kv_cache import KilnPagedKVCache
+    from tvm.relax.frontend.nn.llm.kv_cache import TIRPagedKVCache
 
     out = Path(out_dir)
     conftest.TINY_CONFIGS["qwen3-d128"] = ("Qwen3Config", "Qwen3ForCausalLM", E2E_CONFIG)
     hf = conftest.make_tiny_hf("qwen3-d128", out / "hf")
     args = dict(model=str(hf), target="cuda", dtype="bfloat16", weights=None, cuda_arch=None, context=4096,
                 page_size=16, prefill_chunk=1024)
-    compile_artifact(out=str(out / "tvm"), **args)
-    layers.TIRPagedKVCache = KilnPagedKVCache  # the one-line switch the model needs
+    kiln_cache = layers.KilnPagedKVCache  # what the model uses; TVM's cache (same arguments) for the baseline
+    layers.KilnPagedKVCache = TIRPagedKVCache
+    try:
+        compile_artifact(out=str(out / "tvm"), **args)
+    finally:
+        layers.KilnPagedKVCache = kiln_cache
     compile_artifact(out=str(out / "kiln"), **args)
     # Kiln's Metal forms (plain TIR) in the CUDA build: the kernels Metal gets, in the real runtime
     import model_defs.kv_cache as kiln_kv
     from schedules.attention import decode_kernel, metal_prefill_kernel
 
-    kiln_kv.prefill_kernel = metal_prefill_kernel
+    kiln_kv.prefill_kernel = kiln_kv.prefill_hopper_kernel = metal_prefill_kernel
     kiln_kv.decode_kernel = lambda *shape, form: decode_kernel(*shape, form="metal")
     compile_artifact(out=str(out / "kiln-metal-forms"), **args)
     # the reference: transformers in float32 on this CPU (the GPU machine has no transformers)

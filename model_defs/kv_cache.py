@@ -5,8 +5,9 @@
 but passes Kiln's TIR kernels (schedules/attention/) where they exist:
   - decode: split-KV flash-decoding (schedules/attention/decode.py); TVM's runs one block per
     (sequence, KV head) and reaches ~1% of HBM bandwidth at batch 1;
-  - ragged prefill and prefill over pages (chunked prefill), head_dim 64 or 128: FlashAttention-2
-    on tensor cores (schedules/attention/prefill.py); TVM's use no tensor cores (~3 TFLOP/s).
+  - ragged prefill and prefill over pages (chunked prefill), head_dim 64 or 128: on sm_90a with
+    head_dim 128 FlashAttention-3 style wgmma (schedules/attention/prefill_hopper.py), otherwise
+    FlashAttention-2 on mma.sync (prefill.py); TVM's use no tensor cores (~3 TFLOP/s).
 On Metal: the same split-KV decode in plain TIR (decode.py, form "metal") and a tiled
 online-softmax prefill (metal_prefill.py) where its tiles fit 32 KB of threadgroup memory.
 Everything else (sliding-window and tree-attention variants, state merge, page copies, RoPE) stays
@@ -24,6 +25,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import AttnKind, PagedKVCache, RopeMode,
 from schedules.attention.decode import decode_kernel, decode_supported
 from schedules.attention.metal_prefill import metal_prefill_kernel, metal_prefill_supported
 from schedules.attention.prefill import prefill_kernel
+from schedules.attention.prefill_hopper import hopper_prefill_applies, prefill_hopper_kernel
 
 
 def kiln_kernels_apply(attn_kind, rope_mode, dtype, qk_head_dim, v_head_dim, target, num_kv_heads: int,
@@ -99,6 +101,7 @@ class KilnPagedKVCache(PagedKVCache):  # pylint: disable=too-few-public-methods
         metal = target.kind.name == "metal"  # plain-TIR forms; the prefill where its tiles fit
         kiln_prefill = not metal and d in (64, 128)  # the tensor-core tiles are built for these head sizes
         metal_prefill = metal and metal_prefill_supported(h_kv, h_qo, d, dtype)
+        prefill = prefill_hopper_kernel if hopper_prefill_applies(target, d) else prefill_kernel
 
         def tir(func, fname):
             return rx.Tuple([tvm.ir.StringImm("tirx"), bb.add_func(func, fname)])
@@ -122,11 +125,11 @@ class KilnPagedKVCache(PagedKVCache):  # pylint: disable=too-few-public-methods
             rx.op.zeros((), dtype),
             bb.add_func(tvm_kv._kv_cache_transpose_append(h_kv, d, dtype), "kv_cache_transpose_append"),
             bb.add_func(tvm_kv._kv_cache_transpose_append_mla(d, dtype), "kv_cache_transpose_append_mla"),
-            tir(prefill_kernel("ragged", h_kv, h_qo, d, dtype) if kiln_prefill
+            tir(prefill("ragged", h_kv, h_qo, d, dtype) if kiln_prefill
                 else metal_prefill_kernel("ragged", h_kv, h_qo, d, dtype) if metal_prefill
                 else tvm_kv._attention_prefill_ragged(h_kv, h_qo, d, v_head_dim, dtype, rope_scaling, target),
                 "tir_attention_prefill_ragged"),
-            tir(prefill_kernel("paged", h_kv, h_qo, d, dtype) if kiln_prefill
+            tir(prefill("paged", h_kv, h_qo, d, dtype) if kiln_prefill
                 else metal_prefill_kernel("paged", h_kv, h_qo, d, dtype) if metal_prefill
                 else tvm_kv._attention_prefill(h_kv, h_qo, d, dtype, False, rope_scaling, target),
                 "tir_attention_prefill"),

@@ -1,9 +1,10 @@
 """Kiln attention kernels and KilnPagedKVCache, on a machine without a GPU.
 
 CUDA kernels: compiled to CUDA source (and by nvcc when present) and checked for the properties
-they exist for (split-KV grid, cp.async pipeline, fused split merge, 16-byte page loads, no register
-spills). Metal forms: compiled to Metal source (no PTX, Metal's limits). Numerics on GPU:
-bench/attention.py (float32 reference before every timing; the Metal forms run there compiled for CUDA).
+they exist for (split-KV grid, cp.async pipeline, 16-byte page loads, wgmma on sm_90a, no register
+spills, no serialized wgmma). Metal forms: compiled to Metal source (no PTX, Metal's limits).
+Numerics on GPU: bench/attention.py (float32 reference before every timing; the Metal forms run there
+compiled for CUDA).
 The cache class: on llvm it must be TVM's cache with TVM's CPU kernels (the model's CPU tests rely on
 it) and match a float64 numpy attention; on CUDA and Metal its decode and prefill slots hold Kiln's kernels.
 """
@@ -27,6 +28,7 @@ from model_defs.kv_cache import KilnPagedKVCache  # noqa: E402
 from schedules.attention.decode import decode_kernel  # noqa: E402
 from schedules.attention.metal_prefill import metal_prefill_kernel  # noqa: E402
 from schedules.attention.prefill import prefill_kernel  # noqa: E402
+from schedules.attention.prefill_hopper import prefill_hopper_kernel  # noqa: E402
 
 CUDA = tvm.target.Target("nvidia/nvidia-h100", host="llvm")
 METAL = tvm.target.Target("apple/m2-gpu", host="llvm")
@@ -107,7 +109,7 @@ def prefill_src():
     return _cuda_source({f"kiln_prefill_{k}": prefill_kernel(k, 8, 32, 128, "bfloat16") for k in ("ragged", "paged")})
 
 
-def test_prefill_kernels_use_tensor_cores(prefill_src):
+def test_prefill_fa2_kernels_use_tensor_cores(prefill_src):
     for kind in ("ragged", "paged"):
         body = prefill_src.split(f"kiln_prefill_{kind}_kernel(", 2)[2].split("extern \"C\"")[0]
         # per 64-token KV tile and warp (16 rows): S = Q K^T is 8 n-tiles x 8 k-steps, O += P V 16 n-tiles x 4
@@ -119,14 +121,50 @@ def test_prefill_kernels_use_tensor_cores(prefill_src):
     assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in prefill_src
 
 
+def _ptxas_report(src_text, tmp_path):
+    src = tmp_path / "k.cu"
+    src.write_text(src_text)
+    res = subprocess.run(["nvcc", "-cubin", "-w", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
+                          "-o", str(tmp_path / "k.cubin"), str(src)], capture_output=True, text=True, check=True)
+    return res.stdout + res.stderr
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-def test_prefill_kernels_nvcc_no_spills(prefill_src, tmp_path):
-    src = tmp_path / "prefill.cu"
-    src.write_text(prefill_src)
-    res = subprocess.run(["nvcc", "-cubin", "-w", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "--resource-usage",
-                          "-o", str(tmp_path / "prefill.cubin"), str(src)], capture_output=True, text=True, check=True)
-    report = res.stdout + res.stderr
+def test_prefill_fa2_kernels_nvcc_no_spills(prefill_src, tmp_path):
+    report = _ptxas_report(prefill_src, tmp_path)
     assert report.count("0 bytes spill stores, 0 bytes spill loads") == 2, report
+
+
+@pytest.fixture(scope="module")
+def hopper_src():
+    return _cuda_source({f"kiln_prefill_{k}": prefill_hopper_kernel(k, 8, 32, 128, "bfloat16") for k in ("ragged", "paged")})
+
+
+def test_prefill_hopper_kernels_use_wgmma(hopper_src):
+    for kind in ("ragged", "paged"):
+        # one warpgroup (64 query rows), two blocks per SM
+        assert re.search(rf"__launch_bounds__\(128, 2\) kiln_prefill_{kind}_kernel\(", hopper_src)
+        body = hopper_src.split(f"kiln_prefill_{kind}_kernel(", 2)[2].split("extern \"C\"")[0]
+        # per 64-token KV tile and warpgroup: S = Q K^T is 8 k-steps of m64n64k16 from shared memory;
+        # O += P V is 4 k-steps of m64n128k16 with P from registers (in the loop, and for the last tile)
+        assert body.count("kiln_wgmma_m64n64k16_ss_bf16_t0(") == 8
+        assert body.count("kiln_wgmma_m64n128k16_rs_bf16_t1(") == 2 * 4
+        # the softmax of tile t waits for S only (P V of tile t - 1 stays in flight), then for P V
+        assert "kiln_wgmma_wait1_f32(" in body and "kiln_wgmma_wait0_f64(" in body
+        # cp.async writes reach the tensor cores' proxy before the barrier
+        assert body.count("kiln_fence_proxy_async();") == 2
+        assert body.count("kiln_ex2(") == 2 * 8 * 2
+    assert "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16" in hopper_src
+    assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in hopper_src
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_prefill_hopper_kernels_nvcc_no_spills_no_serialization(hopper_src, tmp_path):
+    report = _ptxas_report(hopper_src, tmp_path)
+    assert report.count("0 bytes spill stores, 0 bytes spill loads") == 2, report
+    assert "C7512" not in report and "serialized" not in report, report  # wgmma kept asynchronous
+    regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
+    assert max(regs) <= 255, regs
 
 
 # ---------------------------------------------------------------- the cache class in a model
@@ -183,8 +221,20 @@ def test_cache_cuda_uses_kiln_kernels(head_dim):
     if head_dim == 128:
         assert kiln_prefill <= names and all(n in create for n in kiln_prefill)
         assert "batch_prefill_ragged_kv" not in names
+        assert all("kiln_wgmma" in mod[n].script() for n in kiln_prefill)  # sm_90a: the wgmma kernels
     else:
         assert not kiln_prefill & names and "batch_prefill_ragged_kv" in names
+
+
+def test_cache_cuda_before_hopper_uses_mma_sync_prefill():
+    """wgmma exists only on sm_90a: other CUDA archs get the FlashAttention-2 (mma.sync) prefill."""
+    spec = dict(CUDA.export())
+    spec.update(arch="sm_80", tag="")
+    spec.pop("keys", None)
+    mod, _ = _export(tvm.target.Target(spec, host="llvm"), "float16", 128)
+    for n in ("kiln_prefill_ragged", "kiln_prefill_paged"):
+        script = mod[n].script()
+        assert "kiln_mma_16816" in script and "kiln_wgmma" not in script
 
 
 @pytest.mark.parametrize("head_dim", [32, 128])

@@ -8,6 +8,7 @@ the online softmax lives in the mma accumulator registers and P is re-packed in 
 operand of P·V. Causal masking is applied only on tiles that cross the diagonal or the end.
 GQA: a block reads the KV head of its query head (neighbouring blocks share it through L2).
 H200, Llama-3.1-8B layer: 114 / 213 / 259 TFLOP/s at 1k / 4k / 16k tokens (docs/attention.md).
+Used where the wgmma kernel (prefill_hopper.py, sm_90a, head_dim 128) does not apply.
 
 Two forms with TVM's calling conventions (runtime/vm/attn_backend.h):
 - ragged ``(q, qo_indptr, k, v, kv_indptr, q_rope_position, k_rope_pos_offset, output, lse,
@@ -30,6 +31,98 @@ M_TILES = 1  # 16-row m-tiles per warp (2: each K/V fragment feeds two mma; meas
 BN = 64  # kv tokens per tile
 NT = 128  # threads (4 warps)
 NEG = -1.0e30
+
+
+# Macros shared with prefill_hopper.py. Non-hygienic macros see only the caller's variables: the
+# kernel's constants, buffers and the other macros travel in its namespace ``K``.
+
+
+@T.macro(hygienic=False)
+def find_work(q_indptr, B):
+    """Blocks enumerate (sequence, BM-row query tile) pairs, the longest causal tiles first."""
+    info[0] = -1
+    info[1] = 0
+    scan[0] = 0
+    for b in T.serial(B):
+        nt: T.let[T.int32] = T.truncdiv(q_indptr[b + 1] - q_indptr[b] + K.BM - 1, K.BM)
+        if scan[0] <= bx and bx < scan[0] + nt:
+            info[0] = b
+            info[1] = nt - 1 - (bx - scan[0])  # last (longest causal) tiles first: shorter tail
+        scan[0] = scan[0] + nt
+
+
+@T.macro(hygienic=False)
+def plan_tiles(causal):
+    """info[6] = KV tiles this query tile needs (causal: up to its last row)."""
+    last_row: T.let[T.int32] = T.min(info[1] * K.BM + K.BM - 1, info[3] - 1)
+    info[6] = T.if_then_else(
+        causal > 0,
+        T.max(0, T.min(T.truncdiv(info[5] - info[3] + last_row + K.BN, K.BN), T.truncdiv(info[5] + K.BN - 1, K.BN))),
+        T.truncdiv(info[5] + K.BN - 1, K.BN))
+
+
+@T.macro(hygienic=False)
+def softmax_tile(t, causal, sm_scale):
+    """Scale and mask S (in the mma accumulator layout), online softmax; P overwrites S and ``alpha``
+    gets the factor by which O must be rescaled (``rescale_o``, apart so the wgmma kernel can run it
+    once the previous P V has landed)."""
+    # scale; mask only on tiles past the sequence end or crossing the causal diagonal
+    info[7] = T.if_then_else(
+        t * K.BN + K.BN > info[5] or (causal > 0 and t * K.BN + K.BN - 1 > info[5] - info[3] + info[1] * K.BM), 1, 0)
+    for mt in T.unroll(K.MT):
+        for j in T.unroll(K.NTN):
+            for e in T.unroll(4):
+                sacc[mt * K.NTN + j, e] = T.if_then_else(
+                    info[7] == 1 and (
+                        t * K.BN + 8 * j + (lane % 4) * 2 + e % 2 >= info[5]
+                        or (causal > 0 and t * K.BN + 8 * j + (lane % 4) * 2 + e % 2
+                            > info[5] - info[3] + info[1] * K.BM + warp * 16 * K.MT + mt * 16 + lane // 4 + (e // 2) * 8)),
+                    T.float32(K.NEG), sacc[mt * K.NTN + j, e] * sm_scale * T.float32(K.scale_log2))
+    # online softmax; rows lane/4 (e = 0, 1) and lane/4 + 8 (e = 2, 3) of each m-tile, a row spans 4 lanes
+    for mt in T.unroll(K.MT):
+        for hr in T.unroll(2):
+            mx[0] = m_i[mt * 2 + hr]
+            for j in T.unroll(K.NTN):
+                for e2 in T.unroll(2):
+                    mx[0] = T.max(mx[0], sacc[mt * K.NTN + j, 2 * hr + e2])
+            mx[0] = T.max(mx[0], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), mx[0], 1, 32, 32))
+            mx[0] = T.max(mx[0], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), mx[0], 2, 32, 32))
+            alpha[mt * 2 + hr] = T.exp2(m_i[mt * 2 + hr] - mx[0])
+            m_i[mt * 2 + hr] = mx[0]
+            l_i[mt * 2 + hr] = l_i[mt * 2 + hr] * alpha[mt * 2 + hr]  # per-lane partial row sum; lanes are summed at the end
+            for j in T.unroll(K.NTN):
+                for e2 in T.unroll(2):
+                    sacc[mt * K.NTN + j, 2 * hr + e2] = T.cuda.func_call(
+                        "kiln_ex2", sacc[mt * K.NTN + j, 2 * hr + e2] - mx[0], source_code=K.EX2, return_type="float32")
+                    l_i[mt * 2 + hr] = l_i[mt * 2 + hr] + sacc[mt * K.NTN + j, 2 * hr + e2]
+
+
+@T.macro(hygienic=False)
+def rescale_o():
+    """O *= alpha per row (after the online-softmax step of ``softmax_tile``)."""
+    for mt in T.unroll(K.MT):
+        for hr in T.unroll(2):
+            for dn in T.unroll(K.DTN):
+                for e2 in T.unroll(2):
+                    oacc[mt * K.DTN + dn, 2 * hr + e2] = oacc[mt * K.DTN + dn, 2 * hr + e2] * alpha[mt * 2 + hr]
+
+
+@T.macro(hygienic=False)
+def finalize(output, lse):
+    """Sum the row sums over the 4 lanes of a row, normalize O, store O and the base-2 lse."""
+    for mt in T.unroll(K.MT):
+        for hr in T.unroll(2):
+            l_i[mt * 2 + hr] = l_i[mt * 2 + hr] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), l_i[mt * 2 + hr], 1, 32, 32)
+            l_i[mt * 2 + hr] = l_i[mt * 2 + hr] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), l_i[mt * 2 + hr], 2, 32, 32)
+            row: T.let[T.int32] = info[1] * K.BM + warp * 16 * K.MT + mt * 16 + lane // 4 + 8 * hr
+            if row < info[3]:
+                mx[1] = T.if_then_else(l_i[mt * 2 + hr] > T.float32(0), T.float32(1) / l_i[mt * 2 + hr], T.float32(0))
+                for dn in T.unroll(K.DTN):
+                    for e2 in T.unroll(2):
+                        output[info[2] + row, hq, dn * 8 + (lane % 4) * 2 + e2] = T.cast(oacc[mt * K.DTN + dn, 2 * hr + e2] * mx[1], K.dtype)
+                if lane % 4 == 0:
+                    lse[info[2] + row, hq] = T.if_then_else(l_i[mt * 2 + hr] > T.float32(0), m_i[mt * 2 + hr] + T.log2(l_i[mt * 2 + hr]),
+                                                            T.float32(-5e4))
 
 
 def prefill_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str,
@@ -84,27 +177,6 @@ def prefill_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_dim: in
                 T.evaluate(T.cuda.func_call("kiln_cp_async16", smem.data, dst + K.TILE_BYTES, T.address_of(pages[page, 1, hq // K.G, pos % K.PAGE_SIZE, c * 8]), source_code=K.CP_ASYNC16))
 
     @T.macro(hygienic=False)
-    def find_work(q_indptr, B):
-        # blocks enumerate (sequence, 64-row query tile) pairs
-        info[0] = -1
-        info[1] = 0
-        scan[0] = 0
-        for b in T.serial(B):
-            nt: T.let[T.int32] = T.truncdiv(q_indptr[b + 1] - q_indptr[b] + K.BM - 1, K.BM)
-            if scan[0] <= bx and bx < scan[0] + nt:
-                info[0] = b
-                info[1] = nt - 1 - (bx - scan[0])  # last (longest causal) tiles first: shorter tail
-            scan[0] = scan[0] + nt
-
-    @T.macro(hygienic=False)
-    def plan_tiles(causal):
-        last_row: T.let[T.int32] = T.min(info[1] * K.BM + K.BM - 1, info[3] - 1)
-        info[6] = T.if_then_else(
-            causal > 0,
-            T.max(0, T.min(T.truncdiv(info[5] - info[3] + last_row + K.BN, K.BN), T.truncdiv(info[5] + K.BN - 1, K.BN))),
-            T.truncdiv(info[5] + K.BN - 1, K.BN))
-
-    @T.macro(hygienic=False)
     def issue_q(q):
         for i in T.unroll(K.QCPT):
             r: T.let[T.int32] = (tid + i * K.NT) // K.CH
@@ -138,38 +210,8 @@ def prefill_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_dim: in
                         T.evaluate(T.cuda.func_call(K.MMA, T.tvm_access_ptr(T.type_annotation("float32"), sacc.data, (mt * K.NTN + j) * 4, 4, 3),
                                                     T.tvm_access_ptr(T.type_annotation("uint32"), qf.data, (mt * 2 + h) * 4, 4, 1), T.tvm_access_ptr(T.type_annotation("uint32"), kb.data, h * 2, 2, 1),
                                                     source_code=K.MMA_SRC))
-        # scale; mask only on tiles past the sequence end or crossing the causal diagonal
-        info[7] = T.if_then_else(
-            t * K.BN + K.BN > info[5] or (causal > 0 and t * K.BN + K.BN - 1 > info[5] - info[3] + info[1] * K.BM), 1, 0)
-        for mt in T.unroll(K.MT):
-            for j in T.unroll(K.NTN):
-                for e in T.unroll(4):
-                    sacc[mt * K.NTN + j, e] = T.if_then_else(
-                        info[7] == 1 and (
-                            t * K.BN + 8 * j + (lane % 4) * 2 + e % 2 >= info[5]
-                            or (causal > 0 and t * K.BN + 8 * j + (lane % 4) * 2 + e % 2
-                                > info[5] - info[3] + info[1] * K.BM + warp * 16 * K.MT + mt * 16 + lane // 4 + (e // 2) * 8)),
-                        T.float32(K.NEG), sacc[mt * K.NTN + j, e] * sm_scale * T.float32(K.scale_log2))
-        # online softmax; rows lane/4 (e = 0, 1) and lane/4 + 8 (e = 2, 3) of each m-tile, a row spans 4 lanes
-        for mt in T.unroll(K.MT):
-            for hr in T.unroll(2):
-                mx[0] = m_i[mt * 2 + hr]
-                for j in T.unroll(K.NTN):
-                    for e2 in T.unroll(2):
-                        mx[0] = T.max(mx[0], sacc[mt * K.NTN + j, 2 * hr + e2])
-                mx[0] = T.max(mx[0], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), mx[0], 1, 32, 32))
-                mx[0] = T.max(mx[0], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), mx[0], 2, 32, 32))
-                mx[1] = T.exp2(m_i[mt * 2 + hr] - mx[0])
-                m_i[mt * 2 + hr] = mx[0]
-                l_i[mt * 2 + hr] = l_i[mt * 2 + hr] * mx[1]  # per-lane partial row sum; lanes are summed at the end
-                for dn in T.unroll(K.DTN):
-                    for e2 in T.unroll(2):
-                        oacc[mt * K.DTN + dn, 2 * hr + e2] = oacc[mt * K.DTN + dn, 2 * hr + e2] * mx[1]
-                for j in T.unroll(K.NTN):
-                    for e2 in T.unroll(2):
-                        sacc[mt * K.NTN + j, 2 * hr + e2] = T.cuda.func_call(
-                            "kiln_ex2", sacc[mt * K.NTN + j, 2 * hr + e2] - mx[0], source_code=K.EX2, return_type="float32")
-                        l_i[mt * 2 + hr] = l_i[mt * 2 + hr] + sacc[mt * K.NTN + j, 2 * hr + e2]
+        K.softmax_tile(t, causal, sm_scale)
+        K.rescale_o()
         # O += P V, P re-packed from the S accumulators as A fragments; each V fragment feeds MT m-tiles
         for kt in T.unroll(K.BN // 16):
             for mt in T.unroll(K.MT):
@@ -209,20 +251,7 @@ def prefill_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_dim: in
             T.evaluate(T.cuda.func_call("kiln_syncthreads", source_code=K.SYNC))
             K.compute_tile(t, causal, sm_scale)
             T.evaluate(T.cuda.func_call("kiln_syncthreads", source_code=K.SYNC))
-        # finalize: sum the row sums over the 4 lanes of a row, normalize, store
-        for mt in T.unroll(K.MT):
-            for hr in T.unroll(2):
-                l_i[mt * 2 + hr] = l_i[mt * 2 + hr] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), l_i[mt * 2 + hr], 1, 32, 32)
-                l_i[mt * 2 + hr] = l_i[mt * 2 + hr] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), l_i[mt * 2 + hr], 2, 32, 32)
-                row: T.let[T.int32] = info[1] * K.BM + warp * 16 * K.MT + mt * 16 + lane // 4 + 8 * hr
-                if row < info[3]:
-                    mx[1] = T.if_then_else(l_i[mt * 2 + hr] > T.float32(0), T.float32(1) / l_i[mt * 2 + hr], T.float32(0))
-                    for dn in T.unroll(K.DTN):
-                        for e2 in T.unroll(2):
-                            output[info[2] + row, hq, dn * 8 + (lane % 4) * 2 + e2] = T.cast(oacc[mt * K.DTN + dn, 2 * hr + e2] * mx[1], K.dtype)
-                    if lane % 4 == 0:
-                        lse[info[2] + row, hq] = T.if_then_else(l_i[mt * 2 + hr] > T.float32(0), m_i[mt * 2 + hr] + T.log2(l_i[mt * 2 + hr]),
-                                                                T.float32(-5e4))
+        K.finalize(output, lse)
 
     def allocs():
         """Plain function (not a macro): buffers it creates stay visible in the kernel body.
@@ -239,6 +268,7 @@ def prefill_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_dim: in
             T.sblock_alloc_buffer((MT, 4), "uint32", scope="local"),  # pf: P A-fragments
             T.sblock_alloc_buffer((MT * 2,), "float32", scope="local"),  # m_i: row max (log2 units)
             T.sblock_alloc_buffer((MT * 2,), "float32", scope="local"),  # l_i: row sum (this lane's part)
+            T.sblock_alloc_buffer((MT * 2,), "float32", scope="local"),  # alpha: O rescale factor per row
             T.sblock_alloc_buffer((2,), "float32", scope="local"),  # mx: scratch
             # info: seq, q tile, q start, q len, kv start | page begin, kv len, kv tiles, mask this tile
             T.sblock_alloc_buffer((8,), "int32", scope="local"),
@@ -247,7 +277,8 @@ def prefill_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_dim: in
 
     # non-hygienic macros see only the caller's variables: constants and macros travel in K
     K.issue_kv, K.issue_q, K.compute_tile = issue_kv, issue_q, compute_tile
-    K.find_work, K.plan_tiles, K.main_loop, K.allocs = find_work, plan_tiles, main_loop, allocs
+    K.find_work, K.plan_tiles, K.softmax_tile, K.rescale_o, K.finalize = find_work, plan_tiles, softmax_tile, rescale_o, finalize
+    K.main_loop, K.allocs = main_loop, allocs
 
     if kind == "ragged":
 
@@ -279,7 +310,7 @@ def prefill_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_dim: in
                         with T.sblock("attn"):
                             T.reads()
                             T.writes()
-                            smem, qf, sacc, oacc, kb, vb, pf, m_i, l_i, mx, info, scan = K.allocs()
+                            smem, qf, sacc, oacc, kb, vb, pf, m_i, l_i, alpha, mx, info, scan = K.allocs()
                             warp: T.let[T.int32] = tid // 32
                             lane: T.let[T.int32] = tid % 32
                             K.find_work(q_indptr, B)
@@ -325,7 +356,7 @@ def prefill_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_dim: in
                     with T.sblock("attn"):
                         T.reads()
                         T.writes()
-                        smem, qf, sacc, oacc, kb, vb, pf, m_i, l_i, mx, info, scan = K.allocs()
+                        smem, qf, sacc, oacc, kb, vb, pf, m_i, l_i, alpha, mx, info, scan = K.allocs()
                         warp: T.let[T.int32] = tid // 32
                         lane: T.let[T.int32] = tid % 32
                         K.find_work(q_indptr, B)
