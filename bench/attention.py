@@ -20,11 +20,13 @@ DTYPE = "bfloat16"
 DECODE_SHAPES = [(b, c) for b in (1, 16, 64) for c in (1024, 8192, 32768)]
 PREFILL_LENS = (1024, 4096, 16384)
 PAGED_TIMING = (1024, 15360)  # (new tokens, cached tokens) of the timed paged prefill
-DECODE_KERNELS = ("kiln_decode_paged_kv", "kiln_decode_paged_kv_w2", "tvm_decode")
+DECODE_KERNELS = ("kiln_decode_paged_kv", "kiln_decode_paged_kv_v3", "kiln_decode_paged_kv_s5", "tvm_decode")
+METAL_DECODE = "kiln_metal_decode_paged_kv"  # Metal-form kernels, compiled for CUDA: checked, timed for reference
 
 
-def build(out_dir):
-    """Compile every kernel into one library (CUDA source; the GPU machine compiles it at load)."""
+def build(out_dir, only=None):
+    """Compile every kernel (or those whose names start with one of ``only``) into one library
+    (CUDA source; the GPU machine compiles it at load)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     import tvm
     from tvm.relax.frontend.nn.llm import kv_cache as tvm_kv
@@ -36,6 +38,8 @@ def build(out_dir):
     funcs["tvm_decode"] = tvm_kv._attention_decode(H_KV, H_QO, D, DTYPE, False, {}, target)
     funcs["tvm_prefill"] = tvm_kv._attention_prefill(H_KV, H_QO, D, DTYPE, False, {}, target)
     funcs["tvm_prefill_ragged"] = tvm_kv._attention_prefill_ragged(H_KV, H_QO, D, D, DTYPE, {}, target)
+    if only:
+        funcs = {n: f for n, f in funcs.items() if n.startswith(tuple(only.split(",")))}
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
     with target:
         lib = tvm.tirx.build(mod, target=target)
@@ -193,8 +197,9 @@ class Bench:
         empty = (torch.zeros(1, H_QO, D, device=self.dev), torch.full((1, H_QO), -5e4, device=self.dev))
         refs = [self.ref_attention(q[i: i + 1], *self.gather_kv(pages, indptr, values, i, n)) if n else empty
                 for i, n in enumerate(lens)]
-        ok = self.check(f"{fname} lens={lens if len(lens) <= 4 else f'{b}x{lens[0]}'}", out,
-                        torch.cat([r[0] for r in refs]), lse, torch.cat([r[1] for r in refs]))
+        name = f"{fname} lens={lens if len(lens) <= 4 else f'{b}x{lens[0]}'}"
+        ref_o, ref_lse = torch.cat([r[0] for r in refs]), torch.cat([r[1] for r in refs])
+        ok = self.check(name, out, ref_o, lse, ref_lse)
         if check_only:
             return ok, None
         ms = self.time_ms(call, iters)
@@ -204,12 +209,19 @@ class Bench:
                           for _ in range(max(0, -(-(256 << 20) // nbytes) - 1))]
         reps = max(1, 20 // len(calls))
         ms_stream = self.time_ms(lambda: [c() for _ in range(reps) for c in calls], 3) / (reps * len(calls))
+        # still right after hundreds of calls with other pools
+        out.fill_(float("nan"))
+        call()
+        torch.cuda.synchronize()
+        ok = self.check(name + " after timing", out, ref_o, lse, ref_lse) and ok
         del pages, calls
         return ok, (ms, ms_stream)
 
+    DECODE_CHECKS = ([1, 17, 300, 4111], [5000], [16, 15, 33], [0, 40, 0], [8192] * 2, [3000] * 16)
+
     def run_decode(self, bw):
-        for lens in ([1, 17, 300, 4111], [5000], [16, 15, 33], [0, 40, 0]):
-            for fname in [n for n in DECODE_KERNELS[:2] if self.has(n)]:
+        for lens in self.DECODE_CHECKS:
+            for fname in [n for n in DECODE_KERNELS[:-1] if self.has(n)]:
                 self.decode_case(fname, lens, check_only=True)
         for b, c in DECODE_SHAPES:
             nbytes = b * c * H_KV * D * 2 * 2
@@ -223,6 +235,27 @@ class Bench:
                 print(f"decode {fname:22s} b={b:3d} ctx={c:6d} {ms * 1e3:9.1f} us {100 * gbs / bw:5.1f}% | back-to-back "
                       f"{ms_s * 1e3:9.1f} us {100 * gbs_s / bw:5.1f}% ok={ok}", flush=True)
             self.torch.cuda.empty_cache()
+
+    # ---- Metal forms (plain TIR), compiled for CUDA ----
+    def run_metal(self, bw):
+        """The kernels Metal gets, checked against float32 on this GPU; timings only for reference."""
+        for lens in self.DECODE_CHECKS:
+            self.decode_case(METAL_DECODE, lens, check_only=True)
+        for fname in ("kiln_metal_prefill_ragged",):
+            for lens in ([1, 37, 300, 16], [1000, 130, 64, 65]):
+                self.ragged_case(fname, lens, check_only=True)
+        self.paged_case("kiln_metal_prefill_paged", [(5, 100), (64, 1000), (1, 17), (200, 33), (3, 0)])
+        for b, c in ((1, 8192), (16, 8192)):
+            ok, (ms, ms_s) = self.decode_case(METAL_DECODE, [c] * b)
+            nbytes = b * c * H_KV * D * 2 * 2
+            self.rows.append(dict(kind="decode", kernel=METAL_DECODE, batch=b, ctx=c, ms=ms, gbs=nbytes / ms / 1e6,
+                                  pct_bw=100 * nbytes / ms / 1e6 / bw, ms_stream=ms_s, pct_bw_stream=100 * nbytes / ms_s / 1e6 / bw, ok=ok))
+            print(f"decode {METAL_DECODE} b={b} ctx={c} {ms * 1e3:.1f} us {100 * nbytes / ms / 1e6 / bw:.1f}% ok={ok}", flush=True)
+        for n in (1024, 4096):
+            ok, ms = self.ragged_case("kiln_metal_prefill_ragged", [n], iters=5)
+            tf = 4 * n * n * D * H_QO / 2 / ms / 1e9
+            self.rows.append(dict(kind="prefill", kernel="kiln_metal_prefill_ragged", n=n, ms=ms, tflops=tf, pct_sdpa=float("nan"), ok=ok))
+            print(f"prefill kiln_metal_prefill_ragged n={n} {ms * 1e3:.1f} us {tf:.1f} TFLOP/s ok={ok}", flush=True)
 
     # ---- prefill ----
     def run_prefill(self):
@@ -340,6 +373,8 @@ def run(lib, out_dir, what):
     name = torch.cuda.get_device_name()
     bw = bench.copy_bandwidth()
     print(f"device {name}; copy bandwidth {bw:.0f} GB/s", flush=True)
+    if "metal" in what:
+        bench.run_metal(bw)
     if "decode" in what:
         bench.run_decode(bw)
     if "prefill" in what:
@@ -358,8 +393,9 @@ def run(lib, out_dir, what):
 
 
 # ----------------------------------------------------------------------------------------------
-# End to end: a random-weight model (head_dim 128, GQA 4) compiled twice, with TVM's and with
-# Kiln's cache kernels, run on the GPU against transformers' float32 logits computed at build time.
+# End to end: a random-weight model (head_dim 128, GQA 4) compiled three times, with TVM's cache
+# kernels, Kiln's and Kiln's Metal forms (compiled for CUDA), run on the GPU against transformers'
+# float32 logits computed at build time.
 
 E2E_CONFIG = dict(hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=8,
                   num_key_value_heads=2, head_dim=128, vocab_size=256, max_position_embeddings=4096,
@@ -389,6 +425,13 @@ def e2e_build(out_dir):
     finally:
         layers.KilnPagedKVCache = kiln_cache
     compile_artifact(out=str(out / "kiln"), **args)
+    # Kiln's Metal forms (plain TIR) in the CUDA build: the kernels Metal gets, in the real runtime
+    import model_defs.kv_cache as kiln_kv
+    from schedules.attention import decode_kernel, metal_prefill_kernel
+
+    kiln_kv.prefill_kernel = kiln_kv.prefill_hopper_kernel = metal_prefill_kernel
+    kiln_kv.decode_kernel = lambda *shape, form: decode_kernel(*shape, form="metal")
+    compile_artifact(out=str(out / "kiln-metal-forms"), **args)
     # the reference: transformers in float32 on this CPU (the GPU machine has no transformers)
     import numpy as np
     import torch
@@ -417,7 +460,7 @@ def e2e_run(root, out_dir):
         return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
     res = {}
-    for name in ("tvm", "kiln"):
+    for name in [n for n in ("tvm", "kiln", "kiln-metal-forms") if os.path.isdir(os.path.join(root, n))]:
         runner = ModelRunner(os.path.join(root, name), kv_tokens=8192)
         errs = {}
         # one prefill of 300 tokens, then 16 teacher-forced decode steps
@@ -450,10 +493,11 @@ if __name__ == "__main__":
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build")
     b.add_argument("--out", default=".gpu/attn")
+    b.add_argument("--only", default=None, help="comma-separated name prefixes of the kernels to build")
     r = sub.add_parser("run")
     r.add_argument("--lib", required=True)
     r.add_argument("--out", default=os.environ.get("OUT", "."))
-    r.add_argument("--what", default="decode,prefill")
+    r.add_argument("--what", default="decode,prefill,metal")
     eb = sub.add_parser("e2e-build")
     eb.add_argument("--out", default=".gpu/attn/e2e")
     er = sub.add_parser("e2e-run")
@@ -461,7 +505,7 @@ if __name__ == "__main__":
     er.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     if a.cmd == "build":
-        build(a.out)
+        build(a.out, a.only)
     elif a.cmd == "run":
         run(a.lib, a.out, a.what)
     elif a.cmd == "e2e-build":

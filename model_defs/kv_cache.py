@@ -1,4 +1,4 @@
-"""Kiln's paged KV cache: TVM's runtime cache object with Kiln's attention kernels on CUDA.
+"""Kiln's paged KV cache: TVM's runtime cache object with Kiln's attention kernels on CUDA and Metal.
 
 `KilnPagedKVCache` takes exactly the arguments of TVM's `TIRPagedKVCache` and emits the same
 `vm.builtin.paged_attention_kv_cache_create` call (the runtime in paged_kv_cache.cc is unchanged),
@@ -8,8 +8,10 @@ but passes Kiln's TIR kernels (schedules/attention/) where they exist:
   - ragged prefill and prefill over pages (chunked prefill), head_dim 64 or 128: on sm_90a with
     head_dim 128 FlashAttention-3 style wgmma (schedules/attention/prefill_hopper.py), otherwise
     FlashAttention-2 on mma.sync (prefill.py); TVM's use no tensor cores (~3 TFLOP/s).
+On Metal: the same split-KV decode in plain TIR (decode.py, form "metal") and a tiled
+online-softmax prefill (metal_prefill.py) where its tiles fit 32 KB of threadgroup memory.
 Everything else (sliding-window and tree-attention variants, state merge, page copies, RoPE) stays
-TVM's. Other targets (llvm: TVM's *_cpu kernels; Metal), MLA, inline RoPE
+TVM's. Other targets (llvm: TVM's *_cpu kernels), MLA, inline RoPE
 and non-16-bit dtypes fall back to `TIRPagedKVCache` unchanged.
 """
 
@@ -20,15 +22,18 @@ from tvm import relax as rx
 from tvm.relax.frontend.nn.llm import kv_cache as tvm_kv
 from tvm.relax.frontend.nn.llm.kv_cache import AttnKind, PagedKVCache, RopeMode, TIRPagedKVCache
 
-from schedules.attention.decode import decode_kernel
+from schedules.attention.decode import decode_kernel, decode_supported
+from schedules.attention.metal_prefill import metal_prefill_kernel, metal_prefill_supported
 from schedules.attention.prefill import prefill_kernel
 from schedules.attention.prefill_hopper import hopper_prefill_applies, prefill_hopper_kernel
 
 
-def kiln_kernels_apply(attn_kind, rope_mode, dtype, qk_head_dim, v_head_dim, target) -> bool:
-    """Whether Kiln's CUDA kernels cover this configuration (else TVM's kernels are used)."""
-    return (target.kind.name == "cuda" and attn_kind == "mha" and rope_mode != RopeMode.INLINE
-            and dtype in ("float16", "bfloat16") and qk_head_dim == v_head_dim and qk_head_dim in (32, 64, 128, 256))
+def kiln_kernels_apply(attn_kind, rope_mode, dtype, qk_head_dim, v_head_dim, target, num_kv_heads: int,
+                       num_qo_heads: int) -> bool:
+    """Whether Kiln's CUDA or Metal kernels cover this configuration (else TVM's kernels are used)."""
+    return (target.kind.name in ("cuda", "metal") and attn_kind == "mha" and rope_mode != RopeMode.INLINE
+            and dtype in ("float16", "bfloat16") and qk_head_dim == v_head_dim
+            and decode_supported(num_kv_heads, num_qo_heads, qk_head_dim, target.kind.name))
 
 
 def _cap_decode_threads(target, head_dim: int, group: int):
@@ -82,7 +87,8 @@ class KilnPagedKVCache(PagedKVCache):  # pylint: disable=too-few-public-methods
                 layer_partition, num_hidden_layers, num_attention_heads, num_key_value_heads, qk_head_dim, v_head_dim,
                 mla_original_qk_head_dim, mla_original_v_head_dim, rope_mode, rope_scale, rope_theta, rope_scaling,
                 rope_ext_factors, rotary_dim, enable_disaggregation, dtype, target)
-        if not kiln_kernels_apply(attn_kind, rope_mode, dtype, qk_head_dim, v_head_dim, target):
+        if not kiln_kernels_apply(attn_kind, rope_mode, dtype, qk_head_dim, v_head_dim, target, num_key_value_heads,
+                                  num_attention_heads):
             target = _cap_decode_threads(target, qk_head_dim, num_attention_heads // num_key_value_heads)
             args = (*args[:-1], target)
             tvm_cache = TIRPagedKVCache(*args, name, layer_sliding_window_size=layer_sliding_window_size)
@@ -92,7 +98,9 @@ class KilnPagedKVCache(PagedKVCache):  # pylint: disable=too-few-public-methods
         rope_scaling = tvm_kv._prepare_yarn_rope_scaling(rope_scaling, rope_theta)  # pylint: disable=protected-access
         h_kv, h_qo, d = num_key_value_heads, num_attention_heads, qk_head_dim
         bb = rx.BlockBuilder.current()
-        kiln_prefill = d in (64, 128)  # the tensor-core tiles are built for these head sizes
+        metal = target.kind.name == "metal"  # plain-TIR forms; the prefill where its tiles fit
+        kiln_prefill = not metal and d in (64, 128)  # the tensor-core tiles are built for these head sizes
+        metal_prefill = metal and metal_prefill_supported(h_kv, h_qo, d, dtype)
         prefill = prefill_hopper_kernel if hopper_prefill_applies(target, d) else prefill_kernel
 
         def tir(func, fname):
@@ -118,12 +126,14 @@ class KilnPagedKVCache(PagedKVCache):  # pylint: disable=too-few-public-methods
             bb.add_func(tvm_kv._kv_cache_transpose_append(h_kv, d, dtype), "kv_cache_transpose_append"),
             bb.add_func(tvm_kv._kv_cache_transpose_append_mla(d, dtype), "kv_cache_transpose_append_mla"),
             tir(prefill("ragged", h_kv, h_qo, d, dtype) if kiln_prefill
+                else metal_prefill_kernel("ragged", h_kv, h_qo, d, dtype) if metal_prefill
                 else tvm_kv._attention_prefill_ragged(h_kv, h_qo, d, v_head_dim, dtype, rope_scaling, target),
                 "tir_attention_prefill_ragged"),
             tir(prefill("paged", h_kv, h_qo, d, dtype) if kiln_prefill
+                else metal_prefill_kernel("paged", h_kv, h_qo, d, dtype) if metal_prefill
                 else tvm_kv._attention_prefill(h_kv, h_qo, d, dtype, False, rope_scaling, target),
                 "tir_attention_prefill"),
-            tir(decode_kernel(h_kv, h_qo, d, dtype), "kiln_attention_decode"),
+            tir(decode_kernel(h_kv, h_qo, d, dtype, form=target.kind.name), "kiln_attention_decode"),
             tir(tvm_kv._attention_prefill(h_kv, h_qo, d, dtype, True, rope_scaling, target,
                                           sliding_window_size=layer_sliding_window_size),
                 "tir_attention_prefill_sliding_window"),

@@ -2,10 +2,11 @@
 
 CUDA kernels: compiled to CUDA source (and by nvcc when present) and checked for the properties
 they exist for (split-KV grid, cp.async pipeline, 16-byte page loads, wgmma on sm_90a, no register
-spills, no serialized wgmma).
-Numerics on GPU: bench/attention.py (float32 reference before every timing).
+spills, no serialized wgmma). Metal forms: compiled to Metal source (no PTX, Metal's limits).
+Numerics on GPU: bench/attention.py (float32 reference before every timing; the Metal forms run there
+compiled for CUDA).
 The cache class: on llvm it must be TVM's cache with TVM's CPU kernels (the model's CPU tests rely on
-it) and match a float64 numpy attention; on CUDA its decode slot must hold Kiln's kernel; Metal builds.
+it) and match a float64 numpy attention; on CUDA and Metal its decode and prefill slots hold Kiln's kernels.
 """
 
 import os
@@ -25,17 +26,23 @@ from tvm.runtime import ShapeTuple
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from model_defs.kv_cache import KilnPagedKVCache  # noqa: E402
 from schedules.attention.decode import decode_kernel  # noqa: E402
+from schedules.attention.metal_prefill import metal_prefill_kernel  # noqa: E402
 from schedules.attention.prefill import prefill_kernel  # noqa: E402
 from schedules.attention.prefill_hopper import prefill_hopper_kernel  # noqa: E402
 
 CUDA = tvm.target.Target("nvidia/nvidia-h100", host="llvm")
+METAL = tvm.target.Target("apple/m2-gpu", host="llvm")
+
+
+def _source(funcs, target):
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    with target:
+        lib = tvm.tirx.build(mod, target=target)
+    return lib.imports[0].inspect_source()
 
 
 def _cuda_source(funcs):
-    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
-    with CUDA:
-        lib = tvm.tirx.build(mod, target=CUDA)
-    return lib.imports[0].inspect_source()
+    return _source(funcs, CUDA)
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +56,10 @@ def test_decode_kernel_structure(decode_src):
     # split kernel (8 rows x 16 lanes) + split-merge kernel
     assert names == {"kiln_decode_paged_kv_kernel": 128, "kiln_decode_paged_kv_kernel_1": 512}, names
     body = decode_src.split("kiln_decode_paged_kv_kernel(", 2)[2]
-    # K and V tiles arrive by 16-byte cp.async, 3-stage pipeline: 2 groups may stay in flight
-    # (2 prologue tiles, unrolled + 1 in the loop) x (K, V) x 4 tokens
-    assert body.count("kiln_cp_async16(") == 3 * 2 * 4
-    assert "kiln_cp_async_wait2();" in body
+    # K and V tiles arrive by 16-byte cp.async, 4-stage pipeline: 3 groups may stay in flight
+    # (3 prologue tiles, unrolled + 1 in the loop) x (K, V) x 4 tokens
+    assert body.count("kiln_cp_async16(") == 4 * 2 * 4
+    assert "kiln_cp_async_wait3();" in body
     # dot products reduced over the 16 lanes of a row by warp shuffles (4 steps x 4 tokens x 4 heads)
     assert body.count("__shfl_xor_sync") == 64
     # the shared-memory reads of K/V are 16-byte vectors
@@ -68,7 +75,7 @@ def test_decode_kernel_nvcc_no_spills(decode_src, tmp_path):
     report = res.stdout + res.stderr
     assert report.count("0 bytes spill stores, 0 bytes spill loads") == 2, report
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
-    assert max(regs) <= 168, regs  # 3 blocks of 128 threads per SM
+    assert max(regs) <= 168, regs  # 3 blocks of 128 threads per SM (the 3-stage form fits 3)
 
 
 def test_decode_kernel_other_shapes_build():
@@ -78,6 +85,23 @@ def test_decode_kernel_other_shapes_build():
     src = _cuda_source({n: decode_kernel(*shape) for n, shape in shapes.items()})
     for n in shapes:
         assert f" {n}_kernel(" in src and f" {n}_kernel_1(" in src
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_metal_forms_build_for_metal_within_its_limits(dtype):
+    """Decode and both prefills as Metal source: no PTX, <= 1024 threads, <= 32 KB threadgroup memory."""
+    funcs = {"dec": decode_kernel(8, 32, 128, dtype, form="metal"), "dec7": decode_kernel(4, 28, 128, dtype, form="metal")}
+    h_kv, h_qo, d = (8, 32, 128) if dtype == "float16" else (8, 32, 64)  # bf16 tiles are fp32 on Metal
+    funcs.update({f"pf_{k}": metal_prefill_kernel(k, h_kv, h_qo, d, dtype) for k in ("ragged", "paged")})
+    src = _source(funcs, METAL)
+    for name in funcs:
+        assert f"kernel void {name}_kernel(" in src
+    assert "asm" not in src and "simd_shuffle" in src
+    for kernel in src.split("kernel void ")[1:]:
+        body = kernel.split("\nkernel void")[0]
+        smem = sum(int(n) * (2 if t.startswith("half") else 4) * (int(t[-1]) if t[-1].isdigit() else 1)
+                   for t, n in re.findall(r"threadgroup (\w+) \w+\[(\d+)\];", body))
+        assert smem <= 32 * 1024, (kernel[:40], smem)
 
 
 @pytest.fixture(scope="module")
@@ -213,11 +237,21 @@ def test_cache_cuda_before_hopper_uses_mma_sync_prefill():
         assert "kiln_mma_16816" in script and "kiln_wgmma" not in script
 
 
-def test_cache_metal_falls_back_to_tvm_kernels():
-    """Kiln's kernels are CUDA-only: Metal gets TVM's GPU kernels (built by the model's Metal tests)."""
-    mod, _ = _export(tvm.target.Target("apple/m2-gpu"), "float16")
+@pytest.mark.parametrize("head_dim", [32, 128])
+def test_cache_metal_uses_kiln_metal_forms(head_dim):
+    """Metal gets the plain-TIR decode and prefill (a whole model compiles with them: test_compile_targets)."""
+    mod, _ = _export(tvm.target.Target("apple/m2-gpu"), "float16", head_dim)
     names = {gv.name_hint for gv in mod.get_global_vars()}
-    assert "batch_decode_paged_kv" in names and "kiln_decode_paged_kv" not in names
+    kiln = {"kiln_decode_paged_kv", "kiln_metal_prefill_ragged", "kiln_metal_prefill_paged"}
+    assert kiln <= names and not {"batch_decode_paged_kv", "batch_prefill_ragged_kv"} & names, names
+
+
+def test_cache_metal_bf16_wide_heads_keep_tvm_prefill():
+    """bfloat16 tiles are float32 on Metal: at head_dim 128 they exceed 32 KB, so TVM's prefill stays."""
+    mod, _ = _export(tvm.target.Target("apple/m2-gpu"), "bfloat16", 128)
+    names = {gv.name_hint for gv in mod.get_global_vars()}
+    assert "kiln_decode_paged_kv" in names and "kiln_metal_prefill_ragged" not in names
+    assert "batch_prefill_ragged_kv" in names
 
 
 def test_cache_llvm_prefill_and_decode_match_numpy():

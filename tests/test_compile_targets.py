@@ -38,10 +38,14 @@ def test_cuda_artifact_holds_a_compiled_binary(tmp_path):
 
 
 def test_metal_artifact_is_a_tar_of_objects_and_metal_source(tmp_path):
-    out, manifest = _compile(tmp_path, "metal", "float16")
+    # head_dim 128, GQA: the shape Kiln's Metal attention kernels (plain TIR) serve
+    model = make_tiny_hf("qwen3", tmp_path / "hf", **HEAD_DIM_128)
+    out, manifest = _compile(tmp_path, "metal", "float16", model)
     assert manifest["library"] == "model.tar"
     with tarfile.open(out / "model.tar") as tar:
         names = tar.getnames()
         assert any(n.endswith(".o") for n in names)
         blob = b"".join(tar.extractfile(m).read() for m in tar.getmembers() if m.isfile())
     assert b"kernel void" in blob  # Metal shading language source, compiled by the Metal runtime on the Mac
+    for kernel in (b"kiln_decode_paged_kv_kernel(", b"kiln_metal_prefill_ragged_kernel(", b"kiln_metal_prefill_paged_kernel("):
+        assert b"kernel void " + kernel in blob

@@ -1,12 +1,12 @@
-"""Split-KV (flash-decoding) paged attention for one query token per sequence, CUDA TIR.
+"""Split-KV (flash-decoding) paged attention for one query token per sequence, TIR for CUDA and Metal.
 
 Why: TVM's fallback decode kernel runs one thread block per (sequence, KV head), so at batch 1 it
 occupies 8 of 132 SMs and reaches ~1% of HBM bandwidth. Here each sequence's pages are split over
 ``num_splits`` blocks (chosen from the batch size so that batch x KV heads x splits fills one wave of
 resident blocks), each block writes a partial softmax state (o, lse) and a second kernel in the same
-PrimFunc merges the states. Each block reads its KV head once for the whole GQA group, by 16-byte
-cp.async copies in a 3-stage pipeline. H200, Llama-3.1-8B layer: 73-81% of copy bandwidth at
-batch >= 16 and context >= 8k, 30-62% at batch 1 (docs/attention.md).
+PrimFunc merges the states. Each block reads its KV head once for the whole GQA group, on CUDA by
+16-byte cp.async copies in a 4-stage pipeline (docs/attention.md has the measurements). The Metal
+form is the same algorithm in plain TIR: loads straight to registers, SIMD shuffles by lane.
 
 Calling convention = TVM's ``TIRPagedDecodeFunc`` (runtime/vm/attn_backend.h):
 ``(q, pages, page_indptr, page_values, length_info, k_rope_pos_offset, q_rope_position,
@@ -22,28 +22,48 @@ from .cuda_helpers import CP_ASYNC16, CP_COMMIT, cp_async_wait
 
 PAGE_SIZE = 16
 TOKENS_PER_ROW = 4  # tokens one row of lanes handles per iteration (loads in flight per thread)
-RESIDENT_BLOCKS = 132 * 3  # H100/H200: 132 SMs x 3 blocks (159 registers x 128 threads, 65 KB smem)
+SMS, SMEM_PER_SM = 132, 228 * 1024  # H100 / H200
+MAX_BLOCKS_PER_SM = 3  # registers: 159 x 128 threads
+METAL_RESIDENT_BLOCKS = 38 * 4  # Metal form: an M2 Max's 38 GPU cores x 4 threadgroups (not measured)
 MIN_SPLIT_PAGES = 4  # below 64 tokens per block the merge costs more than it saves
-STAGES = 3  # cp.async pipeline depth: 2 tiles (32 KB) in flight per block while one is computed
+# cp.async pipeline depth: 3 tiles (48 KB) in flight per block while one is computed, 2 blocks per SM.
+# H100, b=1/8k: 41% of copy bandwidth per call (3 stages, 3 blocks per SM: 37%; 5 or 6 stages: 36-37%);
+# b=64: 97-100% (3 stages: 74-76%, 512 blocks in 1.3 waves of 396; here 1.9 waves of 264)
+STAGES = 4
 MERGE_SLICES = 16  # thread rows of the split-merge kernel (splits merged in parallel)
 NEG = -1.0e30  # finite "minus infinity": exp2(NEG - NEG) must not be NaN
 
 
+def decode_supported(num_kv_heads: int, num_qo_heads: int, head_dim: int, form: str = "cuda") -> bool:
+    """Head shapes the kernel covers: 4-32 lanes of 8 dims per token, the block's row-merge buffer
+    (group x 128 threads x 8 dims x 4 bytes) within shared memory (48 KB; Metal 32 KB, less the rest)."""
+    group = num_qo_heads // num_kv_heads
+    return head_dim % 8 == 0 and head_dim // 8 in (4, 8, 16, 32) and group * 4096 <= (48 if form == "cuda" else 30) * 1024
+
+
 def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, stages: int = STAGES,
-                  resident_blocks: int = RESIDENT_BLOCKS):
-    """Build the split-KV decode PrimFunc (global symbol ``kiln_decode_paged_kv``)."""
+                  form: str = "cuda"):
+    """Build the split-KV decode PrimFunc (global symbol ``kiln_decode_paged_kv``).
+
+    ``form`` "cuda": K/V tiles by cp.async in a ``stages``-deep pipeline; "metal": plain TIR (loads
+    straight to registers, shuffles by lane), which also compiles for CUDA to be checked on a GPU.
+    """
     assert dtype in ("float16", "bfloat16"), dtype
+    assert form in ("cuda", "metal"), form
+    CUDA = form == "cuda"
     H_kv, H_qo, D = num_kv_heads, num_qo_heads, head_dim
     G = H_qo // H_kv
+    assert decode_supported(H_kv, H_qo, D, form), (H_kv, H_qo, D, form)
     VEC = 8  # 8 x 16-bit = one 16-byte load per lane
     LANES = D // VEC
-    assert D % VEC == 0 and LANES in (4, 8, 16, 32), head_dim
     ROWS = 128 // LANES
     U = TOKENS_PER_ROW
+    # blocks that fit on the GPU at once (shared memory: pipeline + row-merge buffer + 1 KB reserved)
+    block_smem = stages * 2 * ROWS * U * D * 2 + ROWS * G * D * 4 + ROWS * G * 8 + 1024
+    resident_blocks = SMS * min(MAX_BLOCKS_PER_SM, SMEM_PER_SM // block_smem) if CUDA else METAL_RESIDENT_BLOCKS
     ROWS_PER_PAGE = PAGE_SIZE // U
     PAGES_PER_TILE = ROWS // ROWS_PER_PAGE
     NTHREADS = ROWS * LANES
-    assert G * ROWS * D * 4 <= 48 * 1024, "row-merge buffer exceeds 48 KB of shared memory"
     EPT = (G * D + NTHREADS - 1) // NTHREADS  # outputs each thread finalizes
     MVEC = 4  # dims per thread in the split-merge kernel
     scale_log2 = math.log2(math.e)
@@ -117,7 +137,9 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                 fin = T.sblock_alloc_buffer((4,), "float32", scope="local")
                                 # each thread copies and later reads only its own 16-byte chunks, so
                                 # the pipeline needs cp.async.wait_group but no block barrier
-                                kv_sm = T.sblock_alloc_buffer((stages, 2, ROWS * U, D), dtype, scope="shared.dyn")
+                                if CUDA:
+                                    kv_sm = T.sblock_alloc_buffer((stages, 2, ROWS * U, D), dtype, scope="shared.dyn")
+                                    pnos = T.sblock_alloc_buffer((stages - 1,), "int32", scope="local")
                                 sm_o = T.sblock_alloc_buffer((ROWS, G, D), "float32", scope="shared")
                                 sm_md = T.sblock_alloc_buffer((ROWS, G, 2), "float32", scope="shared")
                                 # per-block scalars in registers (T.let would be re-expanded at every use)
@@ -136,6 +158,7 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                 n_it: T.let[T.int32] = T.truncdiv(pg_hi - pg_lo + PAGES_PER_TILE - 1, PAGES_PER_TILE)
                                 row_pg: T.let[T.int32] = ty // ROWS_PER_PAGE
                                 row_off: T.let[T.int32] = (ty % ROWS_PER_PAGE) * U
+                                lane: T.let[T.int32] = (ty * LANES + tx) % 32  # lane in the warp / SIMD group
                                 if bx < n_used:
                                     for g in T.unroll(G):
                                         m_loc[g] = T.float32(NEG)
@@ -143,40 +166,55 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                         for v in T.unroll(VEC):
                                             o_loc[g, v] = T.float32(0)
                                             q_loc[g, v] = T.cast(Q[bz, by * G + g, tx * VEC + v], "float32") * sm_scale * T.float32(scale_log2)
-                                    # page_no always holds the page of the next tile to copy
-                                    page_no[0] = T.if_then_else(pg_lo + row_pg < pg_hi, page_values[pg_begin + pg_lo + row_pg], 0)
-                                    for st in T.unroll(stages - 1):
-                                        if pg_lo + st * PAGES_PER_TILE + row_pg < pg_hi:
-                                            for u in T.unroll(U):
-                                                for kv in T.unroll(2):
-                                                    T.evaluate(T.cuda.func_call(
-                                                        "kiln_cp_async16",
-                                                        kv_sm.data, ((((st * 2 + kv) * ROWS * U + ty * U + u) * D) + tx * VEC) * 2,
-                                                        T.address_of(pages[T.Cast("int64", page_no[0]), kv, by, row_off + u, tx * VEC]),
-                                                        source_code=CP_ASYNC16))
-                                        T.evaluate(T.cuda.func_call("kiln_cp_async_commit", source_code=CP_COMMIT))
-                                        page_no[0] = T.if_then_else(pg_lo + (st + 1) * PAGES_PER_TILE + row_pg < pg_hi,
-                                                                    page_values[pg_begin + pg_lo + (st + 1) * PAGES_PER_TILE + row_pg], 0)
+                                    if CUDA:
+                                        # the prologue's page numbers first (independent loads), then its copies
+                                        for st in T.unroll(stages - 1):
+                                            pnos[st] = T.if_then_else(pg_lo + st * PAGES_PER_TILE + row_pg < pg_hi,
+                                                                      page_values[pg_begin + pg_lo + st * PAGES_PER_TILE + row_pg], 0)
+                                        for st in T.unroll(stages - 1):
+                                            if pg_lo + st * PAGES_PER_TILE + row_pg < pg_hi:
+                                                for u in T.unroll(U):
+                                                    for kv in T.unroll(2):
+                                                        T.evaluate(T.cuda.func_call(
+                                                            "kiln_cp_async16",
+                                                            kv_sm.data, ((((st * 2 + kv) * ROWS * U + ty * U + u) * D) + tx * VEC) * 2,
+                                                            T.address_of(pages[T.Cast("int64", pnos[st]), kv, by, row_off + u, tx * VEC]),
+                                                            source_code=CP_ASYNC16))
+                                            T.evaluate(T.cuda.func_call("kiln_cp_async_commit", source_code=CP_COMMIT))
+                                        # page_no always holds the page of the next tile to copy
+                                        page_no[0] = T.if_then_else(pg_lo + (stages - 1) * PAGES_PER_TILE + row_pg < pg_hi,
+                                                                    page_values[pg_begin + pg_lo + (stages - 1) * PAGES_PER_TILE + row_pg], 0)
                                     for it in T.serial(n_it):
-                                        pg_next: T.let[T.int32] = pg_lo + (it + stages - 1) * PAGES_PER_TILE + row_pg
-                                        if pg_next < pg_hi:
-                                            for u in T.unroll(U):
-                                                for kv in T.unroll(2):
-                                                    T.evaluate(T.cuda.func_call(
-                                                        "kiln_cp_async16",
-                                                        kv_sm.data, (((((it + stages - 1) % stages * 2 + kv) * ROWS * U + ty * U + u) * D) + tx * VEC) * 2,
-                                                        T.address_of(pages[T.Cast("int64", page_no[0]), kv, by, row_off + u, tx * VEC]),
-                                                        source_code=CP_ASYNC16))
-                                        T.evaluate(T.cuda.func_call("kiln_cp_async_commit", source_code=CP_COMMIT))
-                                        # prefetch the page number of the tile after; the compute below hides it
-                                        page_no[0] = T.if_then_else(pg_next + PAGES_PER_TILE < pg_hi, page_values[pg_begin + pg_next + PAGES_PER_TILE], 0)
-                                        T.evaluate(T.cuda.func_call(WAIT_NAME, source_code=WAIT_SRC))
                                         pg: T.let[T.int32] = pg_lo + it * PAGES_PER_TILE + row_pg
-                                        for u in T.unroll(U):
-                                            for v in T.vectorized(VEC):
-                                                k_loc[u, v] = kv_sm[it % stages, 0, ty * U + u, tx * VEC + v]
-                                            for v in T.vectorized(VEC):
-                                                v_loc[u, v] = kv_sm[it % stages, 1, ty * U + u, tx * VEC + v]
+                                        if CUDA:
+                                            pg_next: T.let[T.int32] = pg_lo + (it + stages - 1) * PAGES_PER_TILE + row_pg
+                                            if pg_next < pg_hi:
+                                                for u in T.unroll(U):
+                                                    for kv in T.unroll(2):
+                                                        T.evaluate(T.cuda.func_call(
+                                                            "kiln_cp_async16",
+                                                            kv_sm.data, (((((it + stages - 1) % stages * 2 + kv) * ROWS * U + ty * U + u) * D) + tx * VEC) * 2,
+                                                            T.address_of(pages[T.Cast("int64", page_no[0]), kv, by, row_off + u, tx * VEC]),
+                                                            source_code=CP_ASYNC16))
+                                            T.evaluate(T.cuda.func_call("kiln_cp_async_commit", source_code=CP_COMMIT))
+                                            # prefetch the page number of the tile after; the compute below hides it
+                                            page_no[0] = T.if_then_else(pg_next + PAGES_PER_TILE < pg_hi, page_values[pg_begin + pg_next + PAGES_PER_TILE], 0)
+                                            T.evaluate(T.cuda.func_call(WAIT_NAME, source_code=WAIT_SRC))
+                                            for u in T.unroll(U):
+                                                for v in T.vectorized(VEC):
+                                                    k_loc[u, v] = kv_sm[it % stages, 0, ty * U + u, tx * VEC + v]
+                                                for v in T.vectorized(VEC):
+                                                    v_loc[u, v] = kv_sm[it % stages, 1, ty * U + u, tx * VEC + v]
+                                        else:
+                                            # plain loads straight into registers (Metal form): the
+                                            # GPU hides their latency with other threadgroups
+                                            page_no[0] = T.if_then_else(pg < pg_hi, page_values[pg_begin + T.min(pg, pg_hi - 1)], 0)
+                                            for u in T.unroll(U):
+                                                for vo in T.unroll(VEC // 4):  # Metal vectors have at most 4 lanes
+                                                    for vi in T.vectorized(4):
+                                                        k_loc[u, vo * 4 + vi] = pages[T.Cast("int64", page_no[0]), 0, by, row_off + u, tx * VEC + vo * 4 + vi]
+                                                    for vi in T.vectorized(4):
+                                                        v_loc[u, vo * 4 + vi] = pages[T.Cast("int64", page_no[0]), 1, by, row_off + u, tx * VEC + vo * 4 + vi]
                                         for u in T.unroll(U):
                                             valid[u] = pg * PAGE_SIZE + row_off + u < tok_hi
                                             for g in T.unroll(G):
@@ -187,8 +225,12 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                         for sh in T.unroll(int(math.log2(LANES))):
                                             for u in T.unroll(U):
                                                 for g in T.unroll(G):
-                                                    s_loc[u, g] = s_loc[u, g] + T.tvm_warp_shuffle_xor(
-                                                        T.uint32(0xFFFFFFFF), s_loc[u, g], LANES >> (sh + 1), 32, 32)
+                                                    if CUDA:
+                                                        s_loc[u, g] = s_loc[u, g] + T.tvm_warp_shuffle_xor(
+                                                            T.uint32(0xFFFFFFFF), s_loc[u, g], LANES >> (sh + 1), 32, 32)
+                                                    else:  # Metal has simd_shuffle (by lane), no xor form
+                                                        s_loc[u, g] = s_loc[u, g] + T.tvm_warp_shuffle(
+                                                            T.uint32(0xFFFFFFFF), s_loc[u, g], T.bitwise_xor(lane, LANES >> (sh + 1)), 32, 32)
                                         for u in T.unroll(U):
                                             for v in T.unroll(VEC):
                                                 # stale or unwritten slots may hold NaN bits: select, not multiply
