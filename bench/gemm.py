@@ -31,14 +31,24 @@ SHAPES = {  # (K, N) per model: every Linear of one decoder layer, plus the LM h
 MS = [16, 128, 512, 2048, 8192]
 RAGGED_MS = [7, 333]  # correctness only: predicated tail tiles, and both sides of the M ≤ 32 switch
 
-# name -> (rule constructor source, dtype, which shapes). Kept as data so that `run` needs no TVM
-# compiler to know what it is timing.
+# name -> (rule source, dtype, which shapes, epilogue). Kept as data so that `run` needs no TVM
+# compiler to know what it is timing. Rules: MatmulWgmma (Hopper: TMA + wgmma; its defaults are
+# what the model gets, run-time tile switch included), MatmulTensorCore (mma.sync) and dlight's
+# LowBatchGEMV. Epilogue "cast": y = acc.astype(dtype) on 2-D x[M, K]; "residual":
+# y = r + acc.astype(dtype) on 3-D x[1, M, K] (the model's O / down projections); "logits": y = acc
+# in fp32 (the LM head).
 VARIANTS = {
-    # The rule's default (what the model gets): includes the run-time switch to LowBatchGEMV
-    # for M ≤ 32 when N has fewer than 16 column tiles.
-    "tc128x128x64s3": ("Config()", "bfloat16", "all"),
-    "tc128x128x64s3fp16": ("Config()", "float16", "two"),
-    "lowbatch": ("LowBatchGEMV", "bfloat16", "two"),
+    "wgmma": ("MatmulWgmma()", "bfloat16", "llama", "cast"),
+    "wgmma_qwen3": ("MatmulWgmma()", "bfloat16", "qwen3", "cast"),
+    "wgmma_residual": ("MatmulWgmma()", "bfloat16", "two", "residual"),
+    "wgmma_logits": ("MatmulWgmma()", "bfloat16", "lm_head", "logits"),
+    "wgmma_fp16": ("MatmulWgmma()", "float16", "two", "cast"),
+    "wg256s4": ("MatmulWgmma(small=None)", "bfloat16", "llama", "cast"),
+    "wg128s6": ("MatmulWgmma(WgmmaConfig(bn=128, stages=6), small=None)", "bfloat16", "llama", "cast"),
+    "wg192s5": ("MatmulWgmma(WgmmaConfig(bn=192, stages=5), small=None)", "bfloat16", "llama", "cast"),
+    "wg256s4_r16": ("MatmulWgmma(WgmmaConfig(raster=16), small=None)", "bfloat16", "llama", "cast"),
+    "mma_sync": ("MatmulTensorCore()", "bfloat16", "llama", "cast"),
+    "lowbatch": ("LowBatchGEMV()", "bfloat16", "two", "cast"),
 }
 
 
@@ -47,9 +57,9 @@ def kernel_name(variant: str, k: int, n: int) -> str:
 
 
 def _shapes_for(which: str):
-    """"all", a model prefix ("llama"), or "two" (Llama 4096→4096 and 14336→4096)."""
-    if which == "two":
-        yield from [(4096, 4096), (14336, 4096)]
+    """"all", a model prefix ("llama"), "two" (Llama 4096→4096 and 14336→4096) or "lm_head" (Llama's)."""
+    if which in ("two", "lm_head"):
+        yield from [(4096, 4096), (14336, 4096)] if which == "two" else [(4096, 128256)]
         return
     for model, shapes in SHAPES.items():
         if which == "all" or model.startswith(which):
@@ -57,18 +67,29 @@ def _shapes_for(which: str):
 
 
 # ------------------------------------------------------------------------------------ build
-def _prim_func(k: int, n: int, dtype: str):
+def _prim_func(k: int, n: int, dtype: str, epilogue: str):
     from tvm import te, tirx
 
     m = tirx.Var("m", "int64")  # int64 shapes, as Relax emits them
+    one = tirx.IntImm("int64", 1)
     k, n = tirx.IntImm("int64", k), tirx.IntImm("int64", n)
-    x = te.placeholder((m, k), dtype, name="x")
     w = te.placeholder((n, k), dtype, name="w")
     r = te.reduce_axis((tirx.IntImm("int64", 0), k), "k")
-    acc = te.compute((m, n), lambda i, j: te.sum(
-        x[i, r].astype("float32") * w[j, r].astype("float32"), axis=r), name="NT_matmul")
-    y = te.compute((m, n), lambda i, j: acc[i, j].astype(dtype), name="compute")
-    return te.create_prim_func([x, w, y])
+    if epilogue in ("cast", "logits"):
+        x = te.placeholder((m, k), dtype, name="x")
+        acc = te.compute((m, n), lambda i, j: te.sum(
+            x[i, r].astype("float32") * w[j, r].astype("float32"), axis=r), name="NT_matmul")
+        if epilogue == "logits":
+            return te.create_prim_func([x, w, acc])
+        y = te.compute((m, n), lambda i, j: acc[i, j].astype(dtype), name="compute")
+        return te.create_prim_func([x, w, y])
+    x = te.placeholder((one, m, k), dtype, name="x")
+    res = te.placeholder((one, m, n), dtype, name="res")
+    acc = te.compute((one, m, n), lambda b, i, j: te.sum(
+        x[b, i, r].astype("float32") * w[j, r].astype("float32"), axis=r), name="NT_matmul")
+    c = te.compute((one, m, n), lambda b, i, j: acc[b, i, j].astype(dtype), name="compute")
+    y = te.compute((one, m, n), lambda b, i, j: res[b, i, j] + c[b, i, j], name="T_add")
+    return te.create_prim_func([x, w, res, y])
 
 
 def build(out: str, variants: list[str]) -> None:
@@ -76,16 +97,17 @@ def build(out: str, variants: list[str]) -> None:
     from tvm.s_tir import dlight as dl
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from schedules.matmul_tensorcore import TIR_PIPELINE, Config, MatmulTensorCore
+    from schedules.matmul_tensorcore import TIR_PIPELINE, MatmulTensorCore
+    from schedules.matmul_wgmma import MatmulWgmma, WgmmaConfig
 
     target = tvm.target.Target("nvidia/nvidia-h100")
     funcs = {}
     chosen = {v: VARIANTS[v] for v in variants}
-    for variant, (cfg, dtype, which) in chosen.items():
-        rule = dl.gpu.LowBatchGEMV() if cfg == "LowBatchGEMV" else MatmulTensorCore(
-            eval(cfg, {"Config": Config}), min_m=1)  # noqa: S307 (our own table)
+    for variant, (cfg, dtype, which, epilogue) in chosen.items():
+        rule = eval(cfg, {"MatmulWgmma": MatmulWgmma, "WgmmaConfig": WgmmaConfig,  # noqa: S307 (our table)
+                          "MatmulTensorCore": MatmulTensorCore, "LowBatchGEMV": dl.gpu.LowBatchGEMV})
         for k, n in _shapes_for(which):
-            sch = rule.apply(_prim_func(k, n, dtype), target, False)
+            sch = rule.apply(_prim_func(k, n, dtype, epilogue), target, False)
             assert sch is not None, f"{variant} rejected K={k} N={n}"
             name = kernel_name(variant, k, n)
             funcs[name] = sch.mod["main"].with_attr("global_symbol", name)
@@ -157,42 +179,52 @@ def run(out: str, ms: list[int], results: str | None, command: str) -> None:
     dl = tvm.runtime.from_dlpack
     rows, log = [], []
     torch.manual_seed(0)
-    for variant, (_, dtype, which) in meta["variants"].items():
+    for variant, (_, dtype, which, epilogue) in meta["variants"].items():
         tdt = getattr(torch, dtype)
+        residual = epilogue == "residual"
         for k, n in _shapes_for(which):
             f = lib[kernel_name(variant, k, n)]
             w = torch.randn(n, k, device=dev).to(tdt) / math.sqrt(k)
             # The GEMV-style rule is only a contender (and only tolerably fast) for few rows.
-            vms = [m for m in ms if m <= 128] if variant == "lowbatch" else ms
+            vms = [m for m in ms if m <= 128] if "LowBatchGEMV" in meta["variants"][variant][0] else ms
             for m in [*RAGGED_MS, *vms]:
                 # Correctness on fresh inputs, poisoned output.
                 x = torch.randn(m, k, device=dev).to(tdt)
-                y = torch.full((m, n), float("nan"), device=dev, dtype=tdt)
-                f(dl(x), dl(w), dl(y))
-                ref = x.float() @ w.float().T
+                ydt = torch.float32 if epilogue == "logits" else tdt
+                y = torch.full((m, n), float("nan"), device=dev, dtype=ydt)
+                if residual:
+                    res = torch.randn(m, n, device=dev).to(tdt)
+                    f(dl(x[None]), dl(w), dl(res[None]), dl(y[None]))
+                    ref = res.float() + (x.float() @ w.float().T).to(tdt).float()
+                else:
+                    f(dl(x), dl(w), dl(y))
+                    ref = x.float() @ w.float().T
                 err = ((y.float() - ref).norm() / ref.norm()).item()
                 ok = bool(np.isfinite(err) and err <= 1e-2)
-                if m in RAGGED_MS:
+                if m in RAGGED_MS or residual:
                     log.append(f"{variant} K={k} N={n} M={m} relerr={err:.2e} ok={ok}")
-                    if not ok:
-                        print(log[-1], flush=True)
+                    print(log[-1], flush=True)
                     continue
                 set_bytes = (m * k + n * k + m * n) * x.element_size()
                 nsets = max(1, min(16, math.ceil(3 * l2 / set_bytes)))
                 ws = [w] + [torch.randn(n, k, device=dev).to(tdt) / math.sqrt(k)
                             for _ in range(nsets - 1)]
                 xs = [x] + [torch.randn(m, k, device=dev).to(tdt) for _ in range(nsets - 1)]
-                ys = [torch.empty(m, n, device=dev, dtype=tdt) for _ in range(nsets)]
+                ys = [torch.empty(m, n, device=dev, dtype=ydt) for _ in range(nsets)]
                 flop = 2 * m * n * k
                 iters = max(5, min(200, int(2e12 / flop)))
                 tvm_sets = [(dl(a), dl(b), dl(c)) for a, b, c in zip(xs, ws, ys)]
                 t_k = _time_ms(f, tvm_sets, iters)
+                # cuBLAS writes `dtype` (torch has no fp32-output bf16 matmul): half our bytes for logits
+                outs = [c.to(tdt) for c in ys] if ydt != tdt else ys
                 t_c = _time_ms(lambda a, b, c: torch.matmul(a, b.T, out=c),
-                               list(zip(xs, ws, ys)), iters)
+                               list(zip(xs, ws, outs)), iters)
                 rows.append(dict(variant=variant, dtype=dtype, k=k, n=n, m=m, err=err, ok=ok,
                                  kiln_ms=t_k, cublas_ms=t_c, kiln_tflops=flop / t_k / 1e9,
                                  cublas_tflops=flop / t_c / 1e9, ratio=t_c / t_k))
                 log.append(json.dumps(rows[-1]))
+                print(f"{variant} K={k} N={n} M={m} relerr={err:.1e} {rows[-1]['kiln_tflops']:.0f} vs "
+                      f"{rows[-1]['cublas_tflops']:.0f} TFLOP/s", flush=True)
                 del ws, xs, ys, tvm_sets
             torch.cuda.empty_cache()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -2,12 +2,14 @@
 instruction, each a (name, CUDA source) pair (constants) or a function returning one; TVM emits a
 source once per function name.
 
-Why: TVM 0.27's TIR has no stable script form for wgmma outside its tile-primitive framework; these
-few lines of inline PTX are what a warpgroup matrix multiply needs (shared-memory descriptors, the
-asynchronous MMA itself, its fence / commit / wait).
+Why: TVM 0.27's TIR has no stable script form for wgmma, TMA or mbarriers outside its tile-primitive
+framework; these few lines of inline PTX are what a warpgroup matrix multiply needs (shared-memory
+descriptors, the asynchronous MMA itself, its fence / commit / wait) and what feeds it (TMA loads
+completing on mbarriers), for the attention prefill and the GEMM (schedules/matmul_wgmma.py).
 
-Shared operands are passed as (dynamic shared buffer, byte offset); the buffer's base must be
-1024-byte aligned for the 128-byte swizzle (see ``SMEM_ALIGN_PAD``).
+Shared operands are passed as (dynamic shared buffer, byte offset), so that TVM's sync planner sees
+no shared-memory access to order; the buffer's base must be 1024-byte aligned for the 128-byte
+swizzle (see ``SMEM_ALIGN_PAD``).
 """
 
 _TYPES = {"bfloat16": "bf16", "float16": "f16"}
@@ -91,3 +93,74 @@ __device__ __forceinline__ void {name}(float* d, const unsigned* a, unsigned lon
 }}
 """
     return name, src
+
+
+# ---------------------------------------------------------------- mbarriers and TMA (the GEMM's loads)
+# `bar` arguments are the byte offset of an 8-byte mbarrier in the shared buffer.
+MBAR_INIT = ("kiln_mbar_init", r"""
+__device__ __forceinline__ void kiln_mbar_init(void* smem, int bar, int count) {
+  unsigned b = (unsigned)__cvta_generic_to_shared((char*)smem + bar);
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(b), "r"(count) : "memory");
+}
+""")
+
+# makes barrier initialisation visible to the async proxy (TMA), then a CTA barrier
+MBAR_INIT_FENCE = ("kiln_mbar_init_fence", r"""
+__device__ __forceinline__ void kiln_mbar_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  __syncthreads();
+}
+""")
+
+MBAR_EXPECT_TX = ("kiln_mbar_expect_tx", r"""
+__device__ __forceinline__ void kiln_mbar_expect_tx(void* smem, int bar, int bytes) {
+  unsigned b = (unsigned)__cvta_generic_to_shared((char*)smem + bar);
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(b), "r"(bytes) : "memory");
+}
+""")
+
+MBAR_ARRIVE = ("kiln_mbar_arrive", r"""
+__device__ __forceinline__ void kiln_mbar_arrive(void* smem, int bar) {
+  unsigned b = (unsigned)__cvta_generic_to_shared((char*)smem + bar);
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(b) : "memory");
+}
+""")
+
+MBAR_WAIT = ("kiln_mbar_wait", r"""
+__device__ __forceinline__ void kiln_mbar_wait(void* smem, int bar, int parity) {
+  unsigned b = (unsigned)__cvta_generic_to_shared((char*)smem + bar);
+  asm volatile("{\n .reg .pred p;\n WAIT_%=:\n"
+               " mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+               " @!p bra WAIT_%=;\n}\n" :: "r"(b), "r"(parity) : "memory");
+}
+""")
+
+# 2-D tiled TMA load global → shared (byte offset `dst`), completing on the mbarrier at `bar`
+# (transaction bytes). `tmap` is the address of a __grid_constant__ CUtensorMap kernel parameter;
+# x is the inner (contiguous) coordinate.
+TMA_LOAD_2D = ("kiln_tma_load_2d", r"""
+__device__ __forceinline__ void kiln_tma_load_2d(void* smem, int dst, unsigned long long tmap, int bar, int x, int y) {
+  unsigned d = (unsigned)__cvta_generic_to_shared((char*)smem + dst);
+  unsigned b = (unsigned)__cvta_generic_to_shared((char*)smem + bar);
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n"
+               :: "r"(d), "l"(tmap), "r"(b), "r"(x), "r"(y) : "memory");
+}
+""")
+
+
+def setmaxnreg(count: int, increase: bool):
+    """(name, source): re-balance this warpgroup's registers (needs a register cap at entry)."""
+    op = "inc" if increase else "dec"
+    name = f"kiln_setmaxnreg_{op}{count}"
+    return name, (f'__device__ __forceinline__ void {name}() '
+                  f'{{ asm volatile("setmaxnreg.{op}.sync.aligned.u32 {count};\\n"); }}\n')
+
+
+def store_pair(dtype: str):
+    """(name, source): store two adjacent values of `dtype` (4- or 8-byte aligned) as one vector."""
+    vec, make = {"bfloat16": ("__nv_bfloat162", "__halves2bfloat162"), "float16": ("half2", "__halves2half2"),
+                 "float32": ("float2", "make_float2")}[dtype]
+    scalar = {"bfloat16": "nv_bfloat16", "float16": "half", "float32": "float"}[dtype]
+    name = f"kiln_store_pair_{dtype}"
+    return name, (f"__device__ __forceinline__ void {name}(void* p, {scalar} a, {scalar} b) "
+                  f"{{ *({vec}*)p = {make}(a, b); }}\n")

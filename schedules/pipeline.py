@@ -17,6 +17,7 @@ from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 
 from .low_batch import LowBatchDispatch
 from .matmul_tensorcore import TIR_PIPELINE, MatmulTensorCore
+from .matmul_wgmma import MatmulWgmma
 from .metal_matmul import MatmulNoSimdgroup
 from .row_reduction import RowReduction
 
@@ -37,8 +38,9 @@ def gpu_rules(target: tvm.target.Target) -> list:
     """The dlight rules tried, in order, on every PrimFunc the model produces for a GPU target."""
     if target.kind.name == "metal":
         matmul = [MatmulNoSimdgroup()]
-    else:  # tensor cores first (None off CUDA sm_80+ or for small static M), then dlight's
-        matmul = [MatmulTensorCore(), dl.gpu.Matmul()]
+    else:  # tensor cores first: wgmma on sm_90a, else mma.sync on sm_80+ (each None elsewhere or
+        # for small static M), then dlight's
+        matmul = [MatmulWgmma(), MatmulTensorCore(), dl.gpu.Matmul()]
     return [*matmul, GEMVOrDecline(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
             dl.gpu.GeneralReduction(), RowReduction(), dl.gpu.Fallback()]
 

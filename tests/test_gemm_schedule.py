@@ -1,9 +1,11 @@
-"""The tensor-core GEMM rule: where it applies, what CUDA it produces, and that CPU is untouched.
+"""The tensor-core GEMM rules: where they apply, what CUDA they produce, and that CPU is untouched.
 
-No GPU here, so the CUDA side is compile-only: every model shape must be scheduled, the kernel
-must use ldmatrix/mma.sync/cp.async, keep its fragments in registers (ptxas: no stack frame),
-and the relax pipeline must route a model's fused Linear kernels to it. Numerics run on CPU
-through the same relax pipeline (the rule must leave LLVM alone). Tensorize needs TVM's JSON
+No GPU here, so the CUDA side is compile-only: every model shape must be scheduled; the mma.sync
+kernel must use ldmatrix/mma.sync/cp.async and the Hopper kernel TMA/wgmma, both keeping their
+accumulators in registers (ptxas: no stack frame); the relax pipeline must route a model's fused
+Linear kernels to wgmma on sm_90a and to mma.sync on sm_80. Numerics run on CPU: the relax
+pipeline (the rules must leave LLVM alone) and the Hopper rule's epilogue extraction (the fused
+cast / residual / bias code it generates, run through LLVM). Tensorize needs TVM's JSON
 serialization, which crashes with some apache-tvm-ffi builds; CUDA scheduling therefore runs in
 a subprocess so that such a crash fails these tests with a reason instead of killing pytest.
 """
@@ -28,9 +30,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from schedules.matmul_tensorcore import MatmulTensorCore  # noqa: E402
+from schedules.matmul_wgmma import MatmulWgmma, analyze  # noqa: E402
 from schedules.pipeline import gpu_rules, relax_pipeline  # noqa: E402
 
 H100 = tvm.target.Target("nvidia/nvidia-h100")
+A100 = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
 MODEL_SHAPES = [(1024, 4096), (2048, 1024), (1024, 6144), (3072, 1024), (1024, 151936),
                 (4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256)]
 
@@ -99,9 +103,65 @@ def test_rule_declines_what_it_cannot_do():
     assert rule.apply(nt_matmul(1024, 1024, "float32"), H100, False) is None
 
 
+def test_wgmma_rule_declines_what_it_cannot_do():
+    rule = MatmulWgmma()
+    assert rule.apply(nt_matmul(1024, 1024), tvm.target.Target("llvm"), False) is None
+    assert rule.apply(nt_matmul(1024, 1024), A100, False) is None  # no wgmma before sm_90a
+    assert rule.apply(nt_matmul(1024, 1024, m=16), H100, False) is None  # static small M: GEMV
+    assert rule.apply(nt_matmul(1024, 1024, "float32"), H100, False) is None
+    assert rule.apply(nt_matmul(1024, 1020), H100, False) is None  # TMA row pitch: N, K % 8
+    assert rule.apply(nt_matmul(1024, 1024), H100, False) is not None
+
+
 def test_gpu_rules_put_tensor_cores_first_for_cuda_only():
-    assert isinstance(gpu_rules(H100)[0], MatmulTensorCore)
-    assert not any(isinstance(r, MatmulTensorCore) for r in gpu_rules(tvm.target.Target("metal")))
+    assert isinstance(gpu_rules(H100)[0], MatmulWgmma)
+    assert isinstance(gpu_rules(H100)[1], MatmulTensorCore)
+    metal = gpu_rules(tvm.target.Target("metal"))
+    assert not any(isinstance(r, (MatmulTensorCore, MatmulWgmma)) for r in metal)
+
+
+def _epilogue_only(func, acc_of):
+    """`func` with its matmul replaced by `acc_of(row, col)`: what MatmulWgmma stores, on any target."""
+    g = analyze(func)
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True, check_well_formed=False)
+    def body():
+        for row, col in T.grid(T.Cast("int32", g.m), g.n):
+            T.buffer_store(g.out, g.epilogue(row, col, acc_of(row, col)), g.out_index(row, col))
+
+    return func.with_body(body.body).with_attr("global_symbol", "epilogue")
+
+
+def test_wgmma_epilogue_matches_the_model_on_cpu():
+    """The fused Linear PrimFuncs of a real block (cast; cast + residual, on [1, n, K] rows): the
+    epilogue the Hopper rule extracts, run through LLVM, equals numpy on the same accumulators."""
+    from tvm.relax.backend.cuda import pipeline as cuda_passes
+
+    mod, _ = export_block(64, 96, "float16")
+    with H100:
+        mod = tvm.transform.Sequential([relax.transform.FuseTransposeMatmul(),
+                                        *cuda_passes.library_dispatch_passes(H100),
+                                        relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                        relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+    matmuls = {gv.name_hint: f for gv, f in mod.functions_items()
+               if isinstance(f, tirx.PrimFunc) and "NT_matmul" in gv.name_hint}
+    assert len(matmuls) == 3 and sum("add" in n for n in matmuls) == 2
+    rng = np.random.default_rng(0)
+    for name, func in matmuls.items():
+        acc = lambda r, c: tirx.Cast("float32", r) * tirx.FloatImm("float32", 0.25) - tirx.Cast("float32", c)  # noqa: E731
+        lib = tvm.tirx.build(_epilogue_only(func, acc), target="llvm")
+        args = [np.zeros([int(d) if isinstance(d, tirx.IntImm) else 5 for d in p.shape], str(p.dtype))
+                for p in func.params]
+        for a in args[2:-1]:
+            a[...] = rng.standard_normal(a.shape)
+        tensors = [tvm.runtime.tensor(a) for a in args]
+        lib(*tensors)
+        rows, cols = np.meshgrid(np.arange(5), np.arange(args[-1].shape[-1]), indexing="ij")
+        ref = (rows * 0.25 - cols).astype("float16").reshape(args[-1].shape)
+        if "add" in name:
+            ref = (args[2].astype("float32") + ref.astype("float32")).astype("float16")
+        np.testing.assert_array_equal(tensors[-1].numpy(), ref, err_msg=name)
 
 
 def test_cpu_pipeline_unchanged_and_correct():
@@ -164,21 +224,53 @@ def test_cuda_kernels_for_every_model_shape(tmp_path):
         assert frames and max(frames) == 0, "fragments spilled to local memory"
 
 
-def test_model_linears_route_to_tensor_cores():
+def test_wgmma_kernels_for_every_model_shape(tmp_path):
+    """All ten Linear shapes get TMA + wgmma kernels (both tilings: 12 per shape at most), which
+    ptxas assembles for sm_90a with the accumulators in registers."""
+    funcs = {}
+    for k, n in MODEL_SHAPES:
+        sch = MatmulWgmma().apply(nt_matmul(k, n), H100, False)
+        assert sch is not None, (k, n)
+        funcs[f"mm_{k}_{n}"] = sch.mod["main"].with_attr("global_symbol", f"mm_{k}_{n}")
+    with H100:
+        lib = tvm.tirx.build(tvm.IRModule(funcs), target=H100)
+    src = lib.imports[0].inspect_source()
+    assert src.count("wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16") == 1  # one helper
+    assert src.count("kiln_wgmma_m64n256k16_ss_bf16_t0(") > len(MODEL_SHAPES) * 4  # 4 k16 steps a stage
+    assert src.count("kiln_wgmma_m64n128k16_ss_bf16_t0(") > 0  # the few-rows tiling
+    assert src.count("const __grid_constant__ CUtensorMap") >= 4 * len(MODEL_SHAPES)
+    assert "cp.async.bulk.tensor.2d" in src
+    if shutil.which("nvcc"):
+        cu = tmp_path / "wgmma.cu"
+        cu.write_text(src)
+        ptxas = subprocess.run(
+            ["nvcc", "--cubin", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas=-v",
+             "-o", str(tmp_path / "wgmma.cubin"), str(cu)],
+            capture_output=True, text=True, timeout=600)
+        assert ptxas.returncode == 0, ptxas.stderr[-2000:]
+        assert "C7508" not in ptxas.stderr, "setmaxnreg ignored"
+        frames = [int(f) for f in re.findall(r"(\d+) bytes stack frame", ptxas.stderr)]
+        assert frames and max(frames) == 0, "accumulators spilled to local memory"
+
+
+@pytest.mark.parametrize("target, instruction", [(H100, "kiln_wgmma_m64n"), (A100, "mma.sync")])
+def test_model_linears_route_to_tensor_cores(target, instruction):
     """Through Kiln's relax pipeline, each fused Linear (cast / residual-add epilogues) of a
-    bf16 block becomes an mma kernel; the SiLU·mul kernel is left to the other rules."""
-    out = _run("""
+    bf16 block becomes a tensor-core kernel (wgmma on sm_90a, mma.sync on sm_80); the SiLU·mul
+    kernel is left to the other rules."""
+    out = _run(f"""
         import re, tvm
-        from tests.test_gemm_schedule import export_block, H100
+        from tests.test_gemm_schedule import export_block, {"H100" if target is H100 else "A100"} as target
         from schedules.pipeline import relax_pipeline
         from schedules.matmul_tensorcore import TIR_PIPELINE
         mod, _ = export_block(512, 1024, "bfloat16")
-        ex = tvm.compile(mod, H100, relax_pipeline=relax_pipeline(H100), tir_pipeline=TIR_PIPELINE)
+        with target:
+            ex = tvm.compile(mod, target, relax_pipeline=relax_pipeline(target), tir_pipeline=TIR_PIPELINE)
         src = ex.mod.imports[0].imports[0].inspect_source()
         pattern = r'extern "C" __global__ void (?:__launch_bounds__\\(\\d+\\) )?(\\w+)\\('
         chunks = re.split(pattern, src)
         for name, body in zip(chunks[1::2], chunks[2::2]):
-            print(name, "mma.sync" in body)
+            print(name, {instruction!r} in body)
     """)
     tensor_core = {}  # PrimFunc → has a kernel with mma (N ≤ 2048 also gets a GEMV kernel)
     for line in out.strip().splitlines():
