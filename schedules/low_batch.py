@@ -15,6 +15,7 @@ import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.ir import IRModule
 from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 
 LIMITS_AND_BUCKETS = ((2, 2), (8, 4))  # M <= 2 → bucket 2; M <= 8 → bucket 4; else the GEMM rules
 
@@ -43,6 +44,30 @@ def branch_on_rows(small: tirx.PrimFunc, large: tirx.PrimFunc, rows, limit: int)
     buffers = list(small_root.alloc_buffers) + list(large_root.alloc_buffers)
     return large.with_body(s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", body,
                                                                       alloc_buffers=buffers)))
+
+
+class RowDispatchGemmRule(GPUScheduleRule):
+    """What the tensor-core GEMM rules (MatmulTensorCore, MatmulWgmma) share: the row-count thresholds
+    and the run-time switch to dlight's LowBatchGEMV for a dynamic M when a kernel has few column tiles.
+
+    `min_m`: a static M below it is declined. With a dynamic M and fewer than `few_tiles` column tiles
+    (N = 1024: 8 blocks on 132 SMs), M <= `small_m` rows run LowBatchGEMV instead, chosen at run time.
+    """
+
+    def __init__(self, min_m: int = 64, small_m: int = 32, few_tiles: int = 16):
+        self.min_m = min_m
+        self.small_m = small_m
+        self.few_tiles = few_tiles
+
+    def gemv_for_few_rows(self, func: tirx.PrimFunc, target, result: tirx.PrimFunc, rows,
+                          n_tiles: int) -> tirx.PrimFunc:
+        """`result`, or (with fewer than `few_tiles` column tiles, where LowBatchGEMV takes `func`) a
+        PrimFunc that runs LowBatchGEMV for rows <= `small_m`; `rows` is M's dynamic extent."""
+        if n_tiles < self.few_tiles:
+            gemv = dl.gpu.LowBatchGEMV().apply(func, target, False)
+            if gemv is not None:
+                return branch_on_rows(gemv.mod["main"], result, rows, self.small_m)
+        return result
 
 
 def _single_dynamic_dim(func: tirx.PrimFunc):

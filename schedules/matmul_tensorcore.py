@@ -24,9 +24,7 @@ from dataclasses import dataclass
 
 import tvm
 from tvm import s_tir, tirx
-from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import get_root_block
-from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.s_tir.dlight.gpu.matmul import (
     auto_inline_consumer_chain,
     auto_inline_producers,
@@ -35,7 +33,7 @@ from tvm.s_tir.dlight.gpu.matmul import (
 )
 
 from . import mma_intrin
-from .low_batch import branch_on_rows
+from .low_batch import RowDispatchGemmRule
 from .mma_intrin import frag_layout
 
 # TIR options our kernels need at build time (`PassContext(config=PASS_CONFIG)`):
@@ -104,21 +102,17 @@ def _static(x) -> int | None:
     return int(x) if isinstance(x, tirx.IntImm) else None
 
 
-class MatmulTensorCore(GPUScheduleRule):
+class MatmulTensorCore(RowDispatchGemmRule):
     """Schedules fp16/bf16 matmuls (fp32 accumulation) with M ≥ `min_m` on sm_80+ tensor cores.
 
     Returns None (so the next rule applies) for other targets, dtypes, shapes with a static M
-    below `min_m`, and non-static N or K.
+    below `min_m`, and non-static N or K. `min_m`, `small_m`, `few_tiles`: RowDispatchGemmRule.
     """
 
     def __init__(self, config: Config | None = None, min_m: int = 64, small_m: int = 32,
                  few_tiles: int = 16):
+        super().__init__(min_m, small_m, few_tiles)
         self.config = config or Config()
-        self.min_m = min_m
-        # With a dynamic M and fewer than `few_tiles` column tiles (N = 1024: 8 blocks on 132
-        # SMs), M ≤ `small_m` rows run dlight's LowBatchGEMV instead, chosen at run time.
-        self.small_m = small_m
-        self.few_tiles = few_tiles
 
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda":
@@ -151,10 +145,8 @@ class MatmulTensorCore(GPUScheduleRule):
             return None
         sch, m_ext, n_tiles = tc
         result = sch.mod["main"]
-        if _static(m_ext) is None and n_tiles < self.few_tiles:
-            small = dl.gpu.LowBatchGEMV().apply(func, target, False)
-            if small is not None:
-                result = branch_on_rows(small.mod["main"], result, m_ext, self.small_m)
+        if _static(m_ext) is None:
+            result = self.gemv_for_few_rows(func, target, result, m_ext, n_tiles)
         return s_tir.Schedule(result)
 
     def _schedule(self, sch, main, maps, dtype):

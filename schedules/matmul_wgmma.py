@@ -27,14 +27,12 @@ from types import SimpleNamespace
 
 from tvm import ir, s_tir, tirx
 from tvm.ir.prim import expr as E
-from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import get_root_block
-from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.s_tir.dlight.gpu.matmul import get_reduction_blocks
 from tvm.script import tirx as T
 
 from . import hopper_ptx as ptx
-from .low_batch import branch_on_rows
+from .low_batch import RowDispatchGemmRule, branch_on_rows
 
 BK = 64  # k elements per stage: one 128-byte swizzled row of 16-bit values
 DTYPES = ("float16", "bfloat16")
@@ -305,7 +303,7 @@ def gemm_kernel(g, cfg: WgmmaConfig) -> tirx.PrimFunc:
     return gemm
 
 
-class MatmulWgmma(GPUScheduleRule):
+class MatmulWgmma(RowDispatchGemmRule):
     """Schedules fp16/bf16 matmuls (fp32 accumulation) on sm_90a with TMA + wgmma (module docstring).
 
     Returns None (the next rule applies) for other targets and any form `analyze` declines. With a
@@ -316,11 +314,9 @@ class MatmulWgmma(GPUScheduleRule):
 
     def __init__(self, large: WgmmaConfig | None = None, small: WgmmaConfig | None = SMALL,
                  min_m: int = 64, small_m: int = 32, few_tiles: int = 16):
+        super().__init__(min_m, small_m, few_tiles)
         self.large = large or WgmmaConfig()
         self.small = small
-        self.min_m = min_m
-        self.small_m = small_m
-        self.few_tiles = few_tiles
 
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda":
@@ -342,11 +338,7 @@ class MatmulWgmma(GPUScheduleRule):
             limit = self.large.bm * (SMS // 2 // -(-g.n // self.large.bn))
             if limit >= self.small.bm:
                 result = branch_on_rows(self._kernel(func, g, self.small), result, g.m, limit)
-        if -(-g.n // small.bn) < self.few_tiles:
-            gemv = dl.gpu.LowBatchGEMV().apply(func, target, False)
-            if gemv is not None:
-                result = branch_on_rows(gemv.mod["main"], result, g.m, self.small_m)
-        return s_tir.Schedule(result)
+        return s_tir.Schedule(self.gemv_for_few_rows(func, target, result, g.m, -(-g.n // small.bn)))
 
     @staticmethod
     def _kernel(func, g, config):

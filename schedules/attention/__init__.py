@@ -4,6 +4,7 @@ decode.py          split-KV flash-decoding over pages (one query token per seque
 prefill.py         FlashAttention-2 prefill on tensor cores (mma.sync): ragged (new tokens) and paged (cached)
 prefill_hopper.py  FlashAttention-3 style prefill for sm_90a (wgmma), same two forms
 metal_prefill.py   tiled online-softmax prefill in plain TIR (Metal; also compiles for CUDA)
+prefill_forms.py   TVM's ragged and paged prefill calling conventions, shared by the three prefill kernels
 cuda_helpers.py    the inline PTX (cp.async, ldmatrix, mma.sync) the kernels call (wgmma: schedules/hopper_ptx.py)
 """
 

@@ -9,11 +9,7 @@ limits respected: 128 threads, <= 28 KB of threadgroup memory (head_dim <= 128),
 vectors of <= 4 lanes. Blocks walk the ragged batch's (sequence, query tile) pairs, longest causal
 tiles first. The same TIR compiles for CUDA, which is how bench/attention.py checks it on a GPU.
 
-TVM's calling conventions (runtime/vm/attn_backend.h), as in prefill.py:
-- ragged ``(q, qo_indptr, k, v, kv_indptr, q_rope_position, k_rope_pos_offset, output, lse,
-  causal, rotary_mode, rope_scale, rope_theta, sm_scale)``;
-- paged ``(q, qo_indptr, pages, page_indptr, page_values, length_info, k_rope_pos_offset,
-  q_rope_position, output, lse, causal, rotary_mode, rope_scale, rope_theta, sm_scale)``.
+TVM's ragged and paged calling conventions (prefill_forms.py), as in prefill.py.
 ``lse`` is base 2; an empty KV range gives o = 0, lse = -5e4. RoPE before the cache, no sliding window.
 """
 
@@ -21,6 +17,9 @@ import math
 from types import SimpleNamespace
 
 from tvm.script import tirx as T
+
+from .prefill import find_work
+from .prefill_forms import prefill_func, ragged_kv_range
 
 PAGE_SIZE = 16
 BN = 32  # keys per tile
@@ -56,7 +55,7 @@ def metal_prefill_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_d
     TQ = NT // TPR // G  # query tokens per block
     R = TQ * G  # rows (query token, head) per block
     DPT = D // TPR  # output dims per thread
-    K = SimpleNamespace(RAGGED=kind == "ragged", G=G, D=D, TQ=TQ, R=R, DPT=DPT, BN=BN, NT=NT, SPT=SPT, TPR=TPR,
+    K = SimpleNamespace(RAGGED=kind == "ragged", H_qo=H_qo, H_kv=H_kv, G=G, D=D, TQ=TQ, R=R, DPT=DPT, BN=BN, NT=NT, SPT=SPT, TPR=TPR,
                         NEG=NEG, PAGE_SIZE=PAGE_SIZE, dtype=dtype, scale_log2=math.log2(math.e),
                         KV_VECS=BN * D // (4 * NT), Q_VECS=(R * D + 4 * NT - 1) // (4 * NT))
     assert BN * D % (4 * NT) == 0
@@ -65,25 +64,11 @@ def metal_prefill_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_d
     @T.macro(hygienic=False)
     def body():
         # info: seq, q tile, q start, q len, kv start | page begin, kv len, kv tiles
-        info[0] = -1
-        info[1] = 0
-        scan[0] = 0
-        for b in T.serial(B):
-            nt: T.let[T.int32] = T.truncdiv(q_indptr[b + 1] - q_indptr[b] + K.TQ - 1, K.TQ)
-            if scan[0] <= bx and bx < scan[0] + nt:
-                info[0] = b
-                info[1] = nt - 1 - (bx - scan[0])  # last (longest causal) tiles first
-            scan[0] = scan[0] + nt
+        K.find_work(q_indptr, B, K.TQ)
         seq: T.let[T.int32] = T.max(info[0], 0)
         info[2] = q_indptr[seq]
         info[3] = T.if_then_else(info[0] >= 0, q_indptr[seq + 1] - info[2], 0)
-        if K.RAGGED:
-            info[4] = kv_indptr[seq]
-            info[5] = kv_indptr[seq + 1] - info[4]
-        else:
-            info[4] = page_indptr[seq]
-            info[5] = T.if_then_else(page_indptr[seq + 1] > info[4],
-                                     (page_indptr[seq + 1] - info[4] - 1) * K.PAGE_SIZE + length_info[seq], 0)
+        K.kv_range(seq)
         # keys this tile needs: all, or (causal) up to the diagonal of its last query token
         last_q: T.let[T.int32] = T.min(info[1] * K.TQ + K.TQ - 1, info[3] - 1)
         info[6] = T.if_then_else(
@@ -180,78 +165,49 @@ def metal_prefill_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_d
             T.sblock_alloc_buffer((2, 4), dtype, scope="local"),  # kv4: one K and one V vector in flight
         )
 
-    K.body, K.allocs = body, allocs  # non-hygienic macros see only the caller's variables
-
-    if kind == "ragged":
-
-        @T.prim_func(s_tir=True)
-        def kiln_metal_prefill_ragged(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
-                                      var_kv_indptr: T.handle, var_q_rope_position: T.handle,
-                                      var_k_rope_pos_offset: T.handle, var_output: T.handle, var_lse: T.handle,
-                                      causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32,
-                                      rope_theta: T.float32, sm_scale: T.float32):
-            T.func_attr({"tirx.is_scheduled": True, "global_symbol": "kiln_metal_prefill_ragged"})
-            B = T.int32()
-            qo_len = T.int32()
-            kv_len = T.int32()
-            q_indptr_off = T.int32()
-            kv_indptr_off = T.int32()
-            q_rope_off = T.int32()
-            k_rope_off = T.int32()
-            q = T.match_buffer(var_q, (qo_len, H_qo, D), dtype)
-            q_indptr = T.match_buffer(var_q_indptr, (B + 1,), "int32", elem_offset=q_indptr_off)
-            k = T.match_buffer(var_k, (kv_len, H_kv, D), dtype)
-            vv = T.match_buffer(var_v, (kv_len, H_kv, D), dtype)
-            kv_indptr = T.match_buffer(var_kv_indptr, (B + 1,), "int32", elem_offset=kv_indptr_off)
-            q_rope_position = T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_off)
-            k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (B,), "int32", elem_offset=k_rope_off)
-            output = T.match_buffer(var_output, (qo_len, H_qo, D), dtype)
-            lse = T.match_buffer(var_lse, (qo_len, H_qo), "float32")
-            for bx in T.thread_binding(T.truncdiv(qo_len + TQ - 1, TQ) + B, thread="blockIdx.x"):
-                for by in T.thread_binding(H_kv, thread="blockIdx.y"):
-                    for tid in T.thread_binding(NT, thread="threadIdx.x"):
-                        with T.sblock("attn"):
-                            T.reads()
-                            T.writes()
-                            q_s, k_s, v_s, p_s, s, o, st, mx, info, scan, kv4 = K.allocs()
-                            K.body()
-
-        return kiln_metal_prefill_ragged
-
-    @T.prim_func(s_tir=True)
-    def kiln_metal_prefill_paged(var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle,
-                                 var_page_indptr: T.handle, var_page_values: T.handle, var_length_info: T.handle,
-                                 var_k_rope_pos_offset: T.handle, var_q_rope_position: T.handle, var_output: T.handle,
-                                 var_lse: T.handle, causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32,
-                                 rope_theta: T.float32, sm_scale: T.float32):
-        T.func_attr({"tirx.is_scheduled": True, "global_symbol": "kiln_metal_prefill_paged"})
-        B = T.int32()
-        qo_len = T.int32()
-        nnz_pages = T.int32()
-        max_num_pages = T.int32()
-        q_indptr_off = T.int32()
-        page_indptr_off = T.int32()
-        page_values_off = T.int32()
-        length_info_off = T.int32()
-        k_rope_off = T.int32()
-        q_rope_off = T.int32()
-        q = T.match_buffer(var_q, (qo_len, H_qo, D), dtype)
-        q_indptr = T.match_buffer(var_q_indptr, (B + 1,), "int32", elem_offset=q_indptr_off)
-        pages = T.match_buffer(var_pages, (max_num_pages, 2, H_kv, PAGE_SIZE, D), dtype)
-        page_indptr = T.match_buffer(var_page_indptr, (B + 1,), "int32", elem_offset=page_indptr_off)
-        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_off)
-        length_info = T.match_buffer(var_length_info, (B,), "int32", elem_offset=length_info_off)
-        k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (B,), "int32", elem_offset=k_rope_off)
-        q_rope_position = T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_off)
-        output = T.match_buffer(var_output, (qo_len, H_qo, D), dtype)
-        lse = T.match_buffer(var_lse, (qo_len, H_qo), "float32")
-        for bx in T.thread_binding(T.truncdiv(qo_len + TQ - 1, TQ) + B, thread="blockIdx.x"):
-            for by in T.thread_binding(H_kv, thread="blockIdx.y"):
-                for tid in T.thread_binding(NT, thread="threadIdx.x"):
+    @T.macro(hygienic=False)
+    def kernel():
+        for bx in T.thread_binding(T.truncdiv(qo_len + K.TQ - 1, K.TQ) + B, thread="blockIdx.x"):
+            for by in T.thread_binding(K.H_kv, thread="blockIdx.y"):
+                for tid in T.thread_binding(K.NT, thread="threadIdx.x"):
                     with T.sblock("attn"):
                         T.reads()
                         T.writes()
                         q_s, k_s, v_s, p_s, s, o, st, mx, info, scan, kv4 = K.allocs()
                         K.body()
 
-    return kiln_metal_prefill_paged
+    # non-hygienic macros see only the caller's variables
+    K.body, K.allocs, K.kernel, K.find_work = body, allocs, kernel, find_work
+
+    if kind == "paged":
+        return prefill_func(kind, "kiln_metal_prefill_paged", K)
+    K.kv_range = ragged_kv_range
+
+    # prefill_forms.py's ragged signature, spelled out again only because the V buffer is ``vv`` here (the
+    # body's vector loops are ``v``) and the buffer's name reaches the generated source (``vv_ptr``)
+    @T.prim_func(s_tir=True)
+    def kiln_metal_prefill_ragged(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
+                                  var_kv_indptr: T.handle, var_q_rope_position: T.handle,
+                                  var_k_rope_pos_offset: T.handle, var_output: T.handle, var_lse: T.handle,
+                                  causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32,
+                                  rope_theta: T.float32, sm_scale: T.float32):
+        T.func_attr({"tirx.is_scheduled": True, "global_symbol": "kiln_metal_prefill_ragged"})
+        B = T.int32()
+        qo_len = T.int32()
+        kv_len = T.int32()
+        q_indptr_off = T.int32()
+        kv_indptr_off = T.int32()
+        q_rope_off = T.int32()
+        k_rope_off = T.int32()
+        q = T.match_buffer(var_q, (qo_len, H_qo, D), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (B + 1,), "int32", elem_offset=q_indptr_off)
+        k = T.match_buffer(var_k, (kv_len, H_kv, D), dtype)
+        vv = T.match_buffer(var_v, (kv_len, H_kv, D), dtype)
+        kv_indptr = T.match_buffer(var_kv_indptr, (B + 1,), "int32", elem_offset=kv_indptr_off)
+        q_rope_position = T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_off)
+        k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (B,), "int32", elem_offset=k_rope_off)
+        output = T.match_buffer(var_output, (qo_len, H_qo, D), dtype)
+        lse = T.match_buffer(var_lse, (qo_len, H_qo), "float32")
+        K.kernel()
+
+    return kiln_metal_prefill_ragged

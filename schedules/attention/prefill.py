@@ -10,12 +10,8 @@ GQA: a block reads the KV head of its query head (neighbouring blocks share it t
 H200, Llama-3.1-8B layer: 114 / 213 / 259 TFLOP/s at 1k / 4k / 16k tokens (docs/attention.md).
 Used where the wgmma kernel (prefill_hopper.py, sm_90a, head_dim 128) does not apply.
 
-Two forms with TVM's calling conventions (runtime/vm/attn_backend.h):
-- ragged ``(q, qo_indptr, k, v, kv_indptr, q_rope_position, k_rope_pos_offset, output, lse,
-  causal, rotary_mode, rope_scale, rope_theta, sm_scale)``: attention over the new tokens;
-- paged ``(q, qo_indptr, pages, page_indptr, page_values, length_info, k_rope_pos_offset,
-  q_rope_position, output, lse, causal, rotary_mode, rope_scale, rope_theta, sm_scale)``: the new
-  tokens attend to tokens already in pages (chunked prefill; the runtime merges both states).
+Two forms with TVM's calling conventions (ragged: over the new tokens; paged: the new tokens attend
+to tokens already in pages), declared in prefill_forms.py for all of Kiln's prefill kernels.
 ``lse`` is base 2. RoPE must be applied before the cache (rotary_mode 0); no sliding window.
 """
 
@@ -25,6 +21,7 @@ from types import SimpleNamespace
 from tvm.script import tirx as T
 
 from .cuda_helpers import CP_ASYNC16, CP_COMMIT, EX2, LDSM_X4, LDSM_X4_T, SYNC, cp_async_wait, mma_16816, pack2
+from .prefill_forms import prefill_func
 
 PAGE_SIZE = 16
 M_TILES = 1  # 16-row m-tiles per warp (2: each K/V fragment feeds two mma; measured no faster)
@@ -33,18 +30,20 @@ NT = 128  # threads (4 warps)
 NEG = -1.0e30
 
 
-# Macros shared with prefill_hopper.py. Non-hygienic macros see only the caller's variables: the
-# kernel's constants, buffers and the other macros travel in its namespace ``K``.
+# Macros shared with prefill_hopper.py (find_work also with metal_prefill.py). Non-hygienic macros see
+# only the caller's variables: the kernel's constants, buffers and the other macros travel in its
+# namespace ``K``; the buffers and ``K.kv_range`` come from prefill_forms.py's PrimFunc.
 
 
 @T.macro(hygienic=False)
-def find_work(q_indptr, B):
-    """Blocks enumerate (sequence, BM-row query tile) pairs, the longest causal tiles first."""
+def find_work(q_indptr, B, rows):
+    """Blocks enumerate (sequence, ``rows``-row query tile) pairs, the longest causal tiles first
+    (also metal_prefill.py's)."""
     info[0] = -1
     info[1] = 0
     scan[0] = 0
     for b in T.serial(B):
-        nt: T.let[T.int32] = T.truncdiv(q_indptr[b + 1] - q_indptr[b] + K.BM - 1, K.BM)
+        nt: T.let[T.int32] = T.truncdiv(q_indptr[b + 1] - q_indptr[b] + rows - 1, rows)
         if scan[0] <= bx and bx < scan[0] + nt:
             info[0] = b
             info[1] = nt - 1 - (bx - scan[0])  # last (longest causal) tiles first: shorter tail
@@ -59,6 +58,18 @@ def plan_tiles(causal):
         causal > 0,
         T.max(0, T.min(T.truncdiv(info[5] - info[3] + last_row + K.BN, K.BN), T.truncdiv(info[5] + K.BN - 1, K.BN))),
         T.truncdiv(info[5] + K.BN - 1, K.BN))
+
+
+@T.macro(hygienic=False)
+def run_work(causal, sm_scale):
+    """Find the block's (sequence, query tile), its Q and KV ranges and KV tiles, run the kernel's main loop."""
+    K.find_work(q_indptr, B, K.BM)
+    if info[0] >= 0:
+        info[2] = q_indptr[info[0]]
+        info[3] = q_indptr[info[0] + 1] - info[2]
+        K.kv_range(info[0])
+        K.plan_tiles(causal)
+        K.main_loop(causal, sm_scale, q, output, lse)
 
 
 @T.macro(hygienic=False)
@@ -278,95 +289,21 @@ def prefill_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_dim: in
     # non-hygienic macros see only the caller's variables: constants and macros travel in K
     K.issue_kv, K.issue_q, K.compute_tile = issue_kv, issue_q, compute_tile
     K.find_work, K.plan_tiles, K.softmax_tile, K.rescale_o, K.finalize = find_work, plan_tiles, softmax_tile, rescale_o, finalize
+    K.run_work = run_work
     K.main_loop, K.allocs = main_loop, allocs
 
-    if kind == "ragged":
-
-        @T.prim_func(s_tir=True)
-        def kiln_prefill_ragged(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
-                                var_kv_indptr: T.handle, var_q_rope_position: T.handle, var_k_rope_pos_offset: T.handle,
-                                var_output: T.handle, var_lse: T.handle, causal: T.int32, rotary_mode: T.int32,
-                                rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
-            T.func_attr({"tirx.is_scheduled": True, "global_symbol": "kiln_prefill_ragged"})
-            B = T.int32()
-            qo_len = T.int32()
-            kv_len = T.int32()
-            q_indptr_off = T.int32()
-            kv_indptr_off = T.int32()
-            q_rope_off = T.int32()
-            k_rope_off = T.int32()
-            q = T.match_buffer(var_q, (qo_len, H_qo, D), dtype)
-            q_indptr = T.match_buffer(var_q_indptr, (B + 1,), "int32", elem_offset=q_indptr_off)
-            k = T.match_buffer(var_k, (kv_len, H_kv, D), dtype)
-            v = T.match_buffer(var_v, (kv_len, H_kv, D), dtype)
-            kv_indptr = T.match_buffer(var_kv_indptr, (B + 1,), "int32", elem_offset=kv_indptr_off)
-            q_rope_position = T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_off)
-            k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (B,), "int32", elem_offset=k_rope_off)
-            output = T.match_buffer(var_output, (qo_len, H_qo, D), dtype)
-            lse = T.match_buffer(var_lse, (qo_len, H_qo), "float32")
-            for bx in T.thread_binding(T.truncdiv(qo_len + BM - 1, BM) + B, thread="blockIdx.x"):
-                for hq in T.thread_binding(H_qo, thread="blockIdx.y"):
-                    for tid in T.thread_binding(NT, thread="threadIdx.x"):
-                        with T.sblock("attn"):
-                            T.reads()
-                            T.writes()
-                            smem, qf, sacc, oacc, kb, vb, pf, m_i, l_i, alpha, mx, info, scan = K.allocs()
-                            warp: T.let[T.int32] = tid // 32
-                            lane: T.let[T.int32] = tid % 32
-                            K.find_work(q_indptr, B)
-                            if info[0] >= 0:
-                                info[2] = q_indptr[info[0]]
-                                info[3] = q_indptr[info[0] + 1] - info[2]
-                                info[4] = kv_indptr[info[0]]
-                                info[5] = kv_indptr[info[0] + 1] - info[4]
-                                K.plan_tiles(causal)
-                                K.main_loop(causal, sm_scale, q, output, lse)
-
-        return kiln_prefill_ragged
-
-    @T.prim_func(s_tir=True)
-    def kiln_prefill_paged(var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle, var_page_indptr: T.handle,
-                           var_page_values: T.handle, var_length_info: T.handle, var_k_rope_pos_offset: T.handle,
-                           var_q_rope_position: T.handle, var_output: T.handle, var_lse: T.handle, causal: T.int32,
-                           rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
-        T.func_attr({"tirx.is_scheduled": True, "global_symbol": "kiln_prefill_paged"})
-        B = T.int32()
-        qo_len = T.int32()
-        nnz_pages = T.int32()
-        max_num_pages = T.int32()
-        q_indptr_off = T.int32()
-        page_indptr_off = T.int32()
-        page_values_off = T.int32()
-        length_info_off = T.int32()
-        k_rope_off = T.int32()
-        q_rope_off = T.int32()
-        q = T.match_buffer(var_q, (qo_len, H_qo, D), dtype)
-        q_indptr = T.match_buffer(var_q_indptr, (B + 1,), "int32", elem_offset=q_indptr_off)
-        pages = T.match_buffer(var_pages, (max_num_pages, 2, H_kv, PAGE_SIZE, D), dtype)
-        page_indptr = T.match_buffer(var_page_indptr, (B + 1,), "int32", elem_offset=page_indptr_off)
-        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_off)
-        length_info = T.match_buffer(var_length_info, (B,), "int32", elem_offset=length_info_off)
-        k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (B,), "int32", elem_offset=k_rope_off)
-        q_rope_position = T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_off)
-        output = T.match_buffer(var_output, (qo_len, H_qo, D), dtype)
-        lse = T.match_buffer(var_lse, (qo_len, H_qo), "float32")
-        for bx in T.thread_binding(T.truncdiv(qo_len + BM - 1, BM) + B, thread="blockIdx.x"):
-            for hq in T.thread_binding(H_qo, thread="blockIdx.y"):
-                for tid in T.thread_binding(NT, thread="threadIdx.x"):
+    @T.macro(hygienic=False)
+    def kernel():
+        for bx in T.thread_binding(T.truncdiv(qo_len + K.BM - 1, K.BM) + B, thread="blockIdx.x"):
+            for hq in T.thread_binding(K.H_qo, thread="blockIdx.y"):
+                for tid in T.thread_binding(K.NT, thread="threadIdx.x"):
                     with T.sblock("attn"):
                         T.reads()
                         T.writes()
                         smem, qf, sacc, oacc, kb, vb, pf, m_i, l_i, alpha, mx, info, scan = K.allocs()
                         warp: T.let[T.int32] = tid // 32
                         lane: T.let[T.int32] = tid % 32
-                        K.find_work(q_indptr, B)
-                        if info[0] >= 0:
-                            info[2] = q_indptr[info[0]]
-                            info[3] = q_indptr[info[0] + 1] - info[2]
-                            info[4] = page_indptr[info[0]]
-                            info[5] = T.if_then_else(page_indptr[info[0] + 1] > info[4],
-                                                     (page_indptr[info[0] + 1] - info[4] - 1) * PAGE_SIZE + length_info[info[0]], 0)
-                            K.plan_tiles(causal)
-                            K.main_loop(causal, sm_scale, q, output, lse)
+                        K.run_work(causal, sm_scale)
 
-    return kiln_prefill_paged
+    K.kernel = kernel
+    return prefill_func(kind, f"kiln_prefill_{kind}", K)

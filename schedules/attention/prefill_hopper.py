@@ -25,7 +25,8 @@ from tvm.script import tirx as T
 
 from .. import hopper_ptx as H
 from .cuda_helpers import CP_ASYNC16, CP_COMMIT, EX2, SYNC, cp_async_wait, pack2
-from .prefill import NEG, PAGE_SIZE, finalize, find_work, plan_tiles, rescale_o, softmax_tile
+from .prefill import NEG, PAGE_SIZE, finalize, find_work, plan_tiles, rescale_o, run_work, softmax_tile
+from .prefill_forms import prefill_func
 
 NWG = 1  # warpgroups per block (64 query rows each; 2 share the K/V tiles but fit only 1 block per SM)
 BN = 64  # kv tokens per tile
@@ -236,86 +237,14 @@ def prefill_hopper_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_
     K.issue_tile, K.issue_q, K.call, K.tiles_landed, K.allocs = issue_tile, issue_q, call, tiles_landed, allocs
     K.s_gemm, K.pv_gemm, K.wait_s, K.wait_o, K.pack_p, K.init_state = s_gemm, pv_gemm, wait_s, wait_o, pack_p, init_state
     K.find_work, K.plan_tiles, K.softmax_tile, K.rescale_o, K.finalize = find_work, plan_tiles, softmax_tile, rescale_o, finalize
-    K.main_loop = main_loop
+    K.main_loop, K.run_work, K.min_blocks = main_loop, run_work, min_blocks
 
-    if kind == "ragged":
-
-        @T.prim_func(s_tir=True)
-        def kiln_prefill_ragged(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
-                                var_kv_indptr: T.handle, var_q_rope_position: T.handle, var_k_rope_pos_offset: T.handle,
-                                var_output: T.handle, var_lse: T.handle, causal: T.int32, rotary_mode: T.int32,
-                                rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
-            T.func_attr({"tirx.is_scheduled": True, "global_symbol": "kiln_prefill_ragged"})
-            B = T.int32()
-            qo_len = T.int32()
-            kv_len = T.int32()
-            q_indptr_off = T.int32()
-            kv_indptr_off = T.int32()
-            q_rope_off = T.int32()
-            k_rope_off = T.int32()
-            q = T.match_buffer(var_q, (qo_len, H_qo, D), dtype)
-            q_indptr = T.match_buffer(var_q_indptr, (B + 1,), "int32", elem_offset=q_indptr_off)
-            k = T.match_buffer(var_k, (kv_len, H_kv, D), dtype)
-            v = T.match_buffer(var_v, (kv_len, H_kv, D), dtype)
-            kv_indptr = T.match_buffer(var_kv_indptr, (B + 1,), "int32", elem_offset=kv_indptr_off)
-            q_rope_position = T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_off)
-            k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (B,), "int32", elem_offset=k_rope_off)
-            output = T.match_buffer(var_output, (qo_len, H_qo, D), dtype)
-            lse = T.match_buffer(var_lse, (qo_len, H_qo), "float32")
-            for bx in T.thread_binding(T.truncdiv(qo_len + BM - 1, BM) + B, thread="blockIdx.y"):
-                for hq in T.thread_binding(H_qo, thread="blockIdx.x"):
-                    for tid in T.thread_binding(NT, thread="threadIdx.x"):
-                        with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", min_blocks):
-                            with T.sblock("attn"):
-                                T.reads()
-                                T.writes()
-                                smem, sacc, oacc, pf, m_i, l_i, alpha, mx, info, scan = K.allocs()
-                                warp: T.let[T.int32] = tid // 32
-                                lane: T.let[T.int32] = tid % 32
-                                wg: T.let[T.int32] = tid // 128
-                                pad: T.let[T.int32] = T.cuda.func_call(K.H.SMEM_ALIGN_PAD[0], smem.data, source_code=K.H.SMEM_ALIGN_PAD[1],
-                                                                       return_type="int32")
-                                K.find_work(q_indptr, B)
-                                if info[0] >= 0:
-                                    info[2] = q_indptr[info[0]]
-                                    info[3] = q_indptr[info[0] + 1] - info[2]
-                                    info[4] = kv_indptr[info[0]]
-                                    info[5] = kv_indptr[info[0] + 1] - info[4]
-                                    K.plan_tiles(causal)
-                                    K.main_loop(causal, sm_scale, q, output, lse)
-
-        return kiln_prefill_ragged
-
-    @T.prim_func(s_tir=True)
-    def kiln_prefill_paged(var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle, var_page_indptr: T.handle,
-                           var_page_values: T.handle, var_length_info: T.handle, var_k_rope_pos_offset: T.handle,
-                           var_q_rope_position: T.handle, var_output: T.handle, var_lse: T.handle, causal: T.int32,
-                           rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
-        T.func_attr({"tirx.is_scheduled": True, "global_symbol": "kiln_prefill_paged"})
-        B = T.int32()
-        qo_len = T.int32()
-        nnz_pages = T.int32()
-        max_num_pages = T.int32()
-        q_indptr_off = T.int32()
-        page_indptr_off = T.int32()
-        page_values_off = T.int32()
-        length_info_off = T.int32()
-        k_rope_off = T.int32()
-        q_rope_off = T.int32()
-        q = T.match_buffer(var_q, (qo_len, H_qo, D), dtype)
-        q_indptr = T.match_buffer(var_q_indptr, (B + 1,), "int32", elem_offset=q_indptr_off)
-        pages = T.match_buffer(var_pages, (max_num_pages, 2, H_kv, PAGE_SIZE, D), dtype)
-        page_indptr = T.match_buffer(var_page_indptr, (B + 1,), "int32", elem_offset=page_indptr_off)
-        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_off)
-        length_info = T.match_buffer(var_length_info, (B,), "int32", elem_offset=length_info_off)
-        k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (B,), "int32", elem_offset=k_rope_off)
-        q_rope_position = T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_off)
-        output = T.match_buffer(var_output, (qo_len, H_qo, D), dtype)
-        lse = T.match_buffer(var_lse, (qo_len, H_qo), "float32")
-        for bx in T.thread_binding(T.truncdiv(qo_len + BM - 1, BM) + B, thread="blockIdx.y"):
-            for hq in T.thread_binding(H_qo, thread="blockIdx.x"):
-                for tid in T.thread_binding(NT, thread="threadIdx.x"):
-                    with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", min_blocks):
+    @T.macro(hygienic=False)
+    def kernel():
+        for bx in T.thread_binding(T.truncdiv(qo_len + K.BM - 1, K.BM) + B, thread="blockIdx.y"):
+            for hq in T.thread_binding(K.H_qo, thread="blockIdx.x"):
+                for tid in T.thread_binding(K.NT, thread="threadIdx.x"):
+                    with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", K.min_blocks):
                         with T.sblock("attn"):
                             T.reads()
                             T.writes()
@@ -325,14 +254,7 @@ def prefill_hopper_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_
                             wg: T.let[T.int32] = tid // 128
                             pad: T.let[T.int32] = T.cuda.func_call(K.H.SMEM_ALIGN_PAD[0], smem.data, source_code=K.H.SMEM_ALIGN_PAD[1],
                                                                    return_type="int32")
-                            K.find_work(q_indptr, B)
-                            if info[0] >= 0:
-                                info[2] = q_indptr[info[0]]
-                                info[3] = q_indptr[info[0] + 1] - info[2]
-                                info[4] = page_indptr[info[0]]
-                                info[5] = T.if_then_else(page_indptr[info[0] + 1] > info[4],
-                                                         (page_indptr[info[0] + 1] - info[4] - 1) * PAGE_SIZE + length_info[info[0]], 0)
-                                K.plan_tiles(causal)
-                                K.main_loop(causal, sm_scale, q, output, lse)
+                            K.run_work(causal, sm_scale)
 
-    return kiln_prefill_paged
+    K.kernel = kernel
+    return prefill_func(kind, f"kiln_prefill_{kind}", K)
