@@ -19,7 +19,7 @@ from types import SimpleNamespace
 from tvm.script import tirx as T
 
 from .prefill import find_work
-from .prefill_forms import prefill_func, ragged_kv_range
+from .prefill_forms import prefill_func
 
 PAGE_SIZE = 16
 BN = 32  # keys per tile
@@ -96,10 +96,10 @@ def metal_prefill_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_d
                 # 8-byte global loads into registers, then scalar threadgroup stores (Metal's
                 # vector-type rewrite of a threadgroup buffer rejects the scalar reads below)
                 if K.RAGGED:
-                    for v in T.vectorized(4):
-                        kv4[0, v] = k[info[4] + pos, by, e % K.D + v]
-                    for v in T.vectorized(4):
-                        kv4[1, v] = vv[info[4] + pos, by, e % K.D + v]
+                    for x in T.vectorized(4):
+                        kv4[0, x] = k[info[4] + pos, by, e % K.D + x]
+                    for x in T.vectorized(4):
+                        kv4[1, x] = v[info[4] + pos, by, e % K.D + x]
                 else:
                     page: T.let[T.int64] = T.Cast("int64", page_values[info[4] + pos // K.PAGE_SIZE])
                     for v in T.vectorized(4):
@@ -179,35 +179,4 @@ def metal_prefill_kernel(kind: str, num_kv_heads: int, num_qo_heads: int, head_d
     # non-hygienic macros see only the caller's variables
     K.body, K.allocs, K.kernel, K.find_work = body, allocs, kernel, find_work
 
-    if kind == "paged":
-        return prefill_func(kind, "kiln_metal_prefill_paged", K)
-    K.kv_range = ragged_kv_range
-
-    # prefill_forms.py's ragged signature, spelled out again only because the V buffer is ``vv`` here (the
-    # body's vector loops are ``v``) and the buffer's name reaches the generated source (``vv_ptr``)
-    @T.prim_func(s_tir=True)
-    def kiln_metal_prefill_ragged(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
-                                  var_kv_indptr: T.handle, var_q_rope_position: T.handle,
-                                  var_k_rope_pos_offset: T.handle, var_output: T.handle, var_lse: T.handle,
-                                  causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32,
-                                  rope_theta: T.float32, sm_scale: T.float32):
-        T.func_attr({"tirx.is_scheduled": True, "global_symbol": "kiln_metal_prefill_ragged"})
-        B = T.int32()
-        qo_len = T.int32()
-        kv_len = T.int32()
-        q_indptr_off = T.int32()
-        kv_indptr_off = T.int32()
-        q_rope_off = T.int32()
-        k_rope_off = T.int32()
-        q = T.match_buffer(var_q, (qo_len, H_qo, D), dtype)
-        q_indptr = T.match_buffer(var_q_indptr, (B + 1,), "int32", elem_offset=q_indptr_off)
-        k = T.match_buffer(var_k, (kv_len, H_kv, D), dtype)
-        vv = T.match_buffer(var_v, (kv_len, H_kv, D), dtype)
-        kv_indptr = T.match_buffer(var_kv_indptr, (B + 1,), "int32", elem_offset=kv_indptr_off)
-        q_rope_position = T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_off)
-        k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (B,), "int32", elem_offset=k_rope_off)
-        output = T.match_buffer(var_output, (qo_len, H_qo, D), dtype)
-        lse = T.match_buffer(var_lse, (qo_len, H_qo), "float32")
-        K.kernel()
-
-    return kiln_metal_prefill_ragged
+    return prefill_func(kind, f"kiln_metal_prefill_{kind}", K)

@@ -14,8 +14,7 @@ kernel's non-hygienic macro (thread bindings and body), which sees the buffers (
 ``prefill_func``) fills info[4] (KV start | first page) and info[5] (KV length) of sequence ``seq``.
 The kernel's namespace ``K`` gives ``H_qo``, ``H_kv``, ``D``, ``dtype`` and ``PAGE_SIZE``.
 Why two signatures: TVMScript reads a PrimFunc's parameters from its ``def`` line, so each
-parameter list is spelled once, here (metal_prefill.py's ragged form spells its own: it names the V
-buffer ``vv``, a name that reaches the generated source).
+parameter list is spelled once, here.
 """
 
 from tvm.script import tirx as T
