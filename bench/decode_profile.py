@@ -1,0 +1,72 @@
+"""Where a decode step's time goes: wall time against GPU kernel time, and the kernels that take it.
+
+    python bench/decode_profile.py ARTIFACT [--batches 1,16,64] [--context 256]   (GPU box; random weights
+    are filled in when the artifact has none)
+
+For each batch size: ModelRunner decode steps (forward + on-device argmax, as the engine runs them) timed
+by the wall clock, then the same steps under torch's CUDA profiler (CUPTI sees every kernel in the
+process, CUDA-graph replays included): GPU busy time and kernel launches per step, top kernels by time.
+Wall minus GPU time is what the host (Python, the VM, launches) adds to a step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.random_weights import fill  # noqa: E402
+from runtime.model_runner import ModelRunner  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("artifact", type=Path)
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=32)
+    a = ap.parse_args()
+    if not (a.artifact / "weights").is_dir():
+        fill(a.artifact, None)
+    batches = [int(b) for b in a.batches.split(",")]
+    runner = ModelRunner(a.artifact, max_batch=max(batches), kv_tokens=max(batches) * (a.context + 2 * a.steps + 64))
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    print(f"{a.artifact.name} on {runner.device.device_name}")
+    for b in batches:
+        seqs = list(range(1000, 1000 + b))
+        for s in seqs:
+            runner.add_sequence(s)
+        runner.forward(seqs, [[5] * a.context for _ in seqs])
+
+        def step():
+            logits = runner.forward(seqs, [[7] for _ in seqs], on_device=True)
+            return runner.vm["argmax"](logits).numpy()
+
+        for _ in range(4):
+            step()
+        start = time.perf_counter()
+        for _ in range(a.steps):
+            step()
+        wall = (time.perf_counter() - start) / a.steps * 1e3
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(a.steps):
+                step()
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+        gpu = sum(e.self_device_time_total for e in kernels) / a.steps / 1e3
+        launches = sum(e.count for e in kernels) / a.steps
+        print(f"b={b}: wall {wall:.3f} ms/step, GPU kernels {gpu:.3f} ms/step ({launches:.0f} launches), "
+              f"host share {max(0.0, 1 - gpu / wall):.0%}")
+        for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]:
+            print(f"    {e.self_device_time_total / a.steps / 1e3:7.3f} ms  x{e.count / a.steps:5.1f}  {e.key[:90]}")
+        for s in seqs:
+            runner.remove_sequence(s)
+
+
+if __name__ == "__main__":
+    main()
