@@ -38,13 +38,24 @@ def mma_name(dtype: str) -> str:
     return f"kiln_mma_{dtype}_f32_nt"
 
 
-def _ldmatrix(dtype: str):
-    """A 16x16 k-contiguous tile of shared memory → one warp's fragment (x4, no transpose).
+def _a_rows(stride, lane):
+    """A[m,k] tile: lanes 0-15 point at rows 0-15, columns 0-7; lanes 16-31 at the same rows,
+    columns 8-15 (fragments a0..a3, as the mma description below reads them)."""
+    return stride * (lane % 16) + 8 * (lane // 16)
 
-    The same lane→row map serves A[m,k] and B[n,k]: lanes 0-15 point at rows 0-15, columns
-    0-7; lanes 16-31 at the same rows, columns 8-15 (giving fragments a0..a3 / b0,b1 for two
-    n8 halves, which is what the mma description below reads).
+
+def _b_rows(stride, lane):
+    """B[n,k] tile: lanes 0-7 rows n0-7 k0-7, 8-15 rows n0-7 k8-15, 16-31 the same for n8-15.
+
+    mma's B fragment for one n8 half is (k0-7, k8-15) of the same 8 rows; this order makes
+    registers 0,1 the first n8 half and 2,3 the second, as TVM's trans-B intrinsic does.
     """
+    return stride * 8 * (lane // 16) + stride * (lane % 8) + 8 * ((lane % 16) // 8)
+
+
+def _ldmatrix(dtype: str, lane_offset):
+    """A 16x16 k-contiguous tile of shared memory → one warp's fragment (x4, no transpose); lane
+    `tx` gives ldmatrix the address of element `lane_offset(row stride, tx)` (`_a_rows`, `_b_rows`)."""
 
     @T.prim_func(s_tir=True)
     def desc(warp_handle: T.handle, shared_handle: T.handle) -> None:
@@ -77,35 +88,7 @@ def _ldmatrix(dtype: str):
             for tx in T.thread_binding(0, WARP, "threadIdx.x"):
                 T.evaluate(T.ptx_legacy.ldmatrix(
                     False, 4, ".b16", warp.data, warp.elem_offset + convert(LOCAL) * tx,
-                    shared.access_ptr("r"), s0 * (tx % 16) + 8 * (tx // 16), dtype=dtype))
-
-    return desc, impl
-
-
-def _ldmatrix_b(dtype: str):
-    """B[n,k] tile: lanes 0-7 rows n0-7 k0-7, 8-15 rows n0-7 k8-15, 16-31 the same for n8-15.
-
-    mma's B fragment for one n8 half is (k0-7, k8-15) of the same 8 rows; this order makes
-    registers 0,1 the first n8 half and 2,3 the second, as TVM's trans-B intrinsic does.
-    """
-    desc, _ = _ldmatrix(dtype)
-
-    @T.prim_func(s_tir=True)
-    def impl(warp_handle: T.handle, shared_handle: T.handle) -> None:
-        s0 = T.int32()
-        s1 = T.int32()
-        shared = T.match_buffer(shared_handle, (16, 16), dtype, align=64, offset_factor=16,
-                                scope="shared.dyn", strides=[s0, s1])
-        warp = T.match_buffer(warp_handle, (WARP, LOCAL), dtype, align=64, offset_factor=16,
-                              scope="warp")
-        with T.sblock("root"):
-            T.reads(shared[0:16, 0:16])
-            T.writes(warp[0:WARP, 0:LOCAL])
-            for tx in T.thread_binding(0, WARP, "threadIdx.x"):
-                T.evaluate(T.ptx_legacy.ldmatrix(
-                    False, 4, ".b16", warp.data, warp.elem_offset + convert(LOCAL) * tx,
-                    shared.access_ptr("r"),
-                    s0 * 8 * (tx // 16) + s0 * (tx % 8) + 8 * ((tx % 16) // 8), dtype=dtype))
+                    shared.access_ptr("r"), lane_offset(s0, tx), dtype=dtype))
 
     return desc, impl
 
@@ -238,8 +221,8 @@ def register() -> None:
     if _registered:
         return
     for dt in DTYPES:
-        TensorIntrin.register(ldmatrix_name(dt, "a"), *_ldmatrix(dt), override=True)
-        TensorIntrin.register(ldmatrix_name(dt, "b"), *_ldmatrix_b(dt), override=True)
+        TensorIntrin.register(ldmatrix_name(dt, "a"), *_ldmatrix(dt, _a_rows), override=True)
+        TensorIntrin.register(ldmatrix_name(dt, "b"), *_ldmatrix(dt, _b_rows), override=True)
         TensorIntrin.register(mma_name(dt), *_mma(dt), override=True)
     TensorIntrin.register(STORE, *_store(), override=True)
     TensorIntrin.register(FILL, *_fill(), override=True)
