@@ -98,6 +98,18 @@ def _unroll(sch, loop) -> None:
     sch.annotate(loop, "pragma_unroll_explicit", False)
 
 
+def _tiles16(sch, block):
+    """Split the block's last two loops into unrolled 16×16 tiles: (y0, x1), the innermost loop over
+    tiles and the first loop inside one (where a tile is blockized or tensorized)."""
+    x, y = sch.get_loops(block)[-2:]
+    x0, x1 = sch.split(x, [None, 16])
+    y0, y1 = sch.split(y, [None, 16])
+    sch.reorder(x0, y0, x1, y1)
+    _unroll(sch, x0)
+    _unroll(sch, y0)
+    return y0, x1
+
+
 def _static(x) -> int | None:
     return int(x) if isinstance(x, tirx.IntImm) else None
 
@@ -220,12 +232,7 @@ class MatmulTensorCore(RowDispatchGemmRule):
             sch.compute_at(blk, k1)
             sch.transform_layout(blk, ("write", 0), lambda s, x, y: (
                 s, x // 16, y // 16, *frag_layout(x % 16, y % 16)))
-            x, y = sch.get_loops(blk)[-2:]
-            x0, x1 = sch.split(x, [None, 16])
-            y0, y1 = sch.split(y, [None, 16])
-            sch.reorder(x0, y0, x1, y1)
-            _unroll(sch, x0)
-            _unroll(sch, y0)
+            _, x1 = _tiles16(sch, blk)
             tile = sch.blockize(x1)
             if c.swizzle:
                 sch.annotate(tile, "permuted_layout", 1)
@@ -244,12 +251,7 @@ class MatmulTensorCore(RowDispatchGemmRule):
         sch.compute_inline(c_s)
         c_w = sch.cache_write(outer, 0, "warp")
         sch.reverse_compute_at(c_w, warp)
-        x, y = sch.get_loops(c_w)[-2:]
-        x0, x1 = sch.split(x, [None, 16])
-        y0, y1 = sch.split(y, [None, 16])
-        sch.reorder(x0, y0, x1, y1)
-        _unroll(sch, x0)
-        _unroll(sch, y0)
+        y0, _ = _tiles16(sch, c_w)
         sch.reverse_compute_at(epi, warp if c.warp_epilogue else y0)
         fused = sch.fuse(*sch.get_loops(epi)[-2:])
         f0, f1, f2 = sch.split(fused, [None, 32, c.vec])
