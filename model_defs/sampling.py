@@ -20,7 +20,7 @@ class SamplingFunctions:
 
     def argmax(self, logits: nn.Tensor) -> nn.Tensor:
         """int32[b]: the most likely token of each row (exact greedy)."""
-        return nn.op.wrap_nested(relax.op.astype(relax.op.argmax(logits._expr, axis=-1), "int32"), "argmax")
+        return nn.op.wrap_nested(relax.op.astype(relax.op.argmax(_expr(logits), axis=-1), "int32"), "argmax")
 
     def apply_penalties(self, logits: nn.Tensor, pairs: nn.Tensor, counts: nn.Tensor, repetition: nn.Tensor,
                         frequency: nn.Tensor, presence: nn.Tensor) -> nn.Tensor:
@@ -28,14 +28,11 @@ class SamplingFunctions:
         row's prompt and output tokens; `counts` f32[m]: times in the output): repetition (transformers':
         divide positive logits, multiply negative ones, for every seen token), then frequency × count and
         presence (OpenAI's, output tokens only). Penalties are per pair, m × 1 each."""
-        def expr(t):
-            return t._expr
-
-        x = nn.op.wrap_nested(relax.op.gather_nd(expr(logits), expr(pairs)), "penalized_logits")
+        x = nn.op.wrap_nested(relax.op.gather_nd(_expr(logits), _expr(pairs)), "penalized_logits")
         x = nn.op.where(nn.op.greater(x, nn.op.zeros(x.shape, "float32")), x / repetition, x * repetition)
         in_output = nn.op.astype(nn.op.greater(counts, nn.op.zeros(counts.shape, "float32")), "float32")
         x = x - frequency * counts - presence * in_output
-        return nn.op.wrap_nested(relax.op.scatter_nd(expr(logits), expr(pairs), expr(x)), "penalize")
+        return nn.op.wrap_nested(relax.op.scatter_nd(_expr(logits), _expr(pairs), _expr(x)), "penalize")
 
     def sample_probs(self, logits: nn.Tensor, temperature: nn.Tensor, min_p: nn.Tensor) -> nn.Tensor:
         """float32[b, V]: softmax(logits / temperature) without the tokens below min_p × the row's top
@@ -56,13 +53,10 @@ class SamplingFunctions:
         those whose share of the top-k mass reaches top_p (top-k first, renormalized: transformers' and
         vLLM's order). TVM's sampler compares top_p with the absolute cumulative mass, so it gets top_p ×
         the top-k mass."""
-        def expr(t):
-            return t._expr
-
         sorted_ids = nn.op.argsort(probs, axis=-1, descending=True, dtype="int32")  # one sort, then a gather
-        sorted_probs = nn.op.wrap_nested(relax.op.gather_elements(expr(probs), expr(sorted_ids), axis=1),
+        sorted_probs = nn.op.wrap_nested(relax.op.gather_elements(_expr(probs), _expr(sorted_ids), axis=1),
                                          "sorted_probs")
-        kth = nn.op.wrap_nested(relax.op.gather_elements(expr(sorted_probs), expr(top_k - 1), axis=1), "kth_prob")
+        kth = nn.op.wrap_nested(relax.op.gather_elements(_expr(sorted_probs), _expr(top_k - 1), axis=1), "kth_prob")
         in_top_k = nn.op.greater_equal(sorted_probs, kth)
         mass_k = nn.op.sum(nn.op.where(in_top_k, sorted_probs, nn.op.zeros(sorted_probs.shape, "float32")),
                            axis=-1, keepdims=True)
@@ -72,10 +66,15 @@ class SamplingFunctions:
     def logprobs(self, logits: nn.Tensor, tokens: nn.Tensor) -> tuple[nn.Tensor, nn.Tensor, nn.Tensor]:
         """log_softmax(logits) at `tokens` (int32[b, 1]) → f32[b, 1], and the TOP_LOGPROBS most likely tokens
         of each row: (f32[b, k], int32[b, k]), best first."""
-        lp = nn.op.wrap_nested(relax.op.nn.log_softmax(logits._expr, axis=-1), "log_softmax")
-        chosen = nn.op.wrap_nested(relax.op.gather_elements(lp._expr, tokens._expr, axis=1), "chosen_logprob")
+        lp = nn.op.wrap_nested(relax.op.nn.log_softmax(_expr(logits), axis=-1), "log_softmax")
+        chosen = nn.op.wrap_nested(relax.op.gather_elements(_expr(lp), _expr(tokens), axis=1), "chosen_logprob")
         top_values, top_ids = nn.op.topk(lp, k=TOP_LOGPROBS, axis=-1, ret_type="both", dtype="int32")
         return chosen, top_values, top_ids
+
+
+def _expr(t: nn.Tensor) -> relax.Expr:
+    """The Relax expression behind an nn.Tensor, for relax ops nn.op does not wrap."""
+    return t._expr  # pylint: disable=protected-access
 
 
 TOP_LOGPROBS = 20  # OpenAI's cap on top_logprobs; the compiled `logprobs` always returns this many
