@@ -16,16 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from bench.random_weights import fill  # noqa: E402
+from conftest import top_k_top_p_kept  # noqa: E402
 from runtime.artifact import Artifact, import_tvm, load_library  # noqa: E402
-
-
-def kept_set(probs: np.ndarray, k: int, p: float) -> set[int]:
-    top = np.argsort(-probs)[:k]
-    mass = np.cumsum(probs[top]) / probs[top].sum()
-    return set(top[:int(np.searchsorted(mass, p - 1e-6)) + 1].tolist())
 
 
 def main(paths: list[str]) -> None:
@@ -69,7 +65,7 @@ def main(paths: list[str]) -> None:
             np.testing.assert_allclose(probs.numpy(), want, rtol=1e-3, atol=1e-7)
             drawn = vm["sample_top_p_top_k"](probs, top_p, top_k, uniform, rows).numpy()[:, 0]
             for r in range(b):
-                assert drawn[r] in kept_set(want[r], 50, 0.9), ("top_p/top_k", r)
+                assert drawn[r] in top_k_top_p_kept(want[r], 50, 0.9), ("top_p/top_k", r)
             ms = {
                 "argmax": timed(lambda: vm["argmax"](logits)),
                 "sample_probs": timed(lambda: vm["sample_probs"](logits, temp, min_p)),

@@ -75,6 +75,14 @@ def hf_greedy(model_dir: Path, ids: list[int], n: int, dtype: str = "float64") -
     return out[0, len(ids):].tolist()
 
 
+def top_k_top_p_kept(probs: np.ndarray, k: int, p: float) -> set[int]:
+    """The tokens a top-k (k <= 0: the whole row) then top-p sampler may draw from `probs`: the smallest
+    prefix of the k most likely whose share of their mass reaches p (transformers' and vLLM's order)."""
+    top = np.argsort(-probs)[:k if k > 0 else None]
+    mass = np.cumsum(probs[top]) / probs[top].sum()
+    return set(top[:int(np.searchsorted(mass, p - 1e-6)) + 1].tolist())
+
+
 def compile_cpu(model: str | Path, out: Path, dtype: str = "float32") -> Path:
     from compile.driver import compile_artifact
 

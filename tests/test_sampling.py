@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers
 
+from conftest import top_k_top_p_kept
 from runtime.errors import KilnError
 from runtime.model_runner import ModelRunner
 from runtime.sampling import SamplingParams, apply_penalties, sample
@@ -77,8 +78,8 @@ def test_compiled_sampling_matches_the_target_distribution(runner, params, proce
 
 
 def test_compiled_top_p_top_k_keep_exactly_the_reference_tokens(runner):
-    """Over a 1,000-token vocabulary with a long tail: every token the compiled (sort-free) top-p/top-k
-    draws is in the host reference's kept set, and every kept token of visible probability is drawn."""
+    """Over a 1,000-token vocabulary with a long tail: every token the compiled top-p/top-k draws is in
+    the reference kept set, and every kept token of visible probability is drawn."""
     rng = np.random.default_rng(4)
     vocab, draws = 1000, 400
     settings = [(k, p) for k in (0, 1, 7, 60) for p in (1.0, 0.9, 0.5)]
@@ -95,10 +96,7 @@ def test_compiled_top_p_top_k_keep_exactly_the_reference_tokens(runner):
     for r, (k, p) in enumerate(settings):
         probs = np.exp(logits[r] - logits[r].max())
         probs /= probs.sum()
-        order = np.argsort(-probs)
-        top = order[:k or vocab]
-        mass = np.cumsum(probs[top]) / probs[top].sum()
-        kept = set(top[:int(np.searchsorted(mass, p - 1e-6)) + 1].tolist())
+        kept = top_k_top_p_kept(probs, k, p)
         drawn = set(tokens[rows == r].tolist())
         assert drawn <= kept, (k, p, sorted(drawn - kept))
         visible = {t for t in kept if probs[t] / probs[list(kept)].sum() > 2 / draws}
