@@ -10,6 +10,7 @@ prefill against torch SDPA (bf16, causal) in the same run. L2 is flushed before 
 """
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -125,6 +126,16 @@ class Bench:
         return (self.torch.randn(*shape, generator=self.gen, device=self.dev, dtype=self.torch.float32)).to(self.torch.bfloat16)
 
     # ---- paged KV cache contents ----
+
+    def indptr(self, counts):
+        """[0, c0, c0 + c1, ...]: int32 on the device."""
+        return self.torch.tensor([0] + list(itertools.accumulate(counts)), dtype=self.torch.int32, device=self.dev)
+
+    def poisoned_outputs(self, rows):
+        """(output, lse) for `rows` query rows, NaN-filled: an entry a kernel forgets to write fails the check."""
+        torch = self.torch
+        return (torch.full((rows, H_QO, D), float("nan"), dtype=torch.bfloat16, device=self.dev),
+                torch.full((rows, H_QO), float("nan"), dtype=torch.float32, device=self.dev))
     def make_pages(self, lens, extra_pages=3):
         """Random K/V pages for sequences of `lens` tokens, in a shuffled page order."""
         torch = self.torch
@@ -133,7 +144,7 @@ class Bench:
         pages = self.rand(total, 2, H_KV, PAGE, D)
         # unused slots hold NaN: a kernel that reads past a sequence's end shows it
         perm = torch.randperm(total, generator=self.gen, device=self.dev)[: sum(npg)].to(torch.int32)
-        indptr = torch.tensor([0] + list(__import__("itertools").accumulate(npg)), dtype=torch.int32, device=self.dev)
+        indptr = self.indptr(npg)
         last = torch.tensor([n - (p - 1) * PAGE if p else 0 for n, p in zip(lens, npg)], dtype=torch.int32, device=self.dev)
         for i, n in enumerate(lens):
             if n % PAGE:
@@ -188,8 +199,7 @@ class Bench:
         pages, indptr, values, last = self.make_pages(lens)
         b = len(lens)
         q = self.rand(b, H_QO, D)
-        out = torch.full((b, H_QO, D), float("nan"), dtype=torch.bfloat16, device=self.dev)
-        lse = torch.full((b, H_QO), float("nan"), dtype=torch.float32, device=self.dev)
+        out, lse = self.poisoned_outputs(b)
         call = self.decode_call(fname, q, pages, indptr, values, last, out, lse)
         call()
         torch.cuda.synchronize()
@@ -312,11 +322,10 @@ class Bench:
         torch = self.torch
         n = sum(lens)
         q, k, v = self.rand(n, H_QO, D), self.rand(n, H_KV, D), self.rand(n, H_KV, D)
-        indptr = torch.tensor([0] + list(__import__("itertools").accumulate(lens)), dtype=torch.int32, device=self.dev)
+        indptr = self.indptr(lens)
         zeros = torch.zeros(len(lens), dtype=torch.int32, device=self.dev)
         qpos = torch.zeros(n, dtype=torch.int32, device=self.dev)
-        out = torch.full((n, H_QO, D), float("nan"), dtype=torch.bfloat16, device=self.dev)
-        lse = torch.full((n, H_QO), float("nan"), dtype=torch.float32, device=self.dev)
+        out, lse = self.poisoned_outputs(n)
         f = self.mod[fname]
         args = [self.tv(x) for x in (q, indptr, k, v, indptr, qpos, zeros, out, lse)]
         call = lambda: f(*args, 1, 0, 1.0, 1e4, D ** -0.5)  # noqa: E731  causal=1, rotary_mode=0
@@ -341,11 +350,10 @@ class Bench:
         pages, indptr, values, last = self.make_pages([c for _, c in cases])
         n = sum(qlens)
         q = self.rand(n, H_QO, D)
-        qo_indptr = torch.tensor([0] + list(__import__("itertools").accumulate(qlens)), dtype=torch.int32, device=self.dev)
+        qo_indptr = self.indptr(qlens)
         zeros = torch.zeros(len(cases), dtype=torch.int32, device=self.dev)
         qpos = torch.zeros(n, dtype=torch.int32, device=self.dev)
-        out = torch.full((n, H_QO, D), float("nan"), dtype=torch.bfloat16, device=self.dev)
-        lse = torch.full((n, H_QO), float("nan"), dtype=torch.float32, device=self.dev)
+        out, lse = self.poisoned_outputs(n)
         f = self.mod[fname]
         args = [self.tv(x) for x in (q, qo_indptr, pages, indptr, values, last, zeros, qpos, out, lse)]
         call = lambda: f(*args, 0, 0, 1.0, 1e4, D ** -0.5)  # noqa: E731  causal=0
