@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+DATA = REPO / "tests" / "data"  # copies of ../shared/data (licenses in tests/data/README.md)
 STORIES_HF = REPO / "model_defs" / "stories260K"
 STORIES_EXPECTED = json.loads((REPO / "tests" / "data" / "stories260K_expected.json").read_text())
 

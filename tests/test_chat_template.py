@@ -20,7 +20,7 @@ CONVERSATIONS = {"one-turn": TURNS[:1], "multi-turn": TURNS, "system+multi-turn"
 
 
 def _reference(template, messages, **kwargs):
-    render = pytest.importorskip("transformers.utils.chat_template_utils").render_jinja_template
+    from transformers.utils.chat_template_utils import render_jinja_template as render
     rendered, _ = render(conversations=[messages], chat_template=template, **kwargs)
     return rendered[0]
 

@@ -3,14 +3,12 @@
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import DATA
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402
 from compile.gguf_source import GGUFFile  # noqa: E402
 
-VECTORS = SHARED_DATA / "ggml-quant-vectors" / "ggml-quant-vectors.gguf"
-if not VECTORS.is_file():
-    pytest.skip(f"{VECTORS} is not here", allow_module_level=True)
+VECTORS = DATA / "ggml-quant-vectors" / "ggml-quant-vectors.gguf"
 # The list, then the other types in the file (i-quants, ternary, MXFP4) that gguf also dequantizes.
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
          "IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "TQ1_0", "TQ2_0", "MXFP4"]

@@ -14,19 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
-from conftest import compile_cpu  # noqa: E402
+import gguf  # noqa: E402
+from conftest import STORIES_EXPECTED, STORIES_HF, compile_cpu  # noqa: E402
 from runtime.generate import generate_ids  # noqa: E402
 from runtime.model_runner import ModelRunner  # noqa: E402
 from runtime.tokenizer import Tokenizer  # noqa: E402
 from test_gguf_source import STORIES, random_model, write_model_gguf  # noqa: E402
 
-if not STORIES.is_dir():
-    pytest.skip(f"{STORIES} is not here", allow_module_level=True)
-ALL_EXPECTED = json.loads((STORIES / "expected.json").read_text())
+ALL_EXPECTED = STORIES_EXPECTED
 EXPECTED = ALL_EXPECTED["greedy_from_bos"]
 REPO = Path(__file__).resolve().parents[1]
-FORMS = {"hf": STORIES / "hf", "f32": STORIES / "gguf" / "stories260K-f32.gguf",
+FORMS = {"hf": STORIES_HF, "f32": STORIES / "gguf" / "stories260K-f32.gguf",
          "q8_0": STORIES / "gguf" / "stories260K-q8_0.gguf", "q4_0": STORIES / "gguf" / "stories260K-q4_0.gguf"}
 
 
@@ -142,7 +140,7 @@ def test_random_model_gguf_equals_safetensors(arch, tmp_path):
     (hf / "config.json").write_text(json.dumps(cfg))
     save_file(tensors, hf / "model.safetensors")
     for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(STORIES / "hf" / f, hf / f)
+        shutil.copy(STORIES_HF / f, hf / f)
     gguf_path = write_model_gguf(tmp_path / f"{arch}.gguf", cfg, tensors)
     prompts = [[1, 403, 407, 261, 378], [1, 42]]
     outs = [generate_ids(ModelRunner(compile_cpu(p, tmp_path / f"art-{i}")), prompts, 16)

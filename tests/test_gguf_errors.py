@@ -9,20 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import DATA, STORIES_HF
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402
 from compile.gguf_source import GGUFSource  # noqa: E402
 from compile.safetensors_checks import SafetensorsModel  # noqa: E402
 from compile.sources import open_source  # noqa: E402
 from runtime.errors import KilnError  # noqa: E402
 from runtime.tokenizer import Tokenizer, gguf_tokenizer_files  # noqa: E402
 
-STORIES = SHARED_DATA / "stories260K"
-if not STORIES.is_dir():
-    pytest.skip(f"{STORIES} is not here", allow_module_level=True)
+STORIES = DATA / "stories260K"
 Q4 = STORIES / "gguf" / "stories260K-q4_0.gguf"
-HF = STORIES / "hf"
+HF = STORIES_HF
 
 
 def load_gguf(path):

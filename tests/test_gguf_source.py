@@ -5,14 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import DATA, STORIES_HF
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402
 from compile.gguf_source import GGUFSource  # noqa: E402
 from runtime.errors import KilnError  # noqa: E402
 
-STORIES = SHARED_DATA / "stories260K"
-needs_data = pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} is not here")
+STORIES = DATA / "stories260K"
 
 # HF name pattern -> llama.cpp name pattern (what llama.cpp's convert_hf_to_gguf writes).
 _TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -109,7 +108,6 @@ def write_model_gguf(path, cfg, tensors, tokenizer_gguf=STORIES / "gguf" / "stor
     return path
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-@needs_data
 def test_random_model_round_trip(arch, tmp_path):
     """Config and every tensor come back exactly as the HF model that was written (permutation undone)."""
     cfg, tensors = random_model(arch)
@@ -119,7 +117,6 @@ def test_random_model_round_trip(arch, tmp_path):
     for name, t in tensors.items():
         np.testing.assert_array_equal(src.tensor(name), t, err_msg=name)
 
-@needs_data
 def test_random_llama_q8_0(tmp_path):
     """Quantized tensors equal gguf's own quantize→dequantize, then un-permuted."""
     cfg, tensors = random_model("llama")
@@ -135,15 +132,14 @@ def test_random_llama_q8_0(tmp_path):
         np.testing.assert_array_equal(src.tensor(name), expected)
         assert 0 < np.abs(src.tensor(name) - t).max() < 0.05
 
-@needs_data
 @pytest.mark.parametrize("form", ["f32", "q8_0", "q4_0"])
 def test_stories260k(form):
     """Config equals the HF folder's config.json; f32 tensors equal model.safetensors bit for bit."""
     from safetensors.numpy import load_file
     src = GGUFSource(STORIES / "gguf" / f"stories260K-{form}.gguf")
-    hf_cfg = json.loads((STORIES / "hf" / "config.json").read_text())
+    hf_cfg = json.loads((STORIES_HF / "config.json").read_text())
     assert {k: hf_cfg[k] for k in src.config} == src.config
-    hf = load_file(STORIES / "hf" / "model.safetensors")
+    hf = load_file(STORIES_HF / "model.safetensors")
     assert sorted(src.tensor_names()) == sorted(hf)
     for name, t in hf.items():
         got = src.tensor(name)
@@ -153,7 +149,6 @@ def test_stories260k(form):
         else:
             assert np.abs(got - t).max() < (0.02 if form == "q8_0" else 0.2), name
 
-@needs_data
 def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
     """llama.cpp keeps Llama 3.1 RoPE scaling only as a rope_freqs tensor; we recover the HF rope_scaling."""
     cfg, tensors = random_model("llama")

@@ -7,16 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import DATA, STORIES_EXPECTED, STORIES_HF
 
 from runtime.errors import KilnError
 from runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
-if not SHARED_DATA.is_dir():
-    pytest.skip(f"{SHARED_DATA} (shared test data) is not here", allow_module_level=True)
-VOCAB = SHARED_DATA / "llama.cpp-vocab"
-TOKS = SHARED_DATA / "tokenizers"
-EXPECTED = json.loads((SHARED_DATA / "stories260K" / "expected.json").read_text())
+VOCAB = DATA / "llama.cpp-vocab"
+TOKS = DATA / "tokenizers"
+EXPECTED = STORIES_EXPECTED
 
 def llama_cpp_rows(name):
     texts = (VOCAB / f"ggml-vocab-{name}.gguf.inp").read_text().split("\n__ggml_vocab_test__\n")
@@ -29,12 +27,15 @@ def jsonl_rows(path):
 
 @pytest.fixture(scope="module")
 def unpacked(tmp_path_factory):
-    """The gzipped tokenizer.json folders (qwen3, llama3) unpacked once."""
+    """The gzipped files (tokenizer.json of qwen3, llama3, mistral-v1; llama.cpp's BPE vocab GGUF) unpacked once."""
     root = tmp_path_factory.mktemp("tok")
-    for name in ("qwen3", "llama3"):
+    for name in ("qwen3", "llama3", "mistral-v1"):
         (root / name).mkdir()
         (root / name / "tokenizer.json").write_bytes(gzip.decompress((TOKS / name / "tokenizer.json.gz").read_bytes()))
-        (root / name / "tokenizer_config.json").write_bytes((TOKS / name / "tokenizer_config.json").read_bytes())
+        for extra in ("tokenizer_config.json", "tokenizer.model"):
+            if (TOKS / name / extra).is_file():
+                (root / name / extra).write_bytes((TOKS / name / extra).read_bytes())
+    (root / "ggml-vocab-llama-bpe.gguf").write_bytes(gzip.decompress((VOCAB / "ggml-vocab-llama-bpe.gguf.gz").read_bytes()))
     return root
 
 def assert_parity(tok, rows):
@@ -51,14 +52,15 @@ def assert_parity(tok, rows):
             assert not any("\ufffd" in p for p in pieces), text
 
 @pytest.mark.parametrize("name", ["llama-bpe", "llama-spm"])
-def test_llama_cpp_vocab_gguf(name):
+def test_llama_cpp_vocab_gguf(name, unpacked):
     """47/47 of llama.cpp's own test-tokenizer-0 vectors with the tokenizer built from the vocab GGUF."""
-    assert_parity(Tokenizer(VOCAB / f"ggml-vocab-{name}.gguf"), llama_cpp_rows(name))
+    folder = unpacked if name == "llama-bpe" else VOCAB
+    assert_parity(Tokenizer(folder / f"ggml-vocab-{name}.gguf"), llama_cpp_rows(name))
 
 @pytest.mark.parametrize("name", ["qwen3", "llama3", "mistral-v1", "llama2"])
 def test_real_tokenizers(name, unpacked):
     """tokenizer.json (qwen3, llama3, mistral) or SentencePiece tokenizer.model (llama2) vs. the reference ids."""
-    folder = unpacked / name if name in ("qwen3", "llama3") else TOKS / name
+    folder = unpacked / name if name != "llama2" else TOKS / name
     assert_parity(Tokenizer(folder), jsonl_rows(TOKS / name / "vectors.jsonl"))
 
 def test_mistral_tokenizer_model_directly():
@@ -66,14 +68,14 @@ def test_mistral_tokenizer_model_directly():
 
 @pytest.mark.parametrize("form", ["hf", "gguf/stories260K-f32.gguf", "gguf/stories260K-q4_0.gguf"])
 def test_stories260k_tok512(form):
-    tok = Tokenizer(SHARED_DATA / "stories260K" / form)
-    assert_parity(tok, jsonl_rows(SHARED_DATA / "stories260K" / "tok512_vectors.jsonl"))
+    tok = Tokenizer(STORIES_HF if form == "hf" else DATA / "stories260K" / form)
+    assert_parity(tok, jsonl_rows(DATA / "stories260K" / "tok512_vectors.jsonl"))
     assert tok.encode("Once upon a time") == EXPECTED["greedy_once_upon_a_time"]["prompt_ids"]
     assert (tok.bos_token_id, tok.eos_token_ids) == (1, {2})
 
 def _gguf_vocab(path, hf_tokenizer_json: dict, pre: str, bos: str, eos: str, eot: str, chat_template: str):
     """A vocab-only GGUF in the layout llama.cpp's convert_hf_to_gguf writes for a byte-level BPE tokenizer.json."""
-    gguf = pytest.importorskip("gguf")
+    import gguf
     model = hf_tokenizer_json["model"]
     added = {t["id"]: t for t in hf_tokenizer_json["added_tokens"]}
     size = max(list(model["vocab"].values()) + list(added)) + 1
@@ -113,7 +115,7 @@ def test_bpe_tokenizer_rebuilt_from_gguf_metadata(name, pre, bos, eos, eot, unpa
     assert_parity(tok, jsonl_rows(TOKS / name / "vectors.jsonl"))
     assert tok.eos_token_ids == {tok.hf.token_to_id(eos), tok.hf.token_to_id(eot)}
     assert tok.bos_token_id == tok.hf.token_to_id(bos)
-    render = pytest.importorskip("transformers.utils.chat_template_utils").render_jinja_template
+    from transformers.utils.chat_template_utils import render_jinja_template as render
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     expected = render(conversations=[messages], chat_template=template, add_generation_prompt=True,
                       bos_token=bos, eos_token=eos)[0][0]
@@ -122,11 +124,11 @@ def test_bpe_tokenizer_rebuilt_from_gguf_metadata(name, pre, bos, eos, eot, unpa
 def test_gguf_write_tokenizer_round_trip(tmp_path):
     """GGUFSource.write_tokenizer's folder loads back to the same tokenizer (what an artifact ships)."""
     from compile.gguf_source import GGUFSource
-    GGUFSource(SHARED_DATA / "stories260K" / "gguf" / "stories260K-q8_0.gguf").write_tokenizer(tmp_path)
+    GGUFSource(DATA / "stories260K" / "gguf" / "stories260K-q8_0.gguf").write_tokenizer(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert (config["bos_token"], config["eos_token"], config["add_bos_token"]) == ("<s>", "</s>", True)
     assert json.loads((tmp_path / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2}
-    assert_parity(Tokenizer(tmp_path), jsonl_rows(SHARED_DATA / "stories260K" / "tok512_vectors.jsonl"))
+    assert_parity(Tokenizer(tmp_path), jsonl_rows(DATA / "stories260K" / "tok512_vectors.jsonl"))
     assert Tokenizer(tmp_path).encode("Hello")[0] == 1
 
 def test_streaming_holds_back_split_characters():
@@ -170,7 +172,7 @@ def _tokenize_cli(*args):
                           capture_output=True, text=True)
 
 def test_tokenize_cli():
-    gguf_file = str(SHARED_DATA / "stories260K" / "gguf" / "stories260K-q4_0.gguf")
+    gguf_file = str(DATA / "stories260K" / "gguf" / "stories260K-q4_0.gguf")
     ref = EXPECTED["greedy_once_upon_a_time"]
     out = _tokenize_cli("--model", gguf_file, ref["prompt"])
     assert out.stdout.split() == [str(i) for i in ref["prompt_ids"]]
