@@ -1,35 +1,33 @@
-"""python -m compile --model PATH_OR_PRESET --target cpu|cuda|metal [--dtype ...] [--out DIR]
+"""python -m compile --model PATH_OR_PRESET --target cpu|cuda|metal [--dtype bf16|f16|f32] [--out DIR]
 
-A model file (HF folder or GGUF) or a preset becomes an artifact folder that `runtime` serves.
+A model file (HF folder or GGUF) or a preset becomes an artifact folder that `runtime` serves. The
+runtime runs this same command when `--w` names a model file (runtime/model_file.py).
 """
 
 from __future__ import annotations
 
-import sys
-
 import fire
 
-from runtime.errors import KilnError
-
-DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16", "metal": "float16"}
+from runtime.artifact import import_tvm
+from runtime.cli import run
+from runtime.model_file import DEFAULT_DTYPE, canonical_dtype
 
 
 def build(model: str = "stories260k", target: str = "cpu", dtype: str | None = None, out: str | None = None,
-          weights: str | None = None, cuda_arch: str | None = None, context: int = 4096,
+          weights: str | None = None, cuda_arch: str | None = None, context: int | None = None,
           page_size: int = 16, prefill_chunk: int = 1024, max_batch: int = 256):
-    """Compile MODEL (a preset name, an HF folder or a .gguf file) for TARGET into an artifact folder."""
+    """Compile MODEL (a preset name, an HF folder or a .gguf file) for TARGET into an artifact folder.
+    CONTEXT (tokens per sequence) defaults to the model's max_position_embeddings."""
+    import_tvm("cpu")  # before the compiler imports TVM: keeps torch out (see import_tvm)
     from .driver import compile_artifact
-    return compile_artifact(model=model, target=target, dtype=dtype or DEFAULT_DTYPE.get(target, "float32"),
+    return compile_artifact(model=model, target=target,
+                            dtype=canonical_dtype(dtype) or DEFAULT_DTYPE.get(target, "float32"),
                             out=out, weights=weights, cuda_arch=cuda_arch, context=context,
                             page_size=page_size, prefill_chunk=prefill_chunk, max_batch=max_batch)
 
 
 def main() -> None:
-    try:
-        fire.Fire(build, name="python -m compile", serialize=lambda path: None)
-    except KilnError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run(lambda: fire.Fire(build, name="python -m compile", serialize=lambda path: None))
 
 
 if __name__ == "__main__":

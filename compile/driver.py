@@ -36,7 +36,7 @@ class _PassProgress:
 
 
 def compile_artifact(model: str, target: str, dtype: str, out: str | None, weights: str | None,
-                     cuda_arch: str | None, context: int, page_size: int, prefill_chunk: int,
+                     cuda_arch: str | None, context: int | None, page_size: int, prefill_chunk: int,
                      max_batch: int = 256) -> Path:
     if target not in targets.TARGETS:
         raise KilnError(f"unknown target '{target}'; choose one of {', '.join(targets.TARGETS)}")
@@ -54,7 +54,7 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
     config_name = f"{weights_path}/config.json" if source is not None and weights_path.is_dir() else str(
         weights_path if source is not None else "presets.yaml:" + name)
     cfg = ModelConfig.from_dict(raw_config, config_name)
-    context = min(context, cfg.max_position_embeddings)
+    context = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
     arch = (cuda_arch or targets.DEFAULT_CUDA_ARCH) if target == "cuda" else None
 
     out_dir = Path(out) if out else Path("artifacts") / f"{name}-{dtype}-{target}"

@@ -1,6 +1,6 @@
 """Find and load an artifact: kiln.yaml, the compiled library (runtime-only TVM) and the weights.
 
-`--w artifacts/` may name one artifact or a folder of them (the newest is taken, and we say which).
+`Artifact.open` takes whatever `--w` takes (runtime/model_file.py): an artifact, a folder of them, a model file.
 """
 
 from __future__ import annotations
@@ -12,28 +12,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from .errors import KilnError
-
-MANIFEST = "kiln.yaml"
-
-
-def find_artifact(path: str | Path) -> Path:
-    """`path` itself if it is an artifact, else the newest artifact directly inside it."""
-    path = Path(path).expanduser()
-    if (path / MANIFEST).is_file():
-        return path
-    if not path.is_dir():
-        raise KilnError(f"{path}: no such artifact folder; build one with `make compile MODEL=... TARGET=...`")
-    found = sorted(path.glob(f"*/{MANIFEST}"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise KilnError(f"{path}: no artifact here (no */{MANIFEST}); build one with `make compile MODEL=... TARGET=...`")
-    chosen = found[-1].parent
-    if len(found) > 1:
-        print(f"kiln: {len(found)} artifacts in {path}; using the newest, {chosen.name} "
-              f"(pass --w {chosen} to choose)", file=sys.stderr)
-    return chosen
+from .model_file import read_manifest, resolve_model
 
 
 @dataclass
@@ -42,17 +22,12 @@ class Artifact:
     manifest: dict
 
     @classmethod
-    def open(cls, path: str | Path) -> "Artifact":
-        path = find_artifact(path)
-        try:
-            manifest = yaml.safe_load((path / MANIFEST).read_text())
-        except yaml.YAMLError as e:
-            raise KilnError(f"{path / MANIFEST}: malformed ({e})") from None
-        if not isinstance(manifest, dict) or not (path / "params.json").is_file():
-            raise KilnError(f"{path}: incomplete artifact (kiln.yaml or params.json unreadable); rebuild it with `make compile`")
-        if not manifest.get("weights"):
-            raise KilnError(f"{path}: this artifact has no weights yet; add them with: {manifest.get('weights_hint')}")
-        return cls(path, manifest)
+    def open(cls, path: str | Path, dtype: str | None = None, quant: str | None = None) -> "Artifact":
+        """The artifact `path` stands for on this machine (a model file is compiled to `dtype`, `quant`)."""
+        path = resolve_model(path, dtype, quant)
+        if not (path / "params.json").is_file():
+            raise KilnError(f"{path}: incomplete artifact (no params.json); rebuild it with `make compile`")
+        return cls(path, read_manifest(path))
 
     @property
     def config(self) -> dict:
@@ -72,8 +47,19 @@ class Artifact:
 
 
 def import_tvm(device_type: str):
-    """Import TVM (the runtime alone is enough) and the CUDA runtime library when needed."""
-    import tvm
+    """Import TVM (the runtime alone is enough) and the CUDA runtime library when needed.
+
+    TVM's FFI imports torch whenever it is installed (2.5 s of a start), only to exchange tensors with
+    it, which Kiln never does: torch is hidden while TVM is first imported (a process that imported
+    torch already is left as it is)."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` now raises ImportError, which TVM treats as "not installed"
+    try:
+        import tvm
+    finally:
+        if hide and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
 
     if device_type == "cuda" and tvm.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is None:
         lib = os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so")

@@ -93,3 +93,10 @@ def compile_cpu(model: str | Path, out: Path, dtype: str = "float32") -> Path:
 @pytest.fixture(scope="session")
 def stories_artifact(tmp_path_factory) -> Path:
     return compile_cpu(STORIES_HF, tmp_path_factory.mktemp("stories"))
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """The first-use compile cache (runtime/model_file.py) the seed-command tests share: each model file
+    is compiled once per session, by whichever test starts it first."""
+    return tmp_path_factory.mktemp("kiln-cache")
