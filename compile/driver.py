@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from model_defs.config import ModelConfig
 from model_defs.spec import export
-from runtime.errors import KilnError
+from formats.errors import KilnError
 from schedules.pipeline import relax_pipeline, tir_pipeline
 
 from . import artifact, targets

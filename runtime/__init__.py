@@ -1,7 +1,7 @@
 """Kiln runtime: load an artifact and serve it (Engine is the user-facing entry point)."""
 
 from .engine import Engine, EngineConfig
-from .errors import KilnError
+from formats.errors import KilnError
 from .request import Completion, Delta, Message, RequestOutput, TokenLogprob
 from .sampling import SamplingParams
 

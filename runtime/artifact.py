@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import KilnError
+from formats.errors import KilnError
 
 MANIFEST = "kiln.yaml"
 

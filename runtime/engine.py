@@ -41,7 +41,7 @@ from typing import AsyncIterator, Callable, Iterator
 import numpy as np
 
 from .artifact import Artifact
-from .errors import KilnError
+from formats.errors import KilnError
 from .model_runner import ModelRunner
 from .request import Completion, Delta, Message, Request, RequestOutput, Sequence, TokenLogprob
 from .sampling import SamplingParams, sample

@@ -11,7 +11,7 @@ import numpy as np
 from safetensors import safe_open
 
 from .artifact import Artifact, import_tvm, load_library
-from .errors import KilnError
+from formats.errors import KilnError
 
 _TARGET_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "metal"}
 

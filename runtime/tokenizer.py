@@ -15,7 +15,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from .errors import KilnError
+from formats.errors import KilnError
 
 SPM_SPACE = "\u2581"
 # Token types shared by llama.cpp (`tokenizer.ggml.token_type`) and SentencePiece's ModelProto.
@@ -247,7 +247,7 @@ def _read_json(file: Path) -> dict:
 
 def _load(path: Path) -> tuple[HFTokenizer, dict, dict]:
     if path.is_file() and path.suffix == ".gguf":
-        from compile.gguf_source import GGUFFile  # the checked GGUF reader; lazy: most artifacts have tokenizer.json
+        from formats.gguf import GGUFFile  # the checked GGUF reader; lazy: most artifacts have tokenizer.json
         return gguf_tokenizer_files(GGUFFile(path).metadata, str(path))
     folder = path if path.is_dir() else path.parent
     config, gen = _read_json(folder / "tokenizer_config.json"), _read_json(folder / "generation_config.json")

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import DATA, STORIES_EXPECTED, STORIES_HF
 
-from runtime.errors import KilnError
+from formats.errors import KilnError
 from runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
 VOCAB = DATA / "llama.cpp-vocab"
@@ -123,7 +123,7 @@ def test_bpe_tokenizer_rebuilt_from_gguf_metadata(name, pre, bos, eos, eot, unpa
 
 def test_gguf_write_tokenizer_round_trip(tmp_path):
     """GGUFSource.write_tokenizer's folder loads back to the same tokenizer (what an artifact ships)."""
-    from compile.gguf_source import GGUFSource
+    from formats.gguf import GGUFSource
     GGUFSource(DATA / "stories260K" / "gguf" / "stories260K-q8_0.gguf").write_tokenizer(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert (config["bos_token"], config["eos_token"], config["add_bos_token"]) == ("<s>", "</s>", True)

@@ -16,7 +16,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize, quant_shape_to_byte_shape
 
-from runtime.errors import KilnError
+from formats.errors import KilnError
 
 GGUF_MAGIC = b"GGUF"
 _ARCHS = {  # general.architecture -> (HF architectures[0], model_type)
