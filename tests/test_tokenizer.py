@@ -155,7 +155,7 @@ def test_missing_tokenizer_is_a_kiln_error(tmp_path):
     ({"tokenizer.ggml.eos_token_id": 7}, "eos_token_id = 7 is outside the 3-token vocabulary"),
 ])
 def test_bad_gguf_vocabulary(meta, message):
-    from runtime.tokenizer import gguf_tokenizer_files
+    from formats.vocab import gguf_tokenizer_files
     base = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
             "tokenizer.ggml.merges": ["a b"]}
     with pytest.raises(KilnError, match=message.replace("(", r"\(").replace("[", r"\[")):
