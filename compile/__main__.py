@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import fire
 
-from runtime.artifact import import_tvm
-from runtime.cli import run
-from runtime.model_file import DEFAULT_DTYPE, canonical_dtype
+from formats.dtypes import DEFAULT_DTYPE, canonical_dtype
+from formats.errors import exit_on_error
+from formats.torch_hidden import torch_hidden
 
 
 def build(model: str = "stories260k", target: str = "cpu", dtype: str | None = None, out: str | None = None,
@@ -18,8 +18,8 @@ def build(model: str = "stories260k", target: str = "cpu", dtype: str | None = N
           page_size: int = 16, prefill_chunk: int = 1024, max_batch: int = 256):
     """Compile MODEL (a preset name, an HF folder or a .gguf file) for TARGET into an artifact folder.
     CONTEXT (tokens per sequence) defaults to the model's max_position_embeddings."""
-    import_tvm("cpu")  # before the compiler imports TVM: keeps torch out (see import_tvm)
-    from .driver import compile_artifact
+    with torch_hidden():
+        from .driver import compile_artifact
     return compile_artifact(model=model, target=target,
                             dtype=canonical_dtype(dtype) or DEFAULT_DTYPE.get(target, "float32"),
                             out=out, weights=weights, cuda_arch=cuda_arch, context=context,
@@ -27,7 +27,7 @@ def build(model: str = "stories260k", target: str = "cpu", dtype: str | None = N
 
 
 def main() -> None:
-    run(lambda: fire.Fire(build, name="python -m compile", serialize=lambda path: None))
+    exit_on_error(lambda: fire.Fire(build, name="python -m compile", serialize=lambda path: None))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import KilnError
+from formats.errors import KilnError
+from formats.torch_hidden import torch_hidden
 from .model_file import read_manifest, resolve_model
 
 
@@ -47,19 +48,10 @@ class Artifact:
 
 
 def import_tvm(device_type: str):
-    """Import TVM (the runtime alone is enough) and the CUDA runtime library when needed.
-
-    TVM's FFI imports torch whenever it is installed (2.5 s of a start), only to exchange tensors with
-    it, which Kiln never does: torch is hidden while TVM is first imported (a process that imported
-    torch already is left as it is)."""
-    hide = "torch" not in sys.modules
-    if hide:
-        sys.modules["torch"] = None  # `import torch` now raises ImportError, which TVM treats as "not installed"
-    try:
+    """Import TVM (the runtime alone is enough; without torch, formats/torch_hidden.py) and the CUDA
+    runtime library when needed."""
+    with torch_hidden():
         import tvm
-    finally:
-        if hide and sys.modules.get("torch", 0) is None:
-            del sys.modules["torch"]
 
     if device_type == "cuda" and tvm.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is None:
         lib = os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so")
@@ -74,7 +66,7 @@ def load_library(artifact: Artifact, device_type: str):
     """The compiled module; CUDA source (an artifact built without nvcc) is compiled once and cached."""
     tvm = import_tvm(device_type)
     if device_type == "cuda" and not artifact.manifest.get("cuda_binary"):
-        from .cuda_jit import register_compile_callback
+        from compile.cuda_jit import register_compile_callback
         major, minor = tvm.cuda(0).compute_version.split(".")
         register_compile_callback(f"sm_{major}{minor}{'a' if major == '9' else ''}", cache=True)
     lib_path = artifact.path / artifact.manifest["library"]

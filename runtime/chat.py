@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import sys
 
-from .cli import add_engine_flags, add_sampling_flags, engine_and_params, parser, run
-from .errors import KilnError
+from .cli import add_engine_flags, add_sampling_flags, engine_and_params, parser
+from formats.errors import KilnError, exit_on_error
 from .request import Message
 
 COMMANDS = """/help    this list
@@ -127,4 +127,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    exit_on_error(main)

@@ -1,5 +1,6 @@
-"""What every Kiln CLI shares: the seed's flag names (long forms as aliases), their checks, --help with
-defaults, and one way to end on a user mistake (one line, exit 1) or Ctrl-C (exit 130), never a traceback.
+"""What the runtime CLIs share: the seed's flag names (long forms as aliases), their checks and --help
+with defaults. A bad value is a KilnError; every CLI ends through formats.errors.exit_on_error (one line,
+exit 1; Ctrl-C exits 130), never with a traceback.
 
     --w PATH       artifact, folder of artifacts, HF folder or .gguf (runtime/model_file.py)
     --d N          device number          --dtype bf16|f16|f32   --quant Q (model files)
@@ -11,10 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable
 
-from .errors import KilnError
-from .model_file import canonical_dtype
+from formats.dtypes import canonical_dtype
+from formats.errors import KilnError
 
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_KVMEM_MB = 4096
@@ -141,14 +141,3 @@ def engine_and_params(args: argparse.Namespace):
     params.check()
     return engine, params
 
-
-def run(main: Callable[[], object]) -> None:
-    """Run a CLI's main: a KilnError prints `error: ...` (one line) and exits 1, Ctrl-C exits 130."""
-    try:
-        main()
-    except KilnError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("\n(interrupted)", file=sys.stderr)
-        sys.exit(130)

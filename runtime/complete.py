@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .cli import add_engine_flags, add_sampling_flags, engine_and_params, parser, run
-from .errors import KilnError
+from .cli import add_engine_flags, add_sampling_flags, engine_and_params, parser
+from formats.errors import KilnError, exit_on_error
 
 
 def read_prompts(prompts: str | None, file: str | None) -> list[str]:
@@ -53,4 +53,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    exit_on_error(main)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from formats.errors import exit_on_error
+
 from .artifact import Artifact
-from .cli import add_model_flags, number, parser, run, use_cache_flag
+from .cli import add_model_flags, number, parser, use_cache_flag
 from .model_runner import ModelRunner
 from .tokenizer import Tokenizer
 
@@ -65,4 +67,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    exit_on_error(main)

@@ -21,25 +21,13 @@ from pathlib import Path
 
 import yaml
 
-from .errors import KilnError
+from formats.dtypes import DEFAULT_DTYPE, canonical_dtype
+from formats.errors import KilnError
 
-DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "f16": "float16", "fp16": "float16", "float16": "float16",
-          "f32": "float32", "fp32": "float32", "float32": "float32"}
-DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16", "metal": "float16"}  # what each device computes well
 MANIFEST = "kiln.yaml"
 REPO = Path(__file__).resolve().parent.parent
 _COMPILER_SOURCES = ("compile", "model_defs", "schedules")
 _SAMPLES, _SAMPLE_BYTES = 64, 1 << 16
-
-
-def canonical_dtype(dtype: str | None) -> str | None:
-    """'bf16' / 'bfloat16' → 'bfloat16' (and f16, f32); None stays None; anything else is a KilnError."""
-    if dtype is None:
-        return None
-    found = DTYPES.get(str(dtype).lower())
-    if found is None:
-        raise KilnError(f"dtype '{dtype}' is not one of bf16, f16, f32 (or bfloat16, float16, float32)")
-    return found
 
 
 def this_device() -> str:

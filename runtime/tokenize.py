@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .cli import parser, run
-from .errors import KilnError
+from .cli import parser
+from formats.errors import KilnError, exit_on_error
 from .model_file import MANIFEST, resolve_model
 from .tokenizer import Tokenizer
 
@@ -40,4 +40,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    exit_on_error(main)
