@@ -36,6 +36,24 @@ class _PassProgress:
         self.bar.update()
 
 
+def _context(raw_config: dict, config_name: str, asked: int | None, max_positions: int) -> int:
+    """Tokens per sequence: `asked` or the model's max_position_embeddings. Sliding-window attention
+    (Mistral's `sliding_window`, Qwen2's with `use_sliding_window`) is not implemented: a context within
+    the window is exact, so it is capped there, and a longer one asked for is refused."""
+    context = min(asked or max_positions, max_positions)
+    window = raw_config.get("sliding_window")
+    if "use_sliding_window" in raw_config and not raw_config["use_sliding_window"]:
+        window = None
+    if window and int(window) < context:
+        if asked:
+            raise KilnError(f"{config_name}: sliding_window is {window} and Kiln does not implement sliding-window "
+                            f"attention yet; compile with a context of at most {window} tokens (CONTEXT= / --context)")
+        print(f"kiln: {config_name} attends within a sliding window of {window} tokens, which Kiln does not "
+              f"implement yet; the context is capped at {window}", file=sys.stderr)
+        context = int(window)
+    return context
+
+
 def compile_artifact(model: str, target: str, dtype: str, out: str | None, weights: str | None,
                      cuda_arch: str | None, context: int | None, page_size: int, prefill_chunk: int,
                      max_batch: int = 256) -> Path:
@@ -55,7 +73,7 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
     config_name = f"{weights_path}/config.json" if source is not None and weights_path.is_dir() else str(
         weights_path if source is not None else "presets.yaml:" + name)
     cfg = ModelConfig.from_dict(raw_config, config_name)
-    context = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    context = _context(raw_config, config_name, context, cfg.max_position_embeddings)
     arch = (cuda_arch or targets.DEFAULT_CUDA_ARCH) if target == "cuda" else None
 
     out_dir = Path(out) if out else Path("artifacts") / f"{name}-{dtype}-{target}"
