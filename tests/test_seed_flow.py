@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -147,3 +148,24 @@ def test_prompts_stay_verbatim_and_max_is_capped_by_the_context(stories_artifact
     assert res.returncode == 0, res.stderr[-2000:]
     assert "[0] 1, 2, 3\n" in res.stdout and "[1] 1e5\n" in res.stdout
     assert "--max 4096 capped at 512 tokens (the model's context, 512)" in res.stderr
+
+
+def test_a_folder_with_only_tokenizer_model_compiles_and_runs(tmp_path, monkeypatch):
+    """A Llama-2-style folder (tokenizer.model, no tokenizer.json): the compile converts it, and the
+    engine on `--w FOLDER` tokenizes as the reference vectors say and generates."""
+    from conftest import make_tiny_hf
+    from runtime import Engine, EngineConfig, SamplingParams
+    from test_tokenizer import jsonl_rows
+
+    folder = make_tiny_hf("llama3", tmp_path / "llama2-like", vocab_size=32000)
+    shutil.copyfile(DATA / "tokenizers" / "llama2" / "tokenizer.model", folder / "tokenizer.model")
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    engine = Engine(EngineConfig(model_path=str(folder), max_num_seqs=2), "f32")
+    try:
+        assert (engine.runner.artifact.path / "tokenizer.json").is_file()
+        for text, ids in jsonl_rows(DATA / "tokenizers" / "llama2" / "vectors.jsonl"):
+            assert engine.tokenizer.encode(text, add_special_tokens=False) == ids, text
+        out = engine.generate_sync(SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), ["Hello"])[0]
+        assert out.error is None and out.num_output_tokens == 8
+    finally:
+        engine.close()
