@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pexpect
 import pytest
@@ -169,3 +170,35 @@ def test_a_folder_with_only_tokenizer_model_compiles_and_runs(tmp_path, monkeypa
         assert out.error is None and out.num_output_tokens == 8
     finally:
         engine.close()
+
+
+def test_serve_a_gguf_for_the_openai_client(model_cache):
+    """`python -m runtime.serve --w FILE.gguf` (compiled on first use, or from the shared cache) answers
+    the `openai` client."""
+    import httpx
+    import openai
+    from test_server_load import _free_port
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--w", str(MODEL_FILES["gguf"]), "--port",
+                             str(port), "--log-level", "warning"], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "KILN_CACHE": str(model_cache)})
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        reply = client.chat.completions.create(model=model, max_tokens=16,
+                                               messages=[{"role": "user", "content": "How are you?"}])
+        assert reply.usage.completion_tokens > 0 and reply.choices[0].message.content
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
