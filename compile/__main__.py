@@ -12,6 +12,8 @@ from formats.dtypes import DEFAULT_DTYPE, canonical_dtype
 from formats.errors import exit_on_error
 from formats.torch_hidden import torch_hidden
 
+from .tvm_warnings import harmless_warnings_dropped
+
 
 def build(model: str = "stories260k", target: str = "cpu", dtype: str | None = None, out: str | None = None,
           weights: str | None = None, cuda_arch: str | None = None, context: int | None = None,
@@ -20,10 +22,11 @@ def build(model: str = "stories260k", target: str = "cpu", dtype: str | None = N
     CONTEXT (tokens per sequence) defaults to the model's max_position_embeddings."""
     with torch_hidden():
         from .driver import compile_artifact
-    return compile_artifact(model=model, target=target,
-                            dtype=canonical_dtype(dtype) or DEFAULT_DTYPE.get(target, "float32"),
-                            out=out, weights=weights, cuda_arch=cuda_arch, context=context,
-                            page_size=page_size, prefill_chunk=prefill_chunk, max_batch=max_batch)
+    with harmless_warnings_dropped():
+        return compile_artifact(model=model, target=target,
+                                dtype=canonical_dtype(dtype) or DEFAULT_DTYPE.get(target, "float32"),
+                                out=out, weights=weights, cuda_arch=cuda_arch, context=context,
+                                page_size=page_size, prefill_chunk=prefill_chunk, max_batch=max_batch)
 
 
 def main() -> None:
