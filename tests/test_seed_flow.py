@@ -8,12 +8,11 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 
 import pexpect
 import pytest
 
-from conftest import DATA, REPO, STORIES_HF
+from conftest import DATA, REPO, STORIES_HF, wait_until_healthy
 from runtime.generate import generate_ids
 from runtime.model_file import resolve_model
 from runtime.model_runner import ModelRunner
@@ -175,7 +174,6 @@ def test_a_folder_with_only_tokenizer_model_compiles_and_runs(tmp_path, monkeypa
 def test_serve_a_gguf_for_the_openai_client(model_cache):
     """`python -m runtime.serve --w FILE.gguf` (compiled on first use, or from the shared cache) answers
     the `openai` client."""
-    import httpx
     import openai
     from test_server_load import _free_port
 
@@ -185,15 +183,7 @@ def test_serve_a_gguf_for_the_openai_client(model_cache):
                              str(port), "--log-level", "warning"], cwd=REPO, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "KILN_CACHE": str(model_cache)})
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
+        wait_until_healthy(proc, url, 300)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
         model = client.models.list().data[0].id
         reply = client.chat.completions.create(model=model, max_tokens=16,

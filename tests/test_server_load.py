@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from conftest import wait_until_healthy
 from test_server import MODEL, serving
 
 from runtime import Message, SamplingParams
@@ -119,14 +120,7 @@ def test_cli_serves_a_folder_of_artifacts_and_drains_on_sigterm(stories_artifact
                              "--served-model-name", "s",
                              "--log-level", "warning"], cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until_healthy(proc, url, 60)
         card = httpx.get(url + "/v1/models").json()["data"][0]
         assert (card["id"], card["max_model_len"]) == ("s", 256)
         pages = re.search(r"^kiln_kv_pages_total (\S+)$", httpx.get(url + "/metrics").text, re.M)
