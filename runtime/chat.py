@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     _enable_line_editing()
     engine, params = engine_and_params(args)
-    chat(engine, params, args.system)
+    with engine:  # the engine thread stops between steps before the process ends
+        chat(engine, params, args.system)
 
 
 if __name__ == "__main__":

@@ -41,9 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     texts = read_prompts(args.prompts, args.file)
     engine, params = engine_and_params(args)
-    start = time.perf_counter()
-    outputs = engine.generate_sync(params, texts)
-    seconds = time.perf_counter() - start
+    with engine:  # Ctrl-C: the engine thread stops between steps before the process ends
+        start = time.perf_counter()
+        outputs = engine.generate_sync(params, texts)
+        seconds = time.perf_counter() - start
     for i, (prompt, out) in enumerate(zip(texts, outputs)):
         print(f"[{i}] {prompt}")
         print(f"error: {out.error}" if out.error else out.text)

@@ -192,3 +192,18 @@ def test_serve_a_gguf_for_the_openai_client(model_cache):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_ctrl_c_during_complete_ends_cleanly(stories_artifact):
+    """SIGINT mid-generation: the engine thread stops between steps, exit status 130, no traceback (and no
+    C++ abort from a thread still inside TVM at exit)."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.complete", "--w", str(stories_artifact), "--prompts",
+                             " | ".join("abcdefghijklmnop"), "--ignore-eos", "--temperature", "1", "--max-num-seqs", "2"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while "loaded in" not in (line := proc.stderr.readline()):
+        assert line, "complete ended before loading"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err and "terminate called" not in err, err
