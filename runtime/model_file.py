@@ -108,7 +108,11 @@ def _model_files(path: Path) -> list[Path]:
 def cache_key(model: Path, target: str, dtype: str, quant: str | None) -> str:
     """A hash of what the artifact would be made of: the model files (sampled: hashing every byte of
     16 GB takes minutes), the target, dtype and quantization, TVM's version and the compiler's sources."""
-    h = hashlib.sha256(json.dumps([target, dtype, quant, importlib.metadata.version("apache-tvm")]).encode())
+    try:
+        tvm_version = importlib.metadata.version("apache-tvm")
+    except importlib.metadata.PackageNotFoundError:  # a TVM built from source
+        tvm_version = "source"
+    h = hashlib.sha256(json.dumps([target, dtype, quant, tvm_version]).encode())
     for f in _model_files(model):
         size = f.stat().st_size
         h.update(f"{f.name}:{size}".encode())
