@@ -10,6 +10,7 @@ exit 1; Ctrl-C exits 130), never with a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -42,6 +43,8 @@ def number(kind: type, low: float | None = None, high: float | None = None, low_
         try:
             value = kind(text)
         except ValueError:
+            value = math.nan
+        if value != value or value in (math.inf, -math.inf):
             raise argparse.ArgumentTypeError(f"'{text}' is not {'an integer' if kind is int else 'a number'}")
         if low is not None and (value <= low if low_open else value < low) or high is not None and value > high:
             bound = f"{'>' if low_open else '>='} {low}" if high is None else \
@@ -74,12 +77,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
           help="an artifact folder, a folder of artifacts (the newest that runs here), an HF model folder or a "
                ".gguf file (compiled on first use for this machine and cached)")
     _flag(g, ["--d", "--device"], type=_device, default=0, metavar="N", help="device number on the artifact's target")
-    _flag(g, ["--dtype"], type=_dtype, default=None, help="activations and KV cache: bf16, f16 or f32 (default: "
-          "the artifact's; a model file: bf16 on CUDA, f16 on Metal, f32 on the CPU)")
+    _flag(g, ["--dtype"], type=_dtype, default=None, help="activations and KV cache: bf16, f16 or f32; None: the "
+          "artifact's, and for a model file bf16 on CUDA, f16 on Metal, f32 on the CPU")
     _flag(g, ["--quant"], default=None, help="weight quantization a model file is compiled with (python -m compile "
           "--quant)")
-    _flag(g, ["--cache"], default=None, metavar="DIR", help="where compiled model files go (default: $KILN_CACHE "
-          "or ~/.cache/kiln/artifacts)")
+    _flag(g, ["--cache"], default=None, metavar="DIR", help="where compiled model files go; None: $KILN_CACHE or "
+          "~/.cache/kiln/artifacts")
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -90,7 +93,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
           help="KV cache memory in MB (a value <= 1: that fraction of the device's memory)")
     _flag(g, ["--max-num-seqs"], type=number(int, 1), default=64, metavar="N", help="sequences per step")
     _flag(g, ["--max-model-len"], type=number(int, 1), default=None, metavar="N",
-          help="tokens per sequence, prompt + output (default: the model's context, as far as --kvmem holds)")
+          help="tokens per sequence, prompt + output; None: the model's context, as far as --kvmem holds")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.7) -> None:
@@ -98,13 +101,19 @@ def add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.7) -> 
     _flag(g, ["--max", "--max-tokens"], type=number(int, 1), default=DEFAULT_MAX_TOKENS, metavar="N",
           help="tokens per answer (capped by the context, with a notice)")
     _flag(g, ["--temperature"], type=number(float, 0), default=temperature, help="0: greedy")
-    _flag(g, ["--top-p"], type=number(float, 0, 1, low_open=True), default=1.0)
+    _flag(g, ["--top-p"], type=number(float, 0, 1, low_open=True), default=1.0,
+          help="sample from the most likely tokens holding this share of the probability")
     _flag(g, ["--top-k"], type=number(int), default=-1, help="-1: the whole vocabulary")
-    _flag(g, ["--min-p"], type=number(float, 0, 1), default=0.0)
-    _flag(g, ["--repetition-penalty"], type=number(float, 0, low_open=True), default=1.0)
-    _flag(g, ["--frequency-penalty"], type=number(float), default=0.0)
-    _flag(g, ["--presence-penalty"], type=number(float), default=0.0)
-    _flag(g, ["--seed"], type=number(int, 0, 2 ** 63 - 1), default=None)
+    _flag(g, ["--min-p"], type=number(float, 0, 1), default=0.0,
+          help="drop tokens less likely than this fraction of the most likely one")
+    _flag(g, ["--repetition-penalty"], type=number(float, 0, low_open=True), default=1.0,
+          help="> 1 makes tokens of the prompt and answer so far less likely")
+    _flag(g, ["--frequency-penalty"], type=number(float), default=0.0,
+          help="subtracted from a token's logit once per time it was generated")
+    _flag(g, ["--presence-penalty"], type=number(float), default=0.0,
+          help="subtracted from the logit of every token generated at least once")
+    _flag(g, ["--seed"], type=number(int, 0, 2 ** 63 - 1), default=None,
+          help="makes sampling reproducible; None: fresh randomness")
     _flag(g, ["--stop"], default=None, metavar="TEXT", help="stop when the answer contains TEXT")
     _flag(g, ["--ignore-eos"], action="store_true", help="keep going past end-of-sequence tokens")
 

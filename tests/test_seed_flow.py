@@ -133,7 +133,7 @@ def test_help_exits_0_and_shows_defaults(module, tmp_path):
 
 @pytest.mark.parametrize("args, says", [
     (["--max", "abc"], "--max"), (["--kvmem", "-5"], "--kvmem"), (["--dtype", "f8"], "dtype 'f8'"),
-    (["--d", "x"], "device number"), (["--top-p", "0"], "--top-p"), (["--w", "/no/such/model.gguf"], "no such file"),
+    (["--d", "x"], "device number"), (["--top-p", "0"], "--top-p"), (["--temperature", "nan"], "not a number"), (["--w", "/no/such/model.gguf"], "no such file"),
     (["--nonsense", "1"], "unrecognized"),
 ])
 def test_bad_values_are_one_line_errors(args, says, tmp_path):
