@@ -335,3 +335,23 @@ def quantize(qtype: str, x: np.ndarray) -> np.ndarray:
     for i in range(0, len(blocks), step):
         out[i:i + step] = _QUANTIZE[qtype](blocks[i:i + step])
     return out.reshape(n, t.row_bytes(k))
+
+
+# llama.cpp's tensor_type_fallback for rows that do not fill a 256-weight super-block, with Kiln's native
+# types: llama.cpp's Q5_0 (for Q4_K) and Q5_1 (for Q5_K) become q8_0, never less precise than its choice.
+_FALLBACK = {"q2_k": ("q4_0", ""), "q3_k": ("q4_0", ""), "q6_k": ("q8_0", ""),
+             "q4_k": ("q8_0", " (llama.cpp's Q5_0 is not native in Kiln)"),
+             "q5_k": ("q8_0", " (llama.cpp's Q5_1 is not native in Kiln)")}
+
+
+def row_fallback(qtype: str, k: int) -> tuple[str | None, str]:
+    """The type rows of `k` weights get when `qtype` is asked for, and a one-line reason for the compile log
+    ("" when `qtype` fits): a k-quant falls back as llama.cpp does (QUANT.md §4); if no 32-weight type fits
+    either, None (the tensor stays unquantized, where llama.cpp writes F16 or refuses)."""
+    t = quant_type(qtype)
+    if k % t.block == 0:
+        return qtype, ""
+    fallback, note = _FALLBACK.get(qtype, (None, ""))
+    if fallback and k % QUANT_TYPES[fallback].block == 0:
+        return fallback, f"K={k} is not a multiple of {qtype}'s {t.block}-weight block: {fallback} instead{note}"
+    return None, f"K={k} is not a multiple of 32: kept unquantized (no {qtype} or fallback block fits)"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA
-from compile.quantize import quantize
+from compile.quantize import quantize, row_fallback
 from model_defs.quant_layout import QUANT_TYPES
 from runtime.errors import KilnError
 
@@ -103,3 +103,20 @@ def test_chunks_and_rate(qtype, monkeypatch):
 def test_bad_input(qtype, x, match):
     with pytest.raises(KilnError, match=match):
         quantize(qtype, x)
+
+
+@pytest.mark.parametrize("qtype, k, want", [
+    ("q4_k", 4096, "q4_k"), ("q8_0", 96, "q8_0"),
+    ("q2_k", 896, "q4_0"), ("q3_k", 896, "q4_0"), ("q6_k", 896, "q8_0"),  # Qwen2.5-0.5B's hidden size
+    ("q4_k", 576, "q8_0"), ("q5_k", 576, "q8_0"),  # llama.cpp: Q5_0 / Q5_1, not native in Kiln
+    ("q4_k", 100, None), ("q6_k", 48, None), ("q4_0", 48, None), ("q8_0", 1000, None),
+])
+def test_row_fallback(qtype, k, want):
+    got, reason = row_fallback(qtype, k)
+    assert got == want
+    if want == qtype:
+        assert reason == ""
+    else:
+        assert f"K={k}" in reason and "\n" not in reason
+        if want is not None:  # the fallback's blocks fit the row
+            assert quantize(want, np.ones((1, k), np.float32)).shape == (1, QUANT_TYPES[want].row_bytes(k))
