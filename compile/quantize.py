@@ -18,15 +18,12 @@ from runtime.errors import KilnError
 F32 = np.float32
 _EPS = F32(1e-15)  # ggml's GROUP_MAX_EPS
 # Blocks quantized per step: the k-quants' [positions, sub-blocks] temporaries stay inside the L2 cache.
-_CHUNK_BLOCKS = {"q8_0": 1 << 15, "q4_0": 1 << 15, "q2_k": 256, "q3_k": 256, "q4_k": 256, "q5_k": 256, "q6_k": 256}
+_CHUNK_BLOCKS = {"q8_0": 1 << 15, "q4_0": 1 << 15, "q2_k": 256, "q3_k": 1024, "q4_k": 256, "q5_k": 256, "q6_k": 256}
 
 
 def _seqsum(terms: np.ndarray) -> np.ndarray:
     """ggml's `s = 0; for i: s += t[i]` over the first axis (float32, in order)."""
-    acc = np.zeros(terms.shape[1:], F32)
-    for t in terms:
-        acc += t
-    return acc
+    return np.add.reduce(terms, axis=0, initial=F32(0))  # along a non-contiguous axis: row by row, in order
 
 
 def _absmax(x: np.ndarray) -> np.ndarray:
@@ -50,24 +47,32 @@ def _qx(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     w = x * x
     wx = w * x
 
-    def fit(iscale):
-        l = np.clip(np.rint(iscale * x), -nmax, nmax - 1)
-        wl = w * l
-        return l, _seqsum(wx * l), _seqsum(wl * l)
+    l, t = np.empty_like(x), np.empty_like(x)
 
-    best_l, sumlx, suml2 = fit(F32(-nmax) / mx)
+    def fit(iscale):  # L = clamp(nearest_int(iscale * x), -nmax, nmax - 1); sum w·x·L, sum w·L·L
+        np.clip(np.rint(np.multiply(x, iscale, out=t), out=l), -nmax, nmax - 1, out=l)
+        return _seqsum(np.multiply(wx, l, out=t)), _seqsum(np.multiply(np.multiply(w, l, out=t), l, out=t))
+
+    iscale = F32(-nmax) / mx
+    sumlx, suml2 = fit(iscale)
+    best_iscale = iscale  # L is a function of the iscale that set it: rebuild it once at the end
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
         best = scale * sumlx
         for step in range(-9, 10):
             if step == 0:
                 continue
-            l, sumlx, suml2 = fit(-(F32(nmax) + F32(0.1) * F32(step)) / mx)
+            iscale = -(F32(nmax) + F32(0.1) * F32(step)) / mx
+            sumlx, suml2 = fit(iscale)
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            best_l = np.where(better, l, best_l)
+            best_iscale = np.where(better, iscale, best_iscale)
             scale = np.where(better, sumlx / suml2, scale)
             best = np.where(better, scale * sumlx, best)
-    return np.where(zero, F32(0), scale), np.where(zero, F32(0), best_l + nmax)
+    fit(best_iscale)
+    l += nmax
+    l[:, zero] = 0
+    scale[zero] = 0
+    return scale, l
 
 
 def _q3(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -104,42 +109,54 @@ def _q3(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _kx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, nstep: int, mad: bool):
     """`make_qkx2_quants(n, nmax, x, w, L, &min, Laux, rmin, 0.1, nstep, mad)` on x, w [n, S]:
-    (scale [S], the_min [S], L [n, S] in 0..nmax)."""
+    (scale [S], the_min [S], L [n, S] in 0..nmax). Temporaries are reused in place: this loop is most of
+    the k-quants' time."""
     mn = np.minimum(x.min(axis=0), F32(0))
     mx = x.max(axis=0)
-    sum_w, sum_x = w[0].copy(), w[0] * x[0]
-    for i in range(1, len(x)):
-        sum_w += w[i]
-        sum_x += w[i] * x[i]
+    sum_w, sum_x = _seqsum(w), _seqsum(w * x)
     flat = mx == mn
     nmax_f = F32(nmax)
+    t, l, wl = np.empty_like(x), np.empty_like(x), np.empty_like(x)
 
-    def err(d):
-        return np.abs(d) if mad else d * d
+    def codes(iscale, minimum, out):  # clamp(nearest_int(iscale * (x - min)), 0, nmax)
+        np.rint(np.multiply(np.subtract(x, minimum, out=t), iscale, out=t), out=out)
+        return np.clip(out, 0, nmax_f, out=out)
+
+    def error(scale, minimum, codes):  # sum_i w * err(scale * L + min - x), err = |.| or ^2
+        np.subtract(np.add(np.multiply(codes, scale, out=t), minimum, out=t), x, out=t)
+        np.abs(t, out=t) if mad else np.multiply(t, t, out=t)
+        return _seqsum(np.multiply(t, w, out=t))
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = nmax_f / (mx - mn)
         scale = F32(1) / iscale
-        L = np.clip(np.rint(iscale * (x - mn)), 0, nmax)
-        best = _seqsum(w * err(scale * L + mn - x))
+        best = error(scale, mn, codes(iscale, mn, l))
+        # L is a function of (iscale, min) at the step that set it: keep those, rebuild L once at the end
+        best_iscale, best_mn = iscale, mn
         for step in range(nstep + 1):
             iscale = (F32(rmin) + F32(0.1) * F32(step) + nmax_f) / (mx - mn)
-            l = np.clip(np.rint(iscale * (x - mn)), 0, nmax)
-            wl = w * l
-            sum_l, sum_l2, sum_xl = _seqsum(wl), _seqsum(wl * l), _seqsum(wl * x)
+            codes(iscale, mn, l)
+            np.multiply(w, l, out=wl)
+            sum_l = _seqsum(wl)
+            sum_l2 = _seqsum(np.multiply(wl, l, out=t))
+            sum_xl = _seqsum(np.multiply(wl, x, out=t))
             det = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
             positive = this_min > 0
-            this_min = np.where(positive, F32(0), this_min)
+            this_min[positive] = 0
             this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
-            cur = _seqsum(w * err(this_scale * l + this_min - x))
+            cur = error(this_scale, this_min, l)
             better = (det > 0) & (cur < best)
-            L = np.where(better, l, L)
+            best_iscale = np.where(better, iscale, best_iscale)
+            best_mn = np.where(better, mn, best_mn)
             best = np.where(better, cur, best)
             scale = np.where(better, this_scale, scale)
             mn = np.where(better, this_min, mn)
-    return np.where(flat, F32(0), scale), -mn, np.where(flat, F32(0), L)
+        L = codes(best_iscale, best_mn, l)
+    L[:, flat] = 0
+    scale[flat] = 0
+    return scale, -mn, L
 
 
 def _sub_blocks(xb: np.ndarray, n: int) -> np.ndarray:

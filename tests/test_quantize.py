@@ -120,3 +120,16 @@ def test_row_fallback(qtype, k, want):
         assert f"K={k}" in reason and "\n" not in reason
         if want is not None:  # the fallback's blocks fit the row
             assert quantize(want, np.ones((1, k), np.float32)).shape == (1, QUANT_TYPES[want].row_bytes(k))
+
+
+def test_sums_are_sequential():
+    """ggml adds in order; numpy's reduce along the leading axis must too (pairwise summation would not)."""
+    from compile.quantize import _seqsum
+    rng = np.random.default_rng(11)
+    terms = (rng.standard_normal((32, 4096)) * np.exp2(rng.integers(-12, 24, (32, 4096)))).astype(np.float32)
+    ordered = np.float32(0) + np.zeros(4096, np.float32)
+    for row in terms:
+        ordered = ordered + row
+    pairwise = np.ascontiguousarray(terms.T).sum(axis=1)
+    assert np.any(pairwise != ordered)  # the data tells the two orders apart
+    np.testing.assert_array_equal(_seqsum(terms).view(np.uint32), ordered.view(np.uint32))
