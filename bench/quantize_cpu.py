@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from compile.quantize import quantize  # noqa: E402
 from compile.repack import repack  # noqa: E402
-from model_defs.quant_layout import QUANT_TYPES  # noqa: E402
+from formats.quant_layout import QUANT_TYPES  # noqa: E402
 
 
 def rates(fn, n_weights: int) -> str:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from model_defs.quant_layout import QUANT_TYPES, quant_type
-from runtime.errors import KilnError
+from formats.errors import KilnError
+from formats.quant_layout import QUANT_TYPES, quant_type
 
 F32 = np.float32
 _EPS = F32(1e-15)  # ggml's GROUP_MAX_EPS

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from model_defs.quant_layout import QUANT_TYPES, quant_type
-from runtime.errors import KilnError
+from formats.errors import KilnError
+from formats.quant_layout import QUANT_TYPES, quant_type
 
 _CHUNK_WEIGHTS = 1 << 24  # weights repacked per step: bounds the temporaries to tens of MB
 _U32 = np.dtype("<u4")
@@ -100,7 +100,7 @@ assert _REPACK.keys() == QUANT_TYPES.keys()
 
 def repack(qtype: str, blocks: np.ndarray, k: int) -> dict[str, np.ndarray]:
     """GGUF blocks uint8 [N, row bytes] of rows of `k` weights -> Kiln's components (names, dtypes, shapes
-    of model_defs.quant_layout), holding the same bits; a size that does not match is a KilnError."""
+    of formats.quant_layout), holding the same bits; a size that does not match is a KilnError."""
     t = quant_type(qtype)
     blocks = np.asarray(blocks)
     if blocks.dtype != np.uint8 or blocks.ndim != 2 or k <= 0 or k % t.block or blocks.shape[1] != t.row_bytes(k):

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import DATA
 from compile.repack import dequantize_components, repack
-from model_defs.quant_layout import QUANT_TYPES
-from runtime.errors import KilnError
+from formats.errors import KilnError
+from formats.quant_layout import QUANT_TYPES
 
 VECTORS = DATA / "ggml-quant-vectors" / "ggml-quant-vectors.gguf"
 # Byte offsets of each block's fp16 scales: random bytes there could be NaN/Inf, whose products need not match.

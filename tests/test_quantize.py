@@ -9,8 +9,8 @@ import pytest
 
 from conftest import DATA
 from compile.quantize import quantize, row_fallback
-from model_defs.quant_layout import QUANT_TYPES
-from runtime.errors import KilnError
+from formats.errors import KilnError
+from formats.quant_layout import QUANT_TYPES
 
 VECTORS = DATA / "ggml-quant-vectors" / "ggml-quant-vectors.gguf"
 BITS = {"q8_0": 8, "q4_0": 4, "q2_k": 2, "q3_k": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6}
