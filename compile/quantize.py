@@ -238,6 +238,14 @@ def _k_scale_bytes(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     return s
 
 
+def _max_and_inverse(v: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """A block's largest sub-block scale (or min) [B, n] -> [B], as ggml's `max = 0; if (v > max) max = v`,
+    and levels / max (0 where max is 0)."""
+    top = np.maximum(v.max(axis=1), F32(0))
+    with np.errstate(divide="ignore"):
+        return top, np.where(top > 0, F32(levels) / top, F32(0))
+
+
 def _scale_index(v: np.ndarray, inv: np.ndarray, limit: int) -> np.ndarray:
     """`MIN(limit, (uint8_t)nearest_int(inv * v))`: the C cast wraps before the clamp."""
     return np.minimum(limit, np.rint(inv[:, None] * v).astype(np.int64) & 255).astype(np.uint8)
@@ -250,11 +258,7 @@ def _q45_k(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple[np.ndarra
     av = np.sqrt(_seqsum(xs * xs) / F32(32))
     scales, mins, L = _kx2(xs, av + np.abs(xs), nmax, rmin, nstep, mad=False)
     scales, mins = scales.reshape(b, 8), mins.reshape(b, 8)
-    max_scale = np.maximum(scales.max(axis=1), F32(0))
-    max_min = np.maximum(mins.max(axis=1), F32(0))
-    with np.errstate(divide="ignore"):
-        inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
-        inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
+    (max_scale, inv_scale), (max_min, inv_min) = _max_and_inverse(scales, 63), _max_and_inverse(mins, 63)
     ls, lm = _scale_index(scales, inv_scale, 63), _scale_index(mins, inv_min, 63)
     dbytes, d = _fp16_round(max_scale / F32(63))
     mbytes, dmin = _fp16_round(max_min / F32(63))
@@ -288,16 +292,12 @@ def _q2_k(x: np.ndarray) -> np.ndarray:
     xs = _sub_blocks(x, 16)
     scales, mins, L = _kx2(xs, np.abs(xs), 3, -0.5, 15, mad=True)
     scales, mins = scales.reshape(b, 16), mins.reshape(b, 16)
-    max_scale = np.maximum(scales.max(axis=1), F32(0))
-    max_min = np.maximum(mins.max(axis=1), F32(0))
-    with np.errstate(divide="ignore"):
-        inv_scale = np.where(max_scale > 0, F32(15) / max_scale, F32(0))
-        inv_min = np.where(max_min > 0, F32(15) / max_min, F32(0))
+    (max_scale, inv_scale), (max_min, inv_min) = _max_and_inverse(scales, 15), _max_and_inverse(mins, 15)
     ls = np.rint(inv_scale[:, None] * scales).astype(np.int64)
     lm = np.rint(inv_min[:, None] * mins).astype(np.int64)
     sc = ((ls & 255) | ((lm << 4) & 255)).astype(np.uint8)  # y.scales[j] = l; y.scales[j] |= l << 4
-    dbytes, d = _fp16_round(np.where(max_scale > 0, max_scale / F32(15), F32(0)))
-    mbytes, dmin = _fp16_round(np.where(max_min > 0, max_min / F32(15), F32(0)))
+    dbytes, d = _fp16_round(max_scale / F32(15))  # 0 where no scale is positive, as ggml's else branch
+    mbytes, dmin = _fp16_round(max_min / F32(15))
     D = (d[:, None] * (sc & 15)).reshape(-1)
     dm = (dmin[:, None] * (sc >> 4)).reshape(-1)
     with np.errstate(divide="ignore", invalid="ignore"):
