@@ -11,6 +11,7 @@ from formats.errors import KilnError
 from formats.quant_layout import QUANT_TYPES
 
 VECTORS = DATA / "ggml-quant-vectors" / "ggml-quant-vectors.gguf"
+EDGES = DATA / "ggml-quant-edges" / "ggml-quant-edges.gguf"
 # Byte offsets of each block's fp16 scales: random bytes there could be NaN/Inf, whose products need not match.
 FP16_FIELDS = {"q8_0": [0], "q4_0": [0], "q2_k": [80, 82], "q3_k": [108], "q4_k": [0, 2], "q5_k": [0, 2],
                "q6_k": [208]}
@@ -47,6 +48,13 @@ def test_ggml_bytes(vectors, qtype):
     # and ggml's own dequantized values
     deq = np.asarray(vectors[f"{qtype}.deq"].data).reshape(8, 512)
     np.testing.assert_array_equal(bits(dequantize_components(qtype, repack(qtype, blocks, 512))), bits(deq))
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES)
+def test_ggml_edge_blocks(qtype):
+    """ggml's blocks of edge-case rows (zeros, ties, flat sub-blocks, outliers: tests/data/ggml-quant-edges)."""
+    t = {t.name: t for t in gguf.GGUFReader(EDGES).tensors}[f"{qtype}.q"]
+    check(qtype, np.asarray(t.data).reshape(48, -1), 48, 1024)
 
 
 @pytest.mark.parametrize("qtype", QUANT_TYPES)

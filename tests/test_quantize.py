@@ -1,4 +1,4 @@
-"""Kiln's quantizers write ggml's bytes: equal to ggml's own blocks of the shared vectors for every type,
+"""Kiln's quantizers write ggml's bytes: equal to ggml's own blocks of two vector files for every type,
 equal to gguf-py's ggml-exact Q8_0/Q4_0 on edge cases, and every type's round trip stays within a step."""
 
 import time
@@ -12,7 +12,8 @@ from compile.quantize import quantize, row_fallback
 from formats.errors import KilnError
 from formats.quant_layout import QUANT_TYPES
 
-VECTORS = DATA / "ggml-quant-vectors" / "ggml-quant-vectors.gguf"
+VECTORS = DATA / "ggml-quant-vectors" / "ggml-quant-vectors.gguf"  # ggml's bytes, 8 x 512
+EDGES = DATA / "ggml-quant-edges" / "ggml-quant-edges.gguf"  # ggml's bytes on 48 x 1024 edge-case rows
 BITS = {"q8_0": 8, "q4_0": 4, "q2_k": 2, "q3_k": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6}
 SYMMETRIC = {"q8_0", "q4_0", "q3_k", "q6_k"}  # d·q with signed codes; the others d·sc·q - dmin·m
 
@@ -25,18 +26,18 @@ def dequantize(qtype, blocks, shape):
     return gguf.quants.dequantize(blocks, ggml_type(qtype)).reshape(shape)
 
 
-@pytest.fixture(scope="module")
-def vectors():
-    return {t.name: t for t in gguf.GGUFReader(VECTORS).tensors}
+@pytest.fixture(scope="module", params=[VECTORS, EDGES], ids=["vectors", "edges"])
+def ggml_file(request):
+    return {t.name: t for t in gguf.GGUFReader(request.param).tensors}
 
 
 @pytest.mark.parametrize("qtype", QUANT_TYPES)
-def test_ggml_bytes(vectors, qtype):
-    """The vectors' `src` (8 x 512 F32, see their README) quantized by Kiln is ggml's `<type>.q`, byte for byte."""
-    src = np.asarray(vectors["src"].data).reshape(8, 512)
-    ref = vectors[f"{qtype}.q"]
-    assert ref.tensor_type == ggml_type(qtype)
-    np.testing.assert_array_equal(quantize(qtype, src), np.asarray(ref.data).reshape(8, -1))
+def test_ggml_bytes(ggml_file, qtype):
+    """A file's `src` (F32 rows, see its README) quantized by Kiln is ggml's `<type>.q`, byte for byte."""
+    src = np.asarray(ggml_file["src"].data)
+    ref = ggml_file[f"{qtype}.q"]
+    assert ref.tensor_type == ggml_type(qtype) and src.ndim == 2
+    np.testing.assert_array_equal(quantize(qtype, src), np.asarray(ref.data).reshape(len(src), -1))
 
 
 def edge_rows(rng, k=256):
