@@ -336,11 +336,12 @@ assert _QUANTIZE.keys() == QUANT_TYPES.keys()
 
 def quantize(qtype: str, x: np.ndarray) -> np.ndarray:
     """float weights [N, K] -> GGUF blocks uint8 [N, K / block · block bytes], byte for byte what ggml's
-    `quantize_row_<type>_ref` writes (llama-quantize without an imatrix); K must fill whole blocks
-    (see row_fallback for rows that do not)."""
+    `quantize_row_<type>_ref` writes (llama-quantize without an imatrix). float16/bfloat16 are upcast
+    exactly, as llama-quantize does; K must fill whole blocks (see row_fallback for rows that do not).
+    Rows are independent: quantize(x)[a:b] == quantize(x[a:b])."""
     t = quant_type(qtype)
     x = np.asarray(x)
-    if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
+    if x.ndim != 2 or not (np.issubdtype(x.dtype, np.floating) or x.dtype.name == "bfloat16"):
         raise KilnError(f"{qtype}: quantize takes float weights [N, K], got {x.dtype} {list(x.shape)}")
     n, k = x.shape
     if k % t.block:

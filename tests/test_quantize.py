@@ -94,6 +94,16 @@ def test_chunks_and_rate(qtype, monkeypatch):
     np.testing.assert_array_equal(quantize(qtype, x), whole)
 
 
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_k"])
+def test_half_precision_sources(qtype):
+    """bf16 / fp16 weights (safetensors' usual dtypes) quantize as their exact float32 values."""
+    import ml_dtypes
+    x = np.random.default_rng(9).standard_normal((4, 512)).astype(np.float32)
+    for dtype in (np.float16, ml_dtypes.bfloat16):
+        half = x.astype(dtype)
+        np.testing.assert_array_equal(quantize(qtype, half), quantize(qtype, half.astype(np.float32)))
+
+
 @pytest.mark.parametrize("qtype, x, match", [
     ("q4_k", np.zeros((2, 300), np.float32), r"q4_k: rows of K=300 .*row_fallback"),
     ("q8_0", np.zeros((2, 48), np.float32), r"q8_0: rows of K=48 .*32-weight blocks"),
