@@ -57,27 +57,32 @@ def test_ggml_edge_blocks(qtype):
     check(qtype, np.asarray(t.data).reshape(48, -1), 48, 1024)
 
 
+def random_blocks(qtype, n, k, rng):
+    """uint8 [n, row bytes]: random bytes, with finite fp16 scales of every magnitude and both signs."""
+    t = QUANT_TYPES[qtype]
+    blocks = rng.integers(0, 256, (n, k // t.block, t.block_bytes), dtype=np.uint8)
+    for off in FP16_FIELDS[qtype]:
+        scale = rng.standard_normal((n, k // t.block)) * np.exp2(rng.integers(-20, 12, (n, k // t.block)))
+        blocks[:, :, off:off + 2] = scale.astype(np.float16).view(np.uint8).reshape(n, -1, 2)
+    return blocks.reshape(n, -1)
+
+
 @pytest.mark.parametrize("qtype", QUANT_TYPES)
 def test_random_blocks(qtype):
-    t = QUANT_TYPES[qtype]
-    rng = np.random.default_rng(len(qtype) + t.block_bytes)
-    n, k = 37, 4 * 256
-    blocks = rng.integers(0, 256, (n, k // t.block, t.block_bytes), dtype=np.uint8)
-    for off in FP16_FIELDS[qtype]:  # finite fp16 scales of every magnitude and both signs
-        scale = (rng.standard_normal((n, k // t.block)) * np.exp2(rng.integers(-20, 12, (n, k // t.block))))
-        blocks[:, :, off:off + 2] = scale.astype(np.float16).view(np.uint8).reshape(n, -1, 2)
-    check(qtype, blocks.reshape(n, -1), n, k)
+    check(qtype, random_blocks(qtype, 37, 1024, np.random.default_rng(len(qtype))), 37, 1024)
 
 
 def test_chunked_rows(monkeypatch):
-    """Rows repacked in several chunks (the last one short) land where one chunk puts them."""
+    """Rows repacked and dequantized in several chunks (the last one short) land where one chunk puts them."""
     import compile.repack as repack_module
-    rng = np.random.default_rng(1)
-    blocks = rng.integers(0, 256, (11, 2 * 210), dtype=np.uint8)
-    whole = repack("q6_k", blocks, 512)
+    blocks = random_blocks("q2_k", 11, 512, np.random.default_rng(1))
+    whole = repack("q2_k", blocks, 512)
+    values = dequantize_components("q2_k", whole)
     monkeypatch.setattr(repack_module, "_CHUNK_WEIGHTS", 3 * 512)
-    for c, a in repack("q6_k", blocks, 512).items():
+    chunked = repack("q2_k", blocks, 512)
+    for c, a in chunked.items():
         np.testing.assert_array_equal(a, whole[c])
+    np.testing.assert_array_equal(bits(dequantize_components("q2_k", chunked)), bits(values))
 
 
 @pytest.mark.parametrize("qtype, blocks, k", [
