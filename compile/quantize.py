@@ -351,7 +351,11 @@ def quantize(qtype: str, x: np.ndarray) -> np.ndarray:
     out = np.empty((len(blocks), t.block_bytes), np.uint8)
     step = _CHUNK_BLOCKS[qtype]
     for i in range(0, len(blocks), step):
-        out[i:i + step] = _QUANTIZE[qtype](blocks[i:i + step])
+        chunk = blocks[i:i + step]
+        if not np.isfinite(chunk).all():  # ggml's rounding assumes finite values; NaN/Inf would be silent garbage
+            row = (i + int(np.argmin(np.isfinite(chunk).all(axis=1)))) * t.block // k
+            raise KilnError(f"{qtype}: row {row} holds NaN or Inf weights; the source tensor is corrupt")
+        out[i:i + step] = _QUANTIZE[qtype](chunk)
     return out.reshape(n, t.row_bytes(k))
 
 
