@@ -1,11 +1,12 @@
-"""float32 weights -> GGUF block bytes, byte-identical to ggml's reference quantizers (`quantize_row_*_ref`,
+"""Float weights -> GGUF block bytes, byte-identical to ggml's reference quantizers (`quantize_row_*_ref`,
 no imatrix), so `--quant` writes exactly what llama-quantize would (../shared/notes/QUANT.md §2, §6).
 
-Every operation mirrors ggml's C source in float32 and in its order: sums are sequential (a loop over the
-positions of a sub-block, never np.sum), `nearest_int` is round-half-even (np.rint), Q8_0 rounds half away
-from zero, Q4_0 truncates x + 8.5, and re-quantization divides by the fp16-rounded scales. The loops run
-over the positions inside a sub-block and over the search steps; each step works on every sub-block of a
-chunk of rows at once, held position-major ([positions, sub-blocks]) so every operand is contiguous.
+Every operation mirrors ggml's C source in float32 and in its order: sums are sequential (np.add.reduce
+over the leading positions axis adds row after row; never a pairwise sum along a contiguous axis),
+`nearest_int` is round-half-even (np.rint), Q8_0 rounds half away from zero, Q4_0 truncates x + 8.5, and
+re-quantization divides by the fp16-rounded scales. Python loops run only over search steps (and Q3_K's
+positions); each step works on every sub-block of a chunk of rows at once, held position-major
+([positions, sub-blocks]) so every operand is contiguous.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ def _qx(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     mx = np.where(zero, F32(1), mx)
     w = x * x
     wx = w * x
-
     l, t = np.empty_like(x), np.empty_like(x)
 
     def fit(iscale):  # L = clamp(nearest_int(iscale * x), -nmax, nmax - 1); sum w·x·L, sum w·L·L
