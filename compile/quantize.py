@@ -89,13 +89,12 @@ def _q3(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         for _ in range(5):
             changed = False
             for i in range(len(x)):
-                slx = sumlx - wx[i] * L[i]
+                without = sumlx - wx[i] * L[i]  # ggml's slx before position i's new code is added
                 sl2 = suml2 - (w[i] * L[i]) * L[i]
-                new = np.clip(np.rint((x[i] * sl2) / slx), -nmax, nmax - 1)
-                slx = slx + wx[i] * new
+                new = np.clip(np.rint((x[i] * sl2) / without), -nmax, nmax - 1)
+                slx = without + wx[i] * new
                 sl2 = sl2 + (w[i] * new) * new
-                take = ((sumlx - wx[i] * L[i]) > 0) & (new != L[i]) & (sl2 > 0) & \
-                    ((slx * slx) * suml2 > (sumlx * sumlx) * sl2)
+                take = (without > 0) & (new != L[i]) & (sl2 > 0) & ((slx * slx) * suml2 > (sumlx * sumlx) * sl2)
                 if take.any():
                     changed = True
                     L[i] = np.where(take, new, L[i])
