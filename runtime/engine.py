@@ -151,10 +151,12 @@ class Engine:
         self._lock = threading.Lock()
 
     # ---- chat
-    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
-        """The prompt text for a conversation, through the model's chat template (runtime.chat_template)."""
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True,
+                            **template_kwargs) -> str:
+        """The prompt text for a conversation, through the model's chat template (runtime.chat_template);
+        `template_kwargs` reach the template (e.g. enable_thinking=False)."""
         return self.tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
-                                                  add_generation_prompt)
+                                                  add_generation_prompt, **template_kwargs)
 
     # ---- submission (any thread)
     def add_request(self, prompt: str | bytes | list[int], params: SamplingParams, sink: Callable[[Delta], None],
@@ -234,8 +236,11 @@ class Engine:
         KilnError here, before any iteration. See the module docstring."""
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
-        rid = self.add_request(prompt, params, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d),
-                               request_id)
+        def sink(delta: Delta) -> None:  # on the engine thread; a loop already closed has no reader left
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(deltas.put_nowait, delta)
+
+        rid = self.add_request(prompt, params, sink, request_id)
         return self._deltas(rid, deltas)
 
     async def _deltas(self, request_id: str, deltas: asyncio.Queue) -> AsyncIterator[Delta]:
