@@ -55,8 +55,8 @@ class Limits:
     max_body_bytes: int = 8 << 20  # 413 beyond
     max_header_bytes: int = 16 << 10  # all header names and values together; 431 beyond
     max_prompt_chars: int = 1 << 20  # a prompt, or a conversation's contents, before tokenizing
-    max_stops: int = 128  # stop strings per request
-    max_stop_chars: int = 4096  # characters per stop string
+    max_stops: int = 64  # stop strings per request
+    max_stop_chars: int = 512  # characters per stop string (the stops' automaton: ≤ 32k states, ~30 ms to build)
     max_n: int = 128  # completions per prompt
 
 
