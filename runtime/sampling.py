@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import KilnError
+from formats.errors import KilnError
+
 from .stop_strings import StopStrings
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's cap; the compiled `logprobs` function returns this many
