@@ -37,9 +37,10 @@ from fastapi.staticfiles import StaticFiles
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
+from formats.errors import KilnError
+
 from . import openai_protocol as api
 from .engine import Engine, EngineConfig
-from formats.errors import KilnError
 from .metrics import CONTENT_TYPE, Metrics
 from .request import RequestOutput
 from .sampling import SamplingParams

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import resource
 import socket
 import statistics
 import threading
