@@ -143,4 +143,7 @@ class SafetensorsModel:
     def tensor(self, name: str) -> np.ndarray:
         """float32 (a view of the file when stored as F32, else converted)."""
         a = self.array(name)
+        if a.dtype.kind not in "fV" and a.dtype != ml_dtypes.bfloat16:  # an integer "weight": a relabelled header
+            raise KilnError(f"{self._where[name].path}: tensor {name!r} is stored as {a.dtype}; model weights are "
+                            "floating point (F32, F16, BF16)")
         return a if a.dtype == np.float32 else a.astype(np.float32)
