@@ -160,6 +160,7 @@ class Engine:
         req = Request(request_id or uuid.uuid4().hex, *self._prompt(prompt), params, sink,
                       self._stop_ids(params))
         params.check()
+        params.stop_strings  # built here, on the caller's thread, not on the engine's
         if len(req.prompt_ids) >= self.max_model_len:
             raise KilnError(f"prompt has {len(req.prompt_ids)} tokens; the context limit is {self.max_model_len} "
                             "(prompt + output)")
@@ -191,6 +192,9 @@ class Engine:
             bos = self.tokenizer.bos_token_id
             if len(ids) > 1 and ids[0] == ids[1] == bos:  # a chat template wrote BOS and encode added one
                 ids = ids[1:]
+            if ids and max(ids) >= self.runner.vocab_size:  # else the step would fail every request in flight
+                raise KilnError(f"the tokenizer gave token id {max(ids)}, beyond the model's vocabulary (size "
+                                f"{self.runner.vocab_size}): the artifact's tokenizer and weights disagree")
         if not ids:
             raise KilnError("prompt is empty")
         return text, ids

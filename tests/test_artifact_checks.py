@@ -211,3 +211,19 @@ def test_fuzz_artifacts(stories_artifact, tmp_path):
         r = subprocess.run([sys.executable, "-c", RUN_ACCEPTED, *accepted], cwd=REPO, capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 0 and r.stdout.count("ran ") == len(accepted), r.stderr[-2000:]
+
+
+def test_tokenizer_ids_beyond_the_embedding_fail_only_their_request(copy):
+    """A tokenizer.json with an added token past the embedding's 512 rows: that prompt is refused at submission,
+    the others run (the step would otherwise fail every request in flight)."""
+    from runtime import Engine, EngineConfig, SamplingParams
+
+    tok = json.loads((copy / "tokenizer.json").read_text())
+    tok["added_tokens"].append({"id": 600, "content": "<zap>", "single_word": False, "lstrip": False,
+                                "rstrip": False, "normalized": False, "special": False})
+    (copy / "tokenizer.json").write_text(json.dumps(tok))
+    with Engine(EngineConfig(model_path=str(copy), max_num_seqs=4)) as engine:
+        bad, good = engine.generate_sync(SamplingParams(temperature=0, max_tokens=4), ["Once <zap>", "Once upon"])
+    assert bad.finish_reason == "error" and "beyond the model's vocabulary (size 512)" in bad.error
+    assert int(bad.error.split("token id ")[1].split(",")[0]) >= 512  # tokenizers renumbers it to the next free id
+    assert good.finish_reason == "length" and len(good.token_ids) == 4
