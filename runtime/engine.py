@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import queue
 import sys
 import threading
@@ -83,17 +84,22 @@ def _kv_tokens(cfg: EngineConfig, artifact: Artifact) -> int | None:
     """KV cache capacity in tokens for `cfg.kvmem` (None: ModelRunner's default)."""
     if cfg.kv_tokens is not None or cfg.kvmem is None:
         return cfg.kv_tokens
-    if cfg.kvmem <= 0:
+    if not (cfg.kvmem > 0 and math.isfinite(cfg.kvmem)):
         raise KilnError(f"kvmem must be > 0 (MB, or a fraction of device memory ≤ 1), got {cfg.kvmem}")
     c = artifact.config
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     per_token = 2 * c["num_hidden_layers"] * c.get("num_key_value_heads", c["num_attention_heads"]) * head_dim \
         * _DTYPE_BYTES.get(artifact.manifest["dtype"], 2)
     if cfg.kvmem > 1:
-        return int(cfg.kvmem * 2 ** 20 // per_token)
-    total = device_memory(artifact.target, cfg.device_id)
-    weights = sum(f.stat().st_size for f in artifact.weight_shards())
-    return int(max(cfg.kvmem * total - weights, 0) // per_token)
+        tokens = int(cfg.kvmem * 2 ** 20 // per_token)
+    else:
+        total = device_memory(artifact.target, cfg.device_id)
+        weights = sum(f.stat().st_size for f in artifact.weight_shards())
+        tokens = int(max(cfg.kvmem * total - weights, 0) // per_token)
+    if tokens < 2 * artifact.manifest["page_size"]:  # 0 tokens used to mean "the default cache"
+        raise KilnError(f"kvmem {cfg.kvmem} holds {tokens} tokens of KV cache ({per_token} bytes each), too few "
+                        f"to serve; raise it (MB if > 1, else a fraction of device memory)")
+    return tokens
 
 
 class TextStream:

@@ -327,3 +327,13 @@ def test_huge_body_and_many_stops_leave_a_neighbour_within_2x(live):
         assert with_huge < 2 * solo and with_stops < 2 * with_plain
     finally:
         wide.close()
+
+
+@pytest.mark.parametrize("kvmem", [1e-7, 0, float("inf"), float("nan"), -1])
+def test_kvmem_too_small_or_absurd_is_an_error(stories_artifact, kvmem):
+    """--kvmem 0.0000001 used to fall back to the default cache silently, inf to say "cannot convert NaN"."""
+    from formats.errors import KilnError
+    from runtime import Engine, EngineConfig
+
+    with pytest.raises(KilnError, match="kvmem"):
+        Engine(EngineConfig(model_path=str(stories_artifact), kvmem=kvmem))
