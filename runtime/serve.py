@@ -56,7 +56,7 @@ class Limits:
     max_body_bytes: int = 8 << 20  # 413 beyond
     max_header_bytes: int = 16 << 10  # all header names and values together; 431 beyond
     max_prompt_chars: int = 1 << 20  # a prompt, or a conversation's contents, before tokenizing
-    max_stops: int = 64  # stop strings per request
+    max_stops: int = 64  # stop strings per request (and stop_token_ids)
     max_stop_chars: int = 512  # characters per stop string (the stops' automaton: ≤ 32k states, ~30 ms to build)
     max_n: int = 128  # completions per prompt
 
@@ -196,9 +196,10 @@ class Server:
         limits = self.limits
         if params.n > limits.max_n:
             raise api.ApiError(400, f"n is {params.n}; this server allows at most {limits.max_n} (--max-n)", "n")
-        if len(params.stop) > limits.max_stops:
-            raise api.ApiError(400, f"{len(params.stop)} stop strings; this server allows at most "
-                               f"{limits.max_stops} (--max-stops)", "stop")
+        for field, stops in (("stop", params.stop), ("stop_token_ids", params.stop_token_ids)):
+            if len(stops) > limits.max_stops:
+                raise api.ApiError(400, f"{len(stops)} {field}; this server allows at most {limits.max_stops} "
+                                   "(--max-stops)", field)
         if long := [s for s in params.stop if len(s) > limits.max_stop_chars]:
             raise api.ApiError(400, f"a stop string has {len(long[0])} characters; this server allows at most "
                                f"{limits.max_stop_chars} (--max-stop-chars)", "stop")
@@ -550,7 +551,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="request header size limit in KB (431 beyond)")
     p.add_argument("--max-prompt-chars", type=pos, default=d.max_prompt_chars,
                    help="characters of a prompt or conversation, checked before tokenizing")
-    p.add_argument("--max-stops", type=count, default=d.max_stops, help="stop strings per request")
+    p.add_argument("--max-stops", type=count, default=d.max_stops, help="stop strings (and stop_token_ids) per request")
     p.add_argument("--max-stop-chars", type=pos, default=d.max_stop_chars, help="characters per stop string")
     p.add_argument("--max-n", type=pos, default=d.max_n, help="completions per prompt (n)")
     p.add_argument("--graceful-timeout", "--graceful_timeout", type=_number(float, 0, 3600), default=1.0,

@@ -74,6 +74,8 @@ def test_limits_are_openai_shaped_4xx(live):
         {"role": "user", "content": "a" * (limits.max_prompt_chars // 2 + 1)}] * 2)), 400, "--max-prompt-chars")
     assert_openai_error(post(live, "/v1/completions", dict(HI, stop=["x"] * (limits.max_stops + 1))), 400,
                         "--max-stops")
+    assert_openai_error(post(live, "/v1/completions", dict(HI, stop_token_ids=[2] * (limits.max_stops + 1))), 400,
+                        "--max-stops")
     assert_openai_error(post(live, "/v1/completions", dict(HI, stop="x" * (limits.max_stop_chars + 1))), 400,
                         "--max-stop-chars")
     assert_openai_error(post(live, "/v1/completions", dict(HI, n=limits.max_n + 1)), 400, "--max-n")
