@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -14,21 +13,33 @@ from pathlib import Path
 
 from formats.errors import KilnError
 from formats.torch_hidden import torch_hidden
+
+from . import artifact_checks as checks
 from .model_file import read_manifest, resolve_model
 
 
 @dataclass
 class Artifact:
+    """An artifact folder, checked (runtime/artifact_checks.py) before anything of it is loaded."""
+
     path: Path
     manifest: dict
+    _params: list[dict]
+    _shards: list[Path]
 
     @classmethod
     def open(cls, path: str | Path, dtype: str | None = None, quant: str | None = None) -> "Artifact":
-        """The artifact `path` stands for on this machine (a model file is compiled to `dtype`, `quant`)."""
+        """The artifact `path` stands for on this machine (a model file is compiled to `dtype`, `quant`),
+        checked before anything of it is loaded."""
         path = resolve_model(path, dtype, quant)
+        manifest = read_manifest(path)
         if not (path / "params.json").is_file():
             raise KilnError(f"{path}: incomplete artifact (no params.json); rebuild it with `make compile`")
-        return cls(path, read_manifest(path))
+        checks.check_manifest(path, manifest)
+        params = checks.read_params(path, manifest)
+        shards = checks.weight_shards(path, manifest)
+        checks.check_weights(path, manifest, params, shards)
+        return cls(path, manifest, params, shards)
 
     @property
     def config(self) -> dict:
@@ -40,11 +51,10 @@ class Artifact:
 
     def params(self) -> list[dict]:
         """[{name, shape, dtype}] in the order the compiled functions take them."""
-        return json.loads((self.path / "params.json").read_text())
+        return self._params
 
     def weight_shards(self) -> list[Path]:
-        index = json.loads((self.path / self.manifest["weights"] / "index.json").read_text())
-        return [self.path / self.manifest["weights"] / s for s in index["shards"]]
+        return self._shards
 
 
 def import_tvm(device_type: str):
@@ -65,6 +75,7 @@ def import_tvm(device_type: str):
 def load_library(artifact: Artifact, device_type: str):
     """The compiled module; CUDA source (an artifact built without nvcc) is compiled once and cached."""
     tvm = import_tvm(device_type)
+    checks.check_tvm_version(artifact.path, artifact.manifest, tvm.__version__)
     if device_type == "cuda" and not artifact.manifest.get("cuda_binary"):
         from compile.cuda_jit import register_compile_callback
         major, minor = tvm.cuda(0).compute_version.split(".")

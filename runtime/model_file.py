@@ -24,6 +24,8 @@ import yaml
 from formats.dtypes import DEFAULT_DTYPE, canonical_dtype
 from formats.errors import KilnError
 
+from .artifact_checks import check_manifest
+
 MANIFEST = "kiln.yaml"
 REPO = Path(__file__).resolve().parent.parent
 _COMPILER_SOURCES = ("compile", "model_defs", "schedules")
@@ -48,10 +50,12 @@ def cache_dir() -> Path:
 
 
 def why_not_here(path: Path, manifest: dict, dtype: str | None = None) -> str | None:
-    """The reason the artifact at `path` cannot run on this machine (None: it can)."""
+    """The reason the artifact at `path` cannot run on this machine (None: it can); a kiln.yaml that is
+    not sound is a KilnError (runtime/artifact_checks.py)."""
     target = manifest.get("target")
     if not manifest.get("weights"):
         return f"it has no weights yet (add them with: {manifest.get('weights_hint')})"
+    check_manifest(path, manifest)
     if dtype is not None and manifest.get("dtype") != dtype:
         return f"it computes in {manifest.get('dtype')}, {dtype} was asked"
     if target == "metal" and sys.platform != "darwin":
@@ -71,8 +75,9 @@ def read_manifest(path: Path) -> dict:
     """The artifact's kiln.yaml as a dict (KilnError if unreadable)."""
     try:
         manifest = yaml.safe_load((path / MANIFEST).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise KilnError(f"{path / MANIFEST}: unreadable ({e}); rebuild the artifact with `make compile`") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise KilnError(f"{path / MANIFEST}: unreadable ({str(e).splitlines()[0]}); rebuild the artifact with "
+                        "`make compile`") from None
     if not isinstance(manifest, dict):
         raise KilnError(f"{path / MANIFEST}: not a Kiln manifest; rebuild the artifact with `make compile`")
     return manifest
@@ -90,7 +95,10 @@ def _newest_runnable(folder: Path, dtype: str | None) -> Path:
                    reverse=True)
     reasons = []
     for path in found:
-        reason = why_not_here(path, read_manifest(path), dtype)
+        try:
+            reason = why_not_here(path, read_manifest(path), dtype)
+        except KilnError as e:  # a broken artifact beside good ones is skipped, and named
+            reason = str(e)
         if reason is None:
             if len(found) > 1:
                 print(f"kiln: {len(found)} artifacts in {folder}; using the newest that runs here, {path.name} "
