@@ -57,8 +57,13 @@ def runner(stories_artifact):
     (SamplingParams(min_p=0.2), [transformers.MinPLogitsWarper(0.2)]),
 ])
 def test_sampled_frequencies_match_the_target_distribution(params, processors):
+    check_distribution(params, processors)
+
+
+def check_distribution(params: SamplingParams, processors, runner=None) -> None:
+    """DRAWS samples (numpy, or `runner`'s compiled functions) follow transformers' distribution."""
     want = reference_probs(processors)
-    got = frequencies(params)
+    got = frequencies(params, runner)
     assert (got[want == 0] == 0).all()
     assert np.abs(got - want).max() < 0.015, (got, want)
 
@@ -76,10 +81,7 @@ COMPILED_DISTRIBUTIONS = [  # (params, transformers' processors of the same dist
 
 @pytest.mark.parametrize("params, processors", COMPILED_DISTRIBUTIONS)
 def test_compiled_sampling_matches_the_target_distribution(runner, params, processors):
-    want = reference_probs(processors)
-    got = frequencies(params, runner)
-    assert (got[want == 0] == 0).all()
-    assert np.abs(got - want).max() < 0.015, (got, want)
+    check_distribution(params, processors, runner)
 
 
 def test_compiled_top_p_top_k_keep_exactly_the_reference_tokens(runner):
