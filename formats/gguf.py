@@ -267,19 +267,15 @@ class GGUFSource:
         return cfg
 
     def _rope_scaling(self, head_dim: int) -> dict | None:
-        """rope_scaling from `rope.scaling.*` metadata, or llama3 scaling from llama.cpp's rope_freqs tensor.
+        """Llama 3's rope_scaling from llama.cpp's rope_freqs tensor (the only scaling Kiln's models support).
 
         llama.cpp stores llama3 scaling only as the per-frequency factors, so we take Llama 3.1's
         parameters (low 1, high 4, original context 8192) with the largest factor, and check that
         they reproduce the stored factors."""
         kind = self.metadata.get(f"{self.arch}.rope.scaling.type")
-        if kind in ("linear", "yarn"):
-            scaling = {"rope_type": kind, "factor": _f32(self._meta("rope.scaling.factor", kind=float))}
-            if f"{self.arch}.rope.scaling.original_context_length" in self.metadata:
-                scaling["original_max_position_embeddings"] = self._meta("rope.scaling.original_context_length")
-            return scaling
         if kind not in (None, "none"):
-            raise KilnError(f"{self.path}: RoPE scaling {kind!r} is not supported (linear, yarn, llama3)")
+            raise KilnError(f"{self.path}: RoPE scaling {kind!r} is not supported (Kiln supports Llama 3's, "
+                            "which llama.cpp stores as rope_freqs.weight)")
         if "rope_freqs.weight" not in self._tensors:
             return None
         freqs = self.file.dequantize("rope_freqs.weight").astype(np.float64)
