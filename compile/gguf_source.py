@@ -171,6 +171,12 @@ class GGUFFile:
                 raise KilnError(f"{path}: tensor {name!r}: shape {dims} of {qtype.name} runs {end - nxt} bytes into "
                                 f"tensor {other!r} (its byte size disagrees with its shape)")
 
+    def blocks(self, name: str) -> np.ndarray:
+        """One tensor's raw bytes as uint8 [rows, row bytes] (memory-mapped): the blocks, for repacking."""
+        _, dims, start, n_bytes = self.tensors[name]
+        rows = int(np.prod(dims[1:], dtype=object))
+        return np.frombuffer(self._map, np.uint8, n_bytes, start).reshape(rows, n_bytes // rows)
+
     def dequantize(self, name: str) -> np.ndarray:
         """One tensor as float32, numpy (reversed GGUF) shape; `gguf.quants.dequantize` for quantized types."""
         qtype, dims, start, n_bytes = self.tensors[name]
