@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from model_defs.quant_layout import QUANT_TYPES, quant_type
-from runtime.errors import KilnError
+from formats.errors import KilnError
+from formats.quant_layout import QUANT_TYPES, quant_type
 
 _CHUNK_WEIGHTS = 1 << 24  # weights repacked per step: bounds the temporaries to tens of MB
 _U32 = np.dtype("<u4")
@@ -100,7 +100,7 @@ assert _REPACK.keys() == QUANT_TYPES.keys()
 
 def repack(qtype: str, blocks: np.ndarray, k: int) -> dict[str, np.ndarray]:
     """GGUF blocks uint8 [N, row bytes] of rows of `k` weights -> Kiln's components (names, dtypes, shapes
-    of model_defs.quant_layout), holding the same bits; a size that does not match is a KilnError."""
+    of formats.quant_layout), holding the same bits; a size that does not match is a KilnError."""
     t = quant_type(qtype)
     blocks = np.asarray(blocks)
     if blocks.dtype != np.uint8 or blocks.ndim != 2 or k <= 0 or k % t.block or blocks.shape[1] != t.row_bytes(k):
@@ -131,7 +131,8 @@ def _per_weight(x: np.ndarray, k: int) -> np.ndarray:
 
 def dequantize_components(qtype: str, comps: dict[str, np.ndarray]) -> np.ndarray:
     """float32 [N, K] from Kiln's components by docs/QUANT-LAYOUT.md's formulas: the numpy reference that
-    must equal `gguf.quants.dequantize` bit for bit (every product is exact in fp32, so order is free)."""
+    must equal `gguf.quants.dequantize` bit for bit (every product is exact in fp32, so order is free).
+    Works through chunks of rows, so a vocabulary-sized tensor needs no more than its output in memory."""
     t = quant_type(qtype)
     n, k = len(comps["q"]), comps["q"].shape[1] * t.components["q"].per_entry
     for c, shape in t.shapes(n, k).items():
@@ -139,6 +140,14 @@ def dequantize_components(qtype: str, comps: dict[str, np.ndarray]) -> np.ndarra
         if a is None or a.shape != shape or a.dtype != t.components[c].dtype:
             got = "missing" if a is None else f"{a.dtype} {list(a.shape)}"
             raise KilnError(f"{qtype} component {c!r}: expected {t.components[c].dtype} {list(shape)}, got {got}")
+    out = np.empty((n, k), np.float32)
+    step = max(1, _CHUNK_WEIGHTS // k)
+    for r in range(0, n, step):
+        out[r:r + step] = _dequantize(qtype, {c: comps[c][r:r + step] for c in t.components}, k)
+    return out
+
+
+def _dequantize(qtype: str, comps: dict[str, np.ndarray], k: int) -> np.ndarray:
     d = _per_weight(comps["d"], k)
     if qtype == "q8_0":
         return d * np.ascontiguousarray(comps["q"]).view(np.int8).astype(np.float32)

@@ -13,9 +13,8 @@ from __future__ import annotations
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 
-from runtime.errors import KilnError
-
-from .quant_layout import QUANT_TYPES, quant_type
+from formats.errors import KilnError
+from formats.quant_layout import QUANT_TYPES, quant_type
 
 def component_shapes(qtype: str, rows: int, cols: int) -> dict[str, tuple[tuple[int, int], str]]:
     """{component: ((rows, columns), dtype)} of a rows x cols weight of `qtype`, in PrimFunc argument order."""

@@ -16,10 +16,10 @@ from tvm.relax.frontend import nn
 from conftest import DATA
 
 import gguf  # noqa: E402
-from compile.gguf_source import GGUFFile  # noqa: E402
+from formats.gguf import GGUFFile  # noqa: E402
 from compile.repack import repack  # noqa: E402
 from model_defs.quant import QuantLinear, component_shapes, dequantize_te  # noqa: E402
-from model_defs.quant_layout import QUANT_TYPES  # noqa: E402
+from formats.quant_layout import QUANT_TYPES  # noqa: E402
 from schedules.pipeline import _passes, relax_pipeline, tir_pipeline  # noqa: E402
 
 VECTORS = DATA / "ggml-quant-vectors" / "ggml-quant-vectors.gguf"

@@ -1,14 +1,15 @@
 """The GGUF types Kiln keeps packed, and the component arrays each one becomes (docs/QUANT-LAYOUT.md).
 
-One table read by the repacker and the quantizer (compile/) and by the model definitions that declare
-the packed parameters, so a component's name, dtype and shape are written down once.
+One table read by the repacker and the quantizer (compile/), the model definitions that declare the
+packed parameters and the kernels that read them, so a component's name, dtype and shape are written
+down once (in formats/ so that every layer may import it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.errors import KilnError
+from formats.errors import KilnError
 
 
 @dataclass(frozen=True)
