@@ -120,9 +120,26 @@ class QuantEmbedding(nn.Module):
         return self.weight.dequantize(rows)
 
 
-def quantize_modules(module: nn.Module, quant: dict[str, str], prefix: str = "") -> None:
-    """Replace, in place, each Linear / Embedding whose `<name>.weight` is in `quant` ({param: qtype})
-    by its quantized form; other modules keep their float weights."""
+class SplitLinear(nn.Module):
+    """A fused projection (qkv_proj, gate_up_proj) whose parts are stored in different types (a *_K_M
+    file): one matmul per part, outputs concatenated, the same values as the fused Linear. Parts are
+    attributes named as the HF projections (`qkv_proj.q_proj.weight.q`), each packed or float."""
+
+    def __init__(self, fused: nn.Linear, parts: list[tuple[str, int, str | None]]):
+        dtype, bias = fused.weight.dtype, fused.bias is not None
+        self.names = [name for name, _, _ in parts]
+        for name, rows, qtype in parts:
+            setattr(self, name, QuantLinear(fused.in_features, rows, qtype, dtype, bias) if qtype else
+                    type(fused)(fused.in_features, rows, dtype, bias=bias))
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        return nn.op.concat([getattr(self, name)(x) for name in self.names], dim=-1)
+
+
+def quantize_modules(module: nn.Module, quant: dict, prefix: str = "") -> None:
+    """Replace, in place, each Linear / Embedding whose `<name>.weight` is in `quant` by its quantized
+    form: {param: qtype}, or {param: [(part, rows, qtype or None)]} for a SplitLinear. Other modules
+    keep their float weights."""
     for attr, child in list(vars(module).items()):
         name = f"{prefix}{attr}"
         if isinstance(child, nn.ModuleList):
@@ -138,12 +155,17 @@ def quantize_modules(module: nn.Module, quant: dict[str, str], prefix: str = "")
                 quantize_modules(child, quant, f"{name}.")
 
 
-def _quantized(module: nn.Module, name: str, quant: dict[str, str]) -> nn.Module | None:
+def _quantized(module: nn.Module, name: str, quant: dict) -> nn.Module | None:
     qtype = quant.get(f"{name}.weight")
     if qtype is None:
         return None
+    if isinstance(qtype, list) and isinstance(module, nn.Linear):
+        if sum(rows for _, rows, _ in qtype) != module.out_features:
+            raise KilnError(f"parameter '{name}.weight': its parts' rows {[r for _, r, _ in qtype]} do not add "
+                            f"up to {module.out_features}")
+        return SplitLinear(module, qtype)
     if isinstance(module, nn.Embedding):
-        return QuantEmbedding(module.num, module.dim, qtype, module.dtype)
+        return QuantEmbedding(module.num, module.dim, qtype, module.weight.dtype)
     if isinstance(module, nn.Linear):
         return QuantLinear(module.in_features, module.out_features, qtype, module.weight.dtype,
                            bias=module.bias is not None)
