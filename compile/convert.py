@@ -13,17 +13,19 @@ import json
 import re
 from pathlib import Path
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+import ml_dtypes  # registers bfloat16 with numpy
 import numpy as np
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from formats.errors import KilnError
+from model_defs.quant import STORED_FLOATS
 
 from .quantize import quantize
 from .repack import repack
 
 SHARD_BYTES = 1 << 30
+_FLOAT_DTYPES = {"f16": np.float16, "bf16": ml_dtypes.bfloat16}
 
 _SPLIT = re.compile(r"(.*)\.(?:qkv_proj|gate_up_proj)\.(\w+_proj)\.(weight|bias)$")  # a fused weight run per part
 _FUSED = [
@@ -57,6 +59,8 @@ def packed_components(source, name: str, qtype: str, shape: tuple) -> dict[str, 
     """The components (docs/QUANT-LAYOUT.md) of Kiln weight `name` [N, K] in `qtype`: a GGUF's blocks
     of that type repacked unchanged, anything else quantized as ggml does, then repacked."""
     parts = hf_names(name)
+    if qtype in STORED_FLOATS:  # a GGUF's F16/BF16 rows as they are
+        return {"w": np.concatenate([source.blocks(p) for p in parts]).view(_FLOAT_DTYPES[qtype])}
     if all(getattr(source, "stored_type", lambda _: None)(p) == qtype for p in parts):
         blocks = [source.blocks(p) for p in parts]
     else:

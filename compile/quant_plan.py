@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from formats.errors import KilnError
 from formats.quant_layout import QUANT_TYPES
+from model_defs.quant import STORED_FLOATS
 
 from .convert import hf_names
 from .quantize import row_fallback
@@ -74,14 +75,16 @@ def _two_d_weights(params) -> list[tuple[str, tuple]]:
     return [(n, tuple(s)) for n, s in params if n.endswith(".weight") and len(s) == 2]
 
 
-def plan_gguf(source, params) -> QuantPlan:
-    """Keep every tensor of a native type packed; parts of a fused weight whose types differ run apart."""
+def plan_gguf(source, params, dtype: str) -> QuantPlan:
+    """Keep every tensor of a native type packed (and F16/BF16 ones as stored when `dtype` is float32);
+    parts of a fused weight whose types differ run apart."""
     plan = QuantPlan(origin=f"gguf {source.path.name}")
+    kept = set(QUANT_TYPES) | (set(STORED_FLOATS) if dtype == "float32" else set())
     dequantized = defaultdict(list)
     for name, _ in _two_d_weights(params):
         parts = hf_names(name)
         types = [source.stored_type(p) for p in parts]
-        native = [t if t in QUANT_TYPES else None for t in types]
+        native = [t if t in kept else None for t in types]
         for part, t, n in zip(parts, types, native):
             if n is None:
                 dequantized[t].append(part)
@@ -93,7 +96,7 @@ def plan_gguf(source, params) -> QuantPlan:
             plan.notes.append(f"{name}: parts stored as {'/'.join(types)}: one matmul per part in this layer")
     for t, names in sorted(dequantized.items()):
         why = "a float type" if t in ("f32", "f16", "bf16") else f"not one of Kiln's native types ({', '.join(QUANT_TYPES)})"
-        plan.notes.append(f"dequantized to the model dtype: {len(names)} tensor(s) of type {t.upper()} ({why}): "
+        plan.notes.append(f"converted to {dtype}: {len(names)} tensor(s) of type {t.upper()} ({why}): "
                           f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''}")
     return plan
 

@@ -14,10 +14,17 @@ from tvm import te, tirx
 from tvm.relax.frontend import nn
 
 from formats.errors import KilnError
-from formats.quant_layout import QUANT_TYPES, quant_type
+from formats.quant_layout import quant_type
+
+# GGUF float types kept as stored where the model dtype is wider (a GGUF's F16 tensors on the fp32 CPU
+# path): one component `w`, cast by the same dequantize PrimFunc, so the weights stay at the file's size.
+STORED_FLOATS = {"f16": "float16", "bf16": "bfloat16"}
+
 
 def component_shapes(qtype: str, rows: int, cols: int) -> dict[str, tuple[tuple[int, int], str]]:
     """{component: ((rows, columns), dtype)} of a rows x cols weight of `qtype`, in PrimFunc argument order."""
+    if qtype in STORED_FLOATS:
+        return {"w": ((rows, cols), STORED_FLOATS[qtype])}
     t = quant_type(qtype)
     return {name: (shape, t.components[name].dtype) for name, shape in t.shapes(rows, cols).items()}
 
@@ -37,6 +44,8 @@ def _value(qtype: str, c: dict, n, k):
     def i32(x):
         return x.astype("int32")
 
+    if qtype in STORED_FLOATS:
+        return f32(c["w"][n, k])
     if qtype == "q8_0":
         code = i32(_bits(c["q"], n, k, 8))
         return f32(c["d"][n, k // 32]) * f32(code - ((code >> 7) << 8))  # the byte as int8
@@ -63,16 +72,17 @@ def _value(qtype: str, c: dict, n, k):
 
 def dequantize_te(qtype: str, components: list[te.Tensor], cols: int, dtype: str) -> te.Tensor:
     """The N x K weight in `dtype` from its components (quant_layout's order); N = the components' rows."""
-    c = dict(zip(QUANT_TYPES[qtype].components, components))
+    c = dict(zip(component_shapes(qtype, 0, 0), components))
     rows = components[0].shape[0]
     return te.compute((rows, cols), lambda n, k: _value(qtype, c, n, k).astype(dtype), name=f"dequantize_{qtype}")
 
 
 class QuantWeight(nn.Module):
-    """The packed components of one rows x cols weight; parameters `q`, `d`, ... (quant_layout's components)."""
+    """The components of one rows x cols weight as parameters: `q`, `d`, ... (formats/quant_layout.py), or
+    `w` for a stored float type."""
 
     def __init__(self, qtype: str, rows: int, cols: int, dtype: str):
-        block = quant_type(qtype).block
+        block = 1 if qtype in STORED_FLOATS else quant_type(qtype).block
         if cols % block:
             raise KilnError(f"a {rows} x {cols} weight cannot be {qtype}: rows of {cols} elements are not "
                             f"whole blocks of {block}")
@@ -81,7 +91,7 @@ class QuantWeight(nn.Module):
             setattr(self, name, nn.Parameter(shape, component_dtype))
 
     def components(self) -> list[nn.Tensor]:
-        return [getattr(self, name) for name in QUANT_TYPES[self.qtype].components]
+        return [getattr(self, name) for name in component_shapes(self.qtype, 0, 0)]
 
     def dequantize(self, components: list[nn.Tensor] | None = None) -> nn.Tensor:
         """The weight (or the rows `components` were gathered from) in the model dtype, as a `dequantize_*` call."""

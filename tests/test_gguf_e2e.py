@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 import gguf  # noqa: E402
 from conftest import STORIES_EXPECTED, STORIES_HF, compile_cpu  # noqa: E402
@@ -123,6 +124,16 @@ def test_quantized_matches_numpy_reference(form, artifacts):
     """First 32 greedy tokens equal a float64 numpy forward over the same dequantized weights."""
     ref = numpy_llama_greedy(FORMS[form], [1], 32)
     assert generate_ids(ModelRunner(artifacts[form]), [[1]], 32)[0] == ref
+
+
+@pytest.mark.parametrize("form", ["q8_0", "q4_0"])
+def test_quantized_forms_stay_packed(form, artifacts):
+    """Each 2-D tensor keeps its GGUF type (Q8_0, Q4_0; F16 as stored): the weights stay about the file's size."""
+    quantization = yaml.safe_load((artifacts[form] / "kiln.yaml").read_text())["quantization"]
+    stored = {t.tensor_type.name.lower() for t in gguf.GGUFReader(FORMS[form]).tensors if len(t.shape) == 2}
+    assert set(quantization["summary"]) == stored and form in stored
+    weight_bytes = sum(f.stat().st_size for f in (artifacts[form] / "weights").glob("*.safetensors"))
+    assert weight_bytes <= 1.3 * FORMS[form].stat().st_size
 
 
 def test_numpy_reference_is_right():

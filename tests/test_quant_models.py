@@ -85,7 +85,7 @@ def test_native_keeps_every_tensor_packed(case):
     """Every 2-D weight stays in its GGUF type; the dequantized artifact has none."""
     q = _manifest(case["native"])["quantization"]
     stored = {case["types"](n).name.lower() for n, t in case["tensors"].items() if t.ndim == 2}
-    assert set(q["summary"]) == stored and not any("dequantized" in n for n in q["notes"])
+    assert set(q["summary"]) == stored and not any("converted to" in n for n in q["notes"])
     assert _manifest(case["dequantized"])["quantization"] is None
     if case["arch"] == "llama":  # the mixed layer: one matmul per part; llama's q/k rows un-permuted
         assert q["tensors"]["model.layers.0.self_attn.qkv_proj.weight [v_proj]"] == "q6_k"
