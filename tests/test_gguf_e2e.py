@@ -4,9 +4,7 @@ stories260K in all four forms (HF folder, GGUF f32/q8_0/q4_0) against expected.j
 numpy reference over the same dequantized weights; tiny random Llama/Qwen3 models give the same
 tokens from GGUF as from safetensors."""
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +18,7 @@ from conftest import STORIES_EXPECTED, STORIES_HF, compile_cpu  # noqa: E402
 from runtime.generate import generate_ids  # noqa: E402
 from runtime.model_runner import ModelRunner  # noqa: E402
 from runtime.tokenizer import Tokenizer  # noqa: E402
-from test_gguf_source import STORIES, random_model, write_model_gguf  # noqa: E402
+from test_gguf_source import STORIES, random_model, write_hf_folder, write_model_gguf  # noqa: E402
 
 ALL_EXPECTED = STORIES_EXPECTED
 EXPECTED = ALL_EXPECTED["greedy_from_bos"]
@@ -144,14 +142,8 @@ def test_numpy_reference_is_right():
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_random_model_gguf_equals_safetensors(arch, tmp_path):
     """A tiny random model as an HF folder and as a llama.cpp-layout GGUF: identical greedy tokens."""
-    from safetensors.numpy import save_file
     cfg, tensors = random_model(arch, seed=3)
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    (hf / "config.json").write_text(json.dumps(cfg))
-    save_file(tensors, hf / "model.safetensors")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(STORIES_HF / f, hf / f)
+    hf = write_hf_folder(tmp_path / "hf", cfg, tensors)
     gguf_path = write_model_gguf(tmp_path / f"{arch}.gguf", cfg, tensors)
     prompts = [[1, 403, 407, 261, 378], [1, 42]]
     outs = [generate_ids(ModelRunner(compile_cpu(p, tmp_path / f"art-{i}")), prompts, 16)

@@ -69,6 +69,17 @@ def random_model(arch, seed=0, head_dim=None, hidden=64, inter=96):
             tensors[name] = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
     return cfg, tensors
 
+def write_hf_folder(folder, cfg, tensors):
+    """An HF model folder: config.json, model.safetensors and stories260K's tokenizer files."""
+    import shutil
+    from safetensors.numpy import save_file
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_file(tensors, folder / "model.safetensors")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(STORIES_HF / f, folder / f)
+    return folder
+
 def write_model_gguf(path, cfg, tensors, tokenizer_gguf=STORIES / "gguf" / "stories260K-f32.gguf", qtype=None):
     """Write an HF model as llama.cpp would: its names, metadata and (llama) the q/k row permutation.
     Tokenizer metadata is copied from `tokenizer_gguf`; qtype (a GGMLQuantizationType, or a function of

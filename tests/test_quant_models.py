@@ -6,16 +6,10 @@ weights. Each GGUF is compiled twice, packed (native) and with `--dequantize` (t
 their logits must agree within 1e-4 relative and their 32 greedy tokens be identical.
 """
 
-import json
-import shutil
-
 import numpy as np
 import pytest
 import yaml
 from safetensors import safe_open
-from safetensors.numpy import save_file
-
-from conftest import STORIES_HF
 
 import gguf  # noqa: E402
 from compile.driver import compile_artifact  # noqa: E402
@@ -24,7 +18,7 @@ from compile.repack import repack  # noqa: E402
 from runtime.generate import generate_ids  # noqa: E402
 from runtime.model_runner import ModelRunner  # noqa: E402
 from test_gguf_e2e import numpy_llama_greedy  # noqa: E402
-from test_gguf_source import random_model, write_model_gguf  # noqa: E402
+from test_gguf_source import random_model, write_hf_folder, write_model_gguf  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 PROMPTS = [[1, 403, 407, 261, 378, 300, 12], [1, 42]]
@@ -47,12 +41,7 @@ def case(request, tmp_path_factory):
     flag, types = CASES[arch]
     tmp = tmp_path_factory.mktemp(f"quant-{arch}")
     cfg, tensors = random_model(arch, seed=5, head_dim=64, hidden=256, inter=512)
-    hf = tmp / "hf"
-    hf.mkdir()
-    (hf / "config.json").write_text(json.dumps(cfg))
-    save_file(tensors, hf / "model.safetensors")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(STORIES_HF / f, hf / f)
+    hf = write_hf_folder(tmp / "hf", cfg, tensors)
     path = write_model_gguf(tmp / f"{arch}.gguf", cfg, tensors, qtype=types)
     return {"arch": arch, "cfg": cfg, "tensors": tensors, "types": types, "gguf": path,
             "quant": _compile(hf, tmp / "quant", quant=flag), "native": _compile(path, tmp / "native"),
