@@ -96,18 +96,24 @@ def plan_gguf(source, params, dtype: str) -> QuantPlan:
             plan.notes.append(f"{name}: parts stored as {'/'.join(types)}: one matmul per part in this layer")
     for t, names in sorted(dequantized.items()):
         why = "a float type" if t in ("f32", "f16", "bf16") else f"not one of Kiln's native types ({', '.join(QUANT_TYPES)})"
-        plan.notes.append(f"converted to {dtype}: {len(names)} tensor(s) of type {t.upper()} ({why}): "
-                          f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''}")
+        plan.notes.append(f"converted to {dtype}, type {t.upper()} ({why}): {_listed(names)}")
     return plan
 
 
 def plan_quantize(qtype: str, params) -> QuantPlan:
     """`--quant`: every 2-D weight in `qtype`; rows that do not fill its block fall back as llama.cpp does."""
     plan = QuantPlan(origin=f"--quant {qtype}")
+    fallbacks = defaultdict(list)
     for name, (_, k) in _two_d_weights(params):
         t, reason = row_fallback(qtype, k)
         if reason:
-            plan.notes.append(f"{name}: {reason}")
+            fallbacks[reason].append(name)
         if t is not None:
             plan.types[name] = t
+    plan.notes += [f"{reason}: {_listed(names)}" for reason, names in fallbacks.items()]
     return plan
+
+
+def _listed(names: list[str]) -> str:
+    """'3 tensor(s): a, b, c' with at most four names."""
+    return f"{len(names)} tensor(s): {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
