@@ -182,16 +182,3 @@ def _quantized(module: nn.Module, name: str, quant: dict) -> nn.Module | None:
     raise KilnError(f"parameter '{name}.weight' cannot be quantized ({type(module).__name__} is not a "
                     "Linear or an Embedding)")
 
-
-def dequant_matmul_func(qtype: str, m: int, n: int, k: int, dtype: str) -> tirx.PrimFunc:
-    """The fused PrimFunc `decode` makes of a quantized Linear, standalone (for tests and
-    bench/quant_gemm.py: one definition of the form the rules schedule): (*components, x: dtype[m, 1, k],
-    y: float32[m, 1, n]), y = x dequantize(W)^T accumulated in fp32. In a model the epilogue (cast to the
-    model dtype, residual add, bias) follows in the same PrimFunc."""
-    comps = [te.placeholder(shape, dt, name) for name, (shape, dt) in component_shapes(qtype, n, k).items()]
-    x = te.placeholder((m, 1, k), dtype, "x")
-    w = dequantize_te(qtype, comps, k, dtype)
-    r = te.reduce_axis((0, k), "k")
-    y = te.compute((m, 1, n), lambda i, s, j: te.sum(x[i, s, r].astype("float32") * w[j, r].astype("float32"),
-                                                     axis=r), name="NT_matmul")
-    return te.create_prim_func([*comps, x, y]).with_attr("global_symbol", f"fused_dequantize_{qtype}_NT_matmul")
