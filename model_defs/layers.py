@@ -11,6 +11,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 
 from .config import ModelConfig
 from .kv_cache import KilnPagedKVCache
+from .quant import dense
 from .sampling import SamplingFunctions
 
 
@@ -79,8 +80,9 @@ class CausalLM(nn.Module, SamplingFunctions):
 
     attention_cls: type = None  # set by each family
 
-    def __init__(self, cfg: ModelConfig, dtype: str, target):
-        self.cfg, self.dtype, self.target = cfg, dtype, target  # the KV cache's kernels are per target
+    def __init__(self, cfg: ModelConfig, dtype: str, target, attention_kernels: dict | None = None):
+        # the KV cache's kernels are per target: Kiln's as the compiler chose them (None: TVM's)
+        self.cfg, self.dtype, self.target, self.attention_kernels = cfg, dtype, target, attention_kernels
         self.model = Decoder(cfg, self.attention_cls, dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype)
@@ -99,14 +101,13 @@ class CausalLM(nn.Module, SamplingFunctions):
         return nn.op.reshape(self.model(nn.op.reshape(embeds, (b, 1, hidden)), kv), (b, hidden))
 
     def logits(self, hidden: nn.Tensor) -> nn.Tensor:
-        if self.cfg.tie_word_embeddings:
-            return nn.op.matmul(hidden, nn.op.permute_dims(self.model.embed_tokens.weight), out_dtype="float32")
-        return nn.op.matmul(hidden, nn.op.permute_dims(self.lm_head.weight), out_dtype="float32")
+        head = self.model.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head
+        return nn.op.matmul(hidden, nn.op.permute_dims(dense(head.weight)), out_dtype="float32")
 
     def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                               support_sliding_window) -> PagedKVCache:
         cfg = self.cfg
-        return KilnPagedKVCache(  # Kiln's attention kernels on CUDA, TVM's elsewhere
+        return KilnPagedKVCache(  # Kiln's attention kernels on CUDA and Metal, TVM's elsewhere
             attn_kind="mha",
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,
@@ -130,4 +131,5 @@ class CausalLM(nn.Module, SamplingFunctions):
             enable_disaggregation=False,
             dtype=self.dtype,
             target=self.target,
+            kernels=self.attention_kernels,
         )

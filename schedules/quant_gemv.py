@@ -124,7 +124,7 @@ class QuantGemv:
             raise _Decline
         # pad M to the tile (rows past M read x as 0 and are not stored), so that every
         # per-thread buffer has a static size
-        sch.pad_einsum(mm, [1] * (len(ivs) - 3) + [m_tile, 1, 1])
+        sch.pad_einsum(mm, [1 if isinstance(iv.dom.extent, tirx.IntImm) else m_tile for iv in ivs[:-2]] + [1, 1])
         for block in sch.get_producers(mm):
             if not sch.get(block).same_as(sch.get(deq)):
                 sch.compute_inline(block)  # x_pad

@@ -16,7 +16,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize, quant_shape_to_byte_shape
 
-from runtime.errors import KilnError
+from formats.errors import KilnError
+from formats.vocab import gguf_tokenizer_files
 
 GGUF_MAGIC = b"GGUF"
 _ARCHS = {  # general.architecture -> (HF architectures[0], model_type)
@@ -171,6 +172,12 @@ class GGUFFile:
                 raise KilnError(f"{path}: tensor {name!r}: shape {dims} of {qtype.name} runs {end - nxt} bytes into "
                                 f"tensor {other!r} (its byte size disagrees with its shape)")
 
+    def blocks(self, name: str) -> np.ndarray:
+        """One tensor's raw bytes as uint8 [rows, row bytes] (memory-mapped): the blocks, for repacking."""
+        _, dims, start, n_bytes = self.tensors[name]
+        rows = int(np.prod(dims[1:], dtype=object))
+        return np.frombuffer(self._map, np.uint8, n_bytes, start).reshape(rows, n_bytes // rows)
+
     def dequantize(self, name: str) -> np.ndarray:
         """One tensor as float32, numpy (reversed GGUF) shape; `gguf.quants.dequantize` for quantized types."""
         qtype, dims, start, n_bytes = self.tensors[name]
@@ -303,7 +310,6 @@ class GGUFSource:
 
     def write_tokenizer(self, out_dir: str | Path) -> None:
         """tokenizer.json, tokenizer_config.json and generation_config.json built from the GGUF metadata."""
-        from runtime.tokenizer import gguf_tokenizer_files
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tok, config, generation = gguf_tokenizer_files(self.metadata, str(self.path))
