@@ -23,112 +23,51 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 
 QTYPES = ["q4_k", "q6_k", "q8_0"]
 GEMV_MS = [1, 4, 16, 64]
 GEMM_MS = [128, 512, 2048]
 RAGGED_MS = [3, 7, 33]  # correctness only: rows past a tile, each branch of the M chain
 
-# Components of each type (docs/QUANT-LAYOUT.md): name -> (dtype, elements of K per entry)
-COMPONENTS = {
-    "q8_0": {"q": ("uint32", 4), "d": ("float16", 32)},
-    "q4_0": {"q": ("uint32", 8), "d": ("float16", 32)},
-    "q4_k": {"q": ("uint32", 8), "sc": ("uint8", 32), "m": ("uint8", 32), "d": ("float16", 256),
-             "dmin": ("float16", 256)},
-    "q5_k": {"q": ("uint32", 8), "qh": ("uint32", 32), "sc": ("uint8", 32), "m": ("uint8", 32),
-             "d": ("float16", 256), "dmin": ("float16", 256)},
-    "q6_k": {"q": ("uint32", 8), "qh": ("uint32", 16), "sc": ("int8", 16), "d": ("float16", 256)},
-    "q2_k": {"q": ("uint32", 16), "sc": ("uint8", 16), "d": ("float16", 256), "dmin": ("float16", 256)},
-    "q3_k": {"q": ("uint32", 16), "qh": ("uint32", 32), "sc": ("int8", 16), "d": ("float16", 256)},
-}
 
-
-def code_to_f32(code, offset: int, magic: bool = True):
-    """float32(code + offset) for an unsigned code word field (< 2^23). `magic`: as the bits of
-    2^23 + code minus (2^23 − offset): two full-rate integer/float ops (exact, all values are
-    integers below 2^24) instead of an int→float conversion, which Hopper runs at a quarter rate."""
-    from tvm import tirx
-
-    if not magic:
-        return code.astype("int32").astype("float32") + tirx.const(float(offset), "float32")
-    word = code.astype("uint32") | tirx.const(0x4B000000, "uint32")
-    return tirx.reinterpret("float32", word) - tirx.const(8388608.0 - offset, "float32")
-
-
-def dequant_value(qtype: str, c: dict, n, k, magic: bool = True):
-    """fp32 value of element (n, k) from component tensors `c` (te tensors or buffers)."""
-    from tvm import tirx
-
-    f32 = lambda e: e.astype("float32")  # noqa: E731
-    u32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
-    code = lambda e, offset=0: code_to_f32(e, offset, magic)  # noqa: E731
-
-    def bits(name, b):
-        per = 32 // b
-        word = c[name][n, k // per]
-        return (word >> (u32(b) * (k % per).astype("uint32"))) & u32(2 ** b - 1)
-
-    if qtype == "q8_0":
-        return f32(c["d"][n, k // 32]) * code(bits("q", 8) ^ u32(128), -128)
-    if qtype == "q4_0":
-        return f32(c["d"][n, k // 32]) * code(bits("q", 4), -8)
-    if qtype in ("q4_k", "q5_k"):
-        q = bits("q", 4) if qtype == "q4_k" else bits("q", 4) | (bits("qh", 1) << u32(4))
-        d, dmin = f32(c["d"][n, k // 256]), f32(c["dmin"][n, k // 256])
-        return (d * f32(c["sc"][n, k // 32])) * code(q) - dmin * f32(c["m"][n, k // 32])
-    if qtype == "q6_k":
-        return (f32(c["d"][n, k // 256]) * f32(c["sc"][n, k // 16])) * code(bits("q", 4) | (bits("qh", 2) << u32(4)), -32)
-    if qtype == "q2_k":
-        sc = c["sc"][n, k // 16]
-        d, dmin = f32(c["d"][n, k // 256]), f32(c["dmin"][n, k // 256])
-        return (d * f32(sc & tirx.const(15, "uint8"))) * code(bits("q", 2)) - dmin * f32(sc >> tirx.const(4, "uint8"))
-    if qtype == "q3_k":
-        return (f32(c["d"][n, k // 256]) * f32(c["sc"][n, k // 16])) * code(bits("q", 2) | (bits("qh", 1) << u32(2)), -4)
-    raise ValueError(qtype)
-
-
-def dequant_matmul(qtype: str, k: int, n: int, dtype: str = "float16", epilogue: str = "cast", m=None,
-                   magic: bool = True):
-    """The fused PrimFunc a quantized Linear becomes: dequantize (fp32) then y = x · Wᵀ (fp32
-    accumulation) then the epilogue: "cast" (y.astype(dtype)), "residual" (r + cast, 3-D x) or
-    "logits" (fp32 out)."""
+def dequant_matmul(qtype: str, k: int, n: int, dtype: str = "bfloat16", epilogue: str = "cast"):
+    """The PrimFunc a quantized Linear becomes in decode (FuseDequantizeMatmul): model_defs/quant.py's
+    dequantize (to `dtype`), y = x · Wᵀ accumulated in fp32 over a dynamic row count, then the
+    epilogue: "cast" (y.astype(dtype)), "residual" (r + cast, 3-D x) or "logits" (fp32 out)."""
     from tvm import te, tirx
 
+    from model_defs.quant import component_shapes, dequantize_te
+
     i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
-    rows = tirx.Var("m", "int64") if m is None else i64(m)
-    comps = {name: te.placeholder((i64(n), i64(k // per)), dt, name=f"w_{name}")
-             for name, (dt, per) in COMPONENTS[qtype].items()}
-    w = te.compute((i64(n), i64(k)), lambda j, kk: dequant_value(qtype, comps, j, kk, magic), name="dequantize")
+    rows = tirx.Var("m", "int64")
+    comps = [te.placeholder(shape, dt, f"w_{name}") for name, (shape, dt) in component_shapes(qtype, n, k).items()]
+    w = dequantize_te(qtype, comps, k, dtype)
     r = te.reduce_axis((i64(0), i64(k)), "k")
-    params = list(comps.values())
     if epilogue == "residual":
         x = te.placeholder((i64(1), rows, i64(k)), dtype, name="x")
         res = te.placeholder((i64(1), rows, i64(n)), dtype, name="res")
         acc = te.compute((i64(1), rows, i64(n)), lambda b, i, j: te.sum(
-            x[b, i, r].astype("float32") * w[j, r], axis=r), name="NT_matmul")
+            x[b, i, r].astype("float32") * w[j, r].astype("float32"), axis=r), name="NT_matmul")
         y = te.compute((i64(1), rows, i64(n)), lambda b, i, j: res[b, i, j] + acc[b, i, j].astype(dtype),
                        name="T_add")
-        return te.create_prim_func([x, *params, res, y])
+        return te.create_prim_func([x, *comps, res, y])
     x = te.placeholder((rows, i64(k)), dtype, name="x")
     acc = te.compute((rows, i64(n)), lambda i, j: te.sum(
-        x[i, r].astype("float32") * w[j, r], axis=r), name="NT_matmul")
+        x[i, r].astype("float32") * w[j, r].astype("float32"), axis=r), name="NT_matmul")
     if epilogue == "logits":
-        return te.create_prim_func([x, *params, acc])
+        return te.create_prim_func([x, *comps, acc])
     y = te.compute((rows, i64(n)), lambda i, j: acc[i, j].astype(dtype), name="compute")
-    return te.create_prim_func([x, *params, y])
+    return te.create_prim_func([x, *comps, y])
 
 
 def dequantize_func(qtype: str, k: int, n: int, dtype: str = "bfloat16"):
-    """The stand-alone dequantize of prefill: W[n, k] in `dtype` from the components."""
-    from tvm import te, tirx
+    """Prefill's stand-alone dequantize PrimFunc (model_defs/quant.py's): W[n, k] in `dtype`."""
+    from tvm import te
 
-    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
-    comps = {name: te.placeholder((i64(n), i64(k // per)), dt, name=f"w_{name}")
-             for name, (dt, per) in COMPONENTS[qtype].items()}
-    w = te.compute((i64(n), i64(k)), lambda j, kk: dequant_value(qtype, comps, j, kk).astype(dtype),
-                   name="dequantize")
-    return te.create_prim_func([*comps.values(), w])
+    from model_defs.quant import component_shapes, dequantize_te
+
+    comps = [te.placeholder(shape, dt, f"w_{name}") for name, (shape, dt) in component_shapes(qtype, n, k).items()]
+    return te.create_prim_func([*comps, dequantize_te(qtype, comps, k, dtype)])
 
 
 def _epilogue(model: str, index: int, n_shapes: int) -> str:
@@ -146,7 +85,15 @@ def _cases():
 
 
 # ------------------------------------------------------------------------------------ build
-def build(out: str, variants: dict, gemv_only: bool = False) -> None:
+def _nvcc(out: str, threads: int) -> None:
+    """kernels.cu -> gemm.fatbin for sm_90a (ptxas report in ptxas.log)."""
+    subprocess.run(["nvcc", "--fatbin", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas=-v",
+                    f"--split-compile={threads}", "-o", os.path.join(out, "gemm.fatbin"),
+                    os.path.join(out, "kernels.cu")],
+                   check=True, stderr=open(os.path.join(out, "ptxas.log"), "w"))
+
+
+def build(out: str, variants: dict, gemv_only: bool = False, nvcc: bool = True) -> None:
     import tvm
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -166,10 +113,7 @@ def build(out: str, variants: dict, gemv_only: bool = False) -> None:
             if not gemv_only:
                 funcs[f"deq_{qtype}_k{k}_n{n}"] = QuantDequantize().kernel(dequantize_func(qtype, k, n))
             for name, cfg in variants.items():
-                cfg = dict(cfg)
-                magic = cfg.pop("magic", True)
-                f = QuantGemv(QuantGemvConfig(**cfg)).kernel(
-                    dequant_matmul(qtype, k, n, "bfloat16", epilogue, magic=magic))
+                f = QuantGemv(QuantGemvConfig(**cfg)).kernel(dequant_matmul(qtype, k, n, "bfloat16", epilogue))
                 assert f is not None, (name, qtype, k, n)
                 funcs[f"{name}_{qtype}_k{k}_n{n}"] = f
     funcs = {name: f.with_attr("global_symbol", name) for name, f in funcs.items()}
@@ -179,13 +123,10 @@ def build(out: str, variants: dict, gemv_only: bool = False) -> None:
     lib.export_library(os.path.join(out, "gemm.so"))
     subprocess.run(["strip", "--strip-unneeded", os.path.join(out, "gemm.so")], check=True)
     src = lib.imports[0].inspect_source()
-    with tempfile.TemporaryDirectory() as tmp:
-        cu = os.path.join(tmp, "k.cu")
-        with open(cu, "w") as f:
-            f.write(src)
-        subprocess.run(["nvcc", "--fatbin", "-O3", "-gencode=arch=compute_90a,code=sm_90a",
-                        "-Xptxas=-v", "-o", os.path.join(out, "gemm.fatbin"), cu],
-                       check=True, stderr=open(os.path.join(out, "ptxas.log"), "w"))
+    with open(os.path.join(out, "kernels.cu"), "w") as f:
+        f.write(src)
+    if nvcc:
+        _nvcc(out, 1)
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump({"source_sha256": hashlib.sha256(src.encode()).hexdigest(),
                    "kernels": sorted(funcs), "variants": variants, "gemv_only": gemv_only}, f)
@@ -199,8 +140,11 @@ def random_components(qtype: str, n: int, k: int, gen):
 
     dev = "cuda"
     comps = {}
-    for name, (dt, per) in COMPONENTS[qtype].items():
-        shape = (n, k // per)
+    from formats.quant_layout import QUANT_TYPES  # (model_defs needs TVM's compiler; the GPU box has none)
+
+    t = QUANT_TYPES[qtype]
+    for name, shape in t.shapes(n, k).items():
+        dt = t.components[name].dtype
         if dt == "uint32":
             comps[name] = torch.randint(-2**31, 2**31, shape, dtype=torch.int32, device=dev, generator=gen)
         elif dt == "float16":
@@ -258,6 +202,8 @@ def run(out: str, results: str | None, command: str) -> None:
 
     from bench.gemm import _load, _time_ms
 
+    if not os.path.exists(os.path.join(out, "gemm.fatbin")):  # built with --no-nvcc: compile here
+        _nvcc(out, os.cpu_count() or 1)
     lib, meta = _load(out)
     dl = tvm.runtime.from_dlpack
     dev = torch.device("cuda")
@@ -277,6 +223,7 @@ def run(out: str, results: str | None, command: str) -> None:
             comps = random_components(qtype, n, k, gen)
             packed = sum(t.numel() * t.element_size() for t in comps.values())
             w = torch_dequantize(qtype, comps, n, k)
+            w_model = w.to(torch.bfloat16).float()  # the fused GEMV multiplies by the bf16 weight
             args = [dl(t) for t in comps.values()]
             nsets = max(2, min(8, math.ceil(3 * l2 / (packed + 2 * n * k))))
             sets = [comps] + [random_components(qtype, n, k, gen) for _ in range(nsets - 1)]
@@ -285,7 +232,7 @@ def run(out: str, results: str | None, command: str) -> None:
                 f = lib[f"{variant}_{qtype}_k{k}_n{n}"]
                 for m in [*RAGGED_MS, *GEMV_MS]:
                     x = torch.randn(m, k, device=dev).to(torch.bfloat16)
-                    ref = x.float() @ w.T
+                    ref = x.float() @ w_model.T
                     if epilogue == "logits":
                         y = torch.full((m, n), float("nan"), device=dev)
                         call = lambda xx, a, yy: f(dl(xx), *a, dl(yy))  # noqa: E731
@@ -343,7 +290,7 @@ def run(out: str, results: str | None, command: str) -> None:
                           f"copy) + gemm {t_g * 1e3:.0f} us vs cuBLAS {t_c * 1e3:.0f} us: "
                           f"{100 * rows[-1]['ratio']:.0f}% relerr={err:.1e}", flush=True)
                 del outs, wb
-            del sets, set_args, comps, w
+            del sets, set_args, comps, w, w_model
             torch.cuda.empty_cache()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     table = _table(rows, card, copy_gbs, stamp, command)
@@ -389,7 +336,6 @@ VARIANTS = {  # name -> QuantGemvConfig fields; the first is the rule's default
     "gemv": {},
     "gemv_t8r1": {"row_threads": 8, "rows_per_thread": 1},
     "gemv_l64": {"lanes": 64, "row_threads": 2, "rows_per_thread": 2},
-    "gemv_cast": {"magic": False},  # int→float conversions as plain casts
 }
 
 
@@ -400,12 +346,13 @@ def main() -> None:
     b.add_argument("--out", required=True)
     b.add_argument("--variants", default=",".join(VARIANTS))
     b.add_argument("--gemv-only", action="store_true", help="only the GEMV variants (no dequantize / GEMM)")
+    b.add_argument("--no-nvcc", action="store_true", help="leave kernels.cu to `run` (nvcc on the GPU box)")
     r = sub.add_parser("run")
     r.add_argument("dir")
     r.add_argument("--results")
     a = p.parse_args()
     if a.cmd == "build":
-        build(a.out, {v: VARIANTS[v] for v in a.variants.split(",")}, a.gemv_only)
+        build(a.out, {v: VARIANTS[v] for v in a.variants.split(",")}, a.gemv_only, not a.no_nvcc)
     else:
         run(a.dir, a.results, " ".join(sys.argv))
 

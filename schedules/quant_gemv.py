@@ -165,7 +165,7 @@ class QuantGemv:
         for idx, buf in enumerate(deq_reads):
             if not is_packed(buf):
                 continue
-            cache = sch.cache_read(deq, idx, "local")
+            cache = sch.cache_read(deq, idx, "local", consumer_blocks=[deq])
             sch.compute_at(cache, k_o, preserve_unit_loops=True)
             words = sch.get_loops(cache)[-1]
             extent = int(sch.get(words).extent)
@@ -177,7 +177,7 @@ class QuantGemv:
 
         # x: 8 values per 16-byte load, per row of the M tile
         x_idx = [r.source for r in sch.get(rf).reads].index(others[0].source)
-        x_cache = sch.cache_read(rf, x_idx, "local")
+        x_cache = sch.cache_read(rf, x_idx, "local", consumer_blocks=[rf])
         sch.compute_at(x_cache, k_c8, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(x_cache)[-1])
         for loop in (i_i, k_c8, k_v, j_r):
