@@ -180,6 +180,14 @@ def torch_dequantize(qtype: str, c: dict, n: int, k: int):
     raise ValueError(qtype)
 
 
+def _tvm_args(comps: dict) -> list:
+    """The components as TVM tensors: the code words (int32 in torch, for the reference's shifts) as uint32."""
+    import torch
+    import tvm
+
+    return [tvm.runtime.from_dlpack(t.view(torch.uint32) if t.dtype == torch.int32 else t) for t in comps.values()]
+
+
 def _kernel_ms(fn, sets, iters: int) -> float:
     """GPU time per call from CUPTI (torch's profiler): a GEMV takes a few µs, less than the Python
     launch of the call, so wall-clock timing would measure the host. Cycles through the sets."""
@@ -249,10 +257,10 @@ def run(out: str, results: str | None, command: str) -> None:
             packed = sum(t.numel() * t.element_size() for t in comps.values())
             w = torch_dequantize(qtype, comps, n, k)
             w_model = w.to(torch.bfloat16).float()  # the fused GEMV multiplies by the bf16 weight
-            args = [dl(t) for t in comps.values()]
+            args = _tvm_args(comps)
             nsets = max(2, min(8, math.ceil(3 * l2 / (packed + 2 * n * k))))
             sets = [comps] + [random_components(qtype, n, k, gen) for _ in range(nsets - 1)]
-            set_args = [[dl(t) for t in s.values()] for s in sets]
+            set_args = [_tvm_args(s) for s in sets]
             for variant in meta["variants"]:
                 f = lib[f"{variant}_{qtype}_k{k}_n{n}"]
                 for m in [*RAGGED_MS, *GEMV_MS]:
