@@ -126,9 +126,7 @@ class QuantGemv:
         # pad M to the tile (rows past M read x as 0 and are not stored), so that every
         # per-thread buffer has a static size
         sch.pad_einsum(mm, [1 if isinstance(iv.dom.extent, tirx.IntImm) else m_tile for iv in ivs[:-2]] + [1, 1])
-        for block in sch.get_producers(mm):
-            if not sch.get(block).same_as(sch.get(deq)):
-                sch.compute_inline(block)  # x_pad
+        x_pad = [b for b in sch.get_producers(mm) if not sch.get(b).same_as(sch.get(deq))]
         consumers = sch.get_consumers(mm)
         if not consumers:  # nothing padded and mm writes the output: accumulate in a buffer of ours
             sch.cache_write(mm, 0, "local")
@@ -172,8 +170,8 @@ class QuantGemv:
             cache = sch.cache_read(deq, idx, "local", consumer_blocks=[deq])
             sch.compute_at(cache, k_o, preserve_unit_loops=True)
             words = sch.get_loops(cache)[-1]
-            extent = int(sch.get(words).extent)
-            if is_packed(buf) and extent % 4 == 0:
+            extent = sch.get(words).extent
+            if is_packed(buf) and isinstance(extent, tirx.IntImm) and int(extent) % 4 == 0:
                 _, vec = sch.split(words, [None, 4])
                 sch.vectorize(vec)
             for loop in sch.get_loops(cache)[len(sch.get_loops(rf)) - 6:-1 if is_packed(buf) else None]:
@@ -181,10 +179,13 @@ class QuantGemv:
         for loop in sch.get_loops(deq)[-2:]:
             sch.unroll(loop)
 
-        # x: 8 values per 16-byte load, per row of the M tile
-        x_idx = [r.source for r in sch.get(rf).reads].index(others[0].source)
+        # x: 8 values per row of the M tile at a time (rows past M read as 0 here, not per product)
+        x_buf = sch.get(x_pad[0]).writes[0].source if x_pad else others[0].source
+        x_idx = [r.source for r in sch.get(rf).reads].index(x_buf)
         x_cache = sch.cache_read(rf, x_idx, "local", consumer_blocks=[rf])
         sch.compute_at(x_cache, k_c8, preserve_unit_loops=True)
+        for block in x_pad:
+            sch.compute_inline(block)
         sch.vectorize(sch.get_loops(x_cache)[-1])
         for loop in (k_a, i_i, k_c8, k_v, j_r):
             sch.unroll(loop)
