@@ -1,11 +1,12 @@
-"""float32 weights -> GGUF block bytes, byte-identical to ggml's reference quantizers (`quantize_row_*_ref`,
+"""Float weights -> GGUF block bytes, byte-identical to ggml's reference quantizers (`quantize_row_*_ref`,
 no imatrix), so `--quant` writes exactly what llama-quantize would (../shared/notes/QUANT.md §2, §6).
 
-Every operation mirrors ggml's C source in float32 and in its order: sums are sequential (a loop over the
-positions of a sub-block, never np.sum), `nearest_int` is round-half-even (np.rint), Q8_0 rounds half away
-from zero, Q4_0 truncates x + 8.5, and re-quantization divides by the fp16-rounded scales. The loops run
-over the positions inside a sub-block and over the search steps; each step works on every sub-block of a
-chunk of rows at once, held position-major ([positions, sub-blocks]) so every operand is contiguous.
+Every operation mirrors ggml's C source in float32 and in its order: sums are sequential (np.add.reduce
+over the leading positions axis adds row after row; never a pairwise sum along a contiguous axis),
+`nearest_int` is round-half-even (np.rint), Q8_0 rounds half away from zero, Q4_0 truncates x + 8.5, and
+re-quantization divides by the fp16-rounded scales. Python loops run only over search steps (and Q3_K's
+positions); each step works on every sub-block of a chunk of rows at once, held position-major
+([positions, sub-blocks]) so every operand is contiguous.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ def _qx(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     mx = np.where(zero, F32(1), mx)
     w = x * x
     wx = w * x
-
     l, t = np.empty_like(x), np.empty_like(x)
 
     def fit(iscale):  # L = clamp(nearest_int(iscale * x), -nmax, nmax - 1); sum w·x·L, sum w·L·L
@@ -89,13 +89,12 @@ def _q3(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         for _ in range(5):
             changed = False
             for i in range(len(x)):
-                slx = sumlx - wx[i] * L[i]
+                without = sumlx - wx[i] * L[i]  # ggml's slx before position i's new code is added
                 sl2 = suml2 - (w[i] * L[i]) * L[i]
-                new = np.clip(np.rint((x[i] * sl2) / slx), -nmax, nmax - 1)
-                slx = slx + wx[i] * new
+                new = np.clip(np.rint((x[i] * sl2) / without), -nmax, nmax - 1)
+                slx = without + wx[i] * new
                 sl2 = sl2 + (w[i] * new) * new
-                take = ((sumlx - wx[i] * L[i]) > 0) & (new != L[i]) & (sl2 > 0) & \
-                    ((slx * slx) * suml2 > (sumlx * sumlx) * sl2)
+                take = (without > 0) & (new != L[i]) & (sl2 > 0) & ((slx * slx) * suml2 > (sumlx * sumlx) * sl2)
                 if take.any():
                     changed = True
                     L[i] = np.where(take, new, L[i])
@@ -351,7 +350,11 @@ def quantize(qtype: str, x: np.ndarray) -> np.ndarray:
     out = np.empty((len(blocks), t.block_bytes), np.uint8)
     step = _CHUNK_BLOCKS[qtype]
     for i in range(0, len(blocks), step):
-        out[i:i + step] = _QUANTIZE[qtype](blocks[i:i + step])
+        chunk = blocks[i:i + step]
+        if not np.isfinite(chunk).all():  # ggml's rounding assumes finite values; NaN/Inf would be silent garbage
+            row = (i + int(np.argmin(np.isfinite(chunk).all(axis=1)))) * t.block // k
+            raise KilnError(f"{qtype}: row {row} holds NaN or Inf weights; the source tensor is corrupt")
+        out[i:i + step] = _QUANTIZE[qtype](chunk)
     return out.reshape(n, t.row_bytes(k))
 
 

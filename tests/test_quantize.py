@@ -110,6 +110,9 @@ def test_half_precision_sources(qtype):
     ("q6_k", np.zeros(256, np.float32), r"q6_k: quantize takes float weights \[N, K\]"),
     ("q4_0", np.zeros((1, 32), np.int32), r"q4_0: quantize takes float weights"),
     ("q4_1", np.zeros((1, 32), np.float32), r"q4_1.*q8_0, q4_0"),
+    ("q6_k", np.where(np.arange(3 * 512).reshape(3, 512) == 777, np.float32(np.inf), np.float32(1)),
+     r"q6_k: row 1 holds NaN or Inf"),
+    ("q8_0", np.full((5, 64), np.nan, np.float32), r"q8_0: row 0 holds NaN or Inf"),
 ])
 def test_bad_input(qtype, x, match):
     with pytest.raises(KilnError, match=match):
@@ -144,3 +147,12 @@ def test_sums_are_sequential():
     pairwise = np.ascontiguousarray(terms.T).sum(axis=1)
     assert np.any(pairwise != ordered)  # the data tells the two orders apart
     np.testing.assert_array_equal(_seqsum(terms).view(np.uint32), ordered.view(np.uint32))
+
+
+def test_bad_row_named_across_chunks(monkeypatch):
+    import compile.quantize as quantize_module
+    monkeypatch.setitem(quantize_module._CHUNK_BLOCKS, "q8_0", 5)  # chunks start mid-row (2 blocks a row)
+    x = np.ones((6, 64), np.float32)
+    x[3, 40] = np.nan
+    with pytest.raises(KilnError, match="q8_0: row 3 holds NaN"):
+        quantize("q8_0", x)
