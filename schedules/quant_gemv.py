@@ -175,7 +175,8 @@ class QuantGemv:
                 _, vec = sch.split(words, [None, 4])
                 sch.vectorize(vec)
             for loop in sch.get_loops(cache)[len(sch.get_loops(rf)) - 6:-1 if is_packed(buf) else None]:
-                sch.unroll(loop)
+                if isinstance(sch.get(loop).extent, tirx.IntImm):
+                    sch.unroll(loop)
         for loop in sch.get_loops(deq)[-2:]:
             sch.unroll(loop)
 
