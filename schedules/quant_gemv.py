@@ -40,7 +40,6 @@ class QuantGemvConfig:
     lanes: int = 32
     row_threads: int = 4
     rows_per_thread: int = 2
-    prefetch: int = 4  # chunks per lane whose loads are issued together (a divisor of K/32/lanes)
 
 
 def is_packed(buf: tirx.Buffer) -> bool:
@@ -126,7 +125,9 @@ class QuantGemv:
         # pad M to the tile (rows past M read x as 0 and are not stored), so that every
         # per-thread buffer has a static size
         sch.pad_einsum(mm, [1 if isinstance(iv.dom.extent, tirx.IntImm) else m_tile for iv in ivs[:-2]] + [1, 1])
-        x_pad = [b for b in sch.get_producers(mm) if not sch.get(b).same_as(sch.get(deq))]
+        for block in sch.get_producers(mm):
+            if not sch.get(block).same_as(sch.get(deq)):
+                sch.compute_inline(block)  # x_pad
         consumers = sch.get_consumers(mm)
         if not consumers:  # nothing padded and mm writes the output: accumulate in a buffer of ours
             sch.cache_write(mm, 0, "local")
@@ -148,47 +149,38 @@ class QuantGemv:
         lanes = cfg.lanes
         while lanes > 32 and k_chunks % lanes:  # split-K only where the chunks divide evenly
             lanes //= 2
-        per_lane = k_chunks // lanes if k_chunks % lanes == 0 else 1
-        ahead = max(u for u in range(1, cfg.prefetch + 1) if per_lane % u == 0)
-        # a lane's `ahead` chunks are consecutive (one contiguous run of 16-byte loads, all in flight
-        # before the first is used); the warp's lanes cover consecutive runs (coalesced)
-        k_o, k_t, k_a, k_c = sch.split(k, [None, lanes, ahead, CHUNK])
+        k_o, k_t, k_c = sch.split(k, [None, lanes, CHUNK])
         k_c8, k_v = sch.split(k_c, [None, 8])
-        sch.reorder(j_o, i_o, j_y, k_t, k_o, k_a, i_i, k_c8, k_v, j_r)
+        sch.reorder(j_o, i_o, j_y, k_t, k_o, i_i, k_c8, k_v, j_r)
         rf = sch.rfactor(k_t, 0)
-        j_o, i_o, j_y, k_t, k_o, k_a, i_i, k_c8, k_v, j_r = sch.get_loops(rf)
+        j_o, i_o, j_y, k_t, k_o, i_i, k_c8, k_v, j_r = sch.get_loops(rf)
         sch.bind(j_o, "blockIdx.x")
         sch.bind(i_o, "blockIdx.y")
         sch.bind(j_y, "threadIdx.y")
         sch.bind(k_t, "threadIdx.x")
 
-        # dequantize one chunk × rows_per_thread into registers; the code words (16-byte loads) and
-        # scales of `ahead` chunks are loaded first
-        sch.compute_at(deq, k_a, preserve_unit_loops=True)
+        # dequantize one chunk × rows_per_thread into registers, code words by 16-byte loads
+        sch.compute_at(deq, k_o, preserve_unit_loops=True)
         sch.set_scope(deq, 0, "local")
         for idx, buf in enumerate(deq_reads):
+            if not is_packed(buf):
+                continue
             cache = sch.cache_read(deq, idx, "local", consumer_blocks=[deq])
             sch.compute_at(cache, k_o, preserve_unit_loops=True)
             words = sch.get_loops(cache)[-1]
-            extent = sch.get(words).extent
-            if is_packed(buf) and isinstance(extent, tirx.IntImm) and int(extent) % 4 == 0:
+            extent = int(sch.get(words).extent)
+            if extent % 4 == 0:
                 _, vec = sch.split(words, [None, 4])
                 sch.vectorize(vec)
-            for loop in sch.get_loops(cache)[len(sch.get_loops(rf)) - 6:-1 if is_packed(buf) else None]:
-                if isinstance(sch.get(loop).extent, tirx.IntImm):
-                    sch.unroll(loop)
         for loop in sch.get_loops(deq)[-2:]:
             sch.unroll(loop)
 
-        # x: 8 values per row of the M tile at a time (rows past M read as 0 here, not per product)
-        x_buf = sch.get(x_pad[0]).writes[0].source if x_pad else others[0].source
-        x_idx = [r.source for r in sch.get(rf).reads].index(x_buf)
+        # x: 8 values per 16-byte load, per row of the M tile
+        x_idx = [r.source for r in sch.get(rf).reads].index(others[0].source)
         x_cache = sch.cache_read(rf, x_idx, "local", consumer_blocks=[rf])
         sch.compute_at(x_cache, k_c8, preserve_unit_loops=True)
-        for block in x_pad:
-            sch.compute_inline(block)
         sch.vectorize(sch.get_loops(x_cache)[-1])
-        for loop in (k_a, i_i, k_c8, k_v, j_r):
+        for loop in (i_i, k_c8, k_v, j_r):
             sch.unroll(loop)
         sch.decompose_reduction(rf, k_o)
         sch.set_scope(rf, 0, "local")
