@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import math
 import os
-import subprocess
 import sys
 
 QTYPES = ["q4_k", "q6_k", "q8_0"]
@@ -85,20 +83,11 @@ def _cases():
 
 
 # ------------------------------------------------------------------------------------ build
-def _nvcc(out: str, threads: int) -> None:
-    """kernels.cu -> gemm.fatbin for sm_90a (ptxas report in ptxas.log)."""
-    subprocess.run(["nvcc", "--fatbin", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas=-v",
-                    f"--split-compile={threads}", "-o", os.path.join(out, "gemm.fatbin"),
-                    os.path.join(out, "kernels.cu")],
-                   check=True, stderr=open(os.path.join(out, "ptxas.log"), "w"))
-
-
 def build(out: str, variants: dict, gemv_only: bool = False, nvcc: bool = True) -> None:
     import tvm
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from bench.gemm import _prim_func
-    from schedules.matmul_tensorcore import TIR_PIPELINE
+    from bench.gemm import _prim_func, export_kernels
     from schedules.matmul_wgmma import MatmulWgmma
     from schedules.quant_dequantize import QuantDequantize
     from schedules.quant_gemv import QuantGemv, QuantGemvConfig
@@ -116,21 +105,7 @@ def build(out: str, variants: dict, gemv_only: bool = False, nvcc: bool = True) 
                 f = QuantGemv(QuantGemvConfig(**cfg)).kernel(dequant_matmul(qtype, k, n, "bfloat16", epilogue))
                 assert f is not None, (name, qtype, k, n)
                 funcs[f"{name}_{qtype}_k{k}_n{n}"] = f
-    funcs = {name: f.with_attr("global_symbol", name) for name, f in funcs.items()}
-    with target:
-        lib = tvm.tirx.build(tvm.IRModule(funcs), target=target, pipeline=TIR_PIPELINE)
-    os.makedirs(out, exist_ok=True)
-    lib.export_library(os.path.join(out, "gemm.so"))
-    subprocess.run(["strip", "--strip-unneeded", os.path.join(out, "gemm.so")], check=True)
-    src = lib.imports[0].inspect_source()
-    if nvcc:
-        with open(os.path.join(out, "kernels.cu"), "w") as f:
-            f.write(src)
-        _nvcc(out, 1)
-    with open(os.path.join(out, "meta.json"), "w") as f:
-        json.dump({"source_sha256": hashlib.sha256(src.encode()).hexdigest(),
-                   "kernels": sorted(funcs), "variants": variants, "gemv_only": gemv_only}, f)
-    print(f"built {len(funcs)} kernels into {out}")
+    export_kernels(funcs, out, {"variants": variants, "gemv_only": gemv_only}, nvcc)
 
 
 # ------------------------------------------------------------------------------------ run
@@ -205,35 +180,22 @@ def _kernel_ms(fn, sets, iters: int) -> float:
 
 
 def _load(out: str):
-    """The library and its meta.json; its CUDA source goes through nvcc here unless `build` left a
-    gemm.fatbin (a --no-nvcc build ships only the library, which carries the source)."""
-    import ctypes
+    """bench/gemm.py's loader; a --no-nvcc build's CUDA source goes through nvcc here, on all cores."""
+    from bench.gemm import _load as load_library, nvcc_fatbin
 
-    import tvm
-    import tvm_ffi
+    def compile_cuda(code):
+        with open(os.path.join(out, "kernels.cu"), "w") as f:
+            f.write(code)
+        nvcc_fatbin(out, os.cpu_count() or 1)
 
-    ctypes.CDLL(os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so"),
-                mode=ctypes.RTLD_GLOBAL)
-    meta = json.load(open(os.path.join(out, "meta.json")))
-    fatbin = os.path.join(out, "gemm.fatbin")
-
-    @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
-    def _compile(code, *_):
-        assert hashlib.sha256(code.encode()).hexdigest() == meta["source_sha256"], "stale fatbin"
-        if not os.path.exists(fatbin):
-            with open(os.path.join(out, "kernels.cu"), "w") as f:
-                f.write(code)
-            _nvcc(out, os.cpu_count() or 1)
-        return open(fatbin, "rb").read()
-
-    return tvm.runtime.load_module(os.path.join(out, "gemm.so")), meta
+    return load_library(out, compile_cuda)
 
 
 def run(out: str, results: str | None, command: str) -> None:
     import torch
     import tvm
 
-    from bench.gemm import _time_ms
+    from bench.gemm import _time_ms, write_results
 
     lib, meta = _load(out)
     dl = tvm.runtime.from_dlpack
@@ -328,12 +290,7 @@ def run(out: str, results: str | None, command: str) -> None:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     table = _table(rows, card, copy_gbs, stamp, command)
     print(table)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "quant_gemm_rows.jsonl"), "w") as f:
-            f.write("\n".join(log) + "\n")
-    if results:
-        with open(results, "a") as f:
-            f.write(table + "\n")
+    write_results(table, log, results, "quant_gemm_rows.jsonl")
 
 
 def _table(rows, card, copy_gbs, stamp, command) -> str:
