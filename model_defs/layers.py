@@ -79,8 +79,9 @@ class CausalLM(nn.Module, SamplingFunctions):
 
     attention_cls: type = None  # set by each family
 
-    def __init__(self, cfg: ModelConfig, dtype: str, target):
-        self.cfg, self.dtype, self.target = cfg, dtype, target  # the KV cache's kernels are per target
+    def __init__(self, cfg: ModelConfig, dtype: str, target, attention_kernels: dict | None = None):
+        # the KV cache's kernels are per target: Kiln's as the compiler chose them (None: TVM's)
+        self.cfg, self.dtype, self.target, self.attention_kernels = cfg, dtype, target, attention_kernels
         self.model = Decoder(cfg, self.attention_cls, dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype)
@@ -106,7 +107,7 @@ class CausalLM(nn.Module, SamplingFunctions):
     def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                               support_sliding_window) -> PagedKVCache:
         cfg = self.cfg
-        return KilnPagedKVCache(  # Kiln's attention kernels on CUDA, TVM's elsewhere
+        return KilnPagedKVCache(  # Kiln's attention kernels on CUDA and Metal, TVM's elsewhere
             attn_kind="mha",
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,
@@ -130,4 +131,5 @@ class CausalLM(nn.Module, SamplingFunctions):
             enable_disaggregation=False,
             dtype=self.dtype,
             target=self.target,
+            kernels=self.attention_kernels,
         )
