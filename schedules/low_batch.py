@@ -38,10 +38,11 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
     declines here (dequantizing prologues, K not a multiple of 32 × 16 bytes) goes to dlight's.
     """
 
-    def __init__(self, bucket: int = 4, warps: int = 4, unroll: int = UNROLL):
+    def __init__(self, bucket: int = 4, warps: int = 4, unroll: int = UNROLL, columns: int | None = None):
         super().__init__(bucket)
         self.warps = warps
         self.unroll = unroll
+        self.columns = columns  # per warp; None: 2 where N leaves MIN_BLOCKS blocks, else 1
 
     def sch_inner_reduction(self, sch, target, block, dequantize_block, pad_input_block,
                             vector_input_buffers, epilogue_info, batch_pad):
@@ -56,7 +57,9 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
                                                vector_input_buffers, epilogue_info, batch_pad)
         n, k = int(n), int(k)
         unroll = next(u for u in (self.unroll, 4, 2, 1) if k % (u * WARP * vec) == 0)
-        tile_s = 2 if n % (2 * self.warps) == 0 and n // (2 * self.warps) >= MIN_BLOCKS else 1
+        tile_s = self.columns or (2 if n % (2 * self.warps) == 0 and n // (2 * self.warps) >= MIN_BLOCKS else 1)
+        if n % (tile_s * self.warps):
+            tile_s = 1
         by, bi = sch.split(rows, [None, batch_pad])
         bx, ty, ts = sch.split(cols, [None, self.warps, tile_s])
         ro, u, tx, vc = sch.split(red, [None, unroll, WARP, vec])  # lane tx reads k = .. + 8 tx + vc
