@@ -58,8 +58,6 @@ VARIANTS = {
     "gemv_dlight": ("RowChain(LowBatchGEMV, ((2, 2), (8, 4)))", "bfloat16", "all", "cast"),
     "gemv_residual": ("RowChain()", "bfloat16", "two", "residual"),
     "gemv16": ("RowChain(StreamingGEMV, ((2, 2), (4, 4), (8, 8), (32, 16)))", "bfloat16", "all", "cast"),
-    "gemv_w8": ("RowChain(partial(StreamingGEMV, warps=8))", "bfloat16", "llama", "cast"),
-    "gemv_u8": ("RowChain(partial(StreamingGEMV, unroll=8))", "bfloat16", "llama", "cast"),
     "gemv_c4": ("RowChain(partial(StreamingGEMV, columns=4))", "bfloat16", "llama", "cast"),
     "gemv_w8c4": ("RowChain(partial(StreamingGEMV, warps=8, columns=4))", "bfloat16", "llama", "cast"),
 }

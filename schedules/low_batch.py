@@ -25,24 +25,24 @@ LIMITS_AND_BUCKETS = ((2, 2), (4, 4), (8, 8))  # M <= 2 → bucket 2, ...; M > 8
 LOAD_BYTES = 16  # one 128-bit load per thread and step
 WARP = 32
 UNROLL = 4  # K steps whose weight loads are issued together
-MIN_BLOCKS = 264  # two blocks per SM on an H100 before a block takes two rows per warp
+MIN_BLOCKS = 264  # two blocks per SM on an H100 before a warp takes two output columns
 
 
 class StreamingGEMV(dl.gpu.LowBatchGEMV):
     """y[b, n] = x[b, :] · w[n, :] for up to `bucket` rows at once, reading `w` once per bucket.
 
-    Each warp owns `tile_s` (1 or 2) output columns; its 32 lanes stride over K with 16-byte loads
+    Each warp owns `columns` output columns (by default 2, or 1 where N is too small to leave
+    MIN_BLOCKS blocks; bench/gemm.py's gemv_c4 / gemv_w8c4 measured 4); its 32 lanes stride over K with 16-byte loads
     (one contiguous 512-byte run per load instruction), UNROLL steps unrolled so their loads are in
     flight together, partial sums in registers, one shuffle reduction at the end. `warps` per block
     (128 threads) keeps blocks small so that N = 1024–4096 still gives several per SM. What CUDA
     declines here (dequantizing prologues, K not a multiple of 32 × 16 bytes) goes to dlight's.
     """
 
-    def __init__(self, bucket: int = 4, warps: int = 4, unroll: int = UNROLL, columns: int | None = None):
+    def __init__(self, bucket: int = 4, warps: int = 4, columns: int | None = None):
         super().__init__(bucket)
         self.warps = warps
-        self.unroll = unroll
-        self.columns = columns  # per warp; None: 2 where N leaves MIN_BLOCKS blocks, else 1
+        self.columns = columns
 
     def sch_inner_reduction(self, sch, target, block, dequantize_block, pad_input_block,
                             vector_input_buffers, epilogue_info, batch_pad):
@@ -56,7 +56,7 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
             return super().sch_inner_reduction(sch, target, block, dequantize_block, pad_input_block,
                                                vector_input_buffers, epilogue_info, batch_pad)
         n, k = int(n), int(k)
-        unroll = next(u for u in (self.unroll, 4, 2, 1) if k % (u * WARP * vec) == 0)
+        unroll = next(u for u in (UNROLL, 2, 1) if k % (u * WARP * vec) == 0)
         tile_s = self.columns or (2 if n % (2 * self.warps) == 0 and n // (2 * self.warps) >= MIN_BLOCKS else 1)
         if n % (tile_s * self.warps):
             tile_s = 1
