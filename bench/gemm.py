@@ -305,7 +305,7 @@ def _table(rows, card, stamp, command) -> str:
     lines += ["", "Lowest % of copy bandwidth at M = 1–8 (decode), per variant and model:", ""]
     for v in dict.fromkeys(r["variant"] for r in rows):
         for model, shapes in SHAPES.items():
-            sel = [r for r in rows if r["variant"] == v and r["m"] <= 8 and (r["k"], r["n"]) in map(tuple, shapes)]
+            sel = [r for r in rows if r["variant"] == v and r["m"] <= 8 and (r["k"], r["n"]) in shapes]
             if sel:
                 low = min(sel, key=lambda r: r["copy_share"])
                 lines.append(f"- {v}, {model}: {100 * low['copy_share']:.0f}% ({low['k']}→{low['n']}, M = {low['m']})")
