@@ -155,6 +155,8 @@ class GGUFFile:
             except ValueError:
                 raise KilnError(f"{where}: unknown tensor type {raw_type}") from None
             block, type_size = GGML_QUANT_SIZES[qtype]
+            if 0 in dims:
+                raise KilnError(f"{where}: shape {dims} has an empty dimension")
             if dims[0] % block:
                 raise KilnError(f"{where}: rows of {dims[0]} elements are not whole {qtype.name} blocks of {block}")
             n_bytes = int(np.prod(dims, dtype=object)) // block * type_size
@@ -166,11 +168,19 @@ class GGUFFile:
                                 f"past the end of the {len(self._map)}-byte file (truncated, or a wrong shape)")
             self.tensors[name] = (qtype, dims, start, n_bytes)
         spans = sorted((start, start + n, name) for name, (_, _, start, n) in self.tensors.items())
-        for (_, end, name), (nxt, _, other) in zip(spans, spans[1:]):
+        ends = [(nxt, other) for nxt, _, other in spans[1:]] + [(len(self._map), None)]
+        for (_, end, name), (nxt, other) in zip(spans, ends):
+            qtype, dims, _, _ = self.tensors[name]
             if end > nxt:
-                qtype, dims, _, _ = self.tensors[name]
                 raise KilnError(f"{path}: tensor {name!r}: shape {dims} of {qtype.name} runs {end - nxt} bytes into "
                                 f"tensor {other!r} (its byte size disagrees with its shape)")
+            # writers pad each tensor to the alignment and no more: a larger gap is data the type and shape
+            # do not account for (e.g. a Q4_0 label over F32 bytes)
+            if nxt - end >= align and (other is not None or nxt - end >= max(align, 4096)):
+                raise KilnError(f"{path}: tensor {name!r}: shape {dims} of {qtype.name} is {self.tensors[name][3]} "
+                                f"bytes, but {nxt - end} more follow before "
+                                f"{'tensor ' + repr(other) if other else 'the end of the file'} "
+                                "(its type or shape disagrees with its data)")
 
     def dequantize(self, name: str) -> np.ndarray:
         """One tensor as float32, numpy (reversed GGUF) shape; `gguf.quants.dequantize` for quantized types."""
@@ -226,6 +236,10 @@ class GGUFSource:
         if "token_embd.weight" not in self._tensors:
             raise KilnError(f"{self.path}: no token_embd.weight tensor")
         hidden = self._meta("embedding_length")
+        embd_dims = self._tensors["token_embd.weight"][1]
+        if len(embd_dims) != 2 or embd_dims[0] != hidden:
+            raise KilnError(f"{self.path}: {self.arch}.embedding_length = {hidden} but token_embd.weight has shape "
+                            f"{embd_dims} (GGUF order: hidden, vocab)")
         heads = self._meta("attention.head_count")
         head_dim = self._meta("attention.key_length", hidden // heads)
         cfg = {

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import queue
 import sys
 import threading
@@ -83,17 +84,22 @@ def _kv_tokens(cfg: EngineConfig, artifact: Artifact) -> int | None:
     """KV cache capacity in tokens for `cfg.kvmem` (None: ModelRunner's default)."""
     if cfg.kv_tokens is not None or cfg.kvmem is None:
         return cfg.kv_tokens
-    if cfg.kvmem <= 0:
+    if not (cfg.kvmem > 0 and math.isfinite(cfg.kvmem)):
         raise KilnError(f"kvmem must be > 0 (MB, or a fraction of device memory ≤ 1), got {cfg.kvmem}")
     c = artifact.config
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     per_token = 2 * c["num_hidden_layers"] * c.get("num_key_value_heads", c["num_attention_heads"]) * head_dim \
         * _DTYPE_BYTES.get(artifact.manifest["dtype"], 2)
     if cfg.kvmem > 1:
-        return int(cfg.kvmem * 2 ** 20 // per_token)
-    total = device_memory(artifact.target, cfg.device_id)
-    weights = sum(f.stat().st_size for f in artifact.weight_shards())
-    return int(max(cfg.kvmem * total - weights, 0) // per_token)
+        tokens = int(cfg.kvmem * 2 ** 20 // per_token)
+    else:
+        total = device_memory(artifact.target, cfg.device_id)
+        weights = sum(f.stat().st_size for f in artifact.weight_shards())
+        tokens = int(max(cfg.kvmem * total - weights, 0) // per_token)
+    if tokens < 2 * artifact.manifest["page_size"]:  # 0 tokens used to mean "the default cache"
+        raise KilnError(f"kvmem {cfg.kvmem} holds {tokens} tokens of KV cache ({per_token} bytes each), too few "
+                        f"to serve; raise it (MB if > 1, else a fraction of device memory)")
+    return tokens
 
 
 class TextStream:
@@ -146,10 +152,12 @@ class Engine:
         self._lock = threading.Lock()
 
     # ---- chat
-    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
-        """The prompt text for a conversation, through the model's chat template (runtime.chat_template)."""
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True,
+                            **template_kwargs) -> str:
+        """The prompt text for a conversation, through the model's chat template (runtime.chat_template);
+        `template_kwargs` reach the template (e.g. enable_thinking=False)."""
         return self.tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
-                                                  add_generation_prompt)
+                                                  add_generation_prompt, **template_kwargs)
 
     # ---- submission (any thread)
     def add_request(self, prompt: str | bytes | list[int], params: SamplingParams, sink: Callable[[Delta], None],
@@ -158,6 +166,7 @@ class Engine:
         req = Request(request_id or uuid.uuid4().hex, *self._prompt(prompt), params, sink,
                       self._stop_ids(params))
         params.check()
+        params.stop_strings  # built here, on the caller's thread, not on the engine's
         if len(req.prompt_ids) >= self.max_model_len:
             raise KilnError(f"prompt has {len(req.prompt_ids)} tokens; the context limit is {self.max_model_len} "
                             "(prompt + output)")
@@ -189,6 +198,9 @@ class Engine:
             bos = self.tokenizer.bos_token_id
             if len(ids) > 1 and ids[0] == ids[1] == bos:  # a chat template wrote BOS and encode added one
                 ids = ids[1:]
+            if ids and max(ids) >= self.runner.vocab_size:  # else the step would fail every request in flight
+                raise KilnError(f"the tokenizer gave token id {max(ids)}, beyond the model's vocabulary (size "
+                                f"{self.runner.vocab_size}): the artifact's tokenizer and weights disagree")
         if not ids:
             raise KilnError("prompt is empty")
         return text, ids
@@ -229,8 +241,11 @@ class Engine:
         KilnError here, before any iteration. See the module docstring."""
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
-        rid = self.add_request(prompt, params, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d),
-                               request_id)
+        def sink(delta: Delta) -> None:  # on the engine thread; a loop already closed has no reader left
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(deltas.put_nowait, delta)
+
+        rid = self.add_request(prompt, params, sink, request_id)
         return self._deltas(rid, deltas)
 
     async def _deltas(self, request_id: str, deltas: asyncio.Queue) -> AsyncIterator[Delta]:
