@@ -1,4 +1,4 @@
-# Kiln: `make demo` (set up, compile the bundled model for the CPU, print a story), `make test`.
+# Kiln: `make demo` (set up, compile the bundled model for this machine on first use, print a story), `make test`.
 PYTHON  ?= python3
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
@@ -8,11 +8,12 @@ DTYPE   ?=
 WEIGHTS ?=
 OUT     ?=
 ARCH    ?=
+CONTEXT ?=
 QUANT   ?=
 
 COMPILE_FLAGS := --model $(MODEL) --target $(TARGET) $(if $(DTYPE),--dtype $(DTYPE)) \
                  $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(OUT),--out $(OUT)) $(if $(ARCH),--cuda_arch $(ARCH)) \
-                 $(if $(QUANT),--quant $(QUANT))
+                 $(if $(CONTEXT),--context $(CONTEXT)) $(if $(QUANT),--quant $(QUANT))
 
 .PHONY: install compile demo test test-gpu-build test-gpu clean
 
@@ -28,14 +29,14 @@ $(VENV)/.kiln-test: $(VENV)/.kiln-base
 
 install: $(VENV)/.kiln-base
 
-## compile MODEL (preset name, HF folder or .gguf) for TARGET (cpu|cuda|metal) into artifacts/ (QUANT=q4k: quantize)
+## compile MODEL (preset name, HF folder or .gguf) for TARGET (cpu|cuda|metal) into artifacts/ (QUANT=q4k: quantize; CONTEXT: tokens per sequence)
 compile: $(VENV)/.kiln-base
 	$(PY) -m compile $(COMPILE_FLAGS)
 
-## the main job on the bundled model: compile stories260K for the CPU and print a greedy story
+## the main job on the bundled model: compile stories260K for this machine on first use (cached: a second
+## `make demo` compiles nothing) and print a greedy story
 demo: $(VENV)/.kiln-base
-	$(PY) -m compile --model stories260k --target cpu --out artifacts/stories260k-float32-cpu
-	$(PY) -m runtime.generate --w artifacts/stories260k-float32-cpu --prompt "Once upon a time" --max_tokens 200
+	$(PY) -m runtime.generate --w model_defs/stories260K --prompt "Once upon a time" --max 200
 
 test: $(VENV)/.kiln-test
 	$(PY) -m pytest -q

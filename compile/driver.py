@@ -9,6 +9,7 @@ from pathlib import Path
 import tvm
 from tqdm import tqdm
 
+from formats.dtypes import DTYPES
 from formats.errors import KilnError
 from formats.gguf import GGUFSource
 from model_defs.config import ModelConfig
@@ -23,7 +24,6 @@ from .presets import resolve
 from .quant_plan import plan_gguf, plan_quantize, quant_type_of
 from .sources import open_source
 
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 @tvm.ir.instrument.pass_instrument
@@ -38,8 +38,26 @@ class _PassProgress:
         self.bar.update()
 
 
+def _context(raw_config: dict, config_name: str, asked: int | None, max_positions: int) -> int:
+    """Tokens per sequence: `asked` or the model's max_position_embeddings. Sliding-window attention
+    (Mistral's `sliding_window`, Qwen2's with `use_sliding_window`) is not implemented: a context within
+    the window is exact, so it is capped there, and a longer one asked for is refused."""
+    context = min(asked or max_positions, max_positions)
+    window = raw_config.get("sliding_window")
+    if "use_sliding_window" in raw_config and not raw_config["use_sliding_window"]:
+        window = None
+    if window and int(window) < context:
+        if asked:
+            raise KilnError(f"{config_name}: sliding_window is {window} and Kiln does not implement sliding-window "
+                            f"attention yet; compile with a context of at most {window} tokens (CONTEXT= / --context)")
+        print(f"kiln: {config_name} attends within a sliding window of {window} tokens, which Kiln does not "
+              f"implement yet; the context is capped at {window}", file=sys.stderr)
+        context = int(window)
+    return context
+
+
 def compile_artifact(model: str, target: str, dtype: str, out: str | None, weights: str | None,
-                     cuda_arch: str | None, context: int, page_size: int, prefill_chunk: int,
+                     cuda_arch: str | None, context: int | None, page_size: int, prefill_chunk: int,
                      max_batch: int = 256, quant: str | None = None, dequantize: bool = False) -> Path:
     """`quant`: quantize a safetensors model's 2-D weights into this type (compile/quant_plan.py); a GGUF
     keeps its quantized tensors packed unless `dequantize`, which gives every weight the model dtype."""
@@ -59,7 +77,7 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
     config_name = f"{weights_path}/config.json" if source is not None and weights_path.is_dir() else str(
         weights_path if source is not None else "presets.yaml:" + name)
     cfg = ModelConfig.from_dict(raw_config, config_name)
-    context = min(context, cfg.max_position_embeddings)
+    context = _context(raw_config, config_name, context, cfg.max_position_embeddings)
     arch = (cuda_arch or targets.DEFAULT_CUDA_ARCH) if target == "cuda" else None
 
     qtype = quant_type_of(quant) if quant else None

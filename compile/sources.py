@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from formats.errors import KilnError
+from formats.vocab import sentencepiece_tokenizer
 
 from formats.safetensors_checks import SafetensorsModel
 
@@ -46,9 +47,18 @@ class HFSource:
         return self._weights.array(name)
 
     def write_tokenizer(self, out_dir: Path) -> None:
+        """The tokenizer files, copied; a folder with only a SentencePiece tokenizer.model (Llama 2,
+        Mistral v0.1) gets it converted to tokenizer.json, its configs merged over the model's own."""
         for name in TOKENIZER_FILES:
             if (self.path / name).is_file():
                 shutil.copyfile(self.path / name, out_dir / name)
+        if (self.path / "tokenizer.json").is_file() or not (self.path / "tokenizer.model").is_file():
+            return
+        tok, config, generation = sentencepiece_tokenizer(self.path / "tokenizer.model")
+        tok.save(str(out_dir / "tokenizer.json"))
+        for name, converted in (("tokenizer_config.json", config), ("generation_config.json", generation)):
+            own = json.loads((out_dir / name).read_text()) if (out_dir / name).is_file() else {}
+            (out_dir / name).write_text(json.dumps(converted | own, indent=2, ensure_ascii=False))
 
 
 def open_source(path: str | Path):

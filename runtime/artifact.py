@@ -1,6 +1,6 @@
 """Find and load an artifact: kiln.yaml, the compiled library (runtime-only TVM) and the weights.
 
-`--w artifacts/` may name one artifact or a folder of them (the newest is taken, and we say which).
+`Artifact.open` takes whatever `--w` takes (runtime/model_file.py): an artifact, a folder of them, a model file.
 """
 
 from __future__ import annotations
@@ -11,30 +11,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from formats.errors import KilnError
+from formats.torch_hidden import torch_hidden
 
 from . import artifact_checks as checks
-
-MANIFEST = "kiln.yaml"
-
-
-def find_artifact(path: str | Path) -> Path:
-    """`path` itself if it is an artifact, else the newest artifact directly inside it."""
-    path = Path(path).expanduser()
-    if (path / MANIFEST).is_file():
-        return path
-    if not path.is_dir():
-        raise KilnError(f"{path}: no such artifact folder; build one with `make compile MODEL=... TARGET=...`")
-    found = sorted(path.glob(f"*/{MANIFEST}"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise KilnError(f"{path}: no artifact here (no */{MANIFEST}); build one with `make compile MODEL=... TARGET=...`")
-    chosen = found[-1].parent
-    if len(found) > 1:
-        print(f"kiln: {len(found)} artifacts in {path}; using the newest, {chosen.name} "
-              f"(pass --w {chosen} to choose)", file=sys.stderr)
-    return chosen
+from .model_file import read_manifest, resolve_model
 
 
 @dataclass
@@ -47,17 +28,13 @@ class Artifact:
     _shards: list[Path]
 
     @classmethod
-    def open(cls, path: str | Path) -> "Artifact":
-        path = find_artifact(path)
-        try:
-            manifest = yaml.safe_load((path / MANIFEST).read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise KilnError(f"{path / MANIFEST}: malformed ({str(e).splitlines()[0]}); rebuild it with "
-                            "`make compile`") from None
-        if not isinstance(manifest, dict) or not (path / "params.json").is_file():
-            raise KilnError(f"{path}: incomplete artifact (kiln.yaml or params.json unreadable); rebuild it with `make compile`")
-        if not manifest.get("weights"):
-            raise KilnError(f"{path}: this artifact has no weights yet; add them with: {manifest.get('weights_hint')}")
+    def open(cls, path: str | Path, dtype: str | None = None, quant: str | None = None) -> "Artifact":
+        """The artifact `path` stands for on this machine (a model file is compiled to `dtype`, `quant`),
+        checked before anything of it is loaded."""
+        path = resolve_model(path, dtype, quant)
+        manifest = read_manifest(path)
+        if not (path / "params.json").is_file():
+            raise KilnError(f"{path}: incomplete artifact (no params.json); rebuild it with `make compile`")
         checks.check_manifest(path, manifest)
         params = checks.read_params(path, manifest)
         shards = checks.weight_shards(path, manifest)
@@ -81,8 +58,10 @@ class Artifact:
 
 
 def import_tvm(device_type: str):
-    """Import TVM (the runtime alone is enough) and the CUDA runtime library when needed."""
-    import tvm
+    """Import TVM (the runtime alone is enough; without torch, formats/torch_hidden.py) and the CUDA
+    runtime library when needed."""
+    with torch_hidden():
+        import tvm
 
     if device_type == "cuda" and tvm.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is None:
         lib = os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so")

@@ -1,6 +1,6 @@
 """Batch completion: every prompt at once through the engine, then a throughput summary.
 
-    python -m runtime.complete --w artifacts/ --prompts "How are you? | How to make money?" --max 128
+    python -m runtime.complete --w model.gguf --prompts "How are you? | How to make money?" --max 64 --dtype f32
     python -m runtime.complete --w artifacts/ --file prompts.txt --temperature 0   # one prompt a line
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .cli import check_flags, engine_and_params, run
-from formats.errors import KilnError
+from .cli import add_engine_flags, add_sampling_flags, engine_and_params, parser
+from formats.errors import KilnError, exit_on_error
 
 
 def read_prompts(prompts: str | None, file: str | None) -> list[str]:
@@ -23,7 +23,7 @@ def read_prompts(prompts: str | None, file: str | None) -> list[str]:
         except UnicodeDecodeError:
             raise KilnError(f"--file {file}: not UTF-8 text") from None
     elif prompts is not None:
-        found = [p.strip() for p in str(prompts).split("|")]
+        found = [p.strip() for p in prompts.split("|")]
     else:
         raise KilnError('give prompts with --prompts "first | second" or --file FILE (one per line)')
     found = [p for p in found if p]
@@ -32,15 +32,19 @@ def read_prompts(prompts: str | None, file: str | None) -> list[str]:
     return found
 
 
-def main(w: str = "artifacts/", prompts: str | None = None, file: str | None = None, **flags):
-    """Complete each prompt (--prompts split on '|', or --file with one per line). Engine and sampling
-    flags as chat: --d --kvmem --max --temperature --top-p --top-k --min-p --seed --stop, penalties."""
-    check_flags(flags)
-    texts = read_prompts(prompts, file)
-    engine, params = engine_and_params(w, **flags)
-    start = time.perf_counter()
-    outputs = engine.generate_sync(params, texts)
-    seconds = time.perf_counter() - start
+def main(argv: list[str] | None = None) -> None:
+    p = parser("python -m runtime.complete", "Complete prompts in one batch, then print throughput.")
+    p.add_argument("--prompts", default=None, metavar='"A | B"', help="prompts separated by |, kept as typed")
+    p.add_argument("--file", default=None, help="a text file with one prompt a line")
+    add_engine_flags(p)
+    add_sampling_flags(p)
+    args = p.parse_args(argv)
+    texts = read_prompts(args.prompts, args.file)
+    engine, params = engine_and_params(args)
+    with engine:  # Ctrl-C: the engine thread stops between steps before the process ends
+        start = time.perf_counter()
+        outputs = engine.generate_sync(params, texts)
+        seconds = time.perf_counter() - start
     for i, (prompt, out) in enumerate(zip(texts, outputs)):
         print(f"[{i}] {prompt}")
         print(f"error: {out.error}" if out.error else out.text)
@@ -50,4 +54,4 @@ def main(w: str = "artifacts/", prompts: str | None = None, file: str | None = N
 
 
 if __name__ == "__main__":
-    run(main, "python -m runtime.complete")
+    exit_on_error(main)

@@ -1,7 +1,7 @@
 """The serving engine: requests in, tokens out, continuous batching over the paged KV cache.
 
     from runtime import Engine, EngineConfig, SamplingParams, Message
-    engine = Engine(EngineConfig(model_path="artifacts/", kvmem=4096, max_num_seqs=64))
+    engine = Engine(EngineConfig(model_path="model.gguf", kvmem=4096, max_num_seqs=64), "bf16")
     prompt = engine.apply_chat_template([Message("user", "How are you?")], True)
     outs = engine.generate_sync(SamplingParams(temperature=0), [prompt, prompt])  # list[RequestOutput]
     for piece in engine.generate_stream(SamplingParams(), prompt): print(piece, end="")
@@ -55,9 +55,11 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 class EngineConfig:
     """Engine settings; None means: derived from the artifact."""
 
-    model_path: str
+    model_path: str  # an artifact, a folder of artifacts, an HF folder or a .gguf (runtime/model_file.py)
     device_id: int = 0
-    kvmem: float | None = None  # KV cache size: MB if > 1, else a fraction of the device's memory
+    dtype: str | None = None  # activations and KV cache (bf16, f16, f32): a model file is compiled to it
+    quant: str | None = None  # a model file's weight quantization (passed to `python -m compile --quant`)
+    kvmem: float | None = 4096  # KV cache size: MB if > 1, else a fraction of the device's memory
     kv_tokens: int | None = None  # KV cache size in tokens (overrides kvmem)
     max_num_seqs: int = 64
     max_model_len: int | None = None  # tokens per sequence (prompt + output); ≤ the artifact's context
@@ -80,9 +82,11 @@ class EngineStats:
 
 
 def _kv_tokens(cfg: EngineConfig, artifact: Artifact) -> int | None:
-    """KV cache capacity in tokens for `cfg.kvmem` (None: ModelRunner's default)."""
+    """KV cache capacity in tokens for `cfg.kvmem` (None: ModelRunner's default), never more than
+    max_num_seqs full contexts: a small model must not take 4 GB of KV cache it cannot use."""
     if cfg.kv_tokens is not None or cfg.kvmem is None:
         return cfg.kv_tokens
+    useful = cfg.max_num_seqs * artifact.manifest["context_length"]
     if not (cfg.kvmem > 0 and math.isfinite(cfg.kvmem)):
         raise KilnError(f"kvmem must be > 0 (MB, or a fraction of device memory ≤ 1), got {cfg.kvmem}")
     c = artifact.config
@@ -98,7 +102,7 @@ def _kv_tokens(cfg: EngineConfig, artifact: Artifact) -> int | None:
     if tokens < 2 * artifact.manifest["page_size"]:  # 0 tokens used to mean "the default cache"
         raise KilnError(f"kvmem {cfg.kvmem} holds {tokens} tokens of KV cache ({per_token} bytes each), too few "
                         f"to serve; raise it (MB if > 1, else a fraction of device memory)")
-    return tokens
+    return min(tokens, useful)
 
 
 class TextStream:
@@ -127,9 +131,13 @@ class TextStream:
 
 
 class Engine:
-    def __init__(self, cfg: EngineConfig):
+    def __init__(self, cfg: EngineConfig, dtype: str | None = None):
+        """`dtype` (the seed's `Engine(cfg, "bf16")`) overrides cfg.dtype."""
         self.cfg = cfg
-        artifact = Artifact.open(cfg.model_path)
+        start = time.perf_counter()
+        artifact = Artifact.open(cfg.model_path, dtype or cfg.dtype, cfg.quant)
+        print(f"kiln: loading {artifact.path.name} ({artifact.target}, {artifact.manifest['dtype']})",
+              file=sys.stderr, flush=True)
         device = f"{artifact.target}:{cfg.device_id}"
         if cfg.max_num_seqs < 1 or cfg.max_num_batched_tokens < 1:
             raise KilnError("max_num_seqs and max_num_batched_tokens must be >= 1")
@@ -141,10 +149,14 @@ class Engine:
         self.tokenizer = Tokenizer(artifact.path)
         capacity = (self.runner.total_pages - 1) * self.runner.page_size
         limit = min(self.runner.max_context, capacity)
+        # what bounds a sequence, and how to raise it (named when a prompt does not fit)
+        self.limit_hint = (f"the model's context, {self.runner.max_context}" if capacity >= self.runner.max_context
+                           else f"what the KV cache holds, {capacity} tokens; raise kvmem (MB)")
         if cfg.max_model_len is not None and cfg.max_model_len > limit:
-            raise KilnError(f"max_model_len {cfg.max_model_len} exceeds what this engine can hold ({limit} tokens: "
-                            f"context {self.runner.max_context}, KV cache {capacity}); raise kvmem or lower it")
+            raise KilnError(f"max_model_len {cfg.max_model_len} exceeds {self.limit_hint}")
         self.max_model_len = cfg.max_model_len or limit
+        if cfg.max_model_len is not None and cfg.max_model_len < limit:
+            self.limit_hint = f"max_model_len, {cfg.max_model_len}"
         self.scheduler = Scheduler(self.runner, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.prefix_caching)
         self._rng = np.random.default_rng(cfg.seed)
         self._seq_ids = itertools.count()
@@ -152,12 +164,14 @@ class Engine:
         self._inbox: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        print(f"kiln: loaded in {time.perf_counter() - start:.1f} s; sequences up to {self.max_model_len} tokens, "
+              f"KV cache {capacity} tokens", file=sys.stderr, flush=True)
 
     # ---- chat
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True,
                             **template_kwargs) -> str:
         """The prompt text for a conversation, through the model's chat template (runtime.chat_template);
-        `template_kwargs` reach the template (e.g. enable_thinking=False)."""
+        `template_kwargs` reach the template (e.g. enable_thinking=False for Qwen3)."""
         return self.tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
                                                   add_generation_prompt, **template_kwargs)
 
@@ -170,8 +184,8 @@ class Engine:
         params.check()
         params.stop_strings  # built here, on the caller's thread, not on the engine's
         if len(req.prompt_ids) >= self.max_model_len:
-            raise KilnError(f"prompt has {len(req.prompt_ids)} tokens; the context limit is {self.max_model_len} "
-                            "(prompt + output)")
+            raise KilnError(f"prompt has {len(req.prompt_ids)} tokens; a sequence (prompt + output) may have "
+                            f"{self.max_model_len}: {self.limit_hint}")
         self._start()
         self._inbox.put(("add", req))
         return req.request_id

@@ -1,17 +1,18 @@
 """Batched greedy generation: the simplest loop over ModelRunner (tests and the README demo).
 
-    python -m runtime.generate --w artifacts/ --prompt "Once upon a time" --max_tokens 64
+    python -m runtime.generate --w artifacts/ --prompt "Once upon a time" --max 64
 
 The serving engine (scheduler, sampling, streaming) is the user-facing path; this is its oracle.
 """
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
-from formats.errors import KilnError
+from formats.errors import exit_on_error
+
+from .artifact import Artifact
+from .cli import add_model_flags, number, parser, use_cache_flag
 from .model_runner import ModelRunner
 from .tokenizer import Tokenizer
 
@@ -51,18 +52,19 @@ def generate(runner: ModelRunner, tokenizer: Tokenizer, prompts: list[str], max_
     return [tokenizer.decode(out) for out in generate_ids(runner, ids, max_tokens, stop)]
 
 
-def main(w: str = "artifacts/", prompt: str = "Once upon a time", max_tokens: int = 256, device: str = None):
-    """Print a greedy continuation of PROMPT from the artifact at W."""
-    runner = ModelRunner(w, device=device)
-    tokenizer = Tokenizer(runner.artifact.path)
-    print(prompt + generate(runner, tokenizer, [prompt], max_tokens)[0])
+def main(argv: list[str] | None = None) -> None:
+    p = parser("python -m runtime.generate", "Print a greedy continuation of a prompt (no sampling, no batching).")
+    p.add_argument("--prompt", default="Once upon a time")
+    p.add_argument("--max", "--max-tokens", "--max_tokens", type=number(int, 1), default=256, metavar="N",
+                   help="tokens to generate")
+    add_model_flags(p)
+    args = p.parse_args(argv)
+    use_cache_flag(args)
+    artifact = Artifact.open(args.w, args.dtype, args.quant)
+    runner = ModelRunner(artifact, device=f"{artifact.target}:{args.d}")
+    tokenizer = Tokenizer(artifact.path)
+    print(args.prompt + generate(runner, tokenizer, [args.prompt], args.max)[0])
 
 
 if __name__ == "__main__":
-    import fire  # the CLI's only: the GPU machine's runtime-only site has no fire's dependencies
-
-    try:
-        fire.Fire(main, name="python -m runtime.generate")
-    except KilnError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    exit_on_error(main)

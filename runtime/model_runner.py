@@ -57,7 +57,9 @@ class ModelRunner:
             raise KilnError(f"{self.artifact.path}: at most {manifest['max_batch']} sequences per step were "
                             f"compiled in, {max_batch} asked; lower max_num_seqs or recompile with --max_batch")
         self.max_batch = max_batch
-        kv_tokens = kv_tokens or max(self.max_context, 8192)
+        # the context now defaults to the model's own (128K for Llama 3.1): by default hold 8192 tokens, not
+        # a full context, and let the engine's kvmem ask for more
+        kv_tokens = kv_tokens or 8192
         shape = tvm.runtime.ShapeTuple
         self.kv = self.vm["create_paged_kv_cache"](shape([max_batch]), shape([kv_tokens]),
                                                    shape([self.prefill_chunk]), shape([self.page_size]),

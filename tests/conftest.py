@@ -95,3 +95,27 @@ def compile_cpu(model: str | Path, out: Path, dtype: str = "float32") -> Path:
 @pytest.fixture(scope="session")
 def stories_artifact(tmp_path_factory) -> Path:
     return compile_cpu(STORIES_HF, tmp_path_factory.mktemp("stories"))
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """The first-use compile cache (runtime/model_file.py) the seed-command tests share: each model file
+    is compiled once per session, by whichever test starts it first."""
+    return tmp_path_factory.mktemp("kiln-cache")
+
+
+def wait_until_healthy(proc, url: str, seconds: float) -> None:
+    """Poll a server process's /health until it answers 200 (failing if the process ends or time runs out)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
