@@ -14,10 +14,17 @@ from tvm import te, tirx
 from tvm.relax.frontend import nn
 
 from formats.errors import KilnError
-from formats.quant_layout import QUANT_TYPES, quant_type
+from formats.quant_layout import quant_type
+
+# GGUF float types kept as stored where the model dtype is wider (a GGUF's F16 tensors on the fp32 CPU
+# path): one component `w`, cast by the same dequantize PrimFunc, so the weights stay at the file's size.
+STORED_FLOATS = {"f16": "float16", "bf16": "bfloat16"}
+
 
 def component_shapes(qtype: str, rows: int, cols: int) -> dict[str, tuple[tuple[int, int], str]]:
     """{component: ((rows, columns), dtype)} of a rows x cols weight of `qtype`, in PrimFunc argument order."""
+    if qtype in STORED_FLOATS:
+        return {"w": ((rows, cols), STORED_FLOATS[qtype])}
     t = quant_type(qtype)
     return {name: (shape, t.components[name].dtype) for name, shape in t.shapes(rows, cols).items()}
 
@@ -37,6 +44,8 @@ def _value(qtype: str, c: dict, n, k):
     def i32(x):
         return x.astype("int32")
 
+    if qtype in STORED_FLOATS:
+        return f32(c["w"][n, k])
     if qtype == "q8_0":
         code = i32(_bits(c["q"], n, k, 8))
         return f32(c["d"][n, k // 32]) * f32(code - ((code >> 7) << 8))  # the byte as int8
@@ -63,16 +72,17 @@ def _value(qtype: str, c: dict, n, k):
 
 def dequantize_te(qtype: str, components: list[te.Tensor], cols: int, dtype: str) -> te.Tensor:
     """The N x K weight in `dtype` from its components (quant_layout's order); N = the components' rows."""
-    c = dict(zip(QUANT_TYPES[qtype].components, components))
+    c = dict(zip(component_shapes(qtype, 0, 0), components))
     rows = components[0].shape[0]
     return te.compute((rows, cols), lambda n, k: _value(qtype, c, n, k).astype(dtype), name=f"dequantize_{qtype}")
 
 
 class QuantWeight(nn.Module):
-    """The packed components of one rows x cols weight; parameters `q`, `d`, ... (quant_layout's components)."""
+    """The components of one rows x cols weight as parameters: `q`, `d`, ... (formats/quant_layout.py), or
+    `w` for a stored float type."""
 
     def __init__(self, qtype: str, rows: int, cols: int, dtype: str):
-        block = quant_type(qtype).block
+        block = 1 if qtype in STORED_FLOATS else quant_type(qtype).block
         if cols % block:
             raise KilnError(f"a {rows} x {cols} weight cannot be {qtype}: rows of {cols} elements are not "
                             f"whole blocks of {block}")
@@ -81,7 +91,7 @@ class QuantWeight(nn.Module):
             setattr(self, name, nn.Parameter(shape, component_dtype))
 
     def components(self) -> list[nn.Tensor]:
-        return [getattr(self, name) for name in QUANT_TYPES[self.qtype].components]
+        return [getattr(self, name) for name in component_shapes(self.qtype, 0, 0)]
 
     def dequantize(self, components: list[nn.Tensor] | None = None) -> nn.Tensor:
         """The weight (or the rows `components` were gathered from) in the model dtype, as a `dequantize_*` call."""
@@ -120,9 +130,26 @@ class QuantEmbedding(nn.Module):
         return self.weight.dequantize(rows)
 
 
-def quantize_modules(module: nn.Module, quant: dict[str, str], prefix: str = "") -> None:
-    """Replace, in place, each Linear / Embedding whose `<name>.weight` is in `quant` ({param: qtype})
-    by its quantized form; other modules keep their float weights."""
+class SplitLinear(nn.Module):
+    """A fused projection (qkv_proj, gate_up_proj) whose parts are stored in different types (a *_K_M
+    file): one matmul per part, outputs concatenated, the same values as the fused Linear. Parts are
+    attributes named as the HF projections (`qkv_proj.q_proj.weight.q`), each packed or float."""
+
+    def __init__(self, fused: nn.Linear, parts: list[tuple[str, int, str | None]]):
+        dtype, bias = fused.weight.dtype, fused.bias is not None
+        self.names = [name for name, _, _ in parts]
+        for name, rows, qtype in parts:
+            setattr(self, name, QuantLinear(fused.in_features, rows, qtype, dtype, bias) if qtype else
+                    type(fused)(fused.in_features, rows, dtype, bias=bias))
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        return nn.op.concat([getattr(self, name)(x) for name in self.names], dim=-1)
+
+
+def quantize_modules(module: nn.Module, quant: dict, prefix: str = "") -> None:
+    """Replace, in place, each Linear / Embedding whose `<name>.weight` is in `quant` by its quantized
+    form: {param: qtype}, or {param: [(part, rows, qtype or None)]} for a SplitLinear. Other modules
+    keep their float weights."""
     for attr, child in list(vars(module).items()):
         name = f"{prefix}{attr}"
         if isinstance(child, nn.ModuleList):
@@ -138,28 +165,20 @@ def quantize_modules(module: nn.Module, quant: dict[str, str], prefix: str = "")
                 quantize_modules(child, quant, f"{name}.")
 
 
-def _quantized(module: nn.Module, name: str, quant: dict[str, str]) -> nn.Module | None:
+def _quantized(module: nn.Module, name: str, quant: dict) -> nn.Module | None:
     qtype = quant.get(f"{name}.weight")
     if qtype is None:
         return None
+    if isinstance(qtype, list) and isinstance(module, nn.Linear):
+        if sum(rows for _, rows, _ in qtype) != module.out_features:
+            raise KilnError(f"parameter '{name}.weight': its parts' rows {[r for _, r, _ in qtype]} do not add "
+                            f"up to {module.out_features}")
+        return SplitLinear(module, qtype)
     if isinstance(module, nn.Embedding):
-        return QuantEmbedding(module.num, module.dim, qtype, module.dtype)
+        return QuantEmbedding(module.num, module.dim, qtype, module.weight.dtype)
     if isinstance(module, nn.Linear):
         return QuantLinear(module.in_features, module.out_features, qtype, module.weight.dtype,
                            bias=module.bias is not None)
     raise KilnError(f"parameter '{name}.weight' cannot be quantized ({type(module).__name__} is not a "
                     "Linear or an Embedding)")
 
-
-def dequant_matmul_func(qtype: str, m: int, n: int, k: int, dtype: str) -> tirx.PrimFunc:
-    """The fused PrimFunc `decode` makes of a quantized Linear, standalone (for tests and
-    bench/quant_gemm.py: one definition of the form the rules schedule): (*components, x: dtype[m, 1, k],
-    y: float32[m, 1, n]), y = x dequantize(W)^T accumulated in fp32. In a model the epilogue (cast to the
-    model dtype, residual add, bias) follows in the same PrimFunc."""
-    comps = [te.placeholder(shape, dt, name) for name, (shape, dt) in component_shapes(qtype, n, k).items()]
-    x = te.placeholder((m, 1, k), dtype, "x")
-    w = dequantize_te(qtype, comps, k, dtype)
-    r = te.reduce_axis((0, k), "k")
-    y = te.compute((m, 1, n), lambda i, s, j: te.sum(x[i, s, r].astype("float32") * w[j, r].astype("float32"),
-                                                     axis=r), name="NT_matmul")
-    return te.create_prim_func([*comps, x, y]).with_attr("global_symbol", f"fused_dequantize_{qtype}_NT_matmul")

@@ -310,7 +310,7 @@ class MatmulWgmma(RowDispatchGemmRule):
 
     Returns None (the next rule applies) for other targets and any form `analyze` declines. With a
     dynamic M, the row count picks the kernel at run time (`branch_on_rows`): `small` tiles while
-    `large` tiles would fill at most half of the SMs, and dlight's LowBatchGEMV for M ≤ `small_m`
+    `large` tiles would fill at most half of the SMs, and StreamingGEMV for M ≤ `small_m`
     when even `small` has fewer than `few_tiles` column tiles (N = 1024: 8 blocks for 132 SMs).
     """
 

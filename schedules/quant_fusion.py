@@ -17,7 +17,7 @@ from tvm.ir import IRModule
 from tvm.relax.dpl.pattern import GlobalVarPattern, TuplePattern, is_op, wildcard
 
 FEW_ROW_FUNCTIONS = ("decode", "logits")
-_MAX_COMPONENTS, _MAX_EPILOGUE_ARGS = 6, 3  # docs/QUANT-LAYOUT.md: q5_k has 6 components
+_MAX_COMPONENTS, _MAX_EPILOGUE_ARGS = 6, 3  # q5_k has 6 components, a stored F16 weight 1
 
 
 def _callee(call) -> str:
@@ -27,7 +27,7 @@ def _callee(call) -> str:
 def _patterns() -> list:
     """call_tir(NT_matmul*, (x, call_tir(dequantize*, components), epilogue args...)), for every arity."""
     patterns = []
-    for n_components in range(2, _MAX_COMPONENTS + 1):
+    for n_components in range(1, _MAX_COMPONENTS + 1):
         for n_epilogue in range(_MAX_EPILOGUE_ARGS + 1):
             w = is_op("relax.call_tir")(GlobalVarPattern(), TuplePattern([wildcard() for _ in range(n_components)]),
                                         add_constraint=False)

@@ -23,7 +23,7 @@ from formats.quant_layout import QUANT_TYPES  # noqa: E402
 from schedules.pipeline import _passes, relax_pipeline, tir_pipeline  # noqa: E402
 
 VECTORS = DATA / "ggml-quant-vectors" / "ggml-quant-vectors.gguf"
-TYPES = list(QUANT_TYPES)
+TYPES = [*QUANT_TYPES, "f16"]  # and a GGUF F16 weight kept as stored
 N, K = 8, 512
 TARGET = tvm.target.Target("llvm")
 
@@ -36,7 +36,8 @@ def weights():
     for qtype in TYPES:
         name = f"{qtype}.q"
         ref = gguf.quants.dequantize(f.blocks(name), f.tensors[name][0]).reshape(N, K)
-        out[qtype] = (repack(qtype, f.blocks(name), K), ref.astype(np.float64))
+        comps = {"w": f.blocks(name).view(np.float16)} if qtype == "f16" else repack(qtype, f.blocks(name), K)
+        out[qtype] = (comps, ref.astype(np.float64))
     return out
 
 
@@ -116,6 +117,6 @@ def test_dequantize_bit_exact(weights):
         w = dequantize_te(qtype, comps, K, "float32")
         lib = tvm.compile(te.create_prim_func([*comps, w]), target=TARGET)
         out = tvm.runtime.empty((N, K), "float32")
-        lib(*[tvm.runtime.tensor(weights[qtype][0][c]) for c in QUANT_TYPES[qtype].components], out)
+        lib(*[tvm.runtime.tensor(weights[qtype][0][c]) for c in component_shapes(qtype, N, K)], out)
         ref = weights[qtype][1].astype(np.float32)
         np.testing.assert_array_equal(out.numpy().view(np.uint32), ref.view(np.uint32), err_msg=qtype)
