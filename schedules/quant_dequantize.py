@@ -11,7 +11,7 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import get_root_block
 
-from .quant_gemv import is_packed
+from .quant_gemv import is_packed, vector_lanes
 
 PER_THREAD = 8  # outputs per thread: 16 bytes of bf16/fp16
 THREADS = 256
@@ -20,7 +20,7 @@ THREADS = 256
 class QuantDequantize:
     """A PrimFunc of spatial blocks only, reading packed uint32 words and writing one [N, K] output."""
 
-    def kernel(self, func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    def kernel(self, func: tirx.PrimFunc, target=None) -> tirx.PrimFunc | None:
         """`func` scheduled, or None if not ours."""
         if not any(is_packed(p) for p in func.params if hasattr(p, "shape")):
             return None
@@ -48,5 +48,6 @@ class QuantDequantize:
         local = sch.cache_write(out, 0, "local")
         sch.reverse_compute_at(local, tx, preserve_unit_loops=True)
         sch.unroll(sch.get_loops(out)[-1])
-        sch.vectorize(sch.get_loops(local)[-1])
+        _, vec = sch.split(sch.get_loops(local)[-1], [None, vector_lanes(target)])
+        sch.vectorize(vec)
         return sch.mod["main"]

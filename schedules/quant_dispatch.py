@@ -27,7 +27,7 @@ class QuantKernels:
         for gvar, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc) or func.attrs and "tir.is_scheduled" in func.attrs:
                 continue
-            scheduled = QuantGemv().kernel(func) or QuantDequantize().kernel(func)
+            scheduled = QuantGemv().kernel(func, target) or QuantDequantize().kernel(func, target)
             if scheduled is not None:
                 mod.update_func(gvar, scheduled.with_attr("tir.is_scheduled", True))
         return mod

@@ -47,6 +47,11 @@ class QuantGemvConfig:
     rows_per_thread: int = 2
 
 
+def vector_lanes(target) -> int:
+    """16-bit values per vector load or store: 8 (16 bytes), 4 on Metal, whose vector types stop at 4."""
+    return 4 if target is not None and target.kind.name == "metal" else 8
+
+
 def is_packed(buf: tirx.Buffer) -> bool:
     return buf.dtype == "uint32" and len(buf.shape) == 2
 
@@ -70,14 +75,14 @@ class QuantGemv:
     def __init__(self, config: QuantGemvConfig = QuantGemvConfig()):
         self.config = config
 
-    def kernel(self, func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    def kernel(self, func: tirx.PrimFunc, target=None) -> tirx.PrimFunc | None:
         """`func` scheduled (with a dynamic M, a run-time chain over `m_tiles`), or None if not ours."""
         if not any(is_packed(p) for p in func.params if hasattr(p, "shape")):
             return None
         dims = {d for p in func.params if hasattr(p, "shape") for d in p.shape if isinstance(d, tirx.Var)}
         tiles = self.config.m_tiles if len(dims) == 1 else self.config.m_tiles[-1:]
         try:
-            kernels = [self._schedule(func, tile) for tile in tiles]
+            kernels = [self._schedule(func, tile, vector_lanes(target)) for tile in tiles]
         except (s_tir.ScheduleError, _Decline):
             return None
         chained = kernels[-1].mod["main"]
@@ -85,7 +90,7 @@ class QuantGemv:
             chained = branch_on_rows(small.mod["main"], chained, next(iter(dims)), tile)
         return chained
 
-    def _schedule(self, func, m_tile: int):
+    def _schedule(self, func, m_tile: int, lanes16: int):
         cfg = self.config
         sch = s_tir.Schedule(func)
         blocks = sch.get_child_blocks(get_root_block(sch))
@@ -173,9 +178,9 @@ class QuantGemv:
             cache = sch.cache_read(deq, idx, "local", consumer_blocks=[deq])
             sch.compute_at(cache, k_o, preserve_unit_loops=True)
             words = sch.get_loops(cache)[-1]
-            extent = int(sch.get(words).extent)
-            if extent % 4 == 0:
-                _, vec = sch.split(words, [None, 4])
+            width = next(w for w in (4, 2, 1) if int(sch.get(words).extent) % w == 0)  # 2-bit codes: 8 bytes
+            if width > 1:
+                _, vec = sch.split(words, [None, width])
                 sch.vectorize(vec)
         for loop in sch.get_loops(deq)[-2:]:
             sch.unroll(loop)
@@ -184,7 +189,8 @@ class QuantGemv:
         x_idx = [r.source for r in sch.get(rf).reads].index(others[0].source)
         x_cache = sch.cache_read(rf, x_idx, "local", consumer_blocks=[rf])
         sch.compute_at(x_cache, k_c8, preserve_unit_loops=True)
-        sch.vectorize(sch.get_loops(x_cache)[-1])
+        _, vec = sch.split(sch.get_loops(x_cache)[-1], [None, lanes16])
+        sch.vectorize(vec)
         for loop in (i_i, k_c8, k_v, j_r):
             sch.unroll(loop)
         sch.decompose_reduction(rf, k_o)

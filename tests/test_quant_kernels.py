@@ -45,7 +45,7 @@ def _cuda_source(funcs: dict) -> str:
 @pytest.mark.parametrize("qtype", TYPES)
 def test_gemv_cuda_every_type_and_epilogue(qtype):
     """Each epilogue of the model (cast, residual, fp32 logits) with a dynamic M: three kernels
-    (M tiles 1, 4, 8), the code words loaded 16 bytes at a time."""
+    (M tiles 1, 4, 8), a chunk's code words loaded at once (16 bytes; 8 for the 2-bit types)."""
     funcs = {}
     for epilogue in ("cast", "residual", "logits"):
         f = QuantGemv().kernel(dequant_matmul(qtype, 1024, 64, "bfloat16", epilogue))
@@ -53,8 +53,8 @@ def test_gemv_cuda_every_type_and_epilogue(qtype):
         funcs[epilogue] = f.with_attr("global_symbol", epilogue)
     src = _cuda_source(funcs)
     for epilogue in funcs:
-        assert len(re.findall(rf"__global__ void __launch_bounds__\(\d+\) {epilogue}_kernel\w*\(", src)) == 3
-    assert "*(uint4*)(w_q_local" in src
+        assert len(set(re.findall(rf"__global__ void __launch_bounds__\(\d+\) ({epilogue}_kernel\w*)\(", src))) == 3
+    assert ("*(uint2*)(w_q_local" if qtype in ("q2_k", "q3_k") else "*(uint4*)(w_q_local") in src
 
 
 def test_rules_decline_plain_matmuls():
@@ -82,8 +82,8 @@ def test_gemv_and_dequantize_nvcc_no_spills(tmp_path):
 @pytest.mark.parametrize("qtype", ["q4_k", "q6_k", "q8_0", "q3_k"])
 def test_metal_forms_build(qtype):
     """Plain TIR (no simdgroups): the fused GEMV and the dequantize kernel lower to Metal."""
-    gemv = QuantGemv().kernel(dequant_matmul(qtype, 1024, 64, "float16", "residual"))
-    deq = QuantDequantize().kernel(dequantize_func(qtype, 1024, 64, "float16"))
+    gemv = QuantGemv().kernel(dequant_matmul(qtype, 1024, 64, "float16", "residual"), METAL)
+    deq = QuantDequantize().kernel(dequantize_func(qtype, 1024, 64, "float16"), METAL)
     with METAL:
         lib = tvm.tirx.build(tvm.IRModule({"gemv": gemv.with_attr("global_symbol", "gemv"),
                                            "deq": deq.with_attr("global_symbol", "deq")}), target=METAL)
