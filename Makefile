@@ -8,11 +8,13 @@ DTYPE   ?=
 WEIGHTS ?=
 OUT     ?=
 ARCH    ?=
+QUANT   ?=
 
 COMPILE_FLAGS := --model $(MODEL) --target $(TARGET) $(if $(DTYPE),--dtype $(DTYPE)) \
-                 $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(OUT),--out $(OUT)) $(if $(ARCH),--cuda_arch $(ARCH))
+                 $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(OUT),--out $(OUT)) $(if $(ARCH),--cuda_arch $(ARCH)) \
+                 $(if $(QUANT),--quant $(QUANT))
 
-.PHONY: install compile demo test clean
+.PHONY: install compile demo test test-gpu-build test-gpu clean
 
 $(VENV)/.kiln-base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +28,7 @@ $(VENV)/.kiln-test: $(VENV)/.kiln-base
 
 install: $(VENV)/.kiln-base
 
-## compile MODEL (preset name, HF folder or .gguf) for TARGET (cpu|cuda|metal) into artifacts/
+## compile MODEL (preset name, HF folder or .gguf) for TARGET (cpu|cuda|metal) into artifacts/ (QUANT=q4k: quantize)
 compile: $(VENV)/.kiln-base
 	$(PY) -m compile $(COMPILE_FLAGS)
 
@@ -37,6 +39,15 @@ demo: $(VENV)/.kiln-base
 
 test: $(VENV)/.kiln-test
 	$(PY) -m pytest -q
+
+## the GPU suite (tests/gpu): build its kernels and tiny models here (TVM + nvcc, no GPU needed) ...
+GPU_BUILD ?= .gpu/test-gpu
+test-gpu-build: $(VENV)/.kiln-test
+	$(PY) tests/gpu/build.py $(GPU_BUILD)
+
+## ... then run it where the GPU is (runtime-only TVM, torch, transformers, pytest: PYTHON=python3 there)
+test-gpu:
+	KILN_GPU_BUILD=$(abspath $(GPU_BUILD)) $(PYTHON) -m pytest -q -m gpu tests/gpu
 
 clean:
 	rm -rf artifacts

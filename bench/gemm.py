@@ -24,7 +24,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 
 SHAPES = {  # (K, N) per model: every Linear of one decoder layer, plus the LM head
     "qwen3-0.6b": [(1024, 4096), (2048, 1024), (1024, 6144), (3072, 1024), (1024, 151936)],
@@ -128,7 +127,7 @@ def build(out: str, variants: list[str]) -> None:
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from schedules.low_batch import StreamingGEMV
-    from schedules.matmul_tensorcore import TIR_PIPELINE, MatmulTensorCore
+    from schedules.matmul_tensorcore import MatmulTensorCore
     from schedules.matmul_wgmma import MatmulWgmma, WgmmaConfig
 
     target = tvm.target.Target("nvidia/nvidia-h100")
@@ -142,42 +141,74 @@ def build(out: str, variants: list[str]) -> None:
             sch = rule.apply(_prim_func(k, n, dtype, epilogue), target, False)
             assert sch is not None, f"{variant} rejected K={k} N={n}"
             name = kernel_name(variant, k, n)
-            funcs[name] = sch.mod["main"].with_attr("global_symbol", name)
+            funcs[name] = sch.mod["main"]
+    export_kernels(funcs, out, {"variants": chosen})
+
+
+def nvcc_fatbin(out: str, threads: int = 1) -> None:
+    """`out`/kernels.cu → `out`/gemm.fatbin for sm_90a (the ptxas report in ptxas.log)."""
+    subprocess.run(["nvcc", "--fatbin", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas=-v",
+                    f"--split-compile={threads}", "-o", os.path.join(out, "gemm.fatbin"),
+                    os.path.join(out, "kernels.cu")],
+                   check=True, stderr=open(os.path.join(out, "ptxas.log"), "w"))
+
+
+def export_kernels(funcs: dict, out: str, meta: dict, nvcc: bool = True) -> None:
+    """Scheduled PrimFuncs (name → func) → `out`/gemm.so (carrying the CUDA source), its gemm.fatbin
+    unless `nvcc` is False (then `run` compiles it on the GPU box) and meta.json."""
+    import tvm
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from schedules.matmul_tensorcore import TIR_PIPELINE
+
+    target = tvm.target.Target("nvidia/nvidia-h100")
+    funcs = {name: f.with_attr("global_symbol", name) for name, f in funcs.items()}
     with target:
         lib = tvm.tirx.build(tvm.IRModule(funcs), target=target, pipeline=TIR_PIPELINE)
     os.makedirs(out, exist_ok=True)
     lib.export_library(os.path.join(out, "gemm.so"))
     subprocess.run(["strip", "--strip-unneeded", os.path.join(out, "gemm.so")], check=True)
     src = lib.imports[0].inspect_source()
-    with tempfile.TemporaryDirectory() as tmp:
-        cu = os.path.join(tmp, "k.cu")
-        with open(cu, "w") as f:
+    if nvcc:
+        with open(os.path.join(out, "kernels.cu"), "w") as f:
             f.write(src)
-        subprocess.run(["nvcc", "--fatbin", "-O3", "-gencode=arch=compute_90a,code=sm_90a",
-                        "-Xptxas=-v", "-o", os.path.join(out, "gemm.fatbin"), cu],
-                       check=True, stderr=open(os.path.join(out, "ptxas.log"), "w"))
+        nvcc_fatbin(out)
+        os.remove(os.path.join(out, "kernels.cu"))
     with open(os.path.join(out, "meta.json"), "w") as f:
-        json.dump({"source_sha256": hashlib.sha256(src.encode()).hexdigest(),
-                   "kernels": sorted(funcs), "variants": chosen}, f)
+        json.dump({"source_sha256": hashlib.sha256(src.encode()).hexdigest(), "kernels": sorted(funcs), **meta}, f)
     print(f"built {len(funcs)} kernels into {out}")
 
 
 # ------------------------------------------------------------------------------------ run
-def _load(out: str):
+def _load(out: str, compile_cuda=None):
+    """The library and its meta.json. Its CUDA source → `out`/gemm.fatbin from `build`, or, where that is
+    missing, from `compile_cuda(code)` (which writes it)."""
     import tvm
     import tvm_ffi
 
     ctypes.CDLL(os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so"),
                 mode=ctypes.RTLD_GLOBAL)
     meta = json.load(open(os.path.join(out, "meta.json")))
-    fatbin = open(os.path.join(out, "gemm.fatbin"), "rb").read()
+    fatbin = os.path.join(out, "gemm.fatbin")
 
     @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
     def _compile(code, *_):
         assert hashlib.sha256(code.encode()).hexdigest() == meta["source_sha256"], "stale fatbin"
-        return fatbin
+        if not os.path.exists(fatbin) and compile_cuda is not None:
+            compile_cuda(code)
+        return open(fatbin, "rb").read()
 
     return tvm.runtime.load_module(os.path.join(out, "gemm.so")), meta
+
+
+def write_results(table: str, log: list, results: str | None, jsonl: str) -> None:
+    """The full rows to $OUT/`jsonl` (GPU box), the table appended to `results`."""
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], jsonl), "w") as f:
+            f.write("\n".join(log) + "\n")
+    if results:
+        with open(results, "a") as f:
+            f.write(table + "\n")
 
 
 def _time_ms(fn, sets, iters: int) -> float:
@@ -279,12 +310,7 @@ def run(out: str, ms: list[int], results: str | None, command: str) -> None:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     table = _table(rows, f"{card}, copy {copy_bw / 1e9:.0f} GB/s", stamp, command)
     print(table)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "gemm_rows.jsonl"), "w") as f:
-            f.write("\n".join(log) + "\n")
-    if results:
-        with open(results, "a") as f:
-            f.write(table + "\n")
+    write_results(table, log, results, "gemm_rows.jsonl")
 
 
 def _table(rows, card, stamp, command) -> str:

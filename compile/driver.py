@@ -10,8 +10,9 @@ import tvm
 from tqdm import tqdm
 
 from formats.errors import KilnError
+from formats.gguf import GGUFSource
 from model_defs.config import ModelConfig
-from model_defs.spec import export
+from model_defs.spec import build_model, export
 from schedules.attention.choice import paged_kv_kernels
 from schedules.pipeline import relax_pipeline, tir_pipeline
 
@@ -19,6 +20,7 @@ from . import artifact, targets
 from .convert import convert
 from .cuda_aot import enable_cuda_binaries
 from .presets import resolve
+from .quant_plan import plan_gguf, plan_quantize, quant_type_of
 from .sources import open_source
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -38,7 +40,9 @@ class _PassProgress:
 
 def compile_artifact(model: str, target: str, dtype: str, out: str | None, weights: str | None,
                      cuda_arch: str | None, context: int, page_size: int, prefill_chunk: int,
-                     max_batch: int = 256) -> Path:
+                     max_batch: int = 256, quant: str | None = None, dequantize: bool = False) -> Path:
+    """`quant`: quantize a safetensors model's 2-D weights into this type (compile/quant_plan.py); a GGUF
+    keeps its quantized tensors packed unless `dequantize`, which gives every weight the model dtype."""
     if target not in targets.TARGETS:
         raise KilnError(f"unknown target '{target}'; choose one of {', '.join(targets.TARGETS)}")
     if dtype not in DTYPES:
@@ -58,7 +62,13 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
     context = min(context, cfg.max_position_embeddings)
     arch = (cuda_arch or targets.DEFAULT_CUDA_ARCH) if target == "cuda" else None
 
-    out_dir = Path(out) if out else Path("artifacts") / f"{name}-{dtype}-{target}"
+    qtype = quant_type_of(quant) if quant else None
+    float_params = [(n, tuple(int(d) for d in p.shape)) for n, p in build_model(cfg, dtype, None).named_parameters()]
+    plan = _quant_plan(source, qtype, dequantize, float_params, dtype)
+    for note in plan.notes if plan else []:
+        print(f"kiln: {note}", file=sys.stderr)
+
+    out_dir = Path(out) if out else Path("artifacts") / f"{name}-{dtype}{'-' + qtype if qtype else ''}-{target}"
     out_dir.mkdir(parents=True, exist_ok=True)
     tvm_target = targets.tvm_target(target, arch or targets.DEFAULT_CUDA_ARCH)
     cuda_binary = target == "cuda" and enable_cuda_binaries(arch)
@@ -68,7 +78,8 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
 
     t0 = time.time()
     kernels = paged_kv_kernels(tvm_target, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim, dtype)
-    mod, named_params = export(cfg, dtype, tvm_target, max_batch, prefill_chunk, kernels)
+    mod, named_params = export(cfg, dtype, tvm_target, max_batch, prefill_chunk, kernels,
+                               plan.types if plan else None)
     library = targets.library_name(target)
     with tqdm(desc=f"compiling {name} for {target}", unit="pass", leave=False) as bar:
         # TIR's CSE emits a use before its definition in TVM's RoPE kernel under Llama-3 frequency
@@ -98,12 +109,14 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
         "prefill_chunk": prefill_chunk,
         "max_batch": max_batch,
         "tvm_version": tvm.__version__,
-        "content_hash": artifact.content_hash(cfg.to_dict(), dtype, target, arch, source),
+        "content_hash": artifact.content_hash(cfg.to_dict(), dtype, target, arch, source,
+                                              plan.types if plan else None),
+        "quantization": plan.manifest() if plan else None,
         "weights": None,
         "weights_hint": None,
     }
     if source is not None:
-        convert(source, params, out_dir / artifact.WEIGHTS_DIR)
+        convert(source, params, out_dir / artifact.WEIGHTS_DIR, plan.packed(float_params) if plan else None)
         source.write_tokenizer(out_dir)
         manifest["weights"] = artifact.WEIGHTS_DIR
     else:
@@ -114,3 +127,15 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
     artifact.write_manifest(out_dir, manifest)
     print(f"kiln: artifact written to {out_dir}", file=sys.stderr)
     return out_dir
+
+
+def _quant_plan(source, qtype: str | None, dequantize: bool, float_params, dtype: str):
+    """Which weights stay packed: `--quant`'s type for a safetensors model, a GGUF's own types, or none."""
+    if qtype:
+        if isinstance(source, GGUFSource):
+            raise KilnError(f"--quant {qtype}: {source.path} is a GGUF file, which keeps its own quantization; "
+                            "--quant applies to safetensors models")
+        return plan_quantize(qtype, float_params)
+    if isinstance(source, GGUFSource) and not dequantize:
+        return plan_gguf(source, float_params, dtype)
+    return None

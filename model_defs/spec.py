@@ -8,13 +8,18 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
 from .config import ModelConfig
+from .quant import quantize_modules
 
 _PACKED = {"param_mode": "packed", "effect_mode": "none"}  # weights: one tuple argument, last
 _NO_PARAMS = {"param_mode": "none", "effect_mode": "none"}
 
 
-def build_model(cfg: ModelConfig, dtype: str, target, attention_kernels: dict | None = None) -> nn.Module:
-    return importlib.import_module(f"model_defs.{cfg.family}").MODEL(cfg, dtype, target, attention_kernels)
+def build_model(cfg: ModelConfig, dtype: str, target, attention_kernels: dict | None = None,
+                quant: dict[str, str] | None = None) -> nn.Module:
+    """The family's model; the parameters named in `quant` ({param: qtype}) packed (model_defs/quant.py)."""
+    model = importlib.import_module(f"model_defs.{cfg.family}").MODEL(cfg, dtype, target, attention_kernels)
+    quantize_modules(model, quant or {})
+    return model
 
 
 def export_spec(cfg: ModelConfig, dtype: str) -> dict:
@@ -55,15 +60,17 @@ def export_spec(cfg: ModelConfig, dtype: str) -> dict:
 
 
 def export(cfg: ModelConfig, dtype: str, target, max_batch: int = 256, prefill_chunk: int = 1024,
-           attention_kernels: dict | None = None):
+           attention_kernels: dict | None = None, quant: dict[str, str] | None = None):
     """(IRModule, [(param_name, nn.Parameter)]) for `cfg` on `target`, with the paged KV cache's
-    `attention_kernels` (schedules.attention.paged_kv_kernels; None: TVM's).
+    `attention_kernels` (schedules.attention.paged_kv_kernels; None: TVM's) and the weights in `quant`
+    ({param: qtype}) packed.
 
     The bounds on the dynamic sizes (`b` sequences, `n` tokens per forward) let the memory planner
     allocate every intermediate once, statically, which in turn lets CUDA capture decode steps as
     graphs (one graph per batch size, replayed instead of hundreds of kernel launches).
     """
-    mod, params = build_model(cfg, dtype, target, attention_kernels).export_tvm(spec=export_spec(cfg, dtype))
+    mod, params = build_model(cfg, dtype, target, attention_kernels, quant).export_tvm(
+        spec=export_spec(cfg, dtype))
     bounds = {"embed": {"n": prefill_chunk}, "prefill": {"n": prefill_chunk, "b": max_batch},
               "decode": {"b": max_batch}, "logits": {"b": max_batch}}
     for name, bound in bounds.items():

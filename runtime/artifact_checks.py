@@ -136,6 +136,7 @@ def check_weights(path: Path, manifest: dict, params: list[dict], shards: list[P
     config, where = manifest["config"], path / "kiln.yaml"
     by_name = {p["name"]: p for p in params}
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        name = name if name in by_name else f"{name}.q"  # a quantized table: its packed codes, a row per token
         if name in by_name and by_name[name]["shape"][0] != config["vocab_size"]:
             raise KilnError(f"{where}: config.vocab_size is {config['vocab_size']} but {name} has "
                             f"{by_name[name]['shape'][0]} rows; {hint}")

@@ -19,9 +19,9 @@ The asyncio interface (what the HTTP server builds on):
 too long, bad sampling field, non-UTF-8 text); other requests are unaffected. The engine loop runs
 on its own thread and owns the ModelRunner; callers only put commands on a queue and read their
 requests' Deltas, so every public method is thread-safe. One step: Scheduler.schedule →
-ModelRunner.forward → ModelRunner.sample on the device (sampling.sample on the host, vectorized, for
-rows with penalties or logprobs) → per sequence: stop checks, detokenization, stop-string hold-back
-→ Delta to the request's sink.
+ModelRunner.forward → on the device: ModelRunner.apply_penalties (rows with penalties), .sample and
+.logprobs (rows that ask), only token ids and log-probabilities back to the host → per sequence:
+stop checks, detokenization, stop-string hold-back → Delta to the request's sink.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from .artifact import Artifact
 from formats.errors import KilnError
 from .model_runner import ModelRunner, device_memory
 from .request import Completion, Delta, Message, Request, RequestOutput, Sequence, TokenLogprob
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .tokenizer import Tokenizer
 
@@ -63,7 +63,6 @@ class EngineConfig:
     max_model_len: int | None = None  # tokens per sequence (prompt + output); ≤ the artifact's context
     max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
     prefix_caching: bool = True  # keep finished sequences' pages for later prompts (running ones are shared anyway)
-    device_sampling: bool = True  # sample with the artifact's compiled functions when a batch allows it
     seed: int | None = None  # seeds requests that bring no seed of their own (None: fresh entropy)
 
 
@@ -136,6 +135,9 @@ class Engine:
             raise KilnError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.runner = ModelRunner(artifact, device=device, max_batch=cfg.max_num_seqs,
                                   kv_tokens=_kv_tokens(cfg, artifact))
+        if not self.runner.can_sample:
+            raise KilnError(f"{artifact.path}: this artifact has no sampling functions (compiled by an older "
+                            "Kiln); compile it again with `make compile`")
         self.tokenizer = Tokenizer(artifact.path)
         capacity = (self.runner.total_pages - 1) * self.runner.page_size
         limit = min(self.runner.max_context, capacity)
@@ -349,40 +351,30 @@ class Engine:
             raise RuntimeError("the scheduler found nothing to run")  # would spin; fail loudly instead
         rows = [i for i, (seq, n) in enumerate(batch) if n == seq.pending]  # these get a token this step
         seqs = [batch[i][0] for i in rows]
-        on_device = self.cfg.device_sampling and self.runner.can_sample
-        logits = self.runner.forward([s.seq_id for s, _ in batch],
-                                     [s.token_ids[s.num_computed:s.num_computed + n] for s, n in batch], on_device)
+        logits = self.runner.forward([s.seq_id for s, _ in batch],  # logits stay on the device for the sampler
+                                     [s.token_ids[s.num_computed:s.num_computed + n] for s, n in batch], True)
         for seq, n in batch:
             self.scheduler.computed(seq, n)
         if rows:
-            tokens, logprobs = self._sample(logits, np.array(rows), seqs, on_device)
+            tokens, logprobs = self._sample(logits, np.array(rows), seqs)
             for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs):
                 self._append(seq, token, logprob)
 
-    def _sample(self, logits, rows: np.ndarray, seqs: list[Sequence], on_device: bool):
-        """(token ids, TokenLogprob or None) for `seqs`, whose logits are `rows` of `logits`: with the
-        artifact's compiled functions, or numpy on the host (no compiled functions, or device_sampling off)."""
+    def _sample(self, logits, rows: np.ndarray, seqs: list[Sequence]):
+        """(token ids, TokenLogprob or None) for `seqs`, whose logits are `rows` of device `logits`, with
+        the artifact's compiled sampling functions (ModelRunner.apply_penalties, .sample, .logprobs)."""
         params = [s.request.params for s in seqs]
-        if not on_device:
-            penalized = any(p.penalized for p in params)
-            out = sample(logits[rows], params, [s.rng for s in seqs],
-                         [s.token_ids[:s.num_prompt] for s in seqs] if penalized else None,
-                         [s.output_ids for s in seqs] if penalized else None)
-            tokens, lp = out.token_ids, out.logprobs
-            none = np.zeros((len(seqs), 0))  # no row asked for top_logprobs
-            top_lp, top_ids = (none, none) if out.top_ids is None else (out.top_logprobs, out.top_ids)
-        else:
-            raw = logits
-            penalties = _penalty_pairs(rows, seqs)
-            if penalties:
-                logits = self.runner.apply_penalties(logits, *penalties)
-            tokens = self.runner.sample(
-                logits, rows, np.array([0 if p.greedy else p.temperature for p in params], np.float32),
-                np.array([p.top_p for p in params], np.float32), np.array([p.top_k for p in params]),
-                np.array([p.min_p for p in params], np.float32),
-                np.array([0 if p.greedy else s.rng.random() for s, p in zip(seqs, params)]))
-            if any(p.logprobs for p in params):
-                lp, top_lp, top_ids = self.runner.logprobs(raw, rows, tokens)
+        raw = logits
+        penalties = _penalty_pairs(rows, seqs)
+        if penalties:
+            logits = self.runner.apply_penalties(logits, *penalties)
+        tokens = self.runner.sample(
+            logits, rows, np.array([0 if p.greedy else p.temperature for p in params], np.float32),
+            np.array([p.top_p for p in params], np.float32), np.array([p.top_k for p in params]),
+            np.array([p.min_p for p in params], np.float32),
+            np.array([0 if p.greedy else s.rng.random() for s, p in zip(seqs, params)]))
+        if any(p.logprobs for p in params):
+            lp, top_lp, top_ids = self.runner.logprobs(raw, rows, tokens)
         return tokens, [TokenLogprob(int(tokens[j]), float(lp[j]), dict(zip(top_ids[j, :p.top_logprobs].tolist(),
                                                                             top_lp[j, :p.top_logprobs].tolist())))
                         if p.logprobs else None for j, p in enumerate(params)]

@@ -114,6 +114,8 @@ def analyze(func: tirx.PrimFunc):
     if len(c_store.indices) != len(lead) + 1 or not all(_is_var(e, v) for e, v in zip(c_store.indices, [*lead, j])):
         raise _Decline("output index")
     a_buf, b_buf = (r.source for r in stmt.reads)
+    if any(buf.same_as(t) for t in func.body.block.alloc_buffers for buf in (a_buf, b_buf)):
+        raise _Decline("an operand is computed in the kernel (a fused dequantize), not loadable by TMA")
     a_idx, b_idx = ([*lead, k], [j, k])
     loads = []
 
