@@ -11,8 +11,6 @@ requests reproduce.
 
 from __future__ import annotations
 
-import math
-
 from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 
@@ -23,23 +21,25 @@ class SamplingFunctions:
     def argmax(self, logits: nn.Tensor) -> nn.Tensor:
         """int32[b]: the most likely token of each row (exact greedy: the first of equal maxima).
 
-        In two kernels when the vocabulary splits into ARGMAX_CHUNKS equal slices: the (index, value)
-        maximum of each slice (a thread block per slice, so a row of 150k logits is read by 128 blocks
-        instead of one), then the first slice holding the row's maximum."""
-        vocab = logits.shape[1]
-        chunks = math.gcd(vocab, ARGMAX_CHUNKS) if isinstance(vocab, int) else 1
-        if chunks < ARGMAX_CHUNKS // 4:
-            return nn.op.wrap_nested(relax.op.astype(relax.op.argmax(_expr(logits), axis=-1), "int32"), "argmax")
-        width = vocab // chunks
+        Two kernels: the (index, value) maximum of each of ARGMAX_CHUNKS slices of a row (a thread block
+        per slice, so a row of 150k logits is read by 128 blocks instead of one; the last slice is
+        padded past the vocabulary with the lowest float), then the first slice holding the row's
+        maximum."""
 
         def slices(x):  # int64 loops: the index must read the same in the combiner's compare and select
-            i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
-            k = te.reduce_axis((i64(0), i64(width)), "k")
-            return te.compute((x.shape[0], i64(chunks)), lambda i, c: _FIRST_MAX(
-                (c * width + k, x[i, c * width + k]), axis=k), name="slice_max")
+            vocab = x.shape[1]
+            width = (vocab + ARGMAX_CHUNKS - 1) // ARGMAX_CHUNKS
+            k = te.reduce_axis((tirx.IntImm("int64", 0), width), "k")
+
+            def best(i, c):
+                token = c * width + k
+                return _FIRST_MAX((token, tirx.if_then_else(token < vocab, x[i, token], te.min_value("float32"))),
+                                  axis=k)
+
+            return te.compute((x.shape[0], tirx.IntImm("int64", ARGMAX_CHUNKS)), best, name="slice_max")
 
         def rows(at, best):  # (index, value) reduced in registers; the int32 index is the output
-            c = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", chunks)), "c")
+            c = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", ARGMAX_CHUNKS)), "c")
             red = te.compute((at.shape[0],), lambda i: _FIRST_MAX((at[i, c], best[i, c]), axis=c), name="row_max")
             return te.compute((at.shape[0],), lambda i: red[0][i].astype("int32"), name="argmax")
 
@@ -110,5 +110,5 @@ def _first_max(a, b):
 
 
 _FIRST_MAX = te.comm_reducer(_first_max, lambda i, v: (tirx.const(-1, i), te.min_value(v)), name="first_max")
-ARGMAX_CHUNKS = 128  # slices per row in `argmax`; 151,936 and 128,256 (Qwen, Llama-3) are multiples
+ARGMAX_CHUNKS = 128  # slices per row in `argmax` (151,936 and 128,256, Qwen's and Llama-3's, are multiples)
 TOP_LOGPROBS = 20  # OpenAI's cap on top_logprobs; the compiled `logprobs` always returns this many

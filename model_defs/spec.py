@@ -33,8 +33,7 @@ def export_spec(cfg: ModelConfig, dtype: str) -> dict:
         "decode": {"embeds": nn.spec.Tensor(["b", hidden], dtype), "kv": kv, "$": _PACKED},
         "logits": {"hidden": nn.spec.Tensor(["b", hidden], dtype), "$": _PACKED},
         # on-device sampling (model_defs/sampling.py)
-        # a static width: argmax cuts each row into equal slices
-        "argmax": {"logits": nn.spec.Tensor(["b", cfg.vocab_size], "float32"), "$": _NO_PARAMS},
+        "argmax": {"logits": nn.spec.Tensor(["b", "vocab"], "float32"), "$": _NO_PARAMS},
         "sample_probs": {"logits": nn.spec.Tensor(["b", "vocab"], "float32"),
                          "temperature": nn.spec.Tensor(["b"], "float32"),
                          "min_p": nn.spec.Tensor(["b"], "float32"), "$": _NO_PARAMS},
