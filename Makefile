@@ -8,9 +8,11 @@ DTYPE   ?=
 WEIGHTS ?=
 OUT     ?=
 ARCH    ?=
+TP      ?=
 
 COMPILE_FLAGS := --model $(MODEL) --target $(TARGET) $(if $(DTYPE),--dtype $(DTYPE)) \
-                 $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(OUT),--out $(OUT)) $(if $(ARCH),--cuda_arch $(ARCH))
+                 $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(OUT),--out $(OUT)) $(if $(ARCH),--cuda_arch $(ARCH)) \
+                 $(if $(TP),--tp $(TP))
 
 .PHONY: install compile demo test clean
 
@@ -26,7 +28,7 @@ $(VENV)/.kiln-test: $(VENV)/.kiln-base
 
 install: $(VENV)/.kiln-base
 
-## compile MODEL (preset name, HF folder or .gguf) for TARGET (cpu|cuda|metal) into artifacts/
+## compile MODEL (preset name, HF folder or .gguf) for TARGET (cpu|cuda|metal) into artifacts/ (TP=N: N devices)
 compile: $(VENV)/.kiln-base
 	$(PY) -m compile $(COMPILE_FLAGS)
 

@@ -12,10 +12,17 @@ import yaml
 import model_defs
 
 WEIGHTS_DIR = "weights"
+
+
+def rank_dir(rank: int) -> str:
+    """A tensor-parallel artifact's weights of one rank, under WEIGHTS_DIR (listed in kiln.yaml's rank_weights)."""
+    return f"{WEIGHTS_DIR}/rank-{rank}"
+
+
 _SAMPLES, _SAMPLE_BYTES = 64, 1 << 16
 
 
-def content_hash(config: dict, dtype: str, target: str, arch: str | None, source) -> str:
+def content_hash(config, dtype: str, target: str, arch: str | None, source) -> str:
     """Hash of everything the artifact is made of: config, dtype, target, TVM, model code, weights."""
     h = hashlib.sha256()
     h.update(json.dumps([config, dtype, target, arch, tvm.__version__], sort_keys=True, default=str).encode())

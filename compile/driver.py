@@ -37,7 +37,7 @@ class _PassProgress:
 
 def compile_artifact(model: str, target: str, dtype: str, out: str | None, weights: str | None,
                      cuda_arch: str | None, context: int, page_size: int, prefill_chunk: int,
-                     max_batch: int = 256) -> Path:
+                     max_batch: int = 256, tp: int | None = None) -> Path:
     if target not in targets.TARGETS:
         raise KilnError(f"unknown target '{target}'; choose one of {', '.join(targets.TARGETS)}")
     if dtype not in DTYPES:
@@ -57,7 +57,9 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
     context = min(context, cfg.max_position_embeddings)
     arch = (cuda_arch or targets.DEFAULT_CUDA_ARCH) if target == "cuda" else None
 
-    out_dir = Path(out) if out else Path("artifacts") / f"{name}-{dtype}-{target}"
+    if tp is not None and (not isinstance(tp, int) or tp < 1):
+        raise KilnError(f"--tp {tp}: the tensor-parallel degree must be a whole number >= 1")
+    out_dir = Path(out) if out else Path("artifacts") / f"{name}-{dtype}-{target}{f'-tp{tp}' if tp else ''}"
     out_dir.mkdir(parents=True, exist_ok=True)
     tvm_target = targets.tvm_target(target, arch or targets.DEFAULT_CUDA_ARCH)
     cuda_binary = target == "cuda" and enable_cuda_binaries(arch)
@@ -66,7 +68,7 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
               file=sys.stderr)
 
     t0 = time.time()
-    mod, named_params = export(cfg, dtype, tvm_target, max_batch, prefill_chunk)
+    mod, named_params = export(cfg, dtype, tvm_target, max_batch, prefill_chunk, tp)
     library = targets.library_name(target)
     with tqdm(desc=f"compiling {name} for {target}", unit="pass", leave=False) as bar:
         # TIR's CSE emits a use before its definition in TVM's RoPE kernel under Llama-3 frequency
@@ -95,15 +97,21 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
         "context_length": context,
         "prefill_chunk": prefill_chunk,
         "max_batch": max_batch,
+        "tensor_parallel": tp,  # None: one device; N: N ranks, each with its rank_weights folder
         "tvm_version": tvm.__version__,
-        "content_hash": artifact.content_hash(cfg.to_dict(), dtype, target, arch, source),
+        "content_hash": artifact.content_hash([cfg.to_dict(), tp], dtype, target, arch, source),
         "weights": None,
         "weights_hint": None,
     }
     if source is not None:
-        convert(source, params, out_dir / artifact.WEIGHTS_DIR)
+        if tp is None:
+            convert(source, params, out_dir / artifact.WEIGHTS_DIR)
+        for rank in range(tp or 0):
+            convert(source, params, out_dir / artifact.rank_dir(rank), rank, tp)
         source.write_tokenizer(out_dir)
         manifest["weights"] = artifact.WEIGHTS_DIR
+        if tp is not None:
+            manifest["rank_weights"] = [artifact.rank_dir(rank) for rank in range(tp)]
     else:
         manifest["weights_hint"] = (f"make compile MODEL={model} TARGET={target} WEIGHTS=/path/to/{name} "
                                     f"(an HF folder or .gguf file; looked for {weights_path})")

@@ -66,9 +66,16 @@ class Artifact:
         """[{name, shape, dtype}] in the order the compiled functions take them."""
         return json.loads((self.path / "params.json").read_text())
 
-    def weight_shards(self) -> list[Path]:
-        index = json.loads((self.path / self.manifest["weights"] / "index.json").read_text())
-        return [self.path / self.manifest["weights"] / s for s in index["shards"]]
+    @property
+    def tensor_parallel(self) -> int | None:
+        """The rank count of a tensor-parallel artifact (compile --tp N), None for a one-device one."""
+        return self.manifest.get("tensor_parallel")
+
+    def weight_shards(self, rank: int = 0) -> list[Path]:
+        """The safetensors files of the weights (of rank `rank`'s shard for a tensor-parallel artifact)."""
+        folder = self.path / (self.manifest["rank_weights"][rank] if self.tensor_parallel else self.manifest["weights"])
+        index = json.loads((folder / "index.json").read_text())
+        return [folder / s for s in index["shards"]]
 
 
 def import_tvm(device_type: str):

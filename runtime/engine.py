@@ -46,6 +46,7 @@ from .model_runner import ModelRunner
 from .request import Completion, Delta, Message, Request, RequestOutput, Sequence, TokenLogprob
 from .sampling import SamplingParams, sample
 from .scheduler import Scheduler
+from .sharded_runner import ShardedModelRunner
 from .tokenizer import Tokenizer
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -57,6 +58,7 @@ class EngineConfig:
 
     model_path: str
     device_id: int = 0
+    device_ids: list[int] | None = None  # a tensor-parallel artifact's devices (default: device_id onwards)
     kvmem: float | None = None  # KV cache size: MB if > 1, else a fraction of the device's memory
     kv_tokens: int | None = None  # KV cache size in tokens (overrides kvmem)
     max_num_seqs: int = 64
@@ -80,6 +82,14 @@ class EngineStats:
     preemptions: int = 0
 
 
+def parse_devices(flag) -> list[int]:
+    """The --d flag: 0 or "cuda:1" → one device; "0,1" (fire passes a tuple) → tensor-parallel devices."""
+    try:
+        return [int(x) for x in (flag if isinstance(flag, (tuple, list)) else str(flag).rsplit(":", 1)[-1].split(","))]
+    except ValueError:
+        raise KilnError(f"--d {flag}: give device numbers, e.g. --d 0 or --d 0,1") from None
+
+
 def _kv_tokens(cfg: EngineConfig, artifact: Artifact) -> int | None:
     """KV cache capacity in tokens for `cfg.kvmem` (None: ModelRunner's default)."""
     if cfg.kv_tokens is not None or cfg.kvmem is None:
@@ -89,7 +99,7 @@ def _kv_tokens(cfg: EngineConfig, artifact: Artifact) -> int | None:
     c = artifact.config
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     per_token = 2 * c["num_hidden_layers"] * c.get("num_key_value_heads", c["num_attention_heads"]) * head_dim \
-        * _DTYPE_BYTES.get(artifact.manifest["dtype"], 2)
+        * _DTYPE_BYTES.get(artifact.manifest["dtype"], 2) // (artifact.tensor_parallel or 1)  # per device
     if cfg.kvmem > 1:
         return int(cfg.kvmem * 2 ** 20 // per_token)
     if artifact.target == "cpu":
@@ -133,8 +143,16 @@ class Engine:
         device = f"{artifact.target}:{cfg.device_id}"
         if cfg.max_num_seqs < 1 or cfg.max_num_batched_tokens < 1:
             raise KilnError("max_num_seqs and max_num_batched_tokens must be >= 1")
-        self.runner = ModelRunner(artifact, device=device, max_batch=cfg.max_num_seqs,
-                                  kv_tokens=_kv_tokens(cfg, artifact))
+        if artifact.tensor_parallel is None and cfg.device_ids is not None and len(cfg.device_ids) > 1:
+            raise KilnError(f"{artifact.path}: compiled for one device, {len(cfg.device_ids)} given; recompile it "
+                            f"with --tp {len(cfg.device_ids)} (make compile ... TP={len(cfg.device_ids)})")
+        if artifact.tensor_parallel is None:
+            self.runner = ModelRunner(artifact, device=device, max_batch=cfg.max_num_seqs,
+                                      kv_tokens=_kv_tokens(cfg, artifact))
+        else:
+            self.runner = ShardedModelRunner(
+                artifact, cfg.device_ids or list(range(cfg.device_id, cfg.device_id + artifact.tensor_parallel)),
+                max_batch=cfg.max_num_seqs, kv_tokens=_kv_tokens(cfg, artifact))
         self.tokenizer = Tokenizer(artifact.path)
         capacity = (self.runner.total_pages - 1) * self.runner.page_size
         limit = min(self.runner.max_context, capacity)

@@ -32,7 +32,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from . import openai_protocol as api
-from .engine import Engine, EngineConfig
+from .engine import Engine, EngineConfig, parse_devices
 from .errors import KilnError
 from .metrics import CONTENT_TYPE, Metrics
 from .request import Delta, RequestOutput
@@ -317,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
                    "served)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--d", default="0", help="device index on the artifact's target (e.g. 0 or cuda:1)")
+    p.add_argument("--d", default="0", help="device index on the artifact's target (e.g. 0 or cuda:1; 0,1: "
+                   "tensor-parallel over devices 0 and 1)")
     p.add_argument("--kvmem", type=float, help="KV cache: MB if > 1, else a fraction of device memory")
     p.add_argument("--max-num-seqs", "--max_num_seqs", type=int, default=64)
     p.add_argument("--max-model-len", "--max_model_len", type=int, help="tokens per sequence (prompt + output)")
@@ -334,7 +335,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log-level", "--log_level", default="info")
     args = p.parse_args(argv)
     try:
-        engine = Engine(EngineConfig(model_path=args.w, device_id=int(args.d.rsplit(":", 1)[-1]), kvmem=args.kvmem,
+        devices = parse_devices(args.d)
+        engine = Engine(EngineConfig(model_path=args.w, device_id=devices[0],
+                                     device_ids=devices if len(devices) > 1 else None, kvmem=args.kvmem,
                                      max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                                      max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed))
     except (KilnError, ValueError) as e:

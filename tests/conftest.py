@@ -83,11 +83,11 @@ def top_k_top_p_kept(probs: np.ndarray, k: int, p: float) -> set[int]:
     return set(top[:int(np.searchsorted(mass, p - 1e-6)) + 1].tolist())
 
 
-def compile_cpu(model: str | Path, out: Path, dtype: str = "float32") -> Path:
+def compile_cpu(model: str | Path, out: Path, dtype: str = "float32", tp: int | None = None) -> Path:
     from compile.driver import compile_artifact
 
     return compile_artifact(model=str(model), target="cpu", dtype=dtype, out=str(out), weights=None,
-                            cuda_arch=None, context=512, page_size=16, prefill_chunk=64)
+                            cuda_arch=None, context=512, page_size=16, prefill_chunk=64, tp=tp)
 
 
 @pytest.fixture(scope="session")
