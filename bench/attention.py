@@ -417,29 +417,25 @@ def e2e_build(out_dir):
     from pathlib import Path
 
     import conftest
-    import model_defs.layers as layers
-    from compile.driver import compile_artifact
-    from tvm.relax.frontend.nn.llm.kv_cache import TIRPagedKVCache
+    import compile.driver as driver
 
     out = Path(out_dir)
     conftest.TINY_CONFIGS["qwen3-d128"] = ("Qwen3Config", "Qwen3ForCausalLM", E2E_CONFIG)
     hf = conftest.make_tiny_hf("qwen3-d128", out / "hf")
     args = dict(model=str(hf), target="cuda", dtype="bfloat16", weights=None, cuda_arch=None, context=4096,
                 page_size=16, prefill_chunk=1024)
-    kiln_cache = layers.KilnPagedKVCache  # what the model uses; TVM's cache (same arguments) for the baseline
-    layers.KilnPagedKVCache = TIRPagedKVCache
-    try:
-        compile_artifact(out=str(out / "tvm"), **args)
-    finally:
-        layers.KilnPagedKVCache = kiln_cache
-    compile_artifact(out=str(out / "kiln"), **args)
+    chosen = driver.paged_kv_kernels  # what the compiler hands the model; None (TVM's cache) for the baseline
+    driver.paged_kv_kernels = lambda *target_and_shape: None
+    driver.compile_artifact(out=str(out / "tvm"), **args)
+    driver.paged_kv_kernels = chosen
+    driver.compile_artifact(out=str(out / "kiln"), **args)
     # Kiln's Metal forms (plain TIR) in the CUDA build: the kernels Metal gets, in the real runtime
-    import model_defs.kv_cache as kiln_kv
     from schedules.attention import decode_kernel, metal_prefill_kernel
 
-    kiln_kv.prefill_kernel = kiln_kv.prefill_hopper_kernel = metal_prefill_kernel
-    kiln_kv.decode_kernel = lambda *shape, form: decode_kernel(*shape, form="metal")
-    compile_artifact(out=str(out / "kiln-metal-forms"), **args)
+    driver.paged_kv_kernels = lambda target, *shape: {
+        "decode": decode_kernel(*shape, form="metal"), "prefill_ragged": metal_prefill_kernel("ragged", *shape),
+        "prefill_paged": metal_prefill_kernel("paged", *shape)}
+    driver.compile_artifact(out=str(out / "kiln-metal-forms"), **args)
     # the reference: transformers in float32 on this CPU (the GPU machine has no transformers)
     import numpy as np
     import torch

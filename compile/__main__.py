@@ -9,7 +9,7 @@ import sys
 
 import fire
 
-from runtime.errors import KilnError
+from formats.errors import KilnError
 
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16", "metal": "float16"}
 

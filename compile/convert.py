@@ -20,7 +20,7 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
-from runtime.errors import KilnError
+from formats.errors import KilnError
 
 SHARD_BYTES = 1 << 30
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import tvm
 
-from runtime.cuda_jit import CACHE_DIR, register_compile_callback
+from .cuda_jit import CACHE_DIR, register_compile_callback
 
 _DRIVER_SYMBOLS = ("cuDeviceGetName cuFuncSetAttribute cuGetErrorName cuGetErrorString cuLaunchKernelEx "
                    "cuModuleGetFunction cuModuleLoadData cuModuleUnload cuTensorMapEncodeTiled").split()

@@ -9,9 +9,11 @@ from pathlib import Path
 import tvm
 from tqdm import tqdm
 
+from formats.errors import KilnError
 from model_defs.config import ModelConfig
+from model_defs.layers import shard
 from model_defs.spec import export
-from runtime.errors import KilnError
+from schedules.attention.choice import paged_kv_kernels
 from schedules.pipeline import relax_pipeline, tir_pipeline
 
 from . import artifact, targets
@@ -68,7 +70,10 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
               file=sys.stderr)
 
     t0 = time.time()
-    mod, named_params = export(cfg, dtype, tvm_target, max_batch, prefill_chunk, tp)
+    heads, kv_heads = (shard(cfg.num_attention_heads, tp, "num_attention_heads"),
+                       shard(cfg.num_key_value_heads, tp, "num_key_value_heads"))  # per rank
+    kernels = paged_kv_kernels(tvm_target, kv_heads, heads, cfg.head_dim, dtype)
+    mod, named_params = export(cfg, dtype, tvm_target, max_batch, prefill_chunk, kernels, tp)
     library = targets.library_name(target)
     with tqdm(desc=f"compiling {name} for {target}", unit="pass", leave=False) as bar:
         # TIR's CSE emits a use before its definition in TVM's RoPE kernel under Llama-3 frequency

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 import model_defs
-from runtime.errors import KilnError
+from formats.errors import KilnError
 
 PRESETS_FILE = Path(model_defs.__file__).parent / "presets.yaml"
 REPO_ROOT = PRESETS_FILE.parent.parent

@@ -2,7 +2,7 @@
 
 A source gives an HF-style config dict, HF tensor names, one tensor at a time (memory-mapped,
 so converting never holds the model twice) and the tokenizer files. `open_source` picks the reader:
-an HF folder here, a GGUF file in gguf_source.py.
+an HF folder here, a GGUF file in formats/gguf.py.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from runtime.errors import KilnError
+from formats.errors import KilnError
 
-from .safetensors_checks import SafetensorsModel
+from formats.safetensors_checks import SafetensorsModel
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json", "chat_template.jinja")
@@ -57,6 +57,6 @@ def open_source(path: str | Path):
     if not path.exists():
         raise KilnError(f"{path}: no such file or folder")
     if path.suffix == ".gguf":
-        from .gguf_source import GGUFSource
+        from formats.gguf import GGUFSource
         return GGUFSource(path)
     return HFSource(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tvm
 
-from runtime.errors import KilnError
+from formats.errors import KilnError
 
 TARGETS = ("cpu", "cuda", "metal")
 DEFAULT_CUDA_ARCH = "sm_90a"

@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from runtime.errors import KilnError
+from formats.errors import KilnError
 
 # HF `architectures[0]` → Kiln family (the file in model_defs/ that defines it)
 FAMILIES = {

@@ -2,7 +2,8 @@
 
 `KilnPagedKVCache` takes exactly the arguments of TVM's `TIRPagedKVCache` and emits the same
 `vm.builtin.paged_attention_kv_cache_create` call (the runtime in paged_kv_cache.cc is unchanged),
-but passes Kiln's TIR kernels (schedules/attention/) where they exist:
+but passes Kiln's TIR kernels (schedules/attention/, chosen there by paged_kv_kernels and handed in by
+the compiler as `kernels`) where they exist:
   - decode: split-KV flash-decoding (schedules/attention/decode.py); TVM's runs one block per
     (sequence, KV head) and reaches ~1% of HBM bandwidth at batch 1;
   - ragged prefill and prefill over pages (chunked prefill), head_dim 64 or 128: on sm_90a with
@@ -22,18 +23,6 @@ from tvm import relax as rx
 from tvm.relax.frontend.nn.llm import kv_cache as tvm_kv
 from tvm.relax.frontend.nn.llm.kv_cache import AttnKind, PagedKVCache, RopeMode, TIRPagedKVCache
 
-from schedules.attention.decode import decode_kernel, decode_supported
-from schedules.attention.metal_prefill import metal_prefill_kernel, metal_prefill_supported
-from schedules.attention.prefill import prefill_kernel
-from schedules.attention.prefill_hopper import hopper_prefill_applies, prefill_hopper_kernel
-
-
-def kiln_kernels_apply(attn_kind, rope_mode, dtype, qk_head_dim, v_head_dim, target, num_kv_heads: int,
-                       num_qo_heads: int) -> bool:
-    """Whether Kiln's CUDA or Metal kernels cover this configuration (else TVM's kernels are used)."""
-    return (target.kind.name in ("cuda", "metal") and attn_kind == "mha" and rope_mode != RopeMode.INLINE
-            and dtype in ("float16", "bfloat16") and qk_head_dim == v_head_dim
-            and decode_supported(num_kv_heads, num_qo_heads, qk_head_dim, target.kind.name))
 
 
 def _cap_decode_threads(target, head_dim: int, group: int):
@@ -52,7 +41,8 @@ def _cap_decode_threads(target, head_dim: int, group: int):
 
 
 class KilnPagedKVCache(PagedKVCache):  # pylint: disable=too-few-public-methods
-    """Drop-in for `TIRPagedKVCache` (same positional and keyword arguments)."""
+    """Drop-in for `TIRPagedKVCache` (same positional and keyword arguments) plus `kernels`: Kiln's
+    kernels for this target and head shape as schedules.attention.paged_kv_kernels chose them (None: TVM's)."""
 
     def __init__(  # pylint: disable=too-many-locals,too-many-arguments
         self,
@@ -82,13 +72,13 @@ class KilnPagedKVCache(PagedKVCache):  # pylint: disable=too-few-public-methods
         name: str = "paged_kv_cache",
         *,
         layer_sliding_window_size: int = 1024,
+        kernels: dict | None = None,
     ) -> None:
         args = (attn_kind, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window,
                 layer_partition, num_hidden_layers, num_attention_heads, num_key_value_heads, qk_head_dim, v_head_dim,
                 mla_original_qk_head_dim, mla_original_v_head_dim, rope_mode, rope_scale, rope_theta, rope_scaling,
                 rope_ext_factors, rotary_dim, enable_disaggregation, dtype, target)
-        if not kiln_kernels_apply(attn_kind, rope_mode, dtype, qk_head_dim, v_head_dim, target, num_key_value_heads,
-                                  num_attention_heads):
+        if kernels is None or attn_kind != "mha" or rope_mode == RopeMode.INLINE or qk_head_dim != v_head_dim:
             target = _cap_decode_threads(target, qk_head_dim, num_attention_heads // num_key_value_heads)
             args = (*args[:-1], target)
             tvm_cache = TIRPagedKVCache(*args, name, layer_sliding_window_size=layer_sliding_window_size)
@@ -98,10 +88,6 @@ class KilnPagedKVCache(PagedKVCache):  # pylint: disable=too-few-public-methods
         rope_scaling = tvm_kv._prepare_yarn_rope_scaling(rope_scaling, rope_theta)  # pylint: disable=protected-access
         h_kv, h_qo, d = num_key_value_heads, num_attention_heads, qk_head_dim
         bb = rx.BlockBuilder.current()
-        metal = target.kind.name == "metal"  # plain-TIR forms; the prefill where its tiles fit
-        kiln_prefill = not metal and d in (64, 128)  # the tensor-core tiles are built for these head sizes
-        metal_prefill = metal and metal_prefill_supported(h_kv, h_qo, d, dtype)
-        prefill = prefill_hopper_kernel if hopper_prefill_applies(target, d) else prefill_kernel
 
         def tir(func, fname):
             return rx.Tuple([tvm.ir.StringImm("tirx"), bb.add_func(func, fname)])
@@ -125,15 +111,13 @@ class KilnPagedKVCache(PagedKVCache):  # pylint: disable=too-few-public-methods
             rx.op.zeros((), dtype),
             bb.add_func(tvm_kv._kv_cache_transpose_append(h_kv, d, dtype), "kv_cache_transpose_append"),
             bb.add_func(tvm_kv._kv_cache_transpose_append_mla(d, dtype), "kv_cache_transpose_append_mla"),
-            tir(prefill("ragged", h_kv, h_qo, d, dtype) if kiln_prefill
-                else metal_prefill_kernel("ragged", h_kv, h_qo, d, dtype) if metal_prefill
-                else tvm_kv._attention_prefill_ragged(h_kv, h_qo, d, v_head_dim, dtype, rope_scaling, target),
+            tir(kernels["prefill_ragged"]
+                or tvm_kv._attention_prefill_ragged(h_kv, h_qo, d, v_head_dim, dtype, rope_scaling, target),
                 "tir_attention_prefill_ragged"),
-            tir(prefill("paged", h_kv, h_qo, d, dtype) if kiln_prefill
-                else metal_prefill_kernel("paged", h_kv, h_qo, d, dtype) if metal_prefill
-                else tvm_kv._attention_prefill(h_kv, h_qo, d, dtype, False, rope_scaling, target),
+            tir(kernels["prefill_paged"]
+                or tvm_kv._attention_prefill(h_kv, h_qo, d, dtype, False, rope_scaling, target),
                 "tir_attention_prefill"),
-            tir(decode_kernel(h_kv, h_qo, d, dtype, form=target.kind.name), "kiln_attention_decode"),
+            tir(kernels["decode"], "kiln_attention_decode"),
             tir(tvm_kv._attention_prefill(h_kv, h_qo, d, dtype, True, rope_scaling, target,
                                           sliding_window_size=layer_sliding_window_size),
                 "tir_attention_prefill_sliding_window"),

@@ -9,7 +9,7 @@ from tvm import relax
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 
-from runtime.errors import KilnError
+from formats.errors import KilnError
 
 from .config import ModelConfig
 from .kv_cache import KilnPagedKVCache
@@ -103,8 +103,11 @@ class CausalLM(nn.Module, SamplingFunctions):
 
     attention_cls: type = None  # set by each family
 
-    def __init__(self, cfg: ModelConfig, dtype: str, target, tp: int | None = None):
-        self.cfg, self.dtype, self.target, self.tp = cfg, dtype, target, tp  # the KV cache's kernels are per target
+    def __init__(self, cfg: ModelConfig, dtype: str, target, attention_kernels: dict | None = None,
+                 tp: int | None = None):
+        # the KV cache's kernels are per target: Kiln's as the compiler chose them (None: TVM's)
+        self.cfg, self.dtype, self.target, self.attention_kernels = cfg, dtype, target, attention_kernels
+        self.tp = tp
         self.model = Decoder(cfg, self.attention_cls, dtype, tp)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype)
@@ -130,7 +133,7 @@ class CausalLM(nn.Module, SamplingFunctions):
     def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                               support_sliding_window) -> PagedKVCache:
         cfg = self.cfg
-        return KilnPagedKVCache(  # Kiln's attention kernels on CUDA, TVM's elsewhere
+        return KilnPagedKVCache(  # Kiln's attention kernels on CUDA and Metal, TVM's elsewhere
             attn_kind="mha",
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,
@@ -154,4 +157,5 @@ class CausalLM(nn.Module, SamplingFunctions):
             enable_disaggregation=False,
             dtype=self.dtype,
             target=self.target,
+            kernels=self.attention_kernels,
         )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import KilnError
+from formats.errors import KilnError
 
 MANIFEST = "kiln.yaml"
 
@@ -95,7 +95,7 @@ def load_library(artifact: Artifact, device_type: str):
     """The compiled module; CUDA source (an artifact built without nvcc) is compiled once and cached."""
     tvm = import_tvm(device_type)
     if device_type == "cuda" and not artifact.manifest.get("cuda_binary"):
-        from .cuda_jit import register_compile_callback
+        from compile.cuda_jit import register_compile_callback
         major, minor = tvm.cuda(0).compute_version.split(".")
         register_compile_callback(f"sm_{major}{minor}{'a' if major == '9' else ''}", cache=True)
     lib_path = artifact.path / artifact.manifest["library"]

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import KilnError
+from formats.errors import KilnError
 
 ENVIRON = {"NCCL_NVLS_ENABLE": "0"}  # set in every worker before the communicator exists
 _UNIQUE_ID_BYTES = 128

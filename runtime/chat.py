@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from .cli import check_flags, engine_and_params, run
-from .errors import KilnError
+from formats.errors import KilnError
 from .request import Message
 
 HELP = "/reset clears the history, /quit or Ctrl-D leaves, Ctrl-C stops an answer"

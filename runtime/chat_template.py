@@ -15,7 +15,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import KilnError
+from formats.errors import KilnError
 
 # For models without a template (base models such as stories260K): plain role-prefixed turns, the
 # format a base model is most likely to continue sensibly; it needs no special tokens.

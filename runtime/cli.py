@@ -8,7 +8,7 @@ import sys
 import fire
 
 from .engine import Engine, EngineConfig, parse_devices
-from .errors import KilnError
+from formats.errors import KilnError
 from .sampling import SamplingParams
 
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from .cli import check_flags, engine_and_params, run
-from .errors import KilnError
+from formats.errors import KilnError
 
 
 def read_prompts(prompts: str | None, file: str | None) -> list[str]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import queue
 import sys
 import threading
@@ -41,8 +40,8 @@ from typing import AsyncIterator, Callable, Iterator
 import numpy as np
 
 from .artifact import Artifact
-from .errors import KilnError
-from .model_runner import ModelRunner
+from formats.errors import KilnError
+from .model_runner import ModelRunner, device_memory
 from .request import Completion, Delta, Message, Request, RequestOutput, Sequence, TokenLogprob
 from .sampling import SamplingParams, sample
 from .scheduler import Scheduler
@@ -102,11 +101,7 @@ def _kv_tokens(cfg: EngineConfig, artifact: Artifact) -> int | None:
         * _DTYPE_BYTES.get(artifact.manifest["dtype"], 2) // (artifact.tensor_parallel or 1)  # per device
     if cfg.kvmem > 1:
         return int(cfg.kvmem * 2 ** 20 // per_token)
-    if artifact.target == "cpu":
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    else:
-        import tvm
-        total = tvm.device(artifact.target, cfg.device_id).total_global_memory
+    total = device_memory(artifact.target, cfg.device_id)
     weights = sum(f.stat().st_size for f in artifact.weight_shards())
     return int(max(cfg.kvmem * total - weights, 0) // per_token)
 

@@ -12,7 +12,7 @@ import sys
 import fire
 import numpy as np
 
-from .errors import KilnError
+from formats.errors import KilnError
 from .model_runner import ModelRunner
 from .tokenizer import Tokenizer
 

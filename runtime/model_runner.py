@@ -7,11 +7,13 @@ returns the logits of each sequence's last new token.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from safetensors import safe_open
 
 from .artifact import Artifact, import_tvm, load_library
-from .errors import KilnError
+from formats.errors import KilnError
 
 _TARGET_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "metal"}
 
@@ -23,6 +25,13 @@ def parse_device(device: str | None, target: str) -> tuple[str, int]:
         raise KilnError(f"this artifact was compiled for {target}; it cannot run on device '{device}' "
                         f"(compile it with TARGET={kind})")
     return kind, int(index or 0)
+
+
+def device_memory(target: str, device_id: int) -> int:
+    """Bytes of memory where an artifact for `target` keeps its KV cache (the host's RAM for the CPU)."""
+    if target == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return import_tvm(_TARGET_DEVICE[target]).device(_TARGET_DEVICE[target], device_id).total_global_memory
 
 
 class ModelRunner:

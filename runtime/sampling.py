@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import KilnError
+from formats.errors import KilnError
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's cap; the compiled `logprobs` function returns this many
 

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 
 from . import openai_protocol as api
 from .engine import Engine, EngineConfig, parse_devices
-from .errors import KilnError
+from formats.errors import KilnError
 from .metrics import CONTENT_TYPE, Metrics
 from .request import Delta, RequestOutput
 from .sampling import SamplingParams

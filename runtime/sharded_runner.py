@@ -12,14 +12,21 @@ import atexit
 import pickle
 import shutil
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 
 from .artifact import Artifact, import_tvm
-from .errors import KilnError
-from .tp_worker import RemoteTensor
+from formats.errors import KilnError
 
 _CCL = {"cpu": "cpu", "cuda": "nccl"}
+
+
+@dataclass(frozen=True)
+class RemoteTensor:
+    """A device tensor held by the workers (e.g. logits between `forward` and `sample`)."""
+    key: int
+    shape: tuple
 
 
 class ShardedModelRunner:

@@ -14,7 +14,7 @@ from pathlib import Path
 import fire
 
 from .artifact import MANIFEST, find_artifact
-from .errors import KilnError
+from formats.errors import KilnError
 from .tokenizer import Tokenizer
 
 def _raw_words(argv: list[str]) -> list[str]:

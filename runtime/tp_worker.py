@@ -10,23 +10,15 @@ tensors stay on the workers and travel as `RemoteTensor` handles.
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
-
 import tvm
 import tvm_ffi
 
 from .artifact import Artifact
 from .model_runner import ModelRunner
+from .sharded_runner import RemoteTensor
 
 RANK0_ONLY = {"sample", "logprobs", "apply_penalties"}  # sampling: rank 0's logits are everyone's
 _DEVICE_TYPES = {"cpu": 1, "cuda": 2}
-
-
-@dataclass(frozen=True)
-class RemoteTensor:
-    """A device tensor held by the workers (e.g. logits between `forward` and `sample`)."""
-    key: int
-    shape: tuple
 
 
 class _Worker:

@@ -25,6 +25,7 @@ from tvm.runtime import ShapeTuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from model_defs.kv_cache import KilnPagedKVCache  # noqa: E402
+from schedules.attention.choice import paged_kv_kernels  # noqa: E402
 from schedules.attention.decode import decode_kernel  # noqa: E402
 from schedules.attention.metal_prefill import metal_prefill_kernel  # noqa: E402
 from schedules.attention.prefill import prefill_kernel  # noqa: E402
@@ -196,7 +197,7 @@ class _Attn(nn.Module):
             num_key_value_heads=NKV, qk_head_dim=self.hd, v_head_dim=self.hd, mla_original_qk_head_dim=0,
             mla_original_v_head_dim=0, rope_mode=RopeMode.NONE, rope_scale=1, rope_theta=10000, rope_scaling={},
             rope_ext_factors=relax.prim_value(0), rotary_dim=self.hd, enable_disaggregation=False, dtype=self.dtype,
-            target=self.target)
+            target=self.target, kernels=paged_kv_kernels(self.target, NKV, NQ, self.hd, self.dtype))
 
 
 def _export(target, dtype, head_dim=HD):

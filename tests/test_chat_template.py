@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from runtime.chat_template import apply_chat_template
-from runtime.errors import KilnError
+from formats.errors import KilnError
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 SYSTEM = {"role": "system", "content": "You are terse. Answer in one line."}

@@ -6,7 +6,7 @@ import pytest
 from conftest import DATA
 
 import gguf  # noqa: E402
-from compile.gguf_source import GGUFFile  # noqa: E402
+from formats.gguf import GGUFFile  # noqa: E402
 
 VECTORS = DATA / "ggml-quant-vectors" / "ggml-quant-vectors.gguf"
 # The list, then the other types in the file (i-quants, ternary, MXFP4) that gguf also dequantizes.

@@ -12,11 +12,12 @@ import pytest
 from conftest import DATA, STORIES_HF
 
 import gguf  # noqa: E402
-from compile.gguf_source import GGUFSource  # noqa: E402
-from compile.safetensors_checks import SafetensorsModel  # noqa: E402
+from formats.gguf import GGUFSource  # noqa: E402
+from formats.safetensors_checks import SafetensorsModel  # noqa: E402
 from compile.sources import open_source  # noqa: E402
-from runtime.errors import KilnError  # noqa: E402
-from runtime.tokenizer import Tokenizer, gguf_tokenizer_files  # noqa: E402
+from formats.errors import KilnError  # noqa: E402
+from formats.vocab import gguf_tokenizer_files  # noqa: E402
+from runtime.tokenizer import Tokenizer  # noqa: E402
 
 STORIES = DATA / "stories260K"
 Q4 = STORIES / "gguf" / "stories260K-q4_0.gguf"

@@ -8,8 +8,8 @@ import pytest
 from conftest import DATA, STORIES_HF
 
 import gguf  # noqa: E402
-from compile.gguf_source import GGUFSource  # noqa: E402
-from runtime.errors import KilnError  # noqa: E402
+from formats.gguf import GGUFSource  # noqa: E402
+from formats.errors import KilnError  # noqa: E402
 
 STORIES = DATA / "stories260K"
 
@@ -71,7 +71,7 @@ def random_model(arch, seed=0):
 def write_model_gguf(path, cfg, tensors, tokenizer_gguf=STORIES / "gguf" / "stories260K-f32.gguf", qtype=None):
     """Write an HF model as llama.cpp would: its names, metadata and (llama) the q/k row permutation.
     Tokenizer metadata is copied from `tokenizer_gguf`; qtype quantizes the 2-D weights (gguf.quants)."""
-    from compile.gguf_source import GGUFFile
+    from formats.gguf import GGUFFile
     arch = cfg["model_type"]
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(cfg["max_position_embeddings"])

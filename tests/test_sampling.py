@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from conftest import top_k_top_p_kept
-from runtime.errors import KilnError
+from formats.errors import KilnError
 from runtime.model_runner import ModelRunner
 from runtime.sampling import SamplingParams, apply_penalties, sample
 

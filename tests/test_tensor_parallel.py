@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO, STORIES_HF, compile_cpu, hf_logits, make_tiny_hf
 from runtime.engine import Engine, EngineConfig, parse_devices
-from runtime.errors import KilnError
+from formats.errors import KilnError
 from runtime.model_runner import ModelRunner
 from runtime.sampling import SamplingParams
 from runtime.sharded_runner import ShardedModelRunner

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import DATA, STORIES_EXPECTED, STORIES_HF
 
-from runtime.errors import KilnError
+from formats.errors import KilnError
 from runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
 VOCAB = DATA / "llama.cpp-vocab"
@@ -123,7 +123,7 @@ def test_bpe_tokenizer_rebuilt_from_gguf_metadata(name, pre, bos, eos, eot, unpa
 
 def test_gguf_write_tokenizer_round_trip(tmp_path):
     """GGUFSource.write_tokenizer's folder loads back to the same tokenizer (what an artifact ships)."""
-    from compile.gguf_source import GGUFSource
+    from formats.gguf import GGUFSource
     GGUFSource(DATA / "stories260K" / "gguf" / "stories260K-q8_0.gguf").write_tokenizer(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert (config["bos_token"], config["eos_token"], config["add_bos_token"]) == ("<s>", "</s>", True)
@@ -155,7 +155,7 @@ def test_missing_tokenizer_is_a_kiln_error(tmp_path):
     ({"tokenizer.ggml.eos_token_id": 7}, "eos_token_id = 7 is outside the 3-token vocabulary"),
 ])
 def test_bad_gguf_vocabulary(meta, message):
-    from runtime.tokenizer import gguf_tokenizer_files
+    from formats.vocab import gguf_tokenizer_files
     base = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
             "tokenizer.ggml.merges": ["a b"]}
     with pytest.raises(KilnError, match=message.replace("(", r"\(").replace("[", r"\[")):

@@ -1,5 +1,6 @@
 """Kiln's paged-attention kernels (TIR for CUDA and Metal), one module per kernel family.
 
+choice.py          which kernels the paged KV cache gets on a target (the one table; the compiler asks it)
 decode.py          split-KV flash-decoding over pages (one query token per sequence); CUDA and Metal forms
 prefill.py         FlashAttention-2 prefill on tensor cores (mma.sync): ragged (new tokens) and paged (cached)
 prefill_hopper.py  FlashAttention-3 style prefill for sm_90a (wgmma), same two forms

@@ -16,7 +16,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize, quant_shape_to_byte_shape
 
-from runtime.errors import KilnError
+from formats.errors import KilnError
+from formats.vocab import gguf_tokenizer_files
 
 GGUF_MAGIC = b"GGUF"
 _ARCHS = {  # general.architecture -> (HF architectures[0], model_type)
@@ -303,7 +304,6 @@ class GGUFSource:
 
     def write_tokenizer(self, out_dir: str | Path) -> None:
         """tokenizer.json, tokenizer_config.json and generation_config.json built from the GGUF metadata."""
-        from runtime.tokenizer import gguf_tokenizer_files
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tok, config, generation = gguf_tokenizer_files(self.metadata, str(self.path))

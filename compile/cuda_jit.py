@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import KilnError
+from formats.errors import KilnError
 
 CACHE_DIR = Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "cuda"
 
