@@ -11,9 +11,9 @@ field only in its own C++ NCCL/RCCL initialisation, which this wheel lacks, so `
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib
 import os
-import sys
 from pathlib import Path
 
 KILN_ROOT = Path(__file__).resolve().parent.parent
@@ -21,16 +21,28 @@ WORKER_MODULE = "runtime.tp_worker"  # the functions workers run (registered on 
 
 
 def import_disco():
-    """tvm.runtime.disco, usable: after a plain `import tvm` its FFI functions were bound before
-    libtvm_runtime_extra.so (which holds Disco) was loaded, so they are re-bound here."""
+    """tvm.runtime.disco, usable: `import tvm` binds its FFI functions before libtvm_runtime_extra.so
+    (which holds Disco) is loaded, so they are bound again here (the module's Python functions stay)."""
     import tvm
+    import tvm_ffi
 
     ctypes.CDLL(os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_extra.so"), mode=ctypes.RTLD_GLOBAL)
-    bound = sys.modules.get("tvm.runtime.disco._ffi_api")
-    if bound is not None and not hasattr(bound, "SessionProcess"):
-        for name in ("tvm.runtime.disco._ffi_api", "tvm.runtime.disco.session", "tvm.runtime.disco"):
-            sys.modules.pop(name, None)
+    api = importlib.import_module("tvm.runtime.disco._ffi_api")
+    if not hasattr(api, "SessionProcess"):
+        tvm_ffi.init_ffi_api("runtime.disco", api.__name__)
     return importlib.import_module("tvm.runtime.disco")
+
+
+@functools.cache
+def _get_from_remote():
+    import_disco()
+    return importlib.import_module("tvm.runtime.disco._ffi_api").DRefDebugGetFromRemote
+
+
+def fetch(remote, worker: int):
+    """The value a worker holds for a DRef (through the FFI function: in runtime-only TVM the DRef class
+    was registered before Disco's library loaded, so returned DRefs lack the Python method)."""
+    return _get_from_remote()(remote, worker)
 
 
 def process_session(num_workers: int, environ: dict[str, str]):

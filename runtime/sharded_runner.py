@@ -43,7 +43,7 @@ class ShardedModelRunner:
         if kind not in _CCL:
             raise KilnError(f"{self.artifact.path}: tensor parallelism runs on cpu and cuda, not {kind}")
         tvm = import_tvm(kind)
-        from .disco import process_session
+        from .disco import fetch, process_session
 
         self._socket_dir = tempfile.mkdtemp(prefix="kiln-tp-")
         if kind == "cuda":
@@ -57,7 +57,8 @@ class ShardedModelRunner:
         init = self.session.get_global_func("kiln.tp.init")
         kwargs = pickle.dumps(dict(max_batch=max_batch, kv_tokens=kv_tokens, prefill_chunk=prefill_chunk))
         replies = init(str(self.artifact.path), kind, tvm.runtime.ShapeTuple(device_ids), _CCL[kind], token, kwargs)
-        attributes = [self._unpack(replies.debug_get_from_remote(rank)) for rank in range(tp)][0]
+        self._fetch = fetch
+        attributes = [self._unpack(fetch(replies, rank)) for rank in range(tp)][0]
         self.__dict__.update(attributes)  # page_size, max_context, prefill_chunk, vocab_size, max_batch, ...
         self.device_ids = list(device_ids)
 
@@ -70,7 +71,7 @@ class ShardedModelRunner:
 
     def _call(self, method: str, *args):
         """ModelRunner.`method`(*args) on every rank; rank 0's result (errors re-raised here)."""
-        return self._unpack(self._call_f(method, pickle.dumps(args)).debug_get_from_remote(0))
+        return self._unpack(self._fetch(self._call_f(method, pickle.dumps(args)), 0))
 
     # ---- ModelRunner's interface (DEVELOPERS.md)
     def add_sequence(self, seq_id: int) -> None:

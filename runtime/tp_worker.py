@@ -10,6 +10,7 @@ tensors stay on the workers and travel as `RemoteTensor` handles.
 from __future__ import annotations
 
 import pickle
+
 import tvm
 import tvm_ffi
 
@@ -64,10 +65,12 @@ def _call(method: str, args: bytes) -> bytes:
     """Run ModelRunner.`method`(*args) here; rank 0 returns its pickled ("ok", result) or ("error", e)."""
     if method in RANK0_ONLY and _rank() != 0:
         return b""
+    values = [_W.tensors[a.key] if isinstance(a, RemoteTensor) else a for a in pickle.loads(args)]
     if method == "forward":
         _W.tensors.clear()
-    return _guarded(lambda: getattr(_W.runner, method)(*[_W.tensors[a.key] if isinstance(a, RemoteTensor)
-                                                         else a for a in pickle.loads(args)]), reply=_rank() == 0)
+        if _rank() != 0:
+            values[2:] = [True]  # on_device: no rank but 0 copies its logits to the host
+    return _guarded(lambda: getattr(_W.runner, method)(*values), reply=_rank() == 0)
 
 
 def _guarded(thunk, reply: bool) -> bytes:

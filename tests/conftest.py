@@ -90,6 +90,20 @@ def compile_cpu(model: str | Path, out: Path, dtype: str = "float32", tp: int | 
                             cuda_arch=None, context=512, page_size=16, prefill_chunk=64, tp=tp)
 
 
+_TINY = {}  # (family, tp) → (HF folder, artifact), shared by the test modules of one session
+
+
+def tiny_artifact(family: str, tmp_path_factory, tp: int | None = None) -> tuple[Path, Path]:
+    """(HF folder, CPU fp32 artifact) of make_tiny_hf(family), compiled once per session (with --tp `tp`)."""
+    if (family, None) not in _TINY:
+        hf = make_tiny_hf(family, tmp_path_factory.mktemp(f"hf-{family}"))
+        _TINY[family, None] = hf, compile_cpu(hf, tmp_path_factory.mktemp(f"art-{family}"))
+    if (family, tp) not in _TINY:
+        hf = _TINY[family, None][0]
+        _TINY[family, tp] = hf, compile_cpu(hf, tmp_path_factory.mktemp(f"art-{family}-tp{tp}"), tp=tp)
+    return _TINY[family, tp]
+
+
 @pytest.fixture(scope="session")
 def stories_artifact(tmp_path_factory) -> Path:
     return compile_cpu(STORIES_HF, tmp_path_factory.mktemp("stories"))
