@@ -45,7 +45,8 @@ def speed(artifact: Path, tokenizer: Path | None, batch: int, prompt_len: int, m
         fill(artifact, tokenizer)
     tp = manifest.get("tensor_parallel") or 1
     engine = Engine(EngineConfig(model_path=str(artifact), device_ids=list(range(tp)),
-                                 kv_tokens=batch * (prompt_len + max_tokens + 32), max_num_seqs=batch,
+                                 kv_tokens=batch * (max(prompt_len + max_tokens, 320) + 64),  # step_times: 256 + 33
+                                 max_num_seqs=batch,
                                  max_num_batched_tokens=4096))
     vocab = engine.runner.vocab_size
     run(engine, 4, 32, 8, vocab)  # warm-up: first kernel launches, CUDA graphs of small batches
