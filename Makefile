@@ -8,13 +8,14 @@ DTYPE   ?=
 WEIGHTS ?=
 OUT     ?=
 ARCH    ?=
+QUANT   ?=
 TP      ?=
 
 COMPILE_FLAGS := --model $(MODEL) --target $(TARGET) $(if $(DTYPE),--dtype $(DTYPE)) \
                  $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(OUT),--out $(OUT)) $(if $(ARCH),--cuda_arch $(ARCH)) \
-                 $(if $(TP),--tp $(TP))
+                 $(if $(QUANT),--quant $(QUANT)) $(if $(TP),--tp $(TP))
 
-.PHONY: install compile demo test clean
+.PHONY: install compile demo test test-gpu-build test-gpu clean
 
 $(VENV)/.kiln-base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +29,7 @@ $(VENV)/.kiln-test: $(VENV)/.kiln-base
 
 install: $(VENV)/.kiln-base
 
-## compile MODEL (preset name, HF folder or .gguf) for TARGET (cpu|cuda|metal) into artifacts/ (TP=N: N devices)
+## compile MODEL (preset name, HF folder or .gguf) for TARGET (cpu|cuda|metal) into artifacts/ (QUANT=q4k: quantize; TP=N: N devices)
 compile: $(VENV)/.kiln-base
 	$(PY) -m compile $(COMPILE_FLAGS)
 
@@ -39,6 +40,15 @@ demo: $(VENV)/.kiln-base
 
 test: $(VENV)/.kiln-test
 	$(PY) -m pytest -q
+
+## the GPU suite (tests/gpu): build its kernels and tiny models here (TVM + nvcc, no GPU needed) ...
+GPU_BUILD ?= .gpu/test-gpu
+test-gpu-build: $(VENV)/.kiln-test
+	$(PY) tests/gpu/build.py $(GPU_BUILD)
+
+## ... then run it where the GPU is (runtime-only TVM, torch, transformers, pytest: PYTHON=python3 there)
+test-gpu:
+	KILN_GPU_BUILD=$(abspath $(GPU_BUILD)) $(PYTHON) -m pytest -q -m gpu tests/gpu
 
 clean:
 	rm -rf artifacts

@@ -82,10 +82,12 @@ def _load(lib_path):
 
 
 class Bench:
-    def __init__(self, mod, out_dir, built):
+    def __init__(self, mod, out_dir, built, shape=(H_QO, H_KV, D)):
+        """`shape`: (query heads, KV heads, head_dim) the kernels in `mod` were built for."""
         import torch
 
         self.torch, self.mod, self.out_dir, self.built = torch, mod, out_dir, built
+        self.h_qo, self.h_kv, self.d = shape
         self.dev = torch.device("cuda")
         self.flush_buf = torch.empty(512 << 20, dtype=torch.int8, device=self.dev)
         self.rows, self.checks = [], []
@@ -134,14 +136,14 @@ class Bench:
     def poisoned_outputs(self, rows):
         """(output, lse) for `rows` query rows, NaN-filled: an entry a kernel forgets to write fails the check."""
         torch = self.torch
-        return (torch.full((rows, H_QO, D), float("nan"), dtype=torch.bfloat16, device=self.dev),
-                torch.full((rows, H_QO), float("nan"), dtype=torch.float32, device=self.dev))
+        return (torch.full((rows, self.h_qo, self.d), float("nan"), dtype=torch.bfloat16, device=self.dev),
+                torch.full((rows, self.h_qo), float("nan"), dtype=torch.float32, device=self.dev))
     def make_pages(self, lens, extra_pages=3):
         """Random K/V pages for sequences of `lens` tokens, in a shuffled page order."""
         torch = self.torch
         npg = [(n + PAGE - 1) // PAGE for n in lens]
         total = sum(npg) + extra_pages
-        pages = self.rand(total, 2, H_KV, PAGE, D)
+        pages = self.rand(total, 2, self.h_kv, PAGE, self.d)
         # unused slots hold NaN: a kernel that reads past a sequence's end shows it
         perm = torch.randperm(total, generator=self.gen, device=self.dev)[: sum(npg)].to(torch.int32)
         indptr = self.indptr(npg)
@@ -154,20 +156,20 @@ class Bench:
     def gather_kv(self, pages, indptr, values, i, n):
         pg = values[indptr[i]: indptr[i + 1]].long()
         kv = pages[pg].float()  # (p, 2, H_kv, PAGE, D)
-        kv = kv.permute(1, 2, 0, 3, 4).reshape(2, H_KV, -1, D)[:, :, :n]
+        kv = kv.permute(1, 2, 0, 3, 4).reshape(2, self.h_kv, -1, self.d)[:, :, :n]
         return kv[0], kv[1]
 
     def ref_attention(self, q, k, v, causal_offset=None):
         """float32 softmax attention with GQA; q (n, H_qo, D), k/v (H_kv, m, D) -> o, lse (base 2)."""
         torch = self.torch
-        g = H_QO // H_KV
+        g = self.h_qo // self.h_kv
         n, m = q.shape[0], k.shape[1]
         mask = None
         if causal_offset is not None:
             mask = torch.arange(m, device=self.dev)[None, :] > (torch.arange(n, device=self.dev)[:, None] + causal_offset)
         os_, lses = [], []
-        for h in range(H_KV):  # one GQA group at a time: 16k tokens x 32 heads of fp32 scores would not fit an H100
-            s = torch.einsum("nhd,md->hnm", q[:, h * g:(h + 1) * g].float(), k[h]) * D ** -0.5
+        for h in range(self.h_kv):  # one GQA group at a time: 16k tokens x 32 heads of fp32 scores would not fit an H100
+            s = torch.einsum("nhd,md->hnm", q[:, h * g:(h + 1) * g].float(), k[h]) * self.d ** -0.5
             if mask is not None:
                 s = s.masked_fill(mask[None], float("-inf"))
             lses.append(torch.logsumexp(s, -1) / 0.6931471805599453)
@@ -192,19 +194,19 @@ class Bench:
         zeros = torch.zeros(b, dtype=torch.int32, device=self.dev)
         f = self.mod[fname]
         args = [self.tv(x) for x in (q, pages, indptr, values, last, zeros, zeros, out, lse)]
-        return lambda: f(*args, 0, 1.0, 1e4, D ** -0.5)
+        return lambda: f(*args, 0, 1.0, 1e4, self.d ** -0.5)
 
     def decode_case(self, fname, lens, check_only=False, iters=20):
         torch = self.torch
         pages, indptr, values, last = self.make_pages(lens)
         b = len(lens)
-        q = self.rand(b, H_QO, D)
+        q = self.rand(b, self.h_qo, self.d)
         out, lse = self.poisoned_outputs(b)
         call = self.decode_call(fname, q, pages, indptr, values, last, out, lse)
         call()
         torch.cuda.synchronize()
         # an empty sequence (a cascade level may have none) gives o = 0 and lse = -5e4, as TVM's kernels do
-        empty = (torch.zeros(1, H_QO, D, device=self.dev), torch.full((1, H_QO), -5e4, device=self.dev))
+        empty = (torch.zeros(1, self.h_qo, self.d, device=self.dev), torch.full((1, self.h_qo), -5e4, device=self.dev))
         refs = [self.ref_attention(q[i: i + 1], *self.gather_kv(pages, indptr, values, i, n)) if n else empty
                 for i, n in enumerate(lens)]
         name = f"{fname} lens={lens if len(lens) <= 4 else f'{b}x{lens[0]}'}"
@@ -214,7 +216,7 @@ class Bench:
             return ok, None
         ms = self.time_ms(call, iters)
         # back to back, as layers run in a decode step: calls over enough distinct KV pools to miss L2
-        nbytes = sum(lens) * H_KV * D * 2 * 2
+        nbytes = sum(lens) * self.h_kv * self.d * 2 * 2
         calls = [call] + [self.decode_call(fname, q, *self.make_pages(lens), out, lse)
                           for _ in range(max(0, -(-(256 << 20) // nbytes) - 1))]
         reps = max(1, 20 // len(calls))
@@ -234,7 +236,7 @@ class Bench:
             for fname in [n for n in DECODE_KERNELS[:-1] if self.has(n)]:
                 self.decode_case(fname, lens, check_only=True)
         for b, c in DECODE_SHAPES:
-            nbytes = b * c * H_KV * D * 2 * 2
+            nbytes = b * c * self.h_kv * self.d * 2 * 2
             for fname in [n for n in DECODE_KERNELS if self.has(n)]:
                 if fname == "tvm_decode" and (b, c) not in ((1, 8192), (16, 8192)):
                     continue  # the baseline: two points are enough to compare
@@ -257,13 +259,13 @@ class Bench:
         self.paged_case("kiln_metal_prefill_paged", [(5, 100), (64, 1000), (1, 17), (200, 33), (3, 0)])
         for b, c in ((1, 8192), (16, 8192)):
             ok, (ms, ms_s) = self.decode_case(METAL_DECODE, [c] * b)
-            nbytes = b * c * H_KV * D * 2 * 2
+            nbytes = b * c * self.h_kv * self.d * 2 * 2
             self.rows.append(dict(kind="decode", kernel=METAL_DECODE, batch=b, ctx=c, ms=ms, gbs=nbytes / ms / 1e6,
                                   pct_bw=100 * nbytes / ms / 1e6 / bw, ms_stream=ms_s, pct_bw_stream=100 * nbytes / ms_s / 1e6 / bw, ok=ok))
             print(f"decode {METAL_DECODE} b={b} ctx={c} {ms * 1e3:.1f} us {100 * nbytes / ms / 1e6 / bw:.1f}% ok={ok}", flush=True)
         for n in (1024, 4096):
             ok, ms = self.ragged_case("kiln_metal_prefill_ragged", [n], iters=5)
-            tf = 4 * n * n * D * H_QO / 2 / ms / 1e9
+            tf = 4 * n * n * self.d * self.h_qo / 2 / ms / 1e9
             self.rows.append(dict(kind="prefill", kernel="kiln_metal_prefill_ragged", n=n, ms=ms, tflops=tf, pct_sdpa=float("nan"), ok=ok))
             print(f"prefill kiln_metal_prefill_ragged n={n} {ms * 1e3:.1f} us {tf:.1f} TFLOP/s ok={ok}", flush=True)
 
@@ -285,15 +287,15 @@ class Bench:
             self.paged_case(fname, [(5, 100), (64, 1000), (1, 17), (200, 33), (3, 0)])
         # chunked prefill's second half: a 1k chunk against 15k cached tokens (non-causal)
         new, cached = PAGED_TIMING
-        flops = 4 * new * cached * D * H_QO
+        flops = 4 * new * cached * self.d * self.h_qo
         for fname in (n for n in paged if n.startswith("kiln")):
             ok, ms = self.paged_case(fname, [(new, cached)], iters=10)
             self.rows.append(dict(kind="prefill", kernel=fname, n=f"{new}+{cached}", ms=ms, tflops=flops / ms / 1e9, pct_sdpa=0.0, ok=ok))
             print(f"prefill {fname:20s} n={new}+{cached} {ms * 1e3:9.1f} us {flops / ms / 1e9:6.1f} TFLOP/s ok={ok}", flush=True)
         for n in PREFILL_LENS:
-            flops = 4 * n * n * D * H_QO / 2  # causal: half of QK^T and PV
-            q, k, v = self.rand(1, H_QO, n, D), self.rand(1, H_KV, n, D), self.rand(1, H_KV, n, D)
-            kk, vv = k.repeat_interleave(H_QO // H_KV, 1), v.repeat_interleave(H_QO // H_KV, 1)
+            flops = 4 * n * n * self.d * self.h_qo / 2  # causal: half of QK^T and PV
+            q, k, v = self.rand(1, self.h_qo, n, self.d), self.rand(1, self.h_kv, n, self.d), self.rand(1, self.h_kv, n, self.d)
+            kk, vv = k.repeat_interleave(self.h_qo // self.h_kv, 1), v.repeat_interleave(self.h_qo // self.h_kv, 1)
             ms = self.time_ms(lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=True), 20)
             sdpa = flops / ms / 1e9
             self.rows.append(dict(kind="prefill", kernel="torch_sdpa", n=n, ms=ms, tflops=sdpa, pct_sdpa=100.0, ok=True))
@@ -321,14 +323,14 @@ class Bench:
         """Causal self-attention over the new tokens of each sequence (k/v not yet in pages)."""
         torch = self.torch
         n = sum(lens)
-        q, k, v = self.rand(n, H_QO, D), self.rand(n, H_KV, D), self.rand(n, H_KV, D)
+        q, k, v = self.rand(n, self.h_qo, self.d), self.rand(n, self.h_kv, self.d), self.rand(n, self.h_kv, self.d)
         indptr = self.indptr(lens)
         zeros = torch.zeros(len(lens), dtype=torch.int32, device=self.dev)
         qpos = torch.zeros(n, dtype=torch.int32, device=self.dev)
         out, lse = self.poisoned_outputs(n)
         f = self.mod[fname]
         args = [self.tv(x) for x in (q, indptr, k, v, indptr, qpos, zeros, out, lse)]
-        call = lambda: f(*args, 1, 0, 1.0, 1e4, D ** -0.5)  # noqa: E731  causal=1, rotary_mode=0
+        call = lambda: f(*args, 1, 0, 1.0, 1e4, self.d ** -0.5)  # noqa: E731  causal=1, rotary_mode=0
         call()
         torch.cuda.synchronize()
         outs, lses = [], []
@@ -349,21 +351,21 @@ class Bench:
         qlens = [a for a, _ in cases]
         pages, indptr, values, last = self.make_pages([c for _, c in cases])
         n = sum(qlens)
-        q = self.rand(n, H_QO, D)
+        q = self.rand(n, self.h_qo, self.d)
         qo_indptr = self.indptr(qlens)
         zeros = torch.zeros(len(cases), dtype=torch.int32, device=self.dev)
         qpos = torch.zeros(n, dtype=torch.int32, device=self.dev)
         out, lse = self.poisoned_outputs(n)
         f = self.mod[fname]
         args = [self.tv(x) for x in (q, qo_indptr, pages, indptr, values, last, zeros, qpos, out, lse)]
-        call = lambda: f(*args, 0, 0, 1.0, 1e4, D ** -0.5)  # noqa: E731  causal=0
+        call = lambda: f(*args, 0, 0, 1.0, 1e4, self.d ** -0.5)  # noqa: E731  causal=0
         call()
         torch.cuda.synchronize()
         outs, lses = [], []
         for i, (a, c) in enumerate(cases):
             if c == 0:  # nothing cached: o = 0, lse = -5e4 (TVM's convention; the merge ignores it)
-                outs.append(torch.zeros(a, H_QO, D, device=self.dev))
-                lses.append(torch.full((a, H_QO), -5e4, device=self.dev))
+                outs.append(torch.zeros(a, self.h_qo, self.d, device=self.dev))
+                lses.append(torch.full((a, self.h_qo), -5e4, device=self.dev))
                 continue
             o, l2 = self.ref_attention(q[int(qo_indptr[i]): int(qo_indptr[i + 1])], *self.gather_kv(pages, indptr, values, i, c))
             outs.append(o)

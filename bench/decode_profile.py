@@ -5,13 +5,15 @@
 
 For each batch size: ModelRunner decode steps (forward + on-device argmax, as the engine runs them) timed
 by the wall clock, then the same steps under torch's CUDA profiler (CUPTI sees every kernel in the
-process, CUDA-graph replays included): GPU busy time and kernel launches per step, top kernels by time.
-Wall minus GPU time is what the host (Python, the VM, launches) adds to a step.
+process, CUDA-graph replays included): GPU busy time and kernel launches per step (and per layer), top
+kernels by time. Wall minus GPU time is what the host (Python, the VM, launches) adds to a step. The
+floor is the weights a step reads (all but an untied embedding table) at the card's measured copy rate.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -20,6 +22,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.random_weights import fill  # noqa: E402
 from runtime.model_runner import ModelRunner  # noqa: E402
+
+
+def weight_bytes(artifact: Path, config: dict) -> int:
+    """Bytes of the weights one decode step streams: every parameter but an untied embedding table,
+    of which a step gathers only its rows."""
+    import numpy as np
+
+    import ml_dtypes  # noqa: F401  (bfloat16 for np.dtype)
+
+    total = 0
+    for p in json.loads((artifact / "params.json").read_text()):
+        if p["name"].endswith("embed_tokens.weight") and not config.get("tie_word_embeddings"):
+            continue
+        total += int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
+    return total
+
+
+def copy_bytes_per_s() -> float:
+    """Device-to-device copy rate of 1 GiB (read + write bytes), the floor's yardstick."""
+    import torch
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    return 2 * src.numel() * 10 / (start.elapsed_time(end) * 1e-3)
 
 
 def main() -> None:
@@ -36,7 +69,10 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    print(f"{a.artifact.name} on {runner.device.device_name}")
+    config = runner.artifact.config
+    floor = weight_bytes(a.artifact, config) / copy_bytes_per_s() * 1e3
+    layers = config["num_hidden_layers"]
+    print(f"{a.artifact.name} on {runner.device.device_name}: floor {floor:.3f} ms/step (weights at the copy rate)")
     for b in batches:
         seqs = list(range(1000, 1000 + b))
         for s in seqs:
@@ -60,8 +96,8 @@ def main() -> None:
         kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
         gpu = sum(e.self_device_time_total for e in kernels) / a.steps / 1e3
         launches = sum(e.count for e in kernels) / a.steps
-        print(f"b={b}: wall {wall:.3f} ms/step, GPU kernels {gpu:.3f} ms/step ({launches:.0f} launches), "
-              f"host share {max(0.0, 1 - gpu / wall):.0%}")
+        print(f"b={b}: wall {wall:.3f} ms/step, GPU kernels {gpu:.3f} ms/step ({launches:.0f} launches, "
+              f"{launches / layers:.1f} a layer), floor / GPU {floor / gpu:.0%}, host share {max(0.0, 1 - gpu / wall):.0%}")
         for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]:
             print(f"    {e.self_device_time_total / a.steps / 1e3:7.3f} ms  x{e.count / a.steps:5.1f}  {e.key[:90]}")
         for s in seqs:

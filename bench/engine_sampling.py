@@ -1,9 +1,9 @@
-"""Engine throughput: N prompts at once through Engine.generate_sync, device vs host sampling.
+"""Engine throughput: N prompts at once through Engine.generate_sync, sampling on the device.
 
     python bench/engine_throughput.py ARTIFACT [--n 64] [--max 128] [--temperature 0] [--top-p 1]
 
 Prints tokens/s and where the time went: ModelRunner.forward, on-device sampling, and the rest
-(scheduler, host sampling, detokenization, streaming: the engine's Python per step).
+(scheduler, detokenization, streaming: the engine's Python per step).
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ def timed(obj, name: str, totals: dict) -> None:
     setattr(obj, name, wrapper)
 
 
-def run(artifact: str, n: int, max_tokens: int, params: SamplingParams, device_sampling: bool, kvmem: float):
+def run(artifact: str, n: int, max_tokens: int, params: SamplingParams, kvmem: float):
     prompts = [f"{OPENINGS[i % len(OPENINGS)]} {i}," for i in range(n)]
-    with Engine(EngineConfig(model_path=artifact, max_num_seqs=n, kvmem=kvmem,
-                             device_sampling=device_sampling)) as engine:
+    with Engine(EngineConfig(model_path=artifact, max_num_seqs=n, kvmem=kvmem)) as engine:
         engine.generate_sync(params, prompts[:2])  # warm-up
         totals: dict[str, float] = {}
         timed(engine.runner, "forward", totals)
@@ -43,7 +42,7 @@ def run(artifact: str, n: int, max_tokens: int, params: SamplingParams, device_s
         seconds = time.perf_counter() - start
     tokens = sum(o.num_output_tokens for o in outs)
     rest = totals["step"] - totals["forward"] - totals.get("sample", 0.0)
-    print(f"{'device' if device_sampling else 'host'} sampling: {n} seqs × {max_tokens} tokens: {tokens} tokens "
+    print(f"{n} seqs × {max_tokens} tokens: {tokens} tokens "
           f"in {seconds:.2f} s = {tokens / seconds:.0f} tokens/s; forward {totals['forward']:.2f} s, "
           f"device sampling {totals.get('sample', 0.0):.2f} s, rest of the steps {rest:.2f} s")
 
@@ -56,11 +55,9 @@ def main():
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--kvmem", type=float, default=4096)
-    ap.add_argument("--device-only", action="store_true", help="skip the host-sampling comparison")
     a = ap.parse_args()
     params = SamplingParams(temperature=a.temperature, top_p=a.top_p, max_tokens=a.max, ignore_eos=True, seed=0)
-    for device_sampling in (True,) if a.device_only else (True, False):
-        run(a.artifact, a.n, a.max, params, device_sampling, a.kvmem)
+    run(a.artifact, a.n, a.max, params, a.kvmem)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ Two halves, because the GPU box has only a runtime-only TVM:
   python bench/gemm.py run DIR [--ms 16,128,...] [--results bench/RESULTS.md]   (GPU box)
       loads it, checks every kernel against an fp32 torch reference (plus ragged Ms that are
       no multiple of any tile) and times it against torch.matmul (cuBLAS) in the same process,
-      rotating input sets so that neither side runs out of L2; prints a table, and with
+      rotating input sets so that neither side runs out of L2; prints a table (also as % of the
+      card's copy bandwidth, measured first: what decode-sized M should reach), and with
       --results appends it to bench/RESULTS.md.
 """
 
@@ -16,13 +17,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import functools
 import hashlib
 import json
 import math
 import os
 import subprocess
 import sys
-import tempfile
 
 SHAPES = {  # (K, N) per model: every Linear of one decoder layer, plus the LM head
     "qwen3-0.6b": [(1024, 4096), (2048, 1024), (1024, 6144), (3072, 1024), (1024, 151936)],
@@ -30,11 +31,14 @@ SHAPES = {  # (K, N) per model: every Linear of one decoder layer, plus the LM h
 }
 MS = [16, 128, 512, 2048, 8192]
 RAGGED_MS = [7, 333]  # correctness only: predicated tail tiles, and both sides of the M ≤ 32 switch
+DECODE_MS = [1, 2, 3, 4, 5, 8, 16, 32, 64, 128]  # the row-dispatch variants: each GEMV bucket's edges
 
 # name -> (rule source, dtype, which shapes, epilogue). Kept as data so that `run` needs no TVM
 # compiler to know what it is timing. Rules: MatmulWgmma (Hopper: TMA + wgmma; its defaults are
 # what the model gets, run-time tile switch included), MatmulTensorCore (mma.sync) and dlight's
-# LowBatchGEMV. Epilogue "cast": y = acc.astype(dtype) on 2-D x[M, K]; "residual":
+# LowBatchGEMV; "RowChain" is the whole decode dispatch the model gets (schedules/low_batch.py: GEMV
+# buckets for M <= 8, then MatmulWgmma) with Kiln's StreamingGEMV or, for comparison, with dlight's
+# LowBatchGEMV and the buckets main used before it. Epilogue "cast": y = acc.astype(dtype) on 2-D x[M, K]; "residual":
 # y = r + acc.astype(dtype) on 3-D x[1, M, K] (the model's O / down projections); "logits": y = acc
 # in fp32 (the LM head).
 VARIANTS = {
@@ -49,7 +53,32 @@ VARIANTS = {
     "wg256s4_r16": ("MatmulWgmma(WgmmaConfig(raster=16), small=None)", "bfloat16", "llama", "cast"),
     "mma_sync": ("MatmulTensorCore()", "bfloat16", "llama", "cast"),
     "lowbatch": ("LowBatchGEMV()", "bfloat16", "two", "cast"),
+    "gemv": ("RowChain()", "bfloat16", "all", "cast"),
+    "gemv_dlight": ("RowChain(LowBatchGEMV, ((2, 2), (8, 4)))", "bfloat16", "all", "cast"),
+    "gemv_residual": ("RowChain()", "bfloat16", "two", "residual"),
+    "gemv16": ("RowChain(StreamingGEMV, ((2, 2), (4, 4), (8, 8), (32, 16)))", "bfloat16", "all", "cast"),
+    "gemv_c4": ("RowChain(partial(StreamingGEMV, columns=4))", "bfloat16", "llama", "cast"),
+    "gemv_w8c4": ("RowChain(partial(StreamingGEMV, warps=8, columns=4))", "bfloat16", "llama", "cast"),
 }
+
+
+class RowChain:
+    """A rule-like view of `schedules.low_batch.dispatch_on_rows`, so `build` can treat it as one."""
+
+    def __init__(self, gemv=None, limits_and_buckets=None):
+        from schedules.low_batch import LIMITS_AND_BUCKETS, StreamingGEMV
+
+        self.gemv = gemv or StreamingGEMV
+        self.limits = limits_and_buckets or LIMITS_AND_BUCKETS
+
+    def apply(self, func, target, _tunable):
+        import tvm
+        from schedules.low_batch import dispatch_on_rows
+        from schedules.pipeline import gpu_rules
+
+        with target:
+            chained = dispatch_on_rows(func, gpu_rules(target), self.gemv, self.limits)
+        return None if chained is None else type("Scheduled", (), {"mod": tvm.IRModule({"main": chained})})
 
 
 def kernel_name(variant: str, k: int, n: int) -> str:
@@ -97,7 +126,8 @@ def build(out: str, variants: list[str]) -> None:
     from tvm.s_tir import dlight as dl
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from schedules.matmul_tensorcore import TIR_PIPELINE, MatmulTensorCore
+    from schedules.low_batch import StreamingGEMV
+    from schedules.matmul_tensorcore import MatmulTensorCore
     from schedules.matmul_wgmma import MatmulWgmma, WgmmaConfig
 
     target = tvm.target.Target("nvidia/nvidia-h100")
@@ -105,47 +135,80 @@ def build(out: str, variants: list[str]) -> None:
     chosen = {v: VARIANTS[v] for v in variants}
     for variant, (cfg, dtype, which, epilogue) in chosen.items():
         rule = eval(cfg, {"MatmulWgmma": MatmulWgmma, "WgmmaConfig": WgmmaConfig,  # noqa: S307 (our table)
-                          "MatmulTensorCore": MatmulTensorCore, "LowBatchGEMV": dl.gpu.LowBatchGEMV})
+                          "MatmulTensorCore": MatmulTensorCore, "LowBatchGEMV": dl.gpu.LowBatchGEMV,
+                          "RowChain": RowChain, "StreamingGEMV": StreamingGEMV, "partial": functools.partial})
         for k, n in _shapes_for(which):
             sch = rule.apply(_prim_func(k, n, dtype, epilogue), target, False)
             assert sch is not None, f"{variant} rejected K={k} N={n}"
             name = kernel_name(variant, k, n)
-            funcs[name] = sch.mod["main"].with_attr("global_symbol", name)
+            funcs[name] = sch.mod["main"]
+    export_kernels(funcs, out, {"variants": chosen})
+
+
+def nvcc_fatbin(out: str, threads: int = 1) -> None:
+    """`out`/kernels.cu → `out`/gemm.fatbin for sm_90a (the ptxas report in ptxas.log)."""
+    subprocess.run(["nvcc", "--fatbin", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas=-v",
+                    f"--split-compile={threads}", "-o", os.path.join(out, "gemm.fatbin"),
+                    os.path.join(out, "kernels.cu")],
+                   check=True, stderr=open(os.path.join(out, "ptxas.log"), "w"))
+
+
+def export_kernels(funcs: dict, out: str, meta: dict, nvcc: bool = True) -> None:
+    """Scheduled PrimFuncs (name → func) → `out`/gemm.so (carrying the CUDA source), its gemm.fatbin
+    unless `nvcc` is False (then `run` compiles it on the GPU box) and meta.json."""
+    import tvm
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from schedules.matmul_tensorcore import TIR_PIPELINE
+
+    target = tvm.target.Target("nvidia/nvidia-h100")
+    funcs = {name: f.with_attr("global_symbol", name) for name, f in funcs.items()}
     with target:
         lib = tvm.tirx.build(tvm.IRModule(funcs), target=target, pipeline=TIR_PIPELINE)
     os.makedirs(out, exist_ok=True)
     lib.export_library(os.path.join(out, "gemm.so"))
     subprocess.run(["strip", "--strip-unneeded", os.path.join(out, "gemm.so")], check=True)
     src = lib.imports[0].inspect_source()
-    with tempfile.TemporaryDirectory() as tmp:
-        cu = os.path.join(tmp, "k.cu")
-        with open(cu, "w") as f:
+    if nvcc:
+        with open(os.path.join(out, "kernels.cu"), "w") as f:
             f.write(src)
-        subprocess.run(["nvcc", "--fatbin", "-O3", "-gencode=arch=compute_90a,code=sm_90a",
-                        "-Xptxas=-v", "-o", os.path.join(out, "gemm.fatbin"), cu],
-                       check=True, stderr=open(os.path.join(out, "ptxas.log"), "w"))
+        nvcc_fatbin(out)
+        os.remove(os.path.join(out, "kernels.cu"))
     with open(os.path.join(out, "meta.json"), "w") as f:
-        json.dump({"source_sha256": hashlib.sha256(src.encode()).hexdigest(),
-                   "kernels": sorted(funcs), "variants": chosen}, f)
+        json.dump({"source_sha256": hashlib.sha256(src.encode()).hexdigest(), "kernels": sorted(funcs), **meta}, f)
     print(f"built {len(funcs)} kernels into {out}")
 
 
 # ------------------------------------------------------------------------------------ run
-def _load(out: str):
+def _load(out: str, compile_cuda=None):
+    """The library and its meta.json. Its CUDA source → `out`/gemm.fatbin from `build`, or, where that is
+    missing, from `compile_cuda(code)` (which writes it)."""
     import tvm
     import tvm_ffi
 
     ctypes.CDLL(os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so"),
                 mode=ctypes.RTLD_GLOBAL)
     meta = json.load(open(os.path.join(out, "meta.json")))
-    fatbin = open(os.path.join(out, "gemm.fatbin"), "rb").read()
+    fatbin = os.path.join(out, "gemm.fatbin")
 
     @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
     def _compile(code, *_):
         assert hashlib.sha256(code.encode()).hexdigest() == meta["source_sha256"], "stale fatbin"
-        return fatbin
+        if not os.path.exists(fatbin) and compile_cuda is not None:
+            compile_cuda(code)
+        return open(fatbin, "rb").read()
 
     return tvm.runtime.load_module(os.path.join(out, "gemm.so")), meta
+
+
+def write_results(table: str, log: list, results: str | None, jsonl: str) -> None:
+    """The full rows to $OUT/`jsonl` (GPU box), the table appended to `results`."""
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], jsonl), "w") as f:
+            f.write("\n".join(log) + "\n")
+    if results:
+        with open(results, "a") as f:
+            f.write(table + "\n")
 
 
 def _time_ms(fn, sets, iters: int) -> float:
@@ -167,6 +230,16 @@ def _time_ms(fn, sets, iters: int) -> float:
     return sorted(per)[2]
 
 
+def _copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write), the floor for streaming."""
+    import torch
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _time_ms(lambda a, b: b.copy_(a), [(src, dst)], 10)
+    return 2 * src.numel() / (ms * 1e-3)
+
+
 def run(out: str, ms: list[int], results: str | None, command: str) -> None:
     import numpy as np
     import torch
@@ -179,14 +252,19 @@ def run(out: str, ms: list[int], results: str | None, command: str) -> None:
     dl = tvm.runtime.from_dlpack
     rows, log = [], []
     torch.manual_seed(0)
+    copy_bw = _copy_bandwidth()
+    print(f"{card}: device-to-device copy {copy_bw / 1e9:.0f} GB/s", flush=True)
     for variant, (_, dtype, which, epilogue) in meta["variants"].items():
         tdt = getattr(torch, dtype)
         residual = epilogue == "residual"
         for k, n in _shapes_for(which):
             f = lib[kernel_name(variant, k, n)]
             w = torch.randn(n, k, device=dev).to(tdt) / math.sqrt(k)
-            # The GEMV-style rule is only a contender (and only tolerably fast) for few rows.
-            vms = [m for m in ms if m <= 128] if "LowBatchGEMV" in meta["variants"][variant][0] else ms
+            # The GEMV-style rule is only a contender (and only tolerably fast) for few rows; the
+            # row-dispatch chains are timed at decode sizes.
+            rule_src = meta["variants"][variant][0]
+            vms = (DECODE_MS if rule_src.startswith("RowChain") else
+                   [m for m in ms if m <= 128] if "LowBatchGEMV" in rule_src else ms)
             for m in [*RAGGED_MS, *vms]:
                 # Correctness on fresh inputs, poisoned output.
                 x = torch.randn(m, k, device=dev).to(tdt)
@@ -212,6 +290,7 @@ def run(out: str, ms: list[int], results: str | None, command: str) -> None:
                 xs = [x] + [torch.randn(m, k, device=dev).to(tdt) for _ in range(nsets - 1)]
                 ys = [torch.empty(m, n, device=dev, dtype=ydt) for _ in range(nsets)]
                 flop = 2 * m * n * k
+                moved = (m * k + n * k) * x.element_size() + m * n * y.element_size()  # bytes, once each
                 iters = max(5, min(200, int(2e12 / flop)))
                 tvm_sets = [(dl(a), dl(b), dl(c)) for a, b, c in zip(xs, ws, ys)]
                 t_k = _time_ms(f, tvm_sets, iters)
@@ -221,31 +300,27 @@ def run(out: str, ms: list[int], results: str | None, command: str) -> None:
                                list(zip(xs, ws, outs)), iters)
                 rows.append(dict(variant=variant, dtype=dtype, k=k, n=n, m=m, err=err, ok=ok,
                                  kiln_ms=t_k, cublas_ms=t_c, kiln_tflops=flop / t_k / 1e9,
-                                 cublas_tflops=flop / t_c / 1e9, ratio=t_c / t_k))
+                                 cublas_tflops=flop / t_c / 1e9, ratio=t_c / t_k,
+                                 copy_share=moved / (t_k * 1e-3) / copy_bw))
                 log.append(json.dumps(rows[-1]))
                 print(f"{variant} K={k} N={n} M={m} relerr={err:.1e} {rows[-1]['kiln_tflops']:.0f} vs "
                       f"{rows[-1]['cublas_tflops']:.0f} TFLOP/s", flush=True)
                 del ws, xs, ys, tvm_sets
             torch.cuda.empty_cache()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    table = _table(rows, card, stamp, command)
+    table = _table(rows, f"{card}, copy {copy_bw / 1e9:.0f} GB/s", stamp, command)
     print(table)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "gemm_rows.jsonl"), "w") as f:
-            f.write("\n".join(log) + "\n")
-    if results:
-        with open(results, "a") as f:
-            f.write(table + "\n")
+    write_results(table, log, results, "gemm_rows.jsonl")
 
 
 def _table(rows, card, stamp, command) -> str:
     lines = [f"### GEMM {stamp}, {card}", "", f"`{command}`", "",
-             "| variant | dtype | K→N | M | Kiln TFLOP/s | cuBLAS TFLOP/s | % cuBLAS | rel.err |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| variant | dtype | K→N | M | Kiln TFLOP/s | cuBLAS TFLOP/s | % cuBLAS | % copy BW | rel.err |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['dtype']} | {r['k']}→{r['n']} | {r['m']} | "
                      f"{r['kiln_tflops']:.1f} | {r['cublas_tflops']:.1f} | {100 * r['ratio']:.0f}"
-                     f" | {r['err']:.1e}{'' if r['ok'] else ' FAIL'} |")
+                     f" | {100 * r['copy_share']:.0f} | {r['err']:.1e}{'' if r['ok'] else ' FAIL'} |")
     lines += ["", "Geometric mean of % cuBLAS, Llama-3.1-8B shapes, M ≥ 512 (min in brackets):", ""]
     for v in dict.fromkeys(r["variant"] for r in rows):
         sel = [r["ratio"] for r in rows if r["variant"] == v and r["m"] >= 512
@@ -253,6 +328,13 @@ def _table(rows, card, stamp, command) -> str:
         if sel:
             g = math.exp(sum(map(math.log, sel)) / len(sel))
             lines.append(f"- {v}: {100 * g:.0f}% (min {100 * min(sel):.0f}%)")
+    lines += ["", "Lowest % of copy bandwidth at M = 1–8 (decode), per variant and model:", ""]
+    for v in dict.fromkeys(r["variant"] for r in rows):
+        for model, shapes in SHAPES.items():
+            sel = [r for r in rows if r["variant"] == v and r["m"] <= 8 and (r["k"], r["n"]) in shapes]
+            if sel:
+                low = min(sel, key=lambda r: r["copy_share"])
+                lines.append(f"- {v}, {model}: {100 * low['copy_share']:.0f}% ({low['k']}→{low['n']}, M = {low['m']})")
     return "\n".join(lines) + "\n"
 
 

@@ -4,8 +4,8 @@ Build here (no GPU needed):  python bench/gpu_parity.py build .gpu/core
 Run on the GPU machine:      python bench/gpu_parity.py run .gpu/core
 
 For each tiny random model (Llama-3, Mistral, Qwen2, Qwen3) compiled for CUDA in bf16: prompt logits
-within 2e-2 relative of transformers (fp32 on the GPU, same bf16-rounded weights) and the first 16
-greedy tokens identical; then BATCH sequences decoded together (teacher-forced along each one's
+within 2e-2 relative of transformers (fp32 on the GPU, same bf16-rounded weights) along its 16 greedy
+tokens, any argmax that differs a near-tie (< 0.1 of the logits' spread); then BATCH sequences decoded together (teacher-forced along each one's
 reference path): batched decode steps (tensor-core GEMMs under CUDA graphs) may not err more than the
 same prompts decoded one at a time (1.5x: bf16 noise differs between the kernels). Then the load time of an artifact whose kernels were built at compile time,
 and of one carrying CUDA source (first load compiles and caches; the second must not).
@@ -27,9 +27,10 @@ BATCH = 12  # > 8 rows: past the low-batch GEMV path
 
 
 def build(out: Path) -> None:
-    from conftest import HEAD_DIM_128, TINY_CONFIGS, make_tiny_hf
+    from conftest import HEAD_DIM_64, HEAD_DIM_128, TINY_CONFIGS, make_tiny_hf
 
     models = [(f, f, {}) for f in sorted(TINY_CONFIGS)] + [(f"{f}-hd128", f, HEAD_DIM_128) for f in ("llama3", "qwen3")]
+    models.append(("qwen2-hd64", "qwen2", HEAD_DIM_64))
     for name, family, overrides in models:
         hf = make_tiny_hf(family, out / f"hf-{name}", **overrides)
         subprocess.run([sys.executable, "-m", "compile", "--model", str(hf), "--target", "cuda", "--dtype",
@@ -85,7 +86,8 @@ def decode_errors(runner, ref, steps: int = 8) -> tuple[float, float]:
     return together, alone
 
 
-def run(root: Path) -> None:
+def model_row(art: Path) -> dict:
+    """One tiny model's artifact (art-FAMILY) against transformers on the same GPU; "ok" says it passed."""
     import numpy as np
     import torch
     import transformers
@@ -93,36 +95,48 @@ def run(root: Path) -> None:
     from runtime.generate import generate_ids
     from runtime.model_runner import ModelRunner
 
-    rows = []
-    for art in sorted(root.glob("art-*")):
-        family = art.name[4:]
-        ref = transformers.AutoModelForCausalLM.from_pretrained(root / f"hf-{family}", dtype=torch.bfloat16)
-        ref = ref.float().cuda().eval()  # the bf16-rounded weights, computed in fp32
-        ids = torch.tensor([PROMPT], device="cuda")
-        with torch.no_grad():
-            greedy = ref.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                                  pad_token_id=0)[0, len(PROMPT):].tolist()
-            want = ref(torch.tensor([PROMPT + greedy], device="cuda")).logits[0, len(PROMPT) - 1:].cpu().numpy()
-        runner = ModelRunner(art, kv_tokens=4096)
-        # teacher forcing along the reference's greedy path: logits error and argmax at all 17 steps
-        runner.add_sequence(0)
-        got = [runner.forward([0], [PROMPT])[0]] + [runner.forward([0], [[t]])[0] for t in greedy]
-        runner.remove_sequence(0)
-        rel = max(float(np.linalg.norm(g - w) / np.linalg.norm(w)) for g, w in zip(got, want))
-        flips = [(i, float(w.max() - w[g.argmax()])) for i, (g, w) in enumerate(zip(got, want))
-                 if g.argmax() != w.argmax()]
-        batch_rel, solo_rel = decode_errors(runner, ref)
-        ours = generate_ids(runner, [PROMPT], 16)[0]
-        same = next((i for i, (a, b) in enumerate(zip(ours, greedy)) if a != b), 16)
-        rows.append(dict(model=family, max_logits_rel_err=round(rel, 5), free_running_equal_prefix=same,
-                         teacher_forced_argmax_flips=flips, batched_decode_rel_err=round(batch_rel, 5),
-                         same_prompts_alone_rel_err=round(solo_rel, 5),
-                         ok=rel < 2e-2 and batch_rel < 1.5 * solo_rel and ours == greedy))
+    family = art.name[4:]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(art.parent / f"hf-{family}", dtype=torch.bfloat16)
+    ref = ref.float().cuda().eval()  # the bf16-rounded weights, computed in fp32
+    ids = torch.tensor([PROMPT], device="cuda")
+    with torch.no_grad():
+        greedy = ref.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                              pad_token_id=0)[0, len(PROMPT):].tolist()
+        want = ref(torch.tensor([PROMPT + greedy], device="cuda")).logits[0, len(PROMPT) - 1:].cpu().numpy()
+    runner = ModelRunner(art, kv_tokens=4096)
+    # teacher forcing along the reference's greedy path: logits error and argmax at all 17 steps
+    runner.add_sequence(0)
+    got = [runner.forward([0], [PROMPT])[0]] + [runner.forward([0], [[t]])[0] for t in greedy]
+    runner.remove_sequence(0)
+    rel = max(float(np.linalg.norm(g - w) / np.linalg.norm(w)) for g, w in zip(got, want))
+    # argmax flips along the reference path, by margin in units of the logits' spread: a near-tie is bf16 noise
+    flips = [(i, float((w.max() - w[g.argmax()]) / w.std())) for i, (g, w) in enumerate(zip(got, want))
+             if g.argmax() != w.argmax()]
+    batch_rel, solo_rel = decode_errors(runner, ref)
+    ours = generate_ids(runner, [PROMPT], 16)[0]
+    same = next((i for i, (a, b) in enumerate(zip(ours, greedy)) if a != b), 16)
+    return dict(model=family, max_logits_rel_err=round(rel, 5), free_running_equal_prefix=same,
+                teacher_forced_argmax_flips=flips, batched_decode_rel_err=round(batch_rel, 5),
+                same_prompts_alone_rel_err=round(solo_rel, 5),
+                ok=rel < 2e-2 and batch_rel < 1.5 * solo_rel and all(margin < 0.1 for _, margin in flips))
+
+
+def stories_row(root: Path) -> dict:
+    """The bundled trained model in fp32 on the GPU tells the expected story token for token."""
+    from runtime.generate import generate_ids
+    from runtime.model_runner import ModelRunner
+
     expected = json.loads((REPO / "tests/data/stories260K_expected.json").read_text())["greedy_from_bos"]
     story = generate_ids(ModelRunner(root / "stories-cuda", kv_tokens=4096), [expected["prompt_ids"]], 400,
                          stop_ids={1, 2})[0]
-    rows.append(dict(model="stories260K fp32", story_tokens_equal=story == expected["generated_ids"],
-                     ok=story == expected["generated_ids"]))
+    return dict(model="stories260K fp32", story_tokens_equal=story == expected["generated_ids"],
+                ok=story == expected["generated_ids"])
+
+
+def run(root: Path) -> None:
+    import torch
+
+    rows = [model_row(art) for art in sorted(root.glob("art-*"))] + [stories_row(root)]
     first = load_seconds(root / "src-qwen3")   # compiles the CUDA source with nvcc, caches the binary
     second = load_seconds(root / "src-qwen3")  # must hit the cache
     aot = load_seconds(root / "art-qwen3")

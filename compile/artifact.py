@@ -22,10 +22,12 @@ def rank_dir(rank: int) -> str:
 _SAMPLES, _SAMPLE_BYTES = 64, 1 << 16
 
 
-def content_hash(config, dtype: str, target: str, arch: str | None, source) -> str:
-    """Hash of everything the artifact is made of: config, dtype, target, TVM, model code, weights."""
+def content_hash(config: dict, dtype: str, target: str, arch: str | None, source, quant: dict | None = None) -> str:
+    """Hash of everything the artifact is made of: config, dtype, target, TVM, model code, weights and
+    which of them are quantized."""
     h = hashlib.sha256()
-    h.update(json.dumps([config, dtype, target, arch, tvm.__version__], sort_keys=True, default=str).encode())
+    h.update(json.dumps([config, dtype, target, arch, tvm.__version__] + ([quant] if quant else []),
+                        sort_keys=True, default=str).encode())
     for f in sorted(Path(model_defs.__file__).parent.glob("*.py")):
         h.update(f.read_bytes())
     for path in source.files() if source is not None else []:

@@ -2,7 +2,9 @@
 
 Kiln fuses Q/K/V into one `qkv_proj` and gate/up into one `gate_up_proj` (one matmul each instead of
 three and two); every other parameter keeps its HF name. Tensors are read one at a time from the
-memory-mapped source and written shard by shard, so peak memory is about one shard.
+memory-mapped source and written shard by shard, so peak memory is about one shard. A quantized weight
+(compile/quant_plan.py) becomes its packed components: a GGUF's blocks repacked as they are, or float
+weights quantized as ggml does, then repacked.
 
 Tensor parallelism (Megatron): rank r of tp takes the r-th slice of each of q, k, v, gate and up by
 output rows (so every rank keeps whole heads and its fused segments stay in order) and of o_proj and
@@ -15,15 +17,21 @@ import json
 import re
 from pathlib import Path
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+import ml_dtypes  # registers bfloat16 with numpy
 import numpy as np
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from formats.errors import KilnError
+from model_defs.quant import STORED_FLOATS
+
+from .quantize import quantize
+from .repack import repack
 
 SHARD_BYTES = 1 << 30
+_FLOAT_DTYPES = {"f16": np.float16, "bf16": ml_dtypes.bfloat16}
 
+_SPLIT = re.compile(r"(.*)\.(?:qkv_proj|gate_up_proj)\.(\w+_proj)\.(weight|bias)$")  # a fused weight run per part
 _FUSED = [
     (re.compile(r"(.*)\.self_attn\.qkv_proj\.(weight|bias)$"), ("q_proj", "k_proj", "v_proj"), "self_attn"),
     (re.compile(r"(.*)\.mlp\.gate_up_proj\.(weight)$"), ("gate_proj", "up_proj"), "mlp"),
@@ -35,6 +43,8 @@ _ROW_PARALLEL = re.compile(r".*\.(self_attn\.o_proj|mlp\.down_proj)\.weight$")  
 
 def hf_names(kiln_name: str) -> list[str]:
     """The HF tensors a Kiln parameter is made of, in concatenation order."""
+    if m := _SPLIT.match(kiln_name):
+        return [f"{m.group(1)}.{m.group(2)}.{m.group(3)}"]
     for pattern, parts, block in _FUSED:
         m = pattern.match(kiln_name)
         if m:
@@ -65,6 +75,22 @@ def build_param(source, name: str, shape: tuple, dtype: str, rank: int = 0, tp: 
     return np.ascontiguousarray(array.astype(np.dtype(dtype)))
 
 
+def packed_components(source, name: str, qtype: str, shape: tuple) -> dict[str, np.ndarray]:
+    """The components (docs/QUANT-LAYOUT.md) of Kiln weight `name` [N, K] in `qtype`: a GGUF's blocks
+    of that type repacked unchanged, anything else quantized as ggml does, then repacked."""
+    parts = hf_names(name)
+    if qtype in STORED_FLOATS:  # a GGUF's F16/BF16 rows as they are
+        return {"w": np.concatenate([source.blocks(p) for p in parts]).view(_FLOAT_DTYPES[qtype])}
+    if all(getattr(source, "stored_type", lambda _: None)(p) == qtype for p in parts):
+        blocks = [source.blocks(p) for p in parts]
+    else:
+        blocks = [quantize(qtype, source.tensor(p)) for p in parts]
+    blocks = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=0)
+    if blocks.shape[0] != shape[0]:
+        raise KilnError(f"{source.path}: tensor '{name}' has {blocks.shape[0]} rows, the config implies {shape[0]}")
+    return repack(qtype, blocks, shape[1])
+
+
 def write_shards(arrays, out_dir: Path) -> list[str]:
     """Write (name, array) pairs, consumed one at a time, into out_dir/params-*.safetensors of about
     SHARD_BYTES each plus index.json; return the shard file names."""
@@ -89,11 +115,27 @@ def write_shards(arrays, out_dir: Path) -> list[str]:
     return shards
 
 
-def convert(source, params: list[tuple[str, tuple, str]], out_dir: Path, rank: int = 0,
-            tp: int | None = None) -> list[str]:
-    """Write `params` [(name, shape, dtype)] from `source` into out_dir/*.safetensors (with `tp`: rank
-    `rank`'s shards, `params` holding the shard shapes); return file names."""
+def _arrays(source, params, packed: dict[str, tuple[str, tuple]], progress, rank: int, tp: int | None):
+    """(name, array) of every parameter; a packed weight's components (`<weight>.q`, ...) come one after
+    another, so each weight is repacked or quantized once."""
+    current, components = None, {}
+    for name, shape, dtype in params:
+        weight, _, component = name.rpartition(".")
+        if weight in packed:
+            if weight != current:
+                progress.set_postfix_str(f"{weight} ({packed[weight][0]})", refresh=False)
+                current, components = weight, packed_components(source, weight, *packed[weight])
+            yield name, components[component]
+        else:
+            yield name, build_param(source, name, shape, dtype, rank, tp)
+        progress.update()
+
+
+def convert(source, params: list[tuple[str, tuple, str]], out_dir: Path,
+            packed: dict[str, tuple[str, tuple]] | None = None, rank: int = 0, tp: int | None = None) -> list[str]:
+    """Write `params` [(name, shape, dtype)] from `source` into out_dir/*.safetensors; return file names.
+    `packed` ({weight: (qtype, (N, K))}) names the weights whose parameters are packed components; with
+    `tp`, rank `rank`'s shards (`params` holding the shard shapes; no packed weights)."""
     desc = "converting weights" + (f" (rank {rank} of {tp})" if tp is not None else "")
-    with tqdm(params, desc=desc, unit="tensor", leave=False) as progress:  # closed on errors too
-        return write_shards(((name, build_param(source, name, shape, dtype, rank, tp))
-                             for name, shape, dtype in progress), out_dir)
+    with tqdm(total=len(params), desc=desc, unit="tensor", leave=False) as progress:
+        return write_shards(_arrays(source, params, packed or {}, progress, rank, tp), out_dir)

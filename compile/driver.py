@@ -10,9 +10,10 @@ import tvm
 from tqdm import tqdm
 
 from formats.errors import KilnError
+from formats.gguf import GGUFSource
 from model_defs.config import ModelConfig
 from model_defs.layers import shard
-from model_defs.spec import export
+from model_defs.spec import build_model, export
 from schedules.attention.choice import paged_kv_kernels
 from schedules.pipeline import relax_pipeline, tir_pipeline
 
@@ -20,6 +21,7 @@ from . import artifact, targets
 from .convert import convert
 from .cuda_aot import enable_cuda_binaries
 from .presets import resolve
+from .quant_plan import plan_gguf, plan_quantize, quant_type_of
 from .sources import open_source
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -39,7 +41,11 @@ class _PassProgress:
 
 def compile_artifact(model: str, target: str, dtype: str, out: str | None, weights: str | None,
                      cuda_arch: str | None, context: int, page_size: int, prefill_chunk: int,
-                     max_batch: int = 256, tp: int | None = None) -> Path:
+                     max_batch: int = 256, quant: str | None = None, dequantize: bool = False,
+                     tp: int | None = None) -> Path:
+    """`quant`: quantize a safetensors model's 2-D weights into this type (compile/quant_plan.py); a GGUF
+    keeps its quantized tensors packed unless `dequantize`, which gives every weight the model dtype.
+    `tp`: shard the model over that many devices (tensor parallelism)."""
     if target not in targets.TARGETS:
         raise KilnError(f"unknown target '{target}'; choose one of {', '.join(targets.TARGETS)}")
     if dtype not in DTYPES:
@@ -59,9 +65,19 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
     context = min(context, cfg.max_position_embeddings)
     arch = (cuda_arch or targets.DEFAULT_CUDA_ARCH) if target == "cuda" else None
 
+    qtype = quant_type_of(quant) if quant else None
+    float_params = [(n, tuple(int(d) for d in p.shape)) for n, p in build_model(cfg, dtype, None).named_parameters()]
+    plan = _quant_plan(source, qtype, dequantize, float_params, dtype)
+    for note in plan.notes if plan else []:
+        print(f"kiln: {note}", file=sys.stderr)
     if tp is not None and (not isinstance(tp, int) or tp < 1):
         raise KilnError(f"--tp {tp}: the tensor-parallel degree must be a whole number >= 1")
-    out_dir = Path(out) if out else Path("artifacts") / f"{name}-{dtype}-{target}{f'-tp{tp}' if tp else ''}"
+    if tp is not None and plan is not None:
+        raise KilnError(f"--tp {tp}: quantized weights are not split over devices yet; compile a safetensors "
+                        "model without --quant, or a GGUF with --dequantize")
+
+    out_dir = Path(out) if out else Path("artifacts") / (f"{name}-{dtype}{'-' + qtype if qtype else ''}-{target}"
+                                                         f"{f'-tp{tp}' if tp else ''}")
     out_dir.mkdir(parents=True, exist_ok=True)
     tvm_target = targets.tvm_target(target, arch or targets.DEFAULT_CUDA_ARCH)
     cuda_binary = target == "cuda" and enable_cuda_binaries(arch)
@@ -73,7 +89,8 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
     heads, kv_heads = (shard(cfg.num_attention_heads, tp, "num_attention_heads"),
                        shard(cfg.num_key_value_heads, tp, "num_key_value_heads"))  # per rank
     kernels = paged_kv_kernels(tvm_target, kv_heads, heads, cfg.head_dim, dtype)
-    mod, named_params = export(cfg, dtype, tvm_target, max_batch, prefill_chunk, kernels, tp)
+    mod, named_params = export(cfg, dtype, tvm_target, max_batch, prefill_chunk, kernels,
+                               plan.types if plan else None, tp)
     library = targets.library_name(target)
     with tqdm(desc=f"compiling {name} for {target}", unit="pass", leave=False) as bar:
         # TIR's CSE emits a use before its definition in TVM's RoPE kernel under Llama-3 frequency
@@ -104,15 +121,17 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
         "max_batch": max_batch,
         "tensor_parallel": tp,  # None: one device; N: N ranks, each with its rank_weights folder
         "tvm_version": tvm.__version__,
-        "content_hash": artifact.content_hash([cfg.to_dict(), tp], dtype, target, arch, source),
+        "content_hash": artifact.content_hash(cfg.to_dict() if tp is None else {**cfg.to_dict(), "tensor_parallel": tp},
+                                              dtype, target, arch, source, plan.types if plan else None),
+        "quantization": plan.manifest() if plan else None,
         "weights": None,
         "weights_hint": None,
     }
     if source is not None:
         if tp is None:
-            convert(source, params, out_dir / artifact.WEIGHTS_DIR)
+            convert(source, params, out_dir / artifact.WEIGHTS_DIR, plan.packed(float_params) if plan else None)
         for rank in range(tp or 0):
-            convert(source, params, out_dir / artifact.rank_dir(rank), rank, tp)
+            convert(source, params, out_dir / artifact.rank_dir(rank), rank=rank, tp=tp)
         source.write_tokenizer(out_dir)
         manifest["weights"] = artifact.WEIGHTS_DIR
         if tp is not None:
@@ -125,3 +144,15 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
     artifact.write_manifest(out_dir, manifest)
     print(f"kiln: artifact written to {out_dir}", file=sys.stderr)
     return out_dir
+
+
+def _quant_plan(source, qtype: str | None, dequantize: bool, float_params, dtype: str):
+    """Which weights stay packed: `--quant`'s type for a safetensors model, a GGUF's own types, or none."""
+    if qtype:
+        if isinstance(source, GGUFSource):
+            raise KilnError(f"--quant {qtype}: {source.path} is a GGUF file, which keeps its own quantization; "
+                            "--quant applies to safetensors models")
+        return plan_quantize(qtype, float_params)
+    if isinstance(source, GGUFSource) and not dequantize:
+        return plan_gguf(source, float_params, dtype)
+    return None

@@ -155,6 +155,8 @@ class GGUFFile:
             except ValueError:
                 raise KilnError(f"{where}: unknown tensor type {raw_type}") from None
             block, type_size = GGML_QUANT_SIZES[qtype]
+            if 0 in dims:
+                raise KilnError(f"{where}: shape {dims} has an empty dimension")
             if dims[0] % block:
                 raise KilnError(f"{where}: rows of {dims[0]} elements are not whole {qtype.name} blocks of {block}")
             n_bytes = int(np.prod(dims, dtype=object)) // block * type_size
@@ -166,11 +168,25 @@ class GGUFFile:
                                 f"past the end of the {len(self._map)}-byte file (truncated, or a wrong shape)")
             self.tensors[name] = (qtype, dims, start, n_bytes)
         spans = sorted((start, start + n, name) for name, (_, _, start, n) in self.tensors.items())
-        for (_, end, name), (nxt, _, other) in zip(spans, spans[1:]):
+        ends = [(nxt, other) for nxt, _, other in spans[1:]] + [(len(self._map), None)]
+        for (_, end, name), (nxt, other) in zip(spans, ends):
+            qtype, dims, _, _ = self.tensors[name]
             if end > nxt:
-                qtype, dims, _, _ = self.tensors[name]
                 raise KilnError(f"{path}: tensor {name!r}: shape {dims} of {qtype.name} runs {end - nxt} bytes into "
                                 f"tensor {other!r} (its byte size disagrees with its shape)")
+            # writers pad each tensor to the alignment and no more: a larger gap is data the type and shape
+            # do not account for (e.g. a Q4_0 label over F32 bytes)
+            if nxt - end >= align and (other is not None or nxt - end >= max(align, 4096)):
+                raise KilnError(f"{path}: tensor {name!r}: shape {dims} of {qtype.name} is {self.tensors[name][3]} "
+                                f"bytes, but {nxt - end} more follow before "
+                                f"{'tensor ' + repr(other) if other else 'the end of the file'} "
+                                "(its type or shape disagrees with its data)")
+
+    def blocks(self, name: str) -> np.ndarray:
+        """One tensor's raw bytes as uint8 [rows, row bytes] (memory-mapped): the blocks, for repacking."""
+        _, dims, start, n_bytes = self.tensors[name]
+        rows = int(np.prod(dims[1:], dtype=object))
+        return np.frombuffer(self._map, np.uint8, n_bytes, start).reshape(rows, n_bytes // rows)
 
     def dequantize(self, name: str) -> np.ndarray:
         """One tensor as float32, numpy (reversed GGUF) shape; `gguf.quants.dequantize` for quantized types."""
@@ -226,6 +242,10 @@ class GGUFSource:
         if "token_embd.weight" not in self._tensors:
             raise KilnError(f"{self.path}: no token_embd.weight tensor")
         hidden = self._meta("embedding_length")
+        embd_dims = self._tensors["token_embd.weight"][1]
+        if len(embd_dims) != 2 or embd_dims[0] != hidden:
+            raise KilnError(f"{self.path}: {self.arch}.embedding_length = {hidden} but token_embd.weight has shape "
+                            f"{embd_dims} (GGUF order: hidden, vocab)")
         heads = self._meta("attention.head_count")
         head_dim = self._meta("attention.key_length", hidden // heads)
         cfg = {
@@ -253,19 +273,15 @@ class GGUFSource:
         return cfg
 
     def _rope_scaling(self, head_dim: int) -> dict | None:
-        """rope_scaling from `rope.scaling.*` metadata, or llama3 scaling from llama.cpp's rope_freqs tensor.
+        """Llama 3's rope_scaling from llama.cpp's rope_freqs tensor (the only scaling Kiln's models support).
 
         llama.cpp stores llama3 scaling only as the per-frequency factors, so we take Llama 3.1's
         parameters (low 1, high 4, original context 8192) with the largest factor, and check that
         they reproduce the stored factors."""
         kind = self.metadata.get(f"{self.arch}.rope.scaling.type")
-        if kind in ("linear", "yarn"):
-            scaling = {"rope_type": kind, "factor": _f32(self._meta("rope.scaling.factor", kind=float))}
-            if f"{self.arch}.rope.scaling.original_context_length" in self.metadata:
-                scaling["original_max_position_embeddings"] = self._meta("rope.scaling.original_context_length")
-            return scaling
         if kind not in (None, "none"):
-            raise KilnError(f"{self.path}: RoPE scaling {kind!r} is not supported (linear, yarn, llama3)")
+            raise KilnError(f"{self.path}: RoPE scaling {kind!r} is not supported (Kiln supports Llama 3's, "
+                            "which llama.cpp stores as rope_freqs.weight)")
         if "rope_freqs.weight" not in self._tensors:
             return None
         freqs = self.file.dequantize("rope_freqs.weight").astype(np.float64)
@@ -288,11 +304,22 @@ class GGUFSource:
     def tensor_names(self) -> list[str]:
         return list(self._names)
 
-    def tensor(self, name: str) -> np.ndarray:
-        """One tensor as float32 in HF layout (q/k rows back in rotate_half order for llama)."""
+    def _gguf_name(self, name: str) -> str:
         if name not in self._names:
             raise KilnError(f"{self.path}: no tensor {name!r} (GGUF has {len(self._names)} model tensors)")
-        w = self.file.dequantize(self._names[name])
+        return self._names[name]
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        """An HF-named tensor's shape (rows first, as numpy and HF have it)."""
+        return tuple(reversed(self.file.tensors[self._gguf_name(name)][1]))
+
+    def stored_type(self, name: str) -> str:
+        """The GGUF type an HF-named tensor is stored in, lower case (q4_k, f16, ...)."""
+        return self.file.tensors[self._gguf_name(name)][0].name.lower()
+
+    def _hf_rows(self, name: str, w: np.ndarray) -> np.ndarray:
+        """`w` (rows first) with llama's q/k rows back in rotate_half order; rows are whole GGUF rows, so
+        this applies to float values and to raw blocks alike."""
         if self.arch == "llama" and (m := re.search(r"self_attn\.([qk])_proj\.", name)):
             heads = self.config["num_attention_heads" if m.group(1) == "q" else "num_key_value_heads"]
             if w.shape[0] % (2 * heads):
@@ -301,6 +328,14 @@ class GGUFSource:
             # llama.cpp's convert permutes rows per head from (2, d/2) to (d/2, 2) for its interleaved RoPE.
             w = w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
         return w
+
+    def tensor(self, name: str) -> np.ndarray:
+        """One tensor as float32 in HF layout (q/k rows back in rotate_half order for llama)."""
+        return self._hf_rows(name, self.file.dequantize(self._gguf_name(name)))
+
+    def blocks(self, name: str) -> np.ndarray:
+        """A 2-D tensor's GGUF blocks, uint8 [rows, row bytes], rows in HF order (for repacking)."""
+        return self._hf_rows(name, self.file.blocks(self._gguf_name(name)))
 
     def write_tokenizer(self, out_dir: str | Path) -> None:
         """tokenizer.json, tokenizer_config.json and generation_config.json built from the GGUF metadata."""

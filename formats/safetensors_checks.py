@@ -21,7 +21,8 @@ from formats.errors import KilnError
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
 }
 INDEX = "model.safetensors.index.json"
 _MAX_HEADER = 100 << 20  # the safetensors format's own limit
@@ -142,4 +143,7 @@ class SafetensorsModel:
     def tensor(self, name: str) -> np.ndarray:
         """float32 (a view of the file when stored as F32, else converted)."""
         a = self.array(name)
+        if a.dtype.kind not in "fV" and a.dtype != ml_dtypes.bfloat16:  # an integer "weight": a relabelled header
+            raise KilnError(f"{self._where[name].path}: tensor {name!r} is stored as {a.dtype}; model weights are "
+                            "floating point (F32, F16, BF16)")
         return a if a.dtype == np.float32 else a.astype(np.float32)

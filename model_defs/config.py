@@ -21,6 +21,13 @@ FAMILIES = {
 }
 
 
+# Upper bounds of the integer sizes: far beyond any released model, low enough that no product of
+# them overflows the compiler's 64-bit shapes or asks for an impossible allocation.
+_LIMITS = {"hidden_size": 1 << 17, "intermediate_size": 1 << 20, "num_hidden_layers": 1024,
+           "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 1024, "vocab_size": 1 << 24,
+           "max_position_embeddings": 1 << 24}
+
+
 @dataclass
 class ModelConfig:
     architecture: str
@@ -48,30 +55,58 @@ class ModelConfig:
     def from_dict(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
         """Validate an HF config dict; `source` names the file in error messages."""
         archs = raw.get("architectures") or []
-        if not archs:
+        if not isinstance(archs, list) or not archs:
             raise KilnError(f"{source}: field 'architectures' is missing; expected one of {sorted(FAMILIES)}")
         arch = archs[0]
-        if arch not in FAMILIES:
-            raise KilnError(f"{source}: architecture '{arch}' is not supported; Kiln runs {sorted(FAMILIES)}")
+        if not isinstance(arch, str) or arch not in FAMILIES:
+            raise KilnError(f"{source}: architecture {arch!r} is not supported; Kiln runs {sorted(FAMILIES)}")
 
-        def need(name, kind=int):
-            if name not in raw or raw[name] is None:
-                raise KilnError(f"{source}: required field '{name}' is missing")
-            value = raw[name]
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0 \
-                    or (kind is int and int(value) != value):
-                raise KilnError(f"{source}: field '{name}' must be a positive {kind.__name__}, got {value!r}")
-            return kind(value)
+        def need(name: str, default=None):
+            """A positive integer no larger than _LIMITS[name] (JSON 64.0 is not an integer size)."""
+            value = raw.get(name)
+            if value is None:
+                if default is None:
+                    raise KilnError(f"{source}: required field '{name}' is missing")
+                return default
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= _LIMITS[name]:
+                raise KilnError(f"{source}: field '{name}' must be an integer in [1, {_LIMITS[name]}], got {value!r}")
+            return value
+
+        def number(name: str, value, low: float, high: float) -> float:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not low < value <= high:
+                raise KilnError(f"{source}: field '{name}' must be a number in ({low:g}, {high:g}], got {value!r}")
+            return float(value)
+
+        def flag(name: str, default: bool) -> bool:
+            value = raw.get(name, default)
+            if not isinstance(value, bool):
+                raise KilnError(f"{source}: field '{name}' must be true or false, got {value!r}")
+            return value
 
         hidden, heads = need("hidden_size"), need("num_attention_heads")
-        kv_heads = need("num_key_value_heads") if raw.get("num_key_value_heads") is not None else heads
+        kv_heads = need("num_key_value_heads", heads)
         if heads % kv_heads:
             raise KilnError(f"{source}: num_attention_heads={heads} is not a multiple of "
                             f"num_key_value_heads={kv_heads}")
-        head_dim = need("head_dim") if raw.get("head_dim") is not None else hidden // heads
-        eos = raw.get("eos_token_id")
+        if raw.get("head_dim") is None and hidden % heads:
+            raise KilnError(f"{source}: hidden_size={hidden} is not a multiple of num_attention_heads={heads} "
+                            "(and no head_dim is given)")
+        head_dim = need("head_dim", hidden // heads)
+        if head_dim % 2:
+            raise KilnError(f"{source}: head_dim={head_dim} is odd; RoPE needs an even head size")
+        vocab = need("vocab_size")
+
+        def token_ids(name: str) -> list[int]:
+            value = raw.get(name)
+            ids = value if isinstance(value, list) else [value]
+            if not all(t is None or (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab) for t in ids):
+                raise KilnError(f"{source}: field '{name}' must be token ids in [0, {vocab}), got {value!r}")
+            return [t for t in ids if t is not None]
+
         rope_params = raw.get("rope_parameters") or {}  # transformers >= 5 keeps RoPE settings here
         scaling = raw.get("rope_scaling") or rope_params
+        if not isinstance(scaling, dict) or not isinstance(rope_params, dict):
+            raise KilnError(f"{source}: field 'rope_scaling' must be an object, got {scaling!r:.60}")
         if scaling:
             scaling = dict(scaling)
             scaling.setdefault("rope_type", scaling.get("type"))
@@ -80,7 +115,10 @@ class ModelConfig:
                                 "(Kiln supports llama3)")
             if scaling["rope_type"] != "llama3":
                 scaling = {}
-        rope_theta = raw.get("rope_theta") or rope_params.get("rope_theta", 10000.0)
+            for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                if scaling:
+                    number(f"rope_scaling.{key}", scaling.get(key), 0, 1e9)
+        bos = token_ids("bos_token_id")
         return cls(
             architecture=arch,
             hidden_size=hidden,
@@ -89,15 +127,15 @@ class ModelConfig:
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
-            vocab_size=need("vocab_size"),
+            vocab_size=vocab,
             max_position_embeddings=need("max_position_embeddings"),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
+            rms_norm_eps=number("rms_norm_eps", raw.get("rms_norm_eps", 1e-6), 0, 1),
+            rope_theta=number("rope_theta", raw.get("rope_theta") or rope_params.get("rope_theta", 10000.0), 0, 1e12),
             rope_scaling=scaling,
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=bool(raw.get("attention_bias", arch == "Qwen2ForCausalLM")),
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_id=[e for e in (eos if isinstance(eos, list) else [eos]) if e is not None],
+            tie_word_embeddings=flag("tie_word_embeddings", False),
+            attention_bias=flag("attention_bias", arch == "Qwen2ForCausalLM"),
+            bos_token_id=bos[0] if bos else None,
+            eos_token_id=token_ids("eos_token_id"),
         )
 
     @classmethod

@@ -13,6 +13,7 @@ from formats.errors import KilnError
 
 from .config import ModelConfig
 from .kv_cache import KilnPagedKVCache
+from .quant import dense
 from .sampling import SamplingFunctions
 
 
@@ -126,9 +127,8 @@ class CausalLM(nn.Module, SamplingFunctions):
         return nn.op.reshape(self.model(nn.op.reshape(embeds, (b, 1, hidden)), kv), (b, hidden))
 
     def logits(self, hidden: nn.Tensor) -> nn.Tensor:
-        if self.cfg.tie_word_embeddings:
-            return nn.op.matmul(hidden, nn.op.permute_dims(self.model.embed_tokens.weight), out_dtype="float32")
-        return nn.op.matmul(hidden, nn.op.permute_dims(self.lm_head.weight), out_dtype="float32")
+        head = self.model.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head
+        return nn.op.matmul(hidden, nn.op.permute_dims(dense(head.weight)), out_dtype="float32")
 
     def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                               support_sliding_window) -> PagedKVCache:

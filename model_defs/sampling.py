@@ -11,7 +11,9 @@ requests reproduce.
 
 from __future__ import annotations
 
-from tvm import relax
+import math
+
+from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 
 
@@ -19,8 +21,30 @@ class SamplingFunctions:
     """Mixed into CausalLM; model_defs/spec.py exports these methods."""
 
     def argmax(self, logits: nn.Tensor) -> nn.Tensor:
-        """int32[b]: the most likely token of each row (exact greedy)."""
-        return nn.op.wrap_nested(relax.op.astype(relax.op.argmax(_expr(logits), axis=-1), "int32"), "argmax")
+        """int32[b]: the most likely token of each row (exact greedy: the first of equal maxima).
+
+        In two kernels when the vocabulary splits into ARGMAX_CHUNKS equal slices: the (index, value)
+        maximum of each slice (a thread block per slice, so a row of 150k logits is read by 128 blocks
+        instead of one), then the first slice holding the row's maximum."""
+        vocab = logits.shape[1]
+        chunks = math.gcd(vocab, ARGMAX_CHUNKS) if isinstance(vocab, int) else 1
+        if chunks < ARGMAX_CHUNKS // 4:
+            return nn.op.wrap_nested(relax.op.astype(relax.op.argmax(_expr(logits), axis=-1), "int32"), "argmax")
+        width = vocab // chunks
+
+        def slices(x):  # int64 loops: the index must read the same in the combiner's compare and select
+            i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
+            k = te.reduce_axis((i64(0), i64(width)), "k")
+            return te.compute((x.shape[0], i64(chunks)), lambda i, c: _FIRST_MAX(
+                (c * width + k, x[i, c * width + k]), axis=k), name="slice_max")
+
+        def rows(at, best):  # (index, value) reduced in registers; the int32 index is the output
+            c = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", chunks)), "c")
+            red = te.compute((at.shape[0],), lambda i: _FIRST_MAX((at[i, c], best[i, c]), axis=c), name="row_max")
+            return te.compute((at.shape[0],), lambda i: red[0][i].astype("int32"), name="argmax")
+
+        at, best = nn.op.tensor_expr_op(slices, "slice_argmax", [logits])
+        return nn.op.tensor_expr_op(rows, "row_argmax", [at, best])
 
     def apply_penalties(self, logits: nn.Tensor, pairs: nn.Tensor, counts: nn.Tensor, repetition: nn.Tensor,
                         frequency: nn.Tensor, presence: nn.Tensor) -> nn.Tensor:
@@ -77,4 +101,14 @@ def _expr(t: nn.Tensor) -> relax.Expr:
     return t._expr  # pylint: disable=protected-access
 
 
+def _first_max(a, b):
+    """Combine (index, value) pairs: the larger value, the smaller index on a tie (TOPI's argmax
+    combiner, term for term: TIR recognises cross-thread reducers by their form)."""
+    bigger = a[1] > b[1]
+    return (tirx.Select(tirx.Or(bigger, tirx.And(a[1] == b[1], a[0] < b[0])), a[0], b[0]),
+            tirx.Select(bigger, a[1], b[1]))
+
+
+_FIRST_MAX = te.comm_reducer(_first_max, lambda i, v: (tirx.const(-1, i), te.min_value(v)), name="first_max")
+ARGMAX_CHUNKS = 128  # slices per row in `argmax`; 151,936 and 128,256 (Qwen, Llama-3) are multiples
 TOP_LOGPROBS = 20  # OpenAI's cap on top_logprobs; the compiled `logprobs` always returns this many

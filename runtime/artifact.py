@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -15,6 +14,8 @@ from pathlib import Path
 import yaml
 
 from formats.errors import KilnError
+
+from . import artifact_checks as checks
 
 MANIFEST = "kiln.yaml"
 
@@ -38,21 +39,32 @@ def find_artifact(path: str | Path) -> Path:
 
 @dataclass
 class Artifact:
+    """An artifact folder, checked (runtime/artifact_checks.py) before anything of it is loaded."""
+
     path: Path
     manifest: dict
+    _params: list[dict]
+    _shards: list[list[Path]]  # per rank (one list for a one-device artifact)
 
     @classmethod
     def open(cls, path: str | Path) -> "Artifact":
         path = find_artifact(path)
         try:
             manifest = yaml.safe_load((path / MANIFEST).read_text())
-        except yaml.YAMLError as e:
-            raise KilnError(f"{path / MANIFEST}: malformed ({e})") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise KilnError(f"{path / MANIFEST}: malformed ({str(e).splitlines()[0]}); rebuild it with "
+                            "`make compile`") from None
         if not isinstance(manifest, dict) or not (path / "params.json").is_file():
             raise KilnError(f"{path}: incomplete artifact (kiln.yaml or params.json unreadable); rebuild it with `make compile`")
         if not manifest.get("weights"):
             raise KilnError(f"{path}: this artifact has no weights yet; add them with: {manifest.get('weights_hint')}")
-        return cls(path, manifest)
+        checks.check_manifest(path, manifest)
+        params = checks.read_params(path, manifest)
+        shards = []
+        for folder in checks.rank_folders(path, manifest):  # weights/, or weights/rank-R/ of a --tp artifact
+            shards.append(checks.weight_shards(path, {**manifest, "weights": folder}))
+            checks.check_weights(path, {**manifest, "weights": folder}, params, shards[-1])
+        return cls(path, manifest, params, shards)
 
     @property
     def config(self) -> dict:
@@ -64,7 +76,7 @@ class Artifact:
 
     def params(self) -> list[dict]:
         """[{name, shape, dtype}] in the order the compiled functions take them."""
-        return json.loads((self.path / "params.json").read_text())
+        return self._params
 
     @property
     def tensor_parallel(self) -> int | None:
@@ -72,10 +84,8 @@ class Artifact:
         return self.manifest.get("tensor_parallel")
 
     def weight_shards(self, rank: int = 0) -> list[Path]:
-        """The safetensors files of the weights (of rank `rank`'s shard for a tensor-parallel artifact)."""
-        folder = self.path / (self.manifest["rank_weights"][rank] if self.tensor_parallel else self.manifest["weights"])
-        index = json.loads((folder / "index.json").read_text())
-        return [folder / s for s in index["shards"]]
+        """The safetensors files of the weights (of rank `rank`'s shards for a tensor-parallel artifact)."""
+        return self._shards[rank]
 
 
 def import_tvm(device_type: str):
@@ -94,6 +104,7 @@ def import_tvm(device_type: str):
 def load_library(artifact: Artifact, device_type: str):
     """The compiled module; CUDA source (an artifact built without nvcc) is compiled once and cached."""
     tvm = import_tvm(device_type)
+    checks.check_tvm_version(artifact.path, artifact.manifest, tvm.__version__)
     if device_type == "cuda" and not artifact.manifest.get("cuda_binary"):
         from compile.cuda_jit import register_compile_callback
         major, minor = tvm.cuda(0).compute_version.split(".")

@@ -19,15 +19,16 @@ The asyncio interface (what the HTTP server builds on):
 too long, bad sampling field, non-UTF-8 text); other requests are unaffected. The engine loop runs
 on its own thread and owns the ModelRunner; callers only put commands on a queue and read their
 requests' Deltas, so every public method is thread-safe. One step: Scheduler.schedule →
-ModelRunner.forward → ModelRunner.sample on the device (sampling.sample on the host, vectorized, for
-rows with penalties or logprobs) → per sequence: stop checks, detokenization, stop-string hold-back
-→ Delta to the request's sink.
+ModelRunner.forward → on the device: ModelRunner.apply_penalties (rows with penalties), .sample and
+.logprobs (rows that ask), only token ids and log-probabilities back to the host → per sequence:
+stop checks, detokenization, stop-string hold-back → Delta to the request's sink.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import queue
 import sys
 import threading
@@ -43,7 +44,7 @@ from .artifact import Artifact
 from formats.errors import KilnError
 from .model_runner import ModelRunner, device_memory
 from .request import Completion, Delta, Message, Request, RequestOutput, Sequence, TokenLogprob
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sharded_runner import ShardedModelRunner
 from .tokenizer import Tokenizer
@@ -64,7 +65,6 @@ class EngineConfig:
     max_model_len: int | None = None  # tokens per sequence (prompt + output); ≤ the artifact's context
     max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
     prefix_caching: bool = True  # keep finished sequences' pages for later prompts (running ones are shared anyway)
-    device_sampling: bool = True  # sample with the artifact's compiled functions when a batch allows it
     seed: int | None = None  # seeds requests that bring no seed of their own (None: fresh entropy)
 
 
@@ -93,17 +93,22 @@ def _kv_tokens(cfg: EngineConfig, artifact: Artifact) -> int | None:
     """KV cache capacity in tokens for `cfg.kvmem` (None: ModelRunner's default)."""
     if cfg.kv_tokens is not None or cfg.kvmem is None:
         return cfg.kv_tokens
-    if cfg.kvmem <= 0:
+    if not (cfg.kvmem > 0 and math.isfinite(cfg.kvmem)):
         raise KilnError(f"kvmem must be > 0 (MB, or a fraction of device memory ≤ 1), got {cfg.kvmem}")
     c = artifact.config
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     per_token = 2 * c["num_hidden_layers"] * c.get("num_key_value_heads", c["num_attention_heads"]) * head_dim \
         * _DTYPE_BYTES.get(artifact.manifest["dtype"], 2) // (artifact.tensor_parallel or 1)  # per device
     if cfg.kvmem > 1:
-        return int(cfg.kvmem * 2 ** 20 // per_token)
-    total = device_memory(artifact.target, cfg.device_id)
-    weights = sum(f.stat().st_size for f in artifact.weight_shards())
-    return int(max(cfg.kvmem * total - weights, 0) // per_token)
+        tokens = int(cfg.kvmem * 2 ** 20 // per_token)
+    else:
+        total = device_memory(artifact.target, cfg.device_id)
+        weights = sum(f.stat().st_size for f in artifact.weight_shards())
+        tokens = int(max(cfg.kvmem * total - weights, 0) // per_token)
+    if tokens < 2 * artifact.manifest["page_size"]:  # 0 tokens used to mean "the default cache"
+        raise KilnError(f"kvmem {cfg.kvmem} holds {tokens} tokens of KV cache ({per_token} bytes each), too few "
+                        f"to serve; raise it (MB if > 1, else a fraction of device memory)")
+    return tokens
 
 
 class TextStream:
@@ -148,6 +153,9 @@ class Engine:
             self.runner = ShardedModelRunner(
                 artifact, cfg.device_ids or list(range(cfg.device_id, cfg.device_id + artifact.tensor_parallel)),
                 max_batch=cfg.max_num_seqs, kv_tokens=_kv_tokens(cfg, artifact))
+        if not self.runner.can_sample:
+            raise KilnError(f"{artifact.path}: this artifact has no sampling functions (compiled by an older "
+                            "Kiln); compile it again with `make compile`")
         self.tokenizer = Tokenizer(artifact.path)
         capacity = (self.runner.total_pages - 1) * self.runner.page_size
         limit = min(self.runner.max_context, capacity)
@@ -164,10 +172,12 @@ class Engine:
         self._lock = threading.Lock()
 
     # ---- chat
-    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
-        """The prompt text for a conversation, through the model's chat template (runtime.chat_template)."""
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True,
+                            **template_kwargs) -> str:
+        """The prompt text for a conversation, through the model's chat template (runtime.chat_template);
+        `template_kwargs` reach the template (e.g. enable_thinking=False)."""
         return self.tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
-                                                  add_generation_prompt)
+                                                  add_generation_prompt, **template_kwargs)
 
     # ---- submission (any thread)
     def add_request(self, prompt: str | bytes | list[int], params: SamplingParams, sink: Callable[[Delta], None],
@@ -176,6 +186,7 @@ class Engine:
         req = Request(request_id or uuid.uuid4().hex, *self._prompt(prompt), params, sink,
                       self._stop_ids(params))
         params.check()
+        params.stop_strings  # built here, on the caller's thread, not on the engine's
         if len(req.prompt_ids) >= self.max_model_len:
             raise KilnError(f"prompt has {len(req.prompt_ids)} tokens; the context limit is {self.max_model_len} "
                             "(prompt + output)")
@@ -207,6 +218,9 @@ class Engine:
             bos = self.tokenizer.bos_token_id
             if len(ids) > 1 and ids[0] == ids[1] == bos:  # a chat template wrote BOS and encode added one
                 ids = ids[1:]
+            if ids and max(ids) >= self.runner.vocab_size:  # else the step would fail every request in flight
+                raise KilnError(f"the tokenizer gave token id {max(ids)}, beyond the model's vocabulary (size "
+                                f"{self.runner.vocab_size}): the artifact's tokenizer and weights disagree")
         if not ids:
             raise KilnError("prompt is empty")
         return text, ids
@@ -247,8 +261,11 @@ class Engine:
         KilnError here, before any iteration. See the module docstring."""
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
-        rid = self.add_request(prompt, params, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d),
-                               request_id)
+        def sink(delta: Delta) -> None:  # on the engine thread; a loop already closed has no reader left
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(deltas.put_nowait, delta)
+
+        rid = self.add_request(prompt, params, sink, request_id)
         return self._deltas(rid, deltas)
 
     async def _deltas(self, request_id: str, deltas: asyncio.Queue) -> AsyncIterator[Delta]:
@@ -352,40 +369,30 @@ class Engine:
             raise RuntimeError("the scheduler found nothing to run")  # would spin; fail loudly instead
         rows = [i for i, (seq, n) in enumerate(batch) if n == seq.pending]  # these get a token this step
         seqs = [batch[i][0] for i in rows]
-        on_device = self.cfg.device_sampling and self.runner.can_sample
-        logits = self.runner.forward([s.seq_id for s, _ in batch],
-                                     [s.token_ids[s.num_computed:s.num_computed + n] for s, n in batch], on_device)
+        logits = self.runner.forward([s.seq_id for s, _ in batch],  # logits stay on the device for the sampler
+                                     [s.token_ids[s.num_computed:s.num_computed + n] for s, n in batch], True)
         for seq, n in batch:
             self.scheduler.computed(seq, n)
         if rows:
-            tokens, logprobs = self._sample(logits, np.array(rows), seqs, on_device)
+            tokens, logprobs = self._sample(logits, np.array(rows), seqs)
             for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs):
                 self._append(seq, token, logprob)
 
-    def _sample(self, logits, rows: np.ndarray, seqs: list[Sequence], on_device: bool):
-        """(token ids, TokenLogprob or None) for `seqs`, whose logits are `rows` of `logits`: with the
-        artifact's compiled functions, or numpy on the host (no compiled functions, or device_sampling off)."""
+    def _sample(self, logits, rows: np.ndarray, seqs: list[Sequence]):
+        """(token ids, TokenLogprob or None) for `seqs`, whose logits are `rows` of device `logits`, with
+        the artifact's compiled sampling functions (ModelRunner.apply_penalties, .sample, .logprobs)."""
         params = [s.request.params for s in seqs]
-        if not on_device:
-            penalized = any(p.penalized for p in params)
-            out = sample(logits[rows], params, [s.rng for s in seqs],
-                         [s.token_ids[:s.num_prompt] for s in seqs] if penalized else None,
-                         [s.output_ids for s in seqs] if penalized else None)
-            tokens, lp = out.token_ids, out.logprobs
-            none = np.zeros((len(seqs), 0))  # no row asked for top_logprobs
-            top_lp, top_ids = (none, none) if out.top_ids is None else (out.top_logprobs, out.top_ids)
-        else:
-            raw = logits
-            penalties = _penalty_pairs(rows, seqs)
-            if penalties:
-                logits = self.runner.apply_penalties(logits, *penalties)
-            tokens = self.runner.sample(
-                logits, rows, np.array([0 if p.greedy else p.temperature for p in params], np.float32),
-                np.array([p.top_p for p in params], np.float32), np.array([p.top_k for p in params]),
-                np.array([p.min_p for p in params], np.float32),
-                np.array([0 if p.greedy else s.rng.random() for s, p in zip(seqs, params)]))
-            if any(p.logprobs for p in params):
-                lp, top_lp, top_ids = self.runner.logprobs(raw, rows, tokens)
+        raw = logits
+        penalties = _penalty_pairs(rows, seqs)
+        if penalties:
+            logits = self.runner.apply_penalties(logits, *penalties)
+        tokens = self.runner.sample(
+            logits, rows, np.array([0 if p.greedy else p.temperature for p in params], np.float32),
+            np.array([p.top_p for p in params], np.float32), np.array([p.top_k for p in params]),
+            np.array([p.min_p for p in params], np.float32),
+            np.array([0 if p.greedy else s.rng.random() for s, p in zip(seqs, params)]))
+        if any(p.logprobs for p in params):
+            lp, top_lp, top_ids = self.runner.logprobs(raw, rows, tokens)
         return tokens, [TokenLogprob(int(tokens[j]), float(lp[j]), dict(zip(top_ids[j, :p.top_logprobs].tolist(),
                                                                             top_lp[j, :p.top_logprobs].tolist())))
                         if p.logprobs else None for j, p in enumerate(params)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 
-import fire
 import numpy as np
 
 from formats.errors import KilnError
@@ -60,6 +59,8 @@ def main(w: str = "artifacts/", prompt: str = "Once upon a time", max_tokens: in
 
 
 if __name__ == "__main__":
+    import fire  # the CLI's only: the GPU machine's runtime-only site has no fire's dependencies
+
     try:
         fire.Fire(main, name="python -m runtime.generate")
     except KilnError as e:

@@ -70,12 +70,11 @@ class ModelRunner:
                                                    shape([self.prefill_chunk]), shape([self.page_size]),
                                                    shape([0]))
         self._f = {name: tvm.get_global_func("vm.builtin." + name) for name in (
-            "kv_state_add_sequence", "kv_state_remove_sequence", "kv_state_fork_sequence", "kv_state_popn",
-            "kv_state_begin_forward", "kv_state_end_forward", "attention_kv_cache_get_num_available_pages",
-            "attention_kv_cache_get_sequence_length")}
+            "kv_state_add_sequence", "kv_state_remove_sequence", "kv_state_fork_sequence",
+            "kv_state_begin_forward", "kv_state_end_forward", "attention_kv_cache_get_num_available_pages")}
         self.total_pages = self.free_pages()
         # artifacts compiled before model_defs/sampling.py (apply_penalties is its newest) lack these; the
-        # engine samples on the host then
+        # engine refuses them (recompile)
         self.can_sample = self.vm.module.implements_function("apply_penalties")
 
     def _load_params(self) -> list:
@@ -101,12 +100,6 @@ class ModelRunner:
     def fork_sequence(self, parent: int, child: int, pos: int = -1) -> None:
         """`child` starts as the first `pos` tokens of `parent` (all of it for -1), sharing its pages."""
         self._f["kv_state_fork_sequence"](self.kv, parent, child, pos)
-
-    def popn(self, seq_id: int, n: int) -> None:
-        self._f["kv_state_popn"](self.kv, seq_id, n)
-
-    def sequence_length(self, seq_id: int) -> int:
-        return int(self._f["attention_kv_cache_get_sequence_length"](self.kv, seq_id))
 
     def free_pages(self) -> int:
         return int(self._f["attention_kv_cache_get_num_available_pages"](self.kv))

@@ -10,7 +10,7 @@ never silently gets something other than what it asked for.
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -47,11 +47,11 @@ class _SamplingRequest(_Strict):
     """What /v1/completions and /v1/chat/completions share."""
 
     model: str | None = None
-    n: int = Field(1, ge=1, le=128)
-    temperature: float | None = None
-    top_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    n: int = Field(1, ge=1)  # the server's --max-n caps it
+    temperature: float | None = Field(None, ge=0, le=2)  # OpenAI's ranges
+    top_p: float | None = Field(None, ge=0, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = Field(None, ge=0, lt=2 ** 63)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -59,9 +59,9 @@ class _SamplingRequest(_Strict):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM's extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: int | None = Field(None, ge=-1)  # vLLM's ranges (SamplingParams.check narrows repetition_penalty)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
@@ -122,9 +122,11 @@ class ChatMessage(_Strict):
     tool_calls: list[dict] | None = None
     refusal: str | None = None
 
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+
     def message(self) -> Message:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return Message(self.role, content)
+        return Message(self.role, self.text())
 
 
 class ResponseFormat(_Strict):
@@ -145,6 +147,7 @@ class ChatRequest(_SamplingRequest):
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
     add_generation_prompt: bool = True  # vLLM's
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: reach the template, e.g. {"enable_thinking": false}
 
     def sampling_params(self) -> SamplingParams:
         if self.tools:
@@ -163,6 +166,7 @@ class TokenizeRequest(_Strict):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(_Strict):

@@ -111,6 +111,7 @@ class Sequence:
             self.detok.add(t)
         self.text = ""  # all decoded text so far (cut at a stop string)
         self.emitted = 0  # characters of `text` already streamed
+        self.stop_state = 0  # in the request's StopStrings automaton
         self.finish_reason: str | None = None
         self.logprobs: list[TokenLogprob] | None = [] if request.params.logprobs else None
 
@@ -134,20 +135,19 @@ class Sequence:
 
     def add_text(self, piece: str, final: bool = False) -> str:
         """Append decoded text; return what may be streamed now. A stop string ends the sequence at
-        its start; a suffix that could begin a stop string is held back until resolved."""
-        stops = self.request.params.stop
-        if not stops:  # the common case: nothing to hold back
+        its start; a suffix that could begin a stop string is held back until resolved (the
+        request's StopStrings automaton: O(len(piece)) however many and long the stops are)."""
+        stops = self.request.params.stop_strings
+        if stops is None:  # the common case: nothing to hold back
             self.text += piece
             self.emitted = len(self.text)
             return piece
-        start = max(0, len(self.text) - max(len(s) for s in stops) + 1)
+        self.stop_state, start = stops.feed(self.stop_state, piece)
         self.text += piece
-        hits = [i for i in (self.text.find(s, start) for s in stops) if i >= 0]
-        if hits:
-            self.text = self.text[:min(hits)]
+        if start is not None:
+            self.text = self.text[:len(self.text) - len(piece) + start]
             self.finish_reason = "stop"
-        hold = 0 if final or hits else max(
-            (k for s in stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        hold = 0 if final or start is not None else stops.depth[self.stop_state]
         out = self.text[self.emitted:len(self.text) - hold]
         self.emitted += len(out)
         return out

@@ -108,9 +108,8 @@ class ShardedModelRunner:
         return self._call("logprobs", logits, rows, tokens)
 
     def close(self) -> None:
-        """Stop the workers (also at exit). Remote handles go first: freeing one after shutdown aborts."""
+        """Stop the workers (also at exit). The session shuts down when its last reference goes (each
+        remote handle holds one): shutting it down by hand while a handle lives aborts when that one is freed."""
         if self.session is not None:
-            self._call_f = None
-            self.session.shutdown()
-            self.session = None
+            self._call_f = self.session = None
             shutil.rmtree(self._socket_dir, ignore_errors=True)

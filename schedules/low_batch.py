@@ -3,9 +3,13 @@
 A matmul with a dynamic row count (decode batch `b`, prefill tokens `n`) gets one kernel for every
 M, and a tile-based GEMM wastes almost all of its work when M is 1–8: decode then reads the
 weights at a fraction of the memory bandwidth. This pass gives each such PrimFunc a chain on
-`M <= limit` (`branch_on_rows`, which the tensor-core rule uses too): dlight's LowBatchGEMV
-schedules (rows padded to a small bucket, weights read once per bucket) below the limits, the
-large-M rules above them.
+`M <= limit` (`branch_on_rows`, which the tensor-core rule uses too): GEMV schedules (rows padded
+to a bucket, weights read once per bucket) below the limits, the large-M rules above them.
+
+The GEMV is `StreamingGEMV`: dlight's LowBatchGEMV analysis with a CUDA schedule built to keep
+enough weight bytes in flight. dlight's own gives a long-K projection (Llama's down / O, K = 14336 /
+4096, N = 4096) 128 blocks of 512 threads, 8-byte loads and one load a row in flight per thread: one
+block per SM, ~63% of the copy rate.
 """
 
 from __future__ import annotations
@@ -17,7 +21,73 @@ from tvm.ir import IRModule
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 
-LIMITS_AND_BUCKETS = ((2, 2), (8, 4))  # M <= 2 → bucket 2; M <= 8 → bucket 4; else the GEMM rules
+LIMITS_AND_BUCKETS = ((2, 2), (4, 4), (8, 8))  # M <= 2 → bucket 2, ...; M > 8: the GEMM rules
+LOAD_BYTES = 16  # one 128-bit load per thread and step
+WARP = 32
+UNROLL = 4  # K steps whose weight loads are issued together
+MIN_BLOCKS = 264  # two blocks per SM on an H100 before a warp takes two output columns
+
+
+class StreamingGEMV(dl.gpu.LowBatchGEMV):
+    """y[b, n] = x[b, :] · w[n, :] for up to `bucket` rows at once, reading `w` once per bucket.
+
+    Each warp owns `columns` output columns (by default 2, or 1 where N is too small to leave
+    MIN_BLOCKS blocks; bench/gemm.py's gemv_c4 / gemv_w8c4 measured 4); its 32 lanes stride over K with 16-byte loads
+    (one contiguous 512-byte run per load instruction), UNROLL steps unrolled so their loads are in
+    flight together, partial sums in registers, one shuffle reduction at the end. `warps` per block
+    (128 threads) keeps blocks small so that N = 1024–4096 still gives several per SM. What CUDA
+    declines here (dequantizing prologues, K not a multiple of 32 × 16 bytes) goes to dlight's.
+    """
+
+    def __init__(self, bucket: int = 4, warps: int = 4, columns: int | None = None):
+        super().__init__(bucket)
+        self.warps = warps
+        self.columns = columns
+
+    def sch_inner_reduction(self, sch, target, block, dequantize_block, pad_input_block,
+                            vector_input_buffers, epilogue_info, batch_pad):
+        rows, cols, red = sch.get_loops(block)
+        n, k = sch.get(cols).extent, sch.get(red).extent
+        weight = next(r.source for r in sch.get(block).reads if r.source not in vector_input_buffers)
+        vec = LOAD_BYTES * 8 // tvm.DataType(weight.dtype).bits
+        if (target.kind.name != "cuda" or dequantize_block is not None or pad_input_block is None
+                or not isinstance(n, tirx.IntImm) or not isinstance(k, tirx.IntImm)
+                or int(k) % (WARP * vec) or int(n) % self.warps):
+            return super().sch_inner_reduction(sch, target, block, dequantize_block, pad_input_block,
+                                               vector_input_buffers, epilogue_info, batch_pad)
+        n, k = int(n), int(k)
+        unroll = next(u for u in (UNROLL, 2, 1) if k % (u * WARP * vec) == 0)
+        tile_s = self.columns or (2 if n % (2 * self.warps) == 0 and n // (2 * self.warps) >= MIN_BLOCKS else 1)
+        if n % (tile_s * self.warps):
+            tile_s = 1
+        by, bi = sch.split(rows, [None, batch_pad])
+        bx, ty, ts = sch.split(cols, [None, self.warps, tile_s])
+        ro, u, tx, vc = sch.split(red, [None, unroll, WARP, vec])  # lane tx reads k = .. + 8 tx + vc
+        sch.reorder(by, bx, ty, tx, ro, u, bi, ts, vc)
+        partial = sch.rfactor(tx, 0)  # per-lane sums, then a cross-lane reduction in `block`
+        by, bx, ty, tx, ro, u, bi, ts, vc = sch.get_loops(partial)
+        for loop, axis in ((by, "blockIdx.y"), (bx, "blockIdx.x"), (ty, "threadIdx.y"), (tx, "threadIdx.x")):
+            sch.bind(loop, axis)
+        # The weight's UNROLL steps into registers first (read 1; 0 is the padded rows), laid out by
+        # loop index: cache_read would take the bounding box of the strided steps.
+        w_local = sch.reindex_cache_read(partial, 1, "local", lambda lane, b, s, o, i, v: (lane, s, o, i, v))
+        sch.compute_at(w_local, ro, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(w_local)[-1])
+        sch.compute_at(pad_input_block, u, preserve_unit_loops=True)  # x, zero past the real rows
+        sch.set_scope(pad_input_block, 0, "local")
+        sch.vectorize(sch.get_loops(pad_input_block)[-1])
+        sch.decompose_reduction(partial, ro)
+        sch.set_scope(partial, 0, "local")
+        sch.unroll(u)
+        sch.reverse_compute_at(block, ty, preserve_unit_loops=True)
+        lane, bi, ts = sch.get_loops(block)[-3:]
+        sch.reorder(bi, ts, lane)
+        sch.bind(lane, "threadIdx.x")
+        epilogue = sch.get_consumers(block)
+        if epilogue:  # the unpadding block, with any cast / bias / residual fused into it
+            sch.set_scope(block, 0, "local")
+            sch.reverse_compute_at(epilogue[0], ty, preserve_unit_loops=True)
+        return sch
 
 
 def _schedule(func: tirx.PrimFunc, rules: list) -> tirx.PrimFunc:
@@ -48,10 +118,11 @@ def branch_on_rows(small: tirx.PrimFunc, large: tirx.PrimFunc, rows, limit: int)
 
 class RowDispatchGemmRule(GPUScheduleRule):
     """What the tensor-core GEMM rules (MatmulTensorCore, MatmulWgmma) share: the row-count thresholds
-    and the run-time switch to dlight's LowBatchGEMV for a dynamic M when a kernel has few column tiles.
+    and the run-time switch to StreamingGEMV for a dynamic M when a kernel has few column tiles.
 
     `min_m`: a static M below it is declined. With a dynamic M and fewer than `few_tiles` column tiles
-    (N = 1024: 8 blocks on 132 SMs), M <= `small_m` rows run LowBatchGEMV instead, chosen at run time.
+    (N = 1024: 8 blocks on 132 SMs), M <= `small_m` rows run StreamingGEMV (buckets of 8 rows) instead,
+    chosen at run time.
     """
 
     def __init__(self, min_m: int = 64, small_m: int = 32, few_tiles: int = 16):
@@ -61,10 +132,10 @@ class RowDispatchGemmRule(GPUScheduleRule):
 
     def gemv_for_few_rows(self, func: tirx.PrimFunc, target, result: tirx.PrimFunc, rows,
                           n_tiles: int) -> tirx.PrimFunc:
-        """`result`, or (with fewer than `few_tiles` column tiles, where LowBatchGEMV takes `func`) a
-        PrimFunc that runs LowBatchGEMV for rows <= `small_m`; `rows` is M's dynamic extent."""
+        """`result`, or (with fewer than `few_tiles` column tiles, where StreamingGEMV takes `func`) a
+        PrimFunc that runs StreamingGEMV for rows <= `small_m`; `rows` is M's dynamic extent."""
         if n_tiles < self.few_tiles:
-            gemv = dl.gpu.LowBatchGEMV().apply(func, target, False)
+            gemv = StreamingGEMV(8).apply(func, target, False)
             if gemv is not None:
                 return branch_on_rows(gemv.mod["main"], result, rows, self.small_m)
         return result
@@ -74,6 +145,22 @@ def _single_dynamic_dim(func: tirx.PrimFunc):
     buffers = [p for p in func.params if hasattr(p, "shape")]  # params that are buffers, not scalars
     dims = {d for buf in buffers for d in buf.shape if isinstance(d, tirx.Var)}
     return dims.pop() if len(dims) == 1 else None
+
+
+def dispatch_on_rows(func: tirx.PrimFunc, large_rules: list, gemv=StreamingGEMV,
+                     limits_and_buckets=LIMITS_AND_BUCKETS) -> tirx.PrimFunc | None:
+    """`func` scheduled as the chain of `gemv(bucket)` kernels below each limit and `large_rules`
+    above the last; None when `func` has no single dynamic dimension or is no GEMV."""
+    rows = _single_dynamic_dim(func)
+    if rows is None:
+        return None
+    small = [_schedule(func, [gemv(bucket)]) for _, bucket in limits_and_buckets]
+    if any(tvm_ffi.structural_equal(s, func) for s in small):
+        return None  # not a matmul LowBatchGEMV's analysis understands
+    chained = _schedule(func, large_rules)
+    for (limit, _), low in reversed(list(zip(limits_and_buckets, small))):
+        chained = branch_on_rows(low, chained, rows, limit)
+    return chained
 
 
 @tvm.transform.module_pass(opt_level=0, name="KilnLowBatchDispatch")
@@ -87,14 +174,7 @@ class LowBatchDispatch:
         for gvar, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc) or func.attrs and "tir.is_scheduled" in func.attrs:
                 continue
-            rows = _single_dynamic_dim(func)
-            if rows is None:
-                continue
-            small = [_schedule(func, [dl.gpu.LowBatchGEMV(bucket)]) for _, bucket in LIMITS_AND_BUCKETS]
-            if any(tvm_ffi.structural_equal(s, func) for s in small):
-                continue  # not a matmul LowBatchGEMV understands
-            chained = _schedule(func, self.large_rules)
-            for (limit, _), low in reversed(list(zip(LIMITS_AND_BUCKETS, small))):
-                chained = branch_on_rows(low, chained, rows, limit)
-            mod.update_func(gvar, chained.with_attr("tir.is_scheduled", True))
+            chained = dispatch_on_rows(func, self.large_rules)
+            if chained is not None:
+                mod.update_func(gvar, chained.with_attr("tir.is_scheduled", True))
         return mod

@@ -13,7 +13,7 @@ inputs, any elementwise epilogue: cast, residual add, ...) and tiles it for tens
   and activations in L2.
 
 M (tokens) may be dynamic: it is padded to BM by predication (pad_einsum); N and K are static.
-With few column tiles (N = 1024), M ≤ 32 switches at run time to dlight's LowBatchGEMV.
+With few column tiles (N = 1024), M ≤ 32 switches at run time to StreamingGEMV (schedules/low_batch.py).
 Build with `tir_pipeline=TIR_PIPELINE` (below): without it the kernels are right but slow.
 Measured: ~47-50% of cuBLAS on an H100 for M ≥ 512 (docs/gemm.md, bench/RESULTS.md).
 """

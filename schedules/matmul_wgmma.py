@@ -114,6 +114,8 @@ def analyze(func: tirx.PrimFunc):
     if len(c_store.indices) != len(lead) + 1 or not all(_is_var(e, v) for e, v in zip(c_store.indices, [*lead, j])):
         raise _Decline("output index")
     a_buf, b_buf = (r.source for r in stmt.reads)
+    if any(buf.same_as(t) for t in func.body.block.alloc_buffers for buf in (a_buf, b_buf)):
+        raise _Decline("an operand is computed in the kernel (a fused dequantize), not loadable by TMA")
     a_idx, b_idx = ([*lead, k], [j, k])
     loads = []
 
@@ -308,7 +310,7 @@ class MatmulWgmma(RowDispatchGemmRule):
 
     Returns None (the next rule applies) for other targets and any form `analyze` declines. With a
     dynamic M, the row count picks the kernel at run time (`branch_on_rows`): `small` tiles while
-    `large` tiles would fill at most half of the SMs, and dlight's LowBatchGEMV for M ≤ `small_m`
+    `large` tiles would fill at most half of the SMs, and StreamingGEMV for M ≤ `small_m`
     when even `small` has fewer than `few_tiles` column tiles (N = 1024: 8 blocks for 132 SMs).
     """
 

@@ -19,6 +19,8 @@ from .low_batch import LowBatchDispatch
 from .matmul_tensorcore import TIR_PIPELINE, MatmulTensorCore
 from .matmul_wgmma import MatmulWgmma
 from .metal_matmul import MatmulNoSimdgroup
+from .quant_dispatch import QuantKernels
+from .quant_fusion import FuseDequantizeMatmul
 from .row_reduction import RowReduction
 
 
@@ -54,6 +56,8 @@ def _passes(target: tvm.target.Target) -> list:
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
+        FuseDequantizeMatmul(),
+        QuantKernels(),  # packed quantized weights first: no generic rule reads them well
     ]
     if kind == "cuda":
         legalize.append(LowBatchDispatch(gpu_rules(target)))

@@ -31,6 +31,8 @@ TINY_CONFIGS = {
 
 # head_dim 128 with GQA 4: the shapes Kiln's own CUDA attention kernels serve (smaller heads use TVM's)
 HEAD_DIM_128 = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=1, head_dim=128)
+# head_dim 64 (hidden / heads) with GQA 4: Kiln's mma.sync prefill and split-KV decode
+HEAD_DIM_64 = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=1)
 
 
 def make_tiny_hf(family: str, out: Path, seed: int = 0, **overrides) -> Path:

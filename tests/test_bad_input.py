@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import REPO, STORIES_HF
+from conftest import DATA, REPO, STORIES_HF
 
 
 def _run(*args):
@@ -69,6 +69,19 @@ def test_weight_of_wrong_shape(model_copy, tmp_path):
 
 def test_unknown_target(tmp_path):
     assert "unknown target 'vulkan'" in _compile(STORIES_HF, tmp_path, target="vulkan")
+
+
+def test_unknown_quant_lists_the_valid_ones(tmp_path):
+    msg = _run("-m", "compile", "--model", str(STORIES_HF), "--quant", "q4", "--out", str(tmp_path / "out"))
+    assert "--quant q4: unknown quantization" in msg
+    assert all(name in msg for name in ("q4k", "q5k", "q6k", "q8_0", "q4_0", "q2k", "q3k"))
+
+
+def test_quant_of_a_gguf(tmp_path):
+    """A GGUF keeps its own types: --quant on one says so instead of requantizing."""
+    gguf = DATA / "stories260K" / "gguf" / "stories260K-q8_0.gguf"
+    msg = _run("-m", "compile", "--model", str(gguf), "--quant", "q4k", "--out", str(tmp_path / "out"))
+    assert "stories260K-q8_0.gguf is a GGUF file" in msg and "--quant applies to safetensors models" in msg
 
 
 def test_unknown_preset(tmp_path):

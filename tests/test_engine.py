@@ -106,14 +106,9 @@ def test_n_completions_fork_the_prompt(engine):
     assert computed < len(out.prompt_token_ids) + 2 * engine.runner.page_size
 
 
-@pytest.mark.parametrize("device_sampling", [True, False])
-def test_logprobs_equal_log_softmax_of_the_model_logits(engine, device_sampling):
-    engine.cfg.device_sampling = device_sampling
-    try:
-        out = engine.generate_sync(SamplingParams(temperature=0, max_tokens=8, logprobs=True, top_logprobs=3),
-                                   ["Tom had a dog"])[0]
-    finally:
-        engine.cfg.device_sampling = True
+def test_logprobs_equal_log_softmax_of_the_model_logits(engine):
+    out = engine.generate_sync(SamplingParams(temperature=0, max_tokens=8, logprobs=True, top_logprobs=3),
+                               ["Tom had a dog"])[0]
     runner = ModelRunner(engine.runner.artifact)
     runner.add_sequence(0)
     logits = runner.forward([0], [out.prompt_token_ids])
@@ -215,8 +210,8 @@ def test_a_failing_step_fails_its_requests_and_the_engine_serves_on(engine):
     assert all_pages_free(engine)
 
 
-def test_a_batch_mixing_device_and_host_sampling_rows(engine):
-    """Rows asking for logprobs sample on the host, the others on the device, in the same steps."""
+def test_a_batch_mixing_rows_with_and_without_logprobs(engine):
+    """Rows asking for logprobs and rows that do not, in the same steps: the same greedy tokens."""
     kinds = [SamplingParams(temperature=0, max_tokens=12), SamplingParams(temperature=0, max_tokens=12, logprobs=True)]
 
     async def run():
@@ -311,15 +306,23 @@ def test_tiny_qwen3_shares_prefixes_and_preempts_like_each_alone(tmp_path):
         assert out.token_ids == generate_ids(runner, [prompt], 24)[0]
 
 
-def test_penalties_on_the_device_match_the_numpy_path(engine):
+def test_penalties_on_the_device_match_the_numpy_reference(engine):
+    """Greedy with all three penalties, two requests batched: the tokens the numpy reference picks
+    step by step from the same model's logits."""
+    from sampling_reference import apply_penalties
+
     params = SamplingParams(temperature=0, max_tokens=30, frequency_penalty=0.7, presence_penalty=0.4,
                             repetition_penalty=1.2, ignore_eos=True)
-    device = engine.generate_sync(params, ["Tom had a dog", "The sun was hot"])
-    engine.cfg.device_sampling = False
-    try:
-        host = engine.generate_sync(params, ["Tom had a dog", "The sun was hot"])
-    finally:
-        engine.cfg.device_sampling = True
-    assert [o.token_ids for o in device] == [o.token_ids for o in host]
+    prompts = ["Tom had a dog", "The sun was hot"]
+    device = engine.generate_sync(params, prompts)
+    runner = ModelRunner(engine.runner.artifact)
+    for seq_id, out in enumerate(device):
+        prompt, tokens = out.prompt_token_ids, []
+        runner.add_sequence(seq_id)
+        logits = runner.forward([seq_id], [prompt])
+        for _ in range(30):
+            tokens.append(int(apply_penalties(logits, [params], [prompt], [tokens]).argmax()))
+            logits = runner.forward([seq_id], [[tokens[-1]]])
+        assert out.token_ids == tokens
     assert device[0].token_ids != engine.generate_sync(SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
                                                        ["Tom had a dog"])[0].token_ids

@@ -4,22 +4,21 @@ stories260K in all four forms (HF folder, GGUF f32/q8_0/q4_0) against expected.j
 numpy reference over the same dequantized weights; tiny random Llama/Qwen3 models give the same
 tokens from GGUF as from safetensors."""
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 import gguf  # noqa: E402
 from conftest import STORIES_EXPECTED, STORIES_HF, compile_cpu  # noqa: E402
 from runtime.generate import generate_ids  # noqa: E402
 from runtime.model_runner import ModelRunner  # noqa: E402
 from runtime.tokenizer import Tokenizer  # noqa: E402
-from test_gguf_source import STORIES, random_model, write_model_gguf  # noqa: E402
+from test_gguf_source import STORIES, random_model, write_hf_folder, write_model_gguf  # noqa: E402
 
 ALL_EXPECTED = STORIES_EXPECTED
 EXPECTED = ALL_EXPECTED["greedy_from_bos"]
@@ -125,6 +124,16 @@ def test_quantized_matches_numpy_reference(form, artifacts):
     assert generate_ids(ModelRunner(artifacts[form]), [[1]], 32)[0] == ref
 
 
+@pytest.mark.parametrize("form", ["q8_0", "q4_0"])
+def test_quantized_forms_stay_packed(form, artifacts):
+    """Each 2-D tensor keeps its GGUF type (Q8_0, Q4_0; F16 as stored): the weights stay about the file's size."""
+    quantization = yaml.safe_load((artifacts[form] / "kiln.yaml").read_text())["quantization"]
+    stored = {t.tensor_type.name.lower() for t in gguf.GGUFReader(FORMS[form]).tensors if len(t.shape) == 2}
+    assert set(quantization["summary"]) == stored and form in stored
+    weight_bytes = sum(f.stat().st_size for f in (artifacts[form] / "weights").glob("*.safetensors"))
+    assert weight_bytes <= 1.3 * FORMS[form].stat().st_size
+
+
 def test_numpy_reference_is_right():
     """The reference itself reproduces expected.json on the f32 GGUF."""
     assert numpy_llama_greedy(FORMS["f32"], [1], 32) == EXPECTED["generated_ids"][:32]
@@ -133,14 +142,8 @@ def test_numpy_reference_is_right():
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_random_model_gguf_equals_safetensors(arch, tmp_path):
     """A tiny random model as an HF folder and as a llama.cpp-layout GGUF: identical greedy tokens."""
-    from safetensors.numpy import save_file
     cfg, tensors = random_model(arch, seed=3)
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    (hf / "config.json").write_text(json.dumps(cfg))
-    save_file(tensors, hf / "model.safetensors")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(STORIES_HF / f, hf / f)
+    hf = write_hf_folder(tmp_path / "hf", cfg, tensors)
     gguf_path = write_model_gguf(tmp_path / f"{arch}.gguf", cfg, tensors)
     prompts = [[1, 403, 407, 261, 378], [1, 42]]
     outs = [generate_ids(ModelRunner(compile_cpu(p, tmp_path / f"art-{i}")), prompts, 16)

@@ -12,7 +12,7 @@ import pytest
 from conftest import DATA, STORIES_HF
 
 import gguf  # noqa: E402
-from formats.gguf import GGUFSource  # noqa: E402
+from formats.gguf import GGUFFile, GGUFSource  # noqa: E402
 from formats.safetensors_checks import SafetensorsModel  # noqa: E402
 from compile.sources import open_source  # noqa: E402
 from formats.errors import KilnError  # noqa: E402
@@ -100,6 +100,17 @@ def test_row_not_whole_blocks(tmp_path):
     path = patched(Q4, tmp_path / "s.gguf", off, struct.pack("<Q", 48))
     with pytest.raises(KilnError, match=r"'blk\.0\.attn_q\.weight': rows of 48 elements are not whole Q4_0 blocks"):
         GGUFSource(path)
+
+
+@pytest.mark.parametrize("qtype, elements", [("Q6_K", 384), ("Q4_K", 128), ("Q2_K", 224)])
+def test_k_quant_row_not_whole_superblocks(qtype, elements, tmp_path):
+    """ggml's own k-quant blocks with a row length that is not whole 256-weight super-blocks."""
+    vectors = DATA / "ggml-quant-vectors" / "ggml-quant-vectors.gguf"
+    name = f"{qtype.lower()}.q"
+    path = patched(vectors, tmp_path / "k.gguf", tensor_info_offset(vectors, name, 3), struct.pack("<Q", elements))
+    with pytest.raises(KilnError, match=rf"k\.gguf: tensor '{name}': rows of {elements} elements are not whole "
+                                        rf"{qtype} blocks of 256"):
+        GGUFFile(path)
 
 
 def _copy_hf(tmp_path):

@@ -32,10 +32,11 @@ def llama_cpp_permute(w, n_head):
     """llama.cpp's convert_hf_to_gguf LlamaModel.permute: HF rotate_half rows -> interleaved pairs."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
-def random_model(arch, seed=0):
+def random_model(arch, seed=0, head_dim=None, hidden=64, inter=96):
     """(HF config, HF-named float32 tensors) of a tiny random Llama / Qwen2 / Qwen3 with a 512-token vocab."""
     rng = np.random.default_rng(seed)
-    heads, kv, head_dim, hidden, inter, layers = 4, 2, (32 if arch == "qwen3" else 16), 64, 96, 2
+    heads, kv, layers = 4, 2, 2
+    head_dim = head_dim or (32 if arch == "qwen3" else 16)
     hf_arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]
     cfg = {"architectures": [hf_arch], "model_type": arch, "hidden_size": hidden, "intermediate_size": inter,
            "num_hidden_layers": layers,
@@ -68,10 +69,25 @@ def random_model(arch, seed=0):
             tensors[name] = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
     return cfg, tensors
 
+def write_hf_folder(folder, cfg, tensors):
+    """An HF model folder: config.json, model.safetensors and stories260K's tokenizer files."""
+    import shutil
+    from safetensors.numpy import save_file
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_file(tensors, folder / "model.safetensors")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(STORIES_HF / f, folder / f)
+    return folder
+
 def write_model_gguf(path, cfg, tensors, tokenizer_gguf=STORIES / "gguf" / "stories260K-f32.gguf", qtype=None):
     """Write an HF model as llama.cpp would: its names, metadata and (llama) the q/k row permutation.
-    Tokenizer metadata is copied from `tokenizer_gguf`; qtype quantizes the 2-D weights (gguf.quants)."""
+    Tokenizer metadata is copied from `tokenizer_gguf`; qtype (a GGMLQuantizationType, or a function of
+    the HF name giving one or None) quantizes the 2-D weights: Kiln's native types with compile.quantize
+    (ggml's bytes), others with gguf.quants."""
+    from compile.quantize import quantize
     from formats.gguf import GGUFFile
+    from formats.quant_layout import QUANT_TYPES
     arch = cfg["model_type"]
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(cfg["max_position_embeddings"])
@@ -97,8 +113,11 @@ def write_model_gguf(path, cfg, tensors, tokenizer_gguf=STORIES / "gguf" / "stor
             t = llama_cpp_permute(t, cfg["num_attention_heads"])
         if arch == "llama" and ".k_proj." in name:
             t = llama_cpp_permute(t, cfg["num_key_value_heads"])
-        if qtype is not None and t.ndim == 2:
-            w.add_tensor(gguf_name(name), gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+        t_type = qtype(name) if callable(qtype) else qtype
+        if t_type is not None and t.ndim == 2:
+            blocks = (quantize(t_type.name.lower(), t) if t_type.name.lower() in QUANT_TYPES
+                      else gguf.quants.quantize(t, t_type))
+            w.add_tensor(gguf_name(name), blocks, raw_dtype=t_type)
         else:
             w.add_tensor(gguf_name(name), t)
     w.write_header_to_file()

@@ -1,4 +1,5 @@
-"""runtime.sampling against transformers' logits processors (the reference distributions) and numpy."""
+"""Sampling against transformers' logits processors (the reference distributions) and numpy: the numpy
+reference (tests/sampling_reference.py) and the compiled functions (ModelRunner.sample on the CPU)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import transformers
 from conftest import top_k_top_p_kept
 from formats.errors import KilnError
 from runtime.model_runner import ModelRunner
-from runtime.sampling import SamplingParams, apply_penalties, sample
+from runtime.sampling import SamplingParams
+from sampling_reference import apply_penalties, sample
 
 LOGITS = np.array([2.0, 1.5, 1.2, 0.9, 0.5, 0.1, -0.4, -1.0, -2.0, -3.0], dtype=np.float32)
 DRAWS = 40_000
@@ -55,13 +57,18 @@ def runner(stories_artifact):
     (SamplingParams(min_p=0.2), [transformers.MinPLogitsWarper(0.2)]),
 ])
 def test_sampled_frequencies_match_the_target_distribution(params, processors):
+    check_distribution(params, processors)
+
+
+def check_distribution(params: SamplingParams, processors, runner=None) -> None:
+    """DRAWS samples (numpy, or `runner`'s compiled functions) follow transformers' distribution."""
     want = reference_probs(processors)
-    got = frequencies(params)
+    got = frequencies(params, runner)
     assert (got[want == 0] == 0).all()
     assert np.abs(got - want).max() < 0.015, (got, want)
 
 
-@pytest.mark.parametrize("params, processors", [
+COMPILED_DISTRIBUTIONS = [  # (params, transformers' processors of the same distribution); also tests/gpu
     (SamplingParams(temperature=0.7), [transformers.TemperatureLogitsWarper(0.7)]),
     (SamplingParams(temperature=1.3, top_k=3), [transformers.TemperatureLogitsWarper(1.3),
                                                 transformers.TopKLogitsWarper(3)]),
@@ -69,19 +76,23 @@ def test_sampled_frequencies_match_the_target_distribution(params, processors):
     (SamplingParams(min_p=0.2), [transformers.MinPLogitsWarper(0.2)]),
     (SamplingParams(top_k=5, top_p=0.7), [transformers.TopKLogitsWarper(5), transformers.TopPLogitsWarper(0.7)]),
     (SamplingParams(temperature=0), [transformers.TopKLogitsWarper(1)]),
-])
+]
+
+
+@pytest.mark.parametrize("params, processors", COMPILED_DISTRIBUTIONS)
 def test_compiled_sampling_matches_the_target_distribution(runner, params, processors):
-    want = reference_probs(processors)
-    got = frequencies(params, runner)
-    assert (got[want == 0] == 0).all()
-    assert np.abs(got - want).max() < 0.015, (got, want)
+    check_distribution(params, processors, runner)
 
 
 def test_compiled_top_p_top_k_keep_exactly_the_reference_tokens(runner):
-    """Over a 1,000-token vocabulary with a long tail: every token the compiled top-p/top-k draws is in
+    check_top_p_top_k_kept(runner, 1000)
+
+
+def check_top_p_top_k_kept(runner, vocab: int) -> None:
+    """Over a `vocab`-token vocabulary with a long tail: every token the compiled top-p/top-k draws is in
     the reference kept set, and every kept token of visible probability is drawn."""
     rng = np.random.default_rng(4)
-    vocab, draws = 1000, 400
+    draws = 400
     settings = [(k, p) for k in (0, 1, 7, 60) for p in (1.0, 0.9, 0.5)]
     settings.remove((0, 1.0))
     logits = (rng.standard_normal((len(settings), vocab)) * 3).astype(np.float32)

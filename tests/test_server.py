@@ -34,7 +34,7 @@ class LiveServer:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.uvicorn = uvicorn.Server(uvicorn.Config(self.server.app, log_level="warning"))
+        self.uvicorn = uvicorn.Server(self.server.uvicorn_config(log_level="warning"))
         self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

@@ -23,7 +23,7 @@ import openai
 import pytest
 from test_server import MODEL, serving
 
-from runtime import Message, SamplingParams
+from runtime import Message, SamplingParams, serve
 
 REPO = Path(__file__).resolve().parent.parent
 CLIENTS, REQUESTS_EACH = 64, 3
@@ -108,7 +108,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_cli_serves_a_folder_of_artifacts_and_drains_on_sigterm(stories_artifact, tmp_path):
+def _events(lines: list[str]) -> list[dict | str]:
+    return [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in lines if line]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_cli_serves_a_folder_of_artifacts_and_ends_streams_on_shutdown(stories_artifact, tmp_path, sig):
+    """Up with --w a folder of artifacts and the flags; on SIGTERM or Ctrl-C, a stream still running after
+    --graceful-timeout ends with an OpenAI error event and [DONE] within a second or two, without a traceback."""
     folder = tmp_path / "artifacts"
     folder.mkdir()
     (folder / "stories").symlink_to(stories_artifact)
@@ -116,26 +123,30 @@ def test_cli_serves_a_folder_of_artifacts_and_drains_on_sigterm(stories_artifact
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--w", str(folder), "--port", str(port),
                              "--max-num-seqs", "8", "--max-model-len", "256", "--kvmem", "1.5", "--d", "0",
-                             "--served-model-name", "s",
+                             "--served-model-name", "s", "--graceful-timeout", "0.5",
                              "--log-level", "warning"], cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while True:
             assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
             try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
+                health = httpx.get(url + "/health")
             except httpx.TransportError:
-                time.sleep(0.2)
+                time.sleep(0.1)
+                continue
+            if health.status_code == 200:
+                break
+            assert (health.status_code, health.json()) == (503, {"status": "loading"})
+            time.sleep(0.1)
         card = httpx.get(url + "/v1/models").json()["data"][0]
         assert (card["id"], card["max_model_len"]) == ("s", 256)
         pages = re.search(r"^kiln_kv_pages_total (\S+)$", httpx.get(url + "/metrics").text, re.M)
         assert 256 // 16 < float(pages[1]) < 100  # 1.5 MB of KV cache (1280 bytes a token), not the default 513
         lines, started = [], threading.Event()
 
-        def read_stream():
+        def read_stream():  # far longer than the grace period: 8 x 240 tokens
             with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
-                    "model": "s", "prompt": "Once upon a time", "max_tokens": 240, "n": 4, "stream": True,
+                    "model": "s", "prompt": "Once upon a time", "max_tokens": 240, "n": 8, "stream": True,
                     "ignore_eos": True}) as r:
                 for line in r.iter_lines():
                     started.set()
@@ -144,22 +155,52 @@ def test_cli_serves_a_folder_of_artifacts_and_drains_on_sigterm(stories_artifact
         reader = threading.Thread(target=read_stream)
         reader.start()
         assert started.wait(30)
-        proc.send_signal(signal.SIGTERM)  # mid-stream: the response still completes
-        at_signal = len(lines)
-        reader.join(60)
-        assert at_signal < len(lines)
-        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
-        events = [line[6:] for line in lines if line]
-        assert events[-1] == "[DONE]"
-        finishes = [c["finish_reason"] for e in events[:-1] for c in json.loads(e)["choices"] if c["finish_reason"]]
-        assert finishes == ["length"] * 4
+        proc.send_signal(sig)
+        signalled = time.monotonic()
+        reader.join(10)
+        ended = time.monotonic() - signalled
+        assert proc.wait(timeout=10) in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM once drained
+        events = _events(lines)
+        assert events[-1] == "[DONE]" and ended < 0.5 + 2.5
+        assert events[-2]["error"]["code"] == "shutting_down"
         assert "Traceback" not in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
 
 
+BAD_FLAGS = [["--port", "99999"], ["--port", "http"], ["--kvmem", "inf"], ["--kvmem", "0"], ["--kvmem", "nan"],
+             ["--max-model-len", "0"], ["--max-model-len", "-5"], ["--max-queue", "-100"], ["--max-num-seqs", "0"],
+             ["--graceful-timeout", "-1"], ["--max-body-mb", "0"], ["--max-stops", "-1"], ["--d", "cuda:x"],
+             ["--seed", "-3"], ["--log-level", "loud"], ["--frobnicate"]]
+
+
+@pytest.mark.parametrize("flags", BAD_FLAGS, ids=["=".join(f) for f in BAD_FLAGS])
+def test_cli_bad_flags_are_one_line_errors(flags, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        serve.main(["--w", str(tmp_path), *flags])  # refused before anything starts
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert flags[0] in err or flags[-1] in err
+
+
+def test_cli_device_of_another_kind_is_refused(stories_artifact):
+    r = subprocess.run([sys.executable, "-m", "runtime.serve", "--w", str(stories_artifact), "--d", "cuda:0",
+                        "--port", str(_free_port())], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "runs on cpu, not cuda" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_help_lists_limits_and_open_routes(capsys):
+    with pytest.raises(SystemExit) as exit:
+        serve.main(["--help"])
+    assert exit.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for words in ("--max-body-mb", "--max-prompt-chars", "--max-stops", "--open-metrics", "/health",
+                  "(default: 8.0)"):
+        assert words in out, words
+
+
 def test_cli_bad_artifact_exits_1_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "runtime.serve", "--w", str(tmp_path / "missing")], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith("error: ") and "Traceback" not in r.stderr

@@ -118,3 +118,43 @@ def test_chat_page_streams_an_answer_in_chromium(live, tmp_path):
     assert answer["error"] is False and answer["text"] == ref.text
     assert answer["chunks"] > 1  # it arrived in pieces
     assert (tmp_path / "chat.png").stat().st_size > 1000
+
+
+def _type_and_send(browser: Chromium, session: str, text: str) -> None:
+    browser.evaluate(session, "document.getElementById('prompt').focus()")
+    browser.send("Input.insertText", session, text=text)
+    for kind in ("keyDown", "keyUp"):
+        browser.send("Input.dispatchKeyEvent", session, type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_chat_page_keeps_a_stopped_turn_and_shows_speed(live, tmp_path):
+    """Stop mid-answer: the partial answer stays, marked "stopped", and is sent back with the next turn;
+    a finished answer shows its tokens/s; the waiting bubble shows the typing indicator until text comes."""
+    browser = Chromium(str(tmp_path / "profile"))
+    try:
+        target = browser.send("Target.createTarget", url="about:blank")["targetId"]
+        session = browser.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        browser.send("Page.navigate", session, url=f"{live.url}/?temperature=0&max_tokens=200")
+        browser.evaluate(session, _until("(t => t !== '…' && t)(document.getElementById('model')?.textContent)"))
+        browser.evaluate(session, "window.sent = []; const f = window.fetch; window.fetch = (u, o) => "
+                                  "{ if (o && o.body) window.sent.push(JSON.parse(o.body)); return f(u, o); }; 1")
+        _type_and_send(browser, session, PROMPT)
+        typing = browser.evaluate(session, "document.querySelector('.msg.assistant').classList.contains('typing')"
+                                            " || document.querySelector('.msg.assistant').dataset.chunks !== '0'")
+        browser.evaluate(session, _until("+document.querySelector('.msg.assistant').dataset.chunks >= 2"))
+        browser.evaluate(session, "document.getElementById('send').click(); 1")  # the button reads "Stop"
+        stopped = browser.evaluate(session, _until(
+            "(a => a.dataset.done && {text: a.textContent, stopped: a.classList.contains('stopped'), "
+            "note: a.nextElementSibling.textContent})(document.querySelector('.msg.assistant'))"))
+        _type_and_send(browser, session, "And then?")
+        second = browser.evaluate(session, _until(
+            "(a => a.length == 2 && a[1].dataset.done && {note: a[1].nextElementSibling.textContent, "
+            "typing: a[1].classList.contains('typing')})(document.querySelectorAll('.msg.assistant'))"))
+        sent = browser.evaluate(session, "window.sent")
+    finally:
+        browser.close()
+    assert typing and stopped["stopped"] and stopped["note"] == "stopped" and stopped["text"]
+    assert [m["role"] for m in sent[1]["messages"]] == ["user", "assistant", "user"]
+    assert sent[1]["messages"][1]["content"] == stopped["text"]
+    assert "tokens/s" in second["note"] and not second["typing"]

@@ -46,42 +46,62 @@ async function* events(response) {
   }
 }
 
+// A small line under an answer: "stopped", token count and speed.
+function note(out, text) {
+  const div = document.createElement("div");
+  div.className = "stats";
+  div.textContent = text;
+  out.after(div);
+}
+
 async function send(text) {
   if (controller) return;
   history.push({ role: "user", content: text });
   bubble("user", text);
-  const out = bubble("assistant", "");
+  const out = bubble("assistant typing", "");
   out.dataset.chunks = "0";
   document.body.dataset.state = "streaming";
   $("send").textContent = "Stop";
   controller = new AbortController();
+  const started = performance.now();
+  let first = null, tokens = 0;
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST",
       headers: { "Content-Type": "application/json", ...auth },
       signal: controller.signal,
       body: JSON.stringify({
-        model, messages: history, stream: true,
+        model, messages: history, stream: true, stream_options: { include_usage: true },
         temperature: Number($("temperature").value), max_tokens: Number($("max_tokens").value),
       }),
     });
     if (!response.ok) throw new Error((await response.json()).error.message);
     for await (const chunk of events(response)) {
       if (chunk.error) throw new Error(chunk.error.message);
+      if (chunk.usage) tokens = chunk.usage.completion_tokens;
       const piece = chunk.choices[0]?.delta?.content;
       if (piece) {
+        if (first === null) { first = performance.now(); out.classList.remove("typing"); }
         out.textContent += piece;
         out.dataset.chunks = String(Number(out.dataset.chunks) + 1);
         out.scrollIntoView({ block: "end" });
       }
     }
     history.push({ role: "assistant", content: out.textContent });
+    const seconds = (performance.now() - (first ?? started)) / 1000;
+    note(out, `${tokens} tokens · ${seconds > 0 ? (tokens / seconds).toFixed(1) : "–"} tokens/s`);
   } catch (e) {
-    if (e.name !== "AbortError") {
+    out.classList.remove("typing");
+    if (e.name === "AbortError") {  // stopped: the partial answer stays in the conversation, marked
+      out.classList.add("stopped");
+      out.dataset.stopped = "1";
+      history.push({ role: "assistant", content: out.textContent });
+      note(out, "stopped");
+    } else {
       out.classList.add("error");
       out.textContent += (out.textContent ? "\n" : "") + `error: ${e.message}`;
+      history.pop();
     }
-    history.pop();
   } finally {
     controller = null;
     $("send").textContent = "Send";

@@ -1,0 +1,351 @@
+"""Quantized GEMV/GEMM benchmark: Kiln's kernels on packed weights vs copy bandwidth and bf16 cuBLAS.
+
+Two halves, as bench/gemm.py (the GPU box has only a runtime-only TVM):
+  python bench/quant_gemm.py build --out DIR   (here: TVM + nvcc)
+      for Q4_K, Q6_K and Q8_0 and every Linear shape of Llama-3.1-8B and Qwen3-0.6B: the
+      dequant-fused GEMV (QuantGemv, dynamic M, the model's epilogue), the stand-alone dequantize
+      kernel (QuantDequantize, bf16) and the bf16 wgmma GEMM (MatmulWgmma) that follows it in prefill.
+  python bench/quant_gemm.py run DIR [--results bench/RESULTS.md]   (GPU box)
+      random packed components on the GPU (random code words, fp16 scales of realistic size), every
+      kernel checked against a torch fp32 dequantize-then-matmul reference first; then GEMV at
+      M = 1, 4, 16 (and 64) as % of the measured copy bandwidth counting the packed bytes, and
+      dequantize + GEMM at M = 128, 512, 2048 as % of torch.matmul (cuBLAS, bf16) in the same run;
+      rotating input sets of >= 3x L2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+
+QTYPES = ["q4_k", "q6_k", "q8_0"]
+GEMV_MS = [1, 4, 16, 64]
+GEMM_MS = [128, 512, 2048]
+RAGGED_MS = [3, 7, 33]  # correctness only: rows past a tile, each branch of the M chain
+
+
+def dequant_matmul(qtype: str, k: int, n: int, dtype: str = "bfloat16", epilogue: str = "cast"):
+    """The PrimFunc a quantized Linear becomes in decode (FuseDequantizeMatmul): model_defs/quant.py's
+    dequantize (to `dtype`), y = x · Wᵀ accumulated in fp32 over a dynamic row count, then the
+    epilogue: "cast" (y.astype(dtype)), "residual" (r + cast, 3-D x) or "logits" (fp32 out)."""
+    from tvm import te, tirx
+
+    from model_defs.quant import component_shapes, dequantize_te
+
+    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
+    rows = tirx.Var("m", "int64")
+    comps = [te.placeholder(shape, dt, f"w_{name}") for name, (shape, dt) in component_shapes(qtype, n, k).items()]
+    w = dequantize_te(qtype, comps, k, dtype)
+    r = te.reduce_axis((i64(0), i64(k)), "k")
+    if epilogue == "residual":
+        x = te.placeholder((i64(1), rows, i64(k)), dtype, name="x")
+        res = te.placeholder((i64(1), rows, i64(n)), dtype, name="res")
+        acc = te.compute((i64(1), rows, i64(n)), lambda b, i, j: te.sum(
+            x[b, i, r].astype("float32") * w[j, r].astype("float32"), axis=r), name="NT_matmul")
+        y = te.compute((i64(1), rows, i64(n)), lambda b, i, j: res[b, i, j] + acc[b, i, j].astype(dtype),
+                       name="T_add")
+        return te.create_prim_func([x, *comps, res, y])
+    x = te.placeholder((rows, i64(k)), dtype, name="x")
+    acc = te.compute((rows, i64(n)), lambda i, j: te.sum(
+        x[i, r].astype("float32") * w[j, r].astype("float32"), axis=r), name="NT_matmul")
+    if epilogue == "logits":
+        return te.create_prim_func([x, *comps, acc])
+    y = te.compute((rows, i64(n)), lambda i, j: acc[i, j].astype(dtype), name="compute")
+    return te.create_prim_func([x, *comps, y])
+
+
+def dequantize_func(qtype: str, k: int, n: int, dtype: str = "bfloat16"):
+    """Prefill's stand-alone dequantize PrimFunc (model_defs/quant.py's): W[n, k] in `dtype`."""
+    from tvm import te
+
+    from model_defs.quant import component_shapes, dequantize_te
+
+    comps = [te.placeholder(shape, dt, f"w_{name}") for name, (shape, dt) in component_shapes(qtype, n, k).items()]
+    return te.create_prim_func([*comps, dequantize_te(qtype, comps, k, dtype)])
+
+
+def _epilogue(model: str, index: int, n_shapes: int) -> str:
+    """The model's epilogue per Linear: O and down projections add the residual, the LM head
+    writes fp32 logits, the rest cast."""
+    return "logits" if index == n_shapes - 1 else "residual" if index in (1, 3) else "cast"
+
+
+def _cases():
+    from bench.gemm import SHAPES
+
+    for model, shapes in SHAPES.items():
+        for index, (k, n) in enumerate(shapes):
+            yield model, k, n, _epilogue(model, index, len(shapes))
+
+
+# ------------------------------------------------------------------------------------ build
+def build(out: str, variants: dict, gemv_only: bool = False, nvcc: bool = True) -> None:
+    import tvm
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench.gemm import _prim_func, export_kernels
+    from schedules.matmul_wgmma import MatmulWgmma
+    from schedules.quant_dequantize import QuantDequantize
+    from schedules.quant_gemv import QuantGemv, QuantGemvConfig
+
+    target = tvm.target.Target("nvidia/nvidia-h100")
+    funcs = {}
+    for _, k, n, epilogue in _cases():
+        if not gemv_only:
+            sch = MatmulWgmma().apply(_prim_func(k, n, "bfloat16", "cast"), target, False)
+            funcs[f"gemm_k{k}_n{n}"] = sch.mod["main"]
+        for qtype in QTYPES:
+            if not gemv_only:
+                funcs[f"deq_{qtype}_k{k}_n{n}"] = QuantDequantize().kernel(dequantize_func(qtype, k, n))
+            for name, cfg in variants.items():
+                f = QuantGemv(QuantGemvConfig(**cfg)).kernel(dequant_matmul(qtype, k, n, "bfloat16", epilogue))
+                assert f is not None, (name, qtype, k, n)
+                funcs[f"{name}_{qtype}_k{k}_n{n}"] = f
+    export_kernels(funcs, out, {"variants": variants, "gemv_only": gemv_only}, nvcc)
+
+
+# ------------------------------------------------------------------------------------ run
+def random_components(qtype: str, n: int, k: int, gen):
+    """Random code words and realistic scales (fp16 d ~ 1e-3, 6-bit sc/m, int8 Q6_K scales)."""
+    import torch
+
+    dev = "cuda"
+    comps = {}
+    from formats.quant_layout import QUANT_TYPES  # (model_defs needs TVM's compiler; the GPU box has none)
+
+    t = QUANT_TYPES[qtype]
+    for name, shape in t.shapes(n, k).items():
+        dt = t.components[name].dtype
+        if dt == "uint32":
+            comps[name] = torch.randint(-2**31, 2**31, shape, dtype=torch.int32, device=dev, generator=gen)
+        elif dt == "float16":
+            comps[name] = (torch.rand(shape, device=dev, generator=gen) * 2e-3 + 5e-4).half()
+        elif dt == "uint8":
+            comps[name] = torch.randint(0, 64, shape, dtype=torch.uint8, device=dev, generator=gen)
+        else:  # int8 scales of Q6_K (−128..127 in GGUF; most within ±64)
+            comps[name] = torch.randint(-64, 64, shape, dtype=torch.int8, device=dev, generator=gen)
+    return comps
+
+
+def torch_dequantize(qtype: str, c: dict, n: int, k: int):
+    """fp32 W[n, k] from the components, per docs/QUANT-LAYOUT.md (the reference)."""
+    import torch
+
+    def bits(name, b):
+        per = 32 // b
+        words = c[name].repeat_interleave(per, dim=1)  # int32 view of the uint32 words
+        shift = (torch.arange(k, device=words.device) % per) * b
+        return (words >> shift) & (2 ** b - 1)
+
+    def per_k(name, group):
+        return c[name].float().repeat_interleave(group, dim=1)
+
+    if qtype == "q8_0":
+        q = bits("q", 8)
+        return per_k("d", 32) * torch.where(q >= 128, q - 256, q).float()
+    if qtype == "q4_k":
+        return (per_k("d", 256) * per_k("sc", 32)) * bits("q", 4).float() - per_k("dmin", 256) * per_k("m", 32)
+    if qtype == "q6_k":
+        q = (bits("q", 4) | (bits("qh", 2) << 4)) - 32
+        return (per_k("d", 256) * per_k("sc", 16)) * q.float()
+    raise ValueError(qtype)
+
+
+def _tvm_args(comps: dict) -> list:
+    """The components as TVM tensors: the code words (int32 in torch, for the reference's shifts) as uint32."""
+    import torch
+    import tvm
+
+    return [tvm.runtime.from_dlpack(t.view(torch.uint32) if t.dtype == torch.int32 else t) for t in comps.values()]
+
+
+def _kernel_ms(fn, sets, iters: int) -> float:
+    """GPU time per call from CUPTI (torch's profiler): a GEMV takes a few µs, less than the Python
+    launch of the call, so wall-clock timing would measure the host. Cycles through the sets."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for i in range(3):
+        fn(*sets[i % len(sets)])
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(iters):
+            fn(*sets[i % len(sets)])
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages() if e.device_time_total > 0) / iters / 1e3
+
+
+def _load(out: str):
+    """bench/gemm.py's loader; a --no-nvcc build's CUDA source goes through nvcc here, on all cores."""
+    from bench.gemm import _load as load_library, nvcc_fatbin
+
+    def compile_cuda(code):
+        with open(os.path.join(out, "kernels.cu"), "w") as f:
+            f.write(code)
+        nvcc_fatbin(out, os.cpu_count() or 1)
+
+    return load_library(out, compile_cuda)
+
+
+def run(out: str, results: str | None, command: str) -> None:
+    import torch
+    import tvm
+
+    from bench.gemm import _time_ms, write_results
+
+    lib, meta = _load(out)
+    dl = tvm.runtime.from_dlpack
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(0)
+    l2, card = props.L2_cache_size, torch.cuda.get_device_name(0)
+    big = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
+    big2 = torch.empty_like(big)
+    copy_gbs = 2 * big.numel() / _time_ms(lambda a, b: b.copy_(a), [(big, big2)], 20) / 1e6
+    del big, big2
+    print(f"{card}: copy {copy_gbs:.0f} GB/s (read + write)", flush=True)
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(0)
+    rows, log = [], []
+    full = not meta.get("gemv_only")  # else no dequantize / GEMM kernels in this build
+    for model, k, n, epilogue in _cases():
+        for qtype in QTYPES:
+            if not any(name.endswith(f"_{qtype}_k{k}_n{n}") for name in meta["kernels"]):
+                continue  # a build of some shapes only
+            comps = random_components(qtype, n, k, gen)
+            packed = sum(t.numel() * t.element_size() for t in comps.values())
+            w = torch_dequantize(qtype, comps, n, k)
+            w_model = w.to(torch.bfloat16).float()  # the fused GEMV multiplies by the bf16 weight
+            args = _tvm_args(comps)
+            nsets = max(2, min(8, math.ceil(3 * l2 / (packed + 2 * n * k))))
+            sets = [comps] + [random_components(qtype, n, k, gen) for _ in range(nsets - 1)]
+            set_args = [_tvm_args(s) for s in sets]
+            for variant in meta["variants"]:
+                f = lib[f"{variant}_{qtype}_k{k}_n{n}"]
+                for m in [*RAGGED_MS, *GEMV_MS]:
+                    x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+                    ref = x.float() @ w_model.T
+                    if epilogue == "logits":
+                        y = torch.full((m, n), float("nan"), device=dev)
+                        call = lambda xx, a, yy: f(dl(xx), *a, dl(yy))  # noqa: E731
+                    elif epilogue == "residual":
+                        res = torch.randn(m, n, device=dev).to(torch.bfloat16)
+                        ref = res.float() + ref.to(torch.bfloat16).float()
+                        y = torch.full((m, n), float("nan"), device=dev, dtype=torch.bfloat16)
+                        call = lambda xx, a, yy, r=res: f(dl(xx[None]), *a, dl(r[None]), dl(yy[None]))  # noqa: E731
+                    else:
+                        y = torch.full((m, n), float("nan"), device=dev, dtype=torch.bfloat16)
+                        call = lambda xx, a, yy: f(dl(xx), *a, dl(yy))  # noqa: E731
+                    call(x, args, y)
+                    err = ((y.float() - ref).norm() / ref.norm()).item()
+                    ok = bool(math.isfinite(err) and err <= (1e-4 if epilogue == "logits" else 1e-2))
+                    if m in RAGGED_MS:
+                        log.append(f"{variant} {qtype} {k}->{n} M={m} relerr={err:.1e} ok={ok}")
+                        print(log[-1], flush=True)
+                        continue
+                    xs = [torch.randn(m, k, device=dev).to(torch.bfloat16) for _ in range(nsets)]
+                    ys = [torch.empty_like(y) for _ in range(nsets)]
+                    t_k = _kernel_ms(call, list(zip(xs, set_args, ys)), 100)
+                    rows.append(dict(kind="gemv", variant=variant, qtype=qtype, model=model, k=k, n=n, m=m,
+                                     err=err, ok=ok, ms=t_k, gbs=packed / t_k / 1e6,
+                                     pct=packed / t_k / 1e6 / copy_gbs))
+                    log.append(json.dumps(rows[-1]))
+                    print(f"{variant} {qtype} {k}->{n} M={m} {t_k * 1e3:.1f} us "
+                          f"{100 * rows[-1]['pct']:.0f}% copy BW relerr={err:.1e}", flush=True)
+            if full:  # dequantize kernel (bit-exact bf16 of the fp32 reference), then the GEMM
+                deq, gemm = lib[f"deq_{qtype}_k{k}_n{n}"], lib[f"gemm_k{k}_n{n}"]
+                wb = torch.full((n, k), float("nan"), device=dev, dtype=torch.bfloat16)
+                deq(*args, dl(wb))
+                deq_ok = bool(torch.equal(wb, w.to(torch.bfloat16)))
+                log.append(f"dequantize {qtype} {k}->{n} bit-exact={deq_ok}")
+                print(log[-1], flush=True)
+                outs = [torch.empty(n, k, device=dev, dtype=torch.bfloat16) for _ in range(nsets)]
+                t_deq = _kernel_ms(lambda a, o: deq(*a, dl(o)), list(zip(set_args, outs)), 20)
+                deq_gbs = (packed + 2 * n * k) / t_deq / 1e6
+                for m in GEMM_MS:
+                    x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+                    y = torch.full((m, n), float("nan"), device=dev, dtype=torch.bfloat16)
+                    deq(*args, dl(wb))
+                    gemm(dl(x), dl(wb), dl(y))
+                    ref = x.float() @ w.T
+                    err = ((y.float() - ref).norm() / ref.norm()).item()
+                    ok = bool(math.isfinite(err) and err <= 1e-2)
+                    xs = [torch.randn(m, k, device=dev).to(torch.bfloat16) for _ in range(nsets)]
+                    ys = [torch.empty(m, n, device=dev, dtype=torch.bfloat16) for _ in range(nsets)]
+                    t_g = _kernel_ms(lambda xx, o, yy: gemm(dl(xx), dl(o), dl(yy)), list(zip(xs, outs, ys)), 20)
+                    t_c = _kernel_ms(lambda xx, o, yy: torch.matmul(xx, o.T, out=yy), list(zip(xs, outs, ys)), 20)
+                    rows.append(dict(kind="gemm", qtype=qtype, model=model, k=k, n=n, m=m, err=err, ok=ok,
+                                     deq_ms=t_deq, gemm_ms=t_g, cublas_ms=t_c, ratio=t_c / (t_deq + t_g),
+                                     deq_pct=deq_gbs / copy_gbs, deq_ok=deq_ok))
+                    log.append(json.dumps(rows[-1]))
+                    print(f"gemm {qtype} {k}->{n} M={m} deq {t_deq * 1e3:.0f} us ({100 * deq_gbs / copy_gbs:.0f}% "
+                          f"copy) + gemm {t_g * 1e3:.0f} us vs cuBLAS {t_c * 1e3:.0f} us: "
+                          f"{100 * rows[-1]['ratio']:.0f}% relerr={err:.1e}", flush=True)
+                del outs, wb
+            del sets, set_args, comps, w, w_model
+            torch.cuda.empty_cache()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    table = _table(rows, card, copy_gbs, stamp, command)
+    print(table)
+    write_results(table, log, results, "quant_gemm_rows.jsonl")
+
+
+def _table(rows, card, copy_gbs, stamp, command) -> str:
+    lines = [f"### Quantized GEMV / GEMM {stamp}, {card}, copy {copy_gbs:.0f} GB/s", "", f"`{command}`", "",
+             "GEMV (dequant fused), % of copy bandwidth counting the packed bytes read:", "",
+             "| variant | type | model | K→N | M | µs | GB/s | % copy | rel.err |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if r["kind"] == "gemv"):
+        lines.append(f"| {r['variant']} | {r['qtype']} | {r['model']} | {r['k']}→{r['n']} | {r['m']} | "
+                     f"{r['ms'] * 1e3:.1f} | {r['gbs']:.0f} | {100 * r['pct']:.0f} | {r['err']:.1e}"
+                     f"{'' if r['ok'] else ' FAIL'} |")
+    lines += ["", "Prefill: dequantize (bf16) + wgmma GEMM vs cuBLAS bf16 on the same weights:", "",
+              "| type | model | K→N | M | dequant µs (% copy) | GEMM µs | cuBLAS µs | % cuBLAS | rel.err |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if r["kind"] == "gemm"):
+        lines.append(f"| {r['qtype']} | {r['model']} | {r['k']}→{r['n']} | {r['m']} | {r['deq_ms'] * 1e3:.0f} "
+                     f"({100 * r['deq_pct']:.0f}%{'' if r['deq_ok'] else ' NOT EXACT'}) | {r['gemm_ms'] * 1e3:.0f} | "
+                     f"{r['cublas_ms'] * 1e3:.0f} | {100 * r['ratio']:.0f} | {r['err']:.1e}{'' if r['ok'] else ' FAIL'} |")
+    lines += ["", "Llama-3.1-8B shapes: GEMV at M = 1 (min % copy), GEMM at M ≥ 512 (geomean % cuBLAS):", ""]
+    for qtype in QTYPES:
+        for v in dict.fromkeys(r["variant"] for r in rows if r["kind"] == "gemv"):
+            sel = [r["pct"] for r in rows if r["kind"] == "gemv" and r["variant"] == v and r["qtype"] == qtype
+                   and r["model"].startswith("llama") and r["m"] == 1]
+            if sel:
+                lines.append(f"- {qtype} GEMV {v}: min {100 * min(sel):.0f}%, mean {100 * sum(sel) / len(sel):.0f}%")
+        sel = [r["ratio"] for r in rows if r["kind"] == "gemm" and r["qtype"] == qtype
+               and r["model"].startswith("llama") and r["m"] >= 512]
+        if sel:
+            lines.append(f"- {qtype} GEMM: {100 * math.exp(sum(map(math.log, sel)) / len(sel)):.0f}%")
+    return "\n".join(lines) + "\n"
+
+
+VARIANTS = {  # name -> QuantGemvConfig fields; the first is the rule's default
+    "gemv": {},
+    "gemv_t8r1": {"row_threads": 8, "rows_per_thread": 1},
+    "gemv_l64": {"lanes": 64, "row_threads": 2, "rows_per_thread": 2},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--out", required=True)
+    b.add_argument("--variants", default=",".join(VARIANTS))
+    b.add_argument("--gemv-only", action="store_true", help="only the GEMV variants (no dequantize / GEMM)")
+    b.add_argument("--no-nvcc", action="store_true", help="leave nvcc to `run` (on the GPU box, all its cores)")
+    r = sub.add_parser("run")
+    r.add_argument("dir")
+    r.add_argument("--results")
+    a = p.parse_args()
+    if a.cmd == "build":
+        build(a.out, {v: VARIANTS[v] for v in a.variants.split(",")}, a.gemv_only, not a.no_nvcc)
+    else:
+        run(a.dir, a.results, " ".join(sys.argv))
+
+
+if __name__ == "__main__":
+    main()

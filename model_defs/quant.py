@@ -1,0 +1,184 @@
+"""Quantized weights as a parameter kind: GGUF block types held packed (docs/QUANT-LAYOUT.md's components).
+
+A quantized weight `P` of N rows and K columns is a few parameters `P.q`, `P.d`, ... whose dequantized
+values are bit-identical to `gguf.quants.dequantize` of the GGUF blocks. Dequantization is a TE compute
+in a PrimFunc named `dequantize_<qtype>`, so compiler passes and schedule rules recognise it:
+`schedules/quant_fusion.py` fuses it into the matmul where few rows are computed, the GPU rules then
+read packed words and dequantize in registers. `quantize_modules` swaps a built model's Linear and
+Embedding modules for the quantized ones by parameter name, so the family files never change.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+
+from formats.errors import KilnError
+from formats.quant_layout import quant_type
+
+# GGUF float types kept as stored where the model dtype is wider (a GGUF's F16 tensors on the fp32 CPU
+# path): one component `w`, cast by the same dequantize PrimFunc, so the weights stay at the file's size.
+STORED_FLOATS = {"f16": "float16", "bf16": "bfloat16"}
+
+
+def component_shapes(qtype: str, rows: int, cols: int) -> dict[str, tuple[tuple[int, int], str]]:
+    """{component: ((rows, columns), dtype)} of a rows x cols weight of `qtype`, in PrimFunc argument order."""
+    if qtype in STORED_FLOATS:
+        return {"w": ((rows, cols), STORED_FLOATS[qtype])}
+    t = quant_type(qtype)
+    return {name: (shape, t.components[name].dtype) for name, shape in t.shapes(rows, cols).items()}
+
+
+def _bits(words: te.Tensor, n, k, bits: int):
+    """The `bits`-bit code of element k of row n (element k at bit bits·(k % (32/bits)) of word k·bits/32)."""
+    per = 32 // bits
+    shift = ((k % per) * bits).astype("uint32")
+    return (words[n, k // per] >> shift) & tirx.const(2**bits - 1, "uint32")
+
+
+def _value(qtype: str, c: dict, n, k):
+    """Element (n, k) in fp32, in ggml's order of operations (every product is exact in fp32)."""
+    def f32(x):
+        return x.astype("float32")
+
+    def i32(x):
+        return x.astype("int32")
+
+    if qtype in STORED_FLOATS:
+        return f32(c["w"][n, k])
+    if qtype == "q8_0":
+        code = i32(_bits(c["q"], n, k, 8))
+        return f32(c["d"][n, k // 32]) * f32(code - ((code >> 7) << 8))  # the byte as int8
+    if qtype == "q4_0":
+        return f32(c["d"][n, k // 32]) * f32(i32(_bits(c["q"], n, k, 4)) - 8)
+    d = f32(c["d"][n, k // 256])
+    if qtype in ("q4_k", "q5_k"):
+        q = i32(_bits(c["q"], n, k, 4))
+        if qtype == "q5_k":
+            q = q + 16 * i32(_bits(c["qh"], n, k, 1))
+        return d * f32(c["sc"][n, k // 32]) * f32(q) - f32(c["dmin"][n, k // 256]) * f32(c["m"][n, k // 32])
+    if qtype == "q6_k":
+        q = i32(_bits(c["q"], n, k, 4) | (_bits(c["qh"], n, k, 2) << tirx.const(4, "uint32"))) - 32
+        return d * f32(c["sc"][n, k // 16]) * f32(q)
+    if qtype == "q2_k":
+        sc = c["sc"][n, k // 16]
+        return (d * f32(sc & tirx.const(15, "uint8")) * f32(_bits(c["q"], n, k, 2))
+                - f32(c["dmin"][n, k // 256]) * f32(sc >> tirx.const(4, "uint8")))
+    if qtype == "q3_k":
+        q = i32(_bits(c["q"], n, k, 2)) - 4 * (1 - i32(_bits(c["qh"], n, k, 1)))
+        return d * f32(c["sc"][n, k // 16]) * f32(q)
+    raise ValueError(qtype)
+
+
+def dequantize_te(qtype: str, components: list[te.Tensor], cols: int, dtype: str) -> te.Tensor:
+    """The N x K weight in `dtype` from its components (quant_layout's order); N = the components' rows."""
+    c = dict(zip(component_shapes(qtype, 0, 0), components))
+    rows = components[0].shape[0]
+    return te.compute((rows, cols), lambda n, k: _value(qtype, c, n, k).astype(dtype), name=f"dequantize_{qtype}")
+
+
+class QuantWeight(nn.Module):
+    """The components of one rows x cols weight as parameters: `q`, `d`, ... (formats/quant_layout.py), or
+    `w` for a stored float type."""
+
+    def __init__(self, qtype: str, rows: int, cols: int, dtype: str):
+        block = 1 if qtype in STORED_FLOATS else quant_type(qtype).block
+        if cols % block:
+            raise KilnError(f"a {rows} x {cols} weight cannot be {qtype}: rows of {cols} elements are not "
+                            f"whole blocks of {block}")
+        self.qtype, self.rows, self.cols, self.dtype = qtype, rows, cols, dtype  # dtype: the dequantized one
+        for name, (shape, component_dtype) in component_shapes(qtype, rows, cols).items():
+            setattr(self, name, nn.Parameter(shape, component_dtype))
+
+    def components(self) -> list[nn.Tensor]:
+        return [getattr(self, name) for name in component_shapes(self.qtype, 0, 0)]
+
+    def dequantize(self, components: list[nn.Tensor] | None = None) -> nn.Tensor:
+        """The weight (or the rows `components` were gathered from) in the model dtype, as a `dequantize_*` call."""
+        return nn.op.tensor_expr_op(lambda *c: dequantize_te(self.qtype, list(c), self.cols, self.dtype),
+                                    f"dequantize_{self.qtype}", components or self.components())
+
+
+def dense(weight) -> nn.Tensor:
+    """A weight as a tensor of the model dtype: a plain parameter, or a QuantWeight dequantized."""
+    return weight.dequantize() if isinstance(weight, QuantWeight) else weight
+
+
+class QuantLinear(nn.Module):
+    """y = x dequantize(W)^T (+ b), accumulated in fp32 and cast back, as layers.Linear."""
+
+    def __init__(self, in_features: int, out_features: int, qtype: str, dtype: str, bias: bool = False):
+        self.weight = QuantWeight(qtype, out_features, in_features, dtype)
+        self.bias = nn.Parameter((out_features,), "float32") if bias else None  # as layers.Linear's
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        y = nn.op.matmul(x, nn.op.permute_dims(dense(self.weight)), out_dtype="float32")
+        if self.bias is not None:
+            y = y + self.bias
+        return y.astype(x.dtype)
+
+
+class QuantEmbedding(nn.Module):
+    """Rows of a quantized table: the rows' components are gathered, then only those rows dequantized.
+    As the tied LM head, `layers.CausalLM.logits` multiplies by `dense(weight)`."""
+
+    def __init__(self, num: int, dim: int, qtype: str, dtype: str):
+        self.weight = QuantWeight(qtype, num, dim, dtype)
+
+    def forward(self, ids: nn.Tensor) -> nn.Tensor:
+        rows = [nn.op.take(c, ids, axis=0) for c in self.weight.components()]
+        return self.weight.dequantize(rows)
+
+
+class SplitLinear(nn.Module):
+    """A fused projection (qkv_proj, gate_up_proj) whose parts are stored in different types (a *_K_M
+    file): one matmul per part, outputs concatenated, the same values as the fused Linear. Parts are
+    attributes named as the HF projections (`qkv_proj.q_proj.weight.q`), each packed or float."""
+
+    def __init__(self, fused: nn.Linear, parts: list[tuple[str, int, str | None]]):
+        dtype, bias = fused.weight.dtype, fused.bias is not None
+        self.names = [name for name, _, _ in parts]
+        for name, rows, qtype in parts:
+            setattr(self, name, QuantLinear(fused.in_features, rows, qtype, dtype, bias) if qtype else
+                    type(fused)(fused.in_features, rows, dtype, bias=bias))
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        return nn.op.concat([getattr(self, name)(x) for name in self.names], dim=-1)
+
+
+def quantize_modules(module: nn.Module, quant: dict, prefix: str = "") -> None:
+    """Replace, in place, each Linear / Embedding whose `<name>.weight` is in `quant` by its quantized
+    form: {param: qtype}, or {param: [(part, rows, qtype or None)]} for a SplitLinear. Other modules
+    keep their float weights."""
+    for attr, child in list(vars(module).items()):
+        name = f"{prefix}{attr}"
+        if isinstance(child, nn.ModuleList):
+            for i, item in enumerate(child):
+                if (new := _quantized(item, f"{name}.{i}", quant)) is not None:
+                    child[i] = new
+                else:
+                    quantize_modules(item, quant, f"{name}.{i}.")
+        elif isinstance(child, nn.Module):
+            if (new := _quantized(child, name, quant)) is not None:
+                setattr(module, attr, new)
+            else:
+                quantize_modules(child, quant, f"{name}.")
+
+
+def _quantized(module: nn.Module, name: str, quant: dict) -> nn.Module | None:
+    qtype = quant.get(f"{name}.weight")
+    if qtype is None:
+        return None
+    if isinstance(qtype, list) and isinstance(module, nn.Linear):
+        if sum(rows for _, rows, _ in qtype) != module.out_features:
+            raise KilnError(f"parameter '{name}.weight': its parts' rows {[r for _, r, _ in qtype]} do not add "
+                            f"up to {module.out_features}")
+        return SplitLinear(module, qtype)
+    if isinstance(module, nn.Embedding):
+        return QuantEmbedding(module.num, module.dim, qtype, module.weight.dtype)
+    if isinstance(module, nn.Linear):
+        return QuantLinear(module.in_features, module.out_features, qtype, module.weight.dtype,
+                           bias=module.bias is not None)
+    raise KilnError(f"parameter '{name}.weight' cannot be quantized ({type(module).__name__} is not a "
+                    "Linear or an Embedding)")
+

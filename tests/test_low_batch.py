@@ -1,0 +1,77 @@
+"""StreamingGEMV (schedules/low_batch.py): the decode GEMV on CUDA, compile-only (no GPU here).
+
+Every model shape, at each row bucket the dispatch uses, must get Kiln's schedule: 128-thread blocks,
+16-byte weight loads, all of a step's weight loads issued before its multiplies, a warp-shuffle
+reduction and no local-memory spill; what the schedule does not cover (Metal, K off the 16-byte
+lane grid) must get dlight's LowBatchGEMV unchanged. bench/gemm.py checks the numbers on a GPU
+(every M from 1 to 8 against torch) and times them against the copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import tvm
+import tvm_ffi
+from tvm.s_tir import dlight as dl
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from schedules.low_batch import LIMITS_AND_BUCKETS, UNROLL, StreamingGEMV  # noqa: E402
+from schedules.matmul_tensorcore import TIR_PIPELINE  # noqa: E402
+from tests.test_gemm_schedule import H100, MODEL_SHAPES, nt_matmul  # noqa: E402
+
+BUCKETS = [bucket for _, bucket in LIMITS_AND_BUCKETS]
+
+
+def kernel_source(funcs: dict) -> str:
+    with H100:
+        lib = tvm.tirx.build(tvm.IRModule(funcs), target=H100, pipeline=TIR_PIPELINE)
+    return lib.imports[0].inspect_source()
+
+
+def test_every_model_shape_streams_its_weights(tmp_path):
+    funcs = {}
+    for k, n in MODEL_SHAPES:
+        for bucket in BUCKETS:
+            sch = StreamingGEMV(bucket).apply(nt_matmul(k, n), H100, False)
+            name = f"gemv_{k}_{n}_{bucket}"
+            funcs[name] = sch.mod["main"].with_attr("global_symbol", name)
+    src = kernel_source(funcs)
+    kernels = re.split(r'extern "C" __global__ void ', src)[1:]
+    bodies = {re.match(r"(?:__launch_bounds__\(\d+\) )?(\w+)", k).group(1): k for k in kernels if "{" in k}
+    assert len(bodies) == len(funcs)
+    for name, body in bodies.items():
+        assert body.startswith("__launch_bounds__(128)"), name
+        assert "__shfl_down_sync" in body, name
+        assert 0 <= body.find("= *(uint4*)(w_ptr") < body.find("= *(uint4*)(x_ptr"), name  # weights first
+    if shutil.which("nvcc"):
+        cu = tmp_path / "gemv.cu"
+        cu.write_text(src)
+        ptxas = subprocess.run(["nvcc", "--cubin", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas=-v",
+                                "-o", str(tmp_path / "gemv.cubin"), str(cu)], capture_output=True, text=True,
+                               timeout=900)
+        assert ptxas.returncode == 0, ptxas.stderr[-2000:]
+        assert "spill" in ptxas.stderr and not re.search(r"[1-9]\d* bytes spill", ptxas.stderr)
+
+
+def test_long_k_weight_loads_in_flight_together():
+    """Llama's down projection: UNROLL steps × 2 columns of 16-byte loads before the first multiply."""
+    sch = StreamingGEMV(2).apply(nt_matmul(14336, 4096), H100, False)
+    src = kernel_source({"down": sch.mod["main"].with_attr("global_symbol", "down")})
+    step = src[src.index("for (int64_t"):]
+    step = step[:step.index("condval")]  # a K step up to its first load of x
+    assert len(re.findall(r"= \*\(uint4\*\)\(w_ptr", step)) == 1  # one vectorized statement ...
+    assert re.search(rf"ax\d+ < {UNROLL}; \+\+ax", step)  # ... in a loop over the UNROLL steps
+
+
+@pytest.mark.parametrize("target, k", [(tvm.target.Target("apple/m2-gpu"), 4096), (H100, 1000)])
+def test_declines_to_dlight_where_it_does_not_apply(target, k):
+    ours = StreamingGEMV(4).apply(nt_matmul(k, 1024), target, False)
+    theirs = dl.gpu.LowBatchGEMV(4).apply(nt_matmul(k, 1024), target, False)
+    assert tvm_ffi.structural_equal(ours.mod, theirs.mod)

@@ -1,0 +1,131 @@
+"""The quantized-weight kernels (schedules/quant_gemv.py, quant_dequantize.py, quant_dispatch.py).
+
+No GPU here: the CUDA and Metal forms are compile-only (every packed type, each epilogue, the
+properties the speed depends on: 16-byte code-word loads, no register spills), and the relax
+pipeline must hand a quantized model's fused decode matmuls and prefill dequantize kernels to these
+rules on GPUs and leave the CPU alone (tests/test_quant_matmul.py checks the CPU numerics against
+gguf). The GPU numerics are checked by bench/quant_gemm.py on the H100 (bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import tvm
+import tvm_ffi
+from tvm.relax.frontend import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.quant_gemm import dequant_matmul, dequantize_func  # noqa: E402
+from formats.quant_layout import QUANT_TYPES  # noqa: E402
+from model_defs.quant import QuantLinear  # noqa: E402
+from schedules.pipeline import _passes  # noqa: E402
+from schedules.quant_dequantize import QuantDequantize  # noqa: E402
+from schedules.quant_dispatch import QuantKernels  # noqa: E402
+from schedules.quant_gemv import QuantGemv  # noqa: E402
+
+CUDA = tvm.target.Target("nvidia/nvidia-h100", host="llvm")
+METAL = tvm.target.Target("apple/m2-gpu", host="llvm")
+TYPES = list(QUANT_TYPES)
+
+
+def _cuda_source(funcs: dict) -> str:
+    with CUDA:
+        lib = tvm.tirx.build(tvm.IRModule(funcs), target=CUDA)
+    return lib.imports[0].inspect_source()
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_gemv_cuda_every_type_and_epilogue(qtype):
+    """Each epilogue of the model (cast, residual, fp32 logits) with a dynamic M: three kernels
+    (M tiles 1, 4, 8), the code words loaded 16 bytes at a time."""
+    funcs = {}
+    for epilogue in ("cast", "residual", "logits"):
+        f = QuantGemv().kernel(dequant_matmul(qtype, 1024, 64, "bfloat16", epilogue))
+        assert f is not None, epilogue
+        funcs[epilogue] = f.with_attr("global_symbol", epilogue)
+    src = _cuda_source(funcs)
+    for epilogue in funcs:
+        assert len(re.findall(rf"__global__ void __launch_bounds__\(\d+\) {epilogue}_kernel\w*\(", src)) == 3
+    assert "*(uint4*)(w_q_local" in src
+
+
+def test_rules_decline_plain_matmuls():
+    """No packed operand: not ours (the bf16 model's Linears keep their rules)."""
+    from tests.test_gemm_schedule import nt_matmul
+
+    assert QuantGemv().kernel(nt_matmul(1024, 64)) is None
+    assert QuantDequantize().kernel(nt_matmul(1024, 64)) is None
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_gemv_and_dequantize_nvcc_no_spills(tmp_path):
+    funcs = {f"gemv_{q}": QuantGemv().kernel(dequant_matmul(q, 4096, 4096, "bfloat16", "residual"))
+             for q in ("q4_k", "q6_k", "q8_0")}
+    funcs.update({f"deq_{q}": QuantDequantize().kernel(dequantize_func(q, 4096, 4096)) for q in ("q4_k", "q8_0")})
+    cu = tmp_path / "k.cu"
+    cu.write_text(_cuda_source({k: f.with_attr("global_symbol", k) for k, f in funcs.items()}))
+    res = subprocess.run(["nvcc", "-cubin", "-w", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
+                          "-o", str(tmp_path / "k.cubin"), str(cu)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
+    assert len(frames) == 3 * 3 + 2 and all(f == ("0", "0") for f in frames), frames
+
+
+@pytest.mark.parametrize("qtype", ["q4_k", "q6_k", "q8_0", "q3_k"])
+def test_metal_forms_build(qtype):
+    """Plain TIR (no simdgroups): the fused GEMV and the dequantize kernel lower to Metal."""
+    gemv = QuantGemv().kernel(dequant_matmul(qtype, 1024, 64, "float16", "residual"))
+    deq = QuantDequantize().kernel(dequantize_func(qtype, 1024, 64, "float16"))
+    with METAL:
+        lib = tvm.tirx.build(tvm.IRModule({"gemv": gemv.with_attr("global_symbol", "gemv"),
+                                           "deq": deq.with_attr("global_symbol", "deq")}), target=METAL)
+    src = lib.imports[0].inspect_source()
+    assert "kernel void gemv_kernel" in src and "kernel void deq_kernel" in src
+    assert "simdgroup" not in src
+
+
+def test_dispatch_pass_leaves_llvm_alone():
+    mod = tvm.IRModule({"gemv": dequant_matmul("q4_k", 1024, 64), "deq": dequantize_func("q4_k", 1024, 64)})
+    with tvm.target.Target("llvm"):
+        assert tvm_ffi.structural_equal(QuantKernels()(mod), mod)
+
+
+class _Model(nn.Module):
+    """One QuantLinear per type plus a residual add, called in decode (b rows) and prefill (n rows)."""
+
+    def __init__(self, k):
+        self.linears = nn.ModuleList([QuantLinear(k, k, qtype, "float16") for qtype in TYPES])
+
+    def decode(self, x):
+        return tuple(x + lin(x) for lin in self.linears)
+
+    def prefill(self, x):
+        return tuple(x + lin(x) for lin in self.linears)
+
+
+@pytest.mark.parametrize("target", [CUDA, METAL], ids=["cuda", "metal"])
+def test_pipeline_routes_quantized_linears_to_these_rules(target):
+    """In the model's own pipeline each fused decode matmul (fused_dequantize_*) and each prefill
+    dequantize_* PrimFunc is scheduled by QuantKernels, for all 7 types."""
+    k = 512
+    packed = {"param_mode": "packed", "effect_mode": "none"}
+    mod, _ = _Model(k).export_tvm(spec={"decode": {"x": nn.spec.Tensor(["b", 1, k], "float16"), "$": packed},
+                                       "prefill": {"x": nn.spec.Tensor([1, "n", k], "float16"), "$": packed}})
+    with tvm.transform.PassContext(opt_level=3), target:
+        for p in _passes(target):
+            mod = p(mod)
+            if p.info.name == "KilnQuantKernels":
+                break
+    names = [gv.name_hint for gv, f in mod.functions_items()
+             if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint.startswith(("fused_dequantize", "dequantize"))]
+    assert len([n for n in names if n.startswith("fused_dequantize")]) == len(TYPES), names
+    assert len([n for n in names if n.startswith("dequantize")]) == len(TYPES), names
+    assert all(mod[n].attrs and "tir.is_scheduled" in mod[n].attrs for n in names), names

@@ -1,0 +1,123 @@
+"""Quantized models end to end on the CPU: `--quant`, native GGUF (uniform and *_K_M-like mixed), tied heads.
+
+Tiny random Llama-3 and Qwen3 models (hidden 256, intermediate 512: whole k-quant super-blocks) are
+quantized by Kiln with `--quant` and also written as GGUF files holding ggml's bytes for the same
+weights. Each GGUF is compiled twice, packed (native) and with `--dequantize` (today's float path):
+their logits must agree within 1e-4 relative and their 32 greedy tokens be identical.
+"""
+
+import numpy as np
+import pytest
+import yaml
+from safetensors import safe_open
+
+import gguf  # noqa: E402
+from compile.convert import hf_names  # noqa: E402
+from compile.driver import compile_artifact  # noqa: E402
+from compile.quantize import quantize  # noqa: E402
+from compile.repack import repack  # noqa: E402
+from formats.gguf import GGUFSource  # noqa: E402
+from runtime.generate import generate_ids  # noqa: E402
+from runtime.model_runner import ModelRunner  # noqa: E402
+from test_gguf_e2e import numpy_llama_greedy  # noqa: E402
+from test_gguf_source import random_model, write_hf_folder, write_model_gguf  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+PROMPTS = [[1, 403, 407, 261, 378, 300, 12], [1, 42]]
+# Llama: a Q4_K_M-like mix (llama.cpp's choice for layer 0's attn_v and layer 1's ffn_down, and the
+# LM head: Q6_K), so layer 0 runs q, k and v as separate matmuls; the embedding is Q3_K.
+MIXED = {"model.layers.0.self_attn.v_proj.weight": Q.Q6_K, "model.layers.1.mlp.down_proj.weight": Q.Q6_K,
+         "lm_head.weight": Q.Q6_K, "model.embed_tokens.weight": Q.Q3_K}
+CASES = {"llama": ("q4k", lambda name: MIXED.get(name, Q.Q4_K)),  # (--quant, GGUF types)
+         "qwen3": ("q8_0", lambda name: Q.Q8_0)}  # tied embeddings: the LM head is the Q8_0 embedding
+
+
+def _compile(model, out, **kw):
+    return compile_artifact(model=str(model), target="cpu", dtype="float32", out=str(out), weights=None,
+                            cuda_arch=None, context=256, page_size=16, prefill_chunk=64, max_batch=4, **kw)
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    arch = request.param
+    flag, types = CASES[arch]
+    tmp = tmp_path_factory.mktemp(f"quant-{arch}")
+    cfg, tensors = random_model(arch, seed=5, head_dim=64, hidden=256, inter=512)
+    hf = write_hf_folder(tmp / "hf", cfg, tensors)
+    path = write_model_gguf(tmp / f"{arch}.gguf", cfg, tensors, qtype=types)
+    quant = _compile(hf, tmp / "quant", quant=flag)
+    # Qwen3's GGUF holds --quant's blocks: its artifact would be the same (checked on the weights), so the
+    # --quant one runs as the native side and one compile is saved.
+    native = quant if arch == "qwen3" else _compile(path, tmp / "native")
+    return {"arch": arch, "cfg": cfg, "tensors": tensors, "types": types, "gguf": path, "quant": quant,
+            "native": native, "dequantized": _compile(path, tmp / "dequantized", dequantize=True)}
+
+
+def _runner(artifact):
+    return ModelRunner(artifact, max_batch=4)
+
+
+def _prefill_logits(artifact):
+    runner = _runner(artifact)
+    for i in range(len(PROMPTS)):
+        runner.add_sequence(i)
+    return runner.forward(list(range(len(PROMPTS))), PROMPTS).astype(np.float64)
+
+
+def _manifest(artifact):
+    return yaml.safe_load((artifact / "kiln.yaml").read_text())
+
+
+def test_native_matches_dequantized_path(case):
+    native, ref = _prefill_logits(case["native"]), _prefill_logits(case["dequantized"])
+    assert np.abs(native - ref).max() <= 1e-4 * np.abs(ref).max()
+    tokens = [generate_ids(_runner(case[k]), PROMPTS, 32) for k in ("native", "dequantized")]
+    assert tokens[0] == tokens[1] and all(len(t) == 32 for t in tokens[0])
+
+
+def test_native_keeps_every_tensor_packed(case):
+    """Every 2-D weight stays in its GGUF type; the dequantized artifact has none."""
+    q = _manifest(case["native"])["quantization"]
+    stored = {case["types"](n).name.lower() for n, t in case["tensors"].items() if t.ndim == 2}
+    assert set(q["summary"]) == stored and not any("converted to" in n for n in q["notes"])
+    assert _manifest(case["dequantized"])["quantization"] is None
+    if case["arch"] == "llama":  # the mixed layer: one matmul per part; llama's q/k rows un-permuted
+        assert q["tensors"]["model.layers.0.self_attn.qkv_proj.weight [v_proj]"] == "q6_k"
+        assert any("one matmul per part" in n for n in q["notes"])
+    else:
+        assert "lm_head.weight" not in case["tensors"] and q["tensors"]["model.embed_tokens.weight"] == "q8_0"
+
+
+def _weights(artifact):
+    out = {}
+    for f in (artifact / "weights").glob("*.safetensors"):
+        with safe_open(str(f), "numpy") as s:
+            out |= {k: s.get_tensor(k) for k in s.keys()}
+    return out
+
+
+def test_quant_writes_ggml_blocks(case):
+    """`--quant`'s components are ggml's blocks of the float weights, repacked (the layout's bits)."""
+    weights = _weights(case["quant"])
+    qtype = _manifest(case["quant"])["quantization"]["tensors"]["model.layers.1.mlp.down_proj.weight"]
+    w = case["tensors"]["model.layers.1.mlp.down_proj.weight"]
+    for c, a in repack(qtype, quantize(qtype, w), w.shape[1]).items():
+        np.testing.assert_array_equal(weights[f"model.layers.1.mlp.down_proj.weight.{c}"], a)
+
+
+def test_quant_runs_like_its_gguf(case, tmp_path):
+    """Qwen3 `--quant q8_0` holds the same components as its Q8_0 GGUF's blocks repacked, for every weight.
+    Llama `--quant q4k` gives the greedy tokens of a float64 numpy Llama over gguf's dequantization of
+    ggml's Q4_K blocks."""
+    if case["arch"] == "qwen3":
+        source, weights = GGUFSource(case["gguf"]), _weights(case["quant"])
+        packed = {n.rpartition(".")[0] for n in weights if n.endswith(".q")}
+        assert "model.embed_tokens.weight" in packed and len(packed) == 1 + 4 * 2  # embedding, 4 per layer
+        for name in packed:
+            blocks = np.concatenate([source.blocks(p) for p in hf_names(name)])
+            k = case["tensors"][hf_names(name)[0]].shape[1]
+            for c, a in repack("q8_0", blocks, k).items():
+                np.testing.assert_array_equal(weights[f"{name}.{c}"], a, err_msg=name)
+    else:
+        path = write_model_gguf(tmp_path / "q4_k.gguf", case["cfg"], case["tensors"], qtype=Q.Q4_K)
+        assert generate_ids(_runner(case["quant"]), [[1]], 32)[0] == numpy_llama_greedy(path, [1], 32)
