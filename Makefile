@@ -10,10 +10,11 @@ OUT     ?=
 ARCH    ?=
 CONTEXT ?=
 QUANT   ?=
+TP      ?=
 
 COMPILE_FLAGS := --model $(MODEL) --target $(TARGET) $(if $(DTYPE),--dtype $(DTYPE)) \
                  $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(OUT),--out $(OUT)) $(if $(ARCH),--cuda_arch $(ARCH)) \
-                 $(if $(CONTEXT),--context $(CONTEXT)) $(if $(QUANT),--quant $(QUANT))
+                 $(if $(CONTEXT),--context $(CONTEXT)) $(if $(QUANT),--quant $(QUANT)) $(if $(TP),--tp $(TP))
 
 .PHONY: install compile demo test test-gpu-build test-gpu clean
 
@@ -29,7 +30,7 @@ $(VENV)/.kiln-test: $(VENV)/.kiln-base
 
 install: $(VENV)/.kiln-base
 
-## compile MODEL (preset name, HF folder or .gguf) for TARGET (cpu|cuda|metal) into artifacts/ (QUANT=q4k: quantize; CONTEXT: tokens per sequence)
+## compile MODEL (preset name, HF folder or .gguf) for TARGET (cpu|cuda|metal) into artifacts/ (QUANT=q4k: quantize; CONTEXT: tokens per sequence; TP=N: N devices)
 compile: $(VENV)/.kiln-base
 	$(PY) -m compile $(COMPILE_FLAGS)
 

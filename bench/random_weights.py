@@ -21,7 +21,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from compile.artifact import WEIGHTS_DIR, write_manifest  # noqa: E402
+from compile.artifact import WEIGHTS_DIR, rank_dir, write_manifest  # noqa: E402
 from compile.convert import write_shards  # noqa: E402
 
 
@@ -43,9 +43,12 @@ def fill(artifact: Path, tokenizer: Path | None, seed: int = 0) -> None:
             else:
                 yield p["name"], random(shape, dtype)
 
-    write_shards(arrays(), artifact / WEIGHTS_DIR)
     manifest = yaml.safe_load((artifact / "kiln.yaml").read_text())
-    write_manifest(artifact, {**manifest, "weights": WEIGHTS_DIR})
+    tp = manifest.get("tensor_parallel")
+    for folder in [rank_dir(r) for r in range(tp)] if tp else [WEIGHTS_DIR]:  # each rank: same shapes, same values
+        write_shards(arrays(), artifact / folder)
+    write_manifest(artifact, {**manifest, "weights": WEIGHTS_DIR,
+                              **({"rank_weights": [rank_dir(r) for r in range(tp)]} if tp else {})})
     if tokenizer:
         for f in tokenizer.iterdir():
             shutil.copyfile(f, artifact / f.name)

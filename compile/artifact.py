@@ -12,6 +12,13 @@ import yaml
 import model_defs
 
 WEIGHTS_DIR = "weights"
+
+
+def rank_dir(rank: int) -> str:
+    """A tensor-parallel artifact's weights of one rank, under WEIGHTS_DIR (listed in kiln.yaml's rank_weights)."""
+    return f"{WEIGHTS_DIR}/rank-{rank}"
+
+
 _SAMPLES, _SAMPLE_BYTES = 64, 1 << 16
 
 

@@ -5,6 +5,10 @@ three and two); every other parameter keeps its HF name. Tensors are read one at
 memory-mapped source and written shard by shard, so peak memory is about one shard. A quantized weight
 (compile/quant_plan.py) becomes its packed components: a GGUF's blocks repacked as they are, or float
 weights quantized as ggml does, then repacked.
+
+Tensor parallelism (Megatron): rank r of tp takes the r-th slice of each of q, k, v, gate and up by
+output rows (so every rank keeps whole heads and its fused segments stay in order) and of o_proj and
+down_proj by input columns; everything else is replicated.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ _FUSED = [
 ]
 
 
+_ROW_PARALLEL = re.compile(r".*\.(self_attn\.o_proj|mlp\.down_proj)\.weight$")  # split by input columns
+
+
 def hf_names(kiln_name: str) -> list[str]:
     """The HF tensors a Kiln parameter is made of, in concatenation order."""
     if m := _SPLIT.match(kiln_name):
@@ -45,12 +52,25 @@ def hf_names(kiln_name: str) -> list[str]:
     return [kiln_name]
 
 
-def build_param(source, name: str, shape: tuple, dtype: str) -> np.ndarray:
-    """Read, fuse, check and cast one Kiln parameter."""
-    parts = [source.tensor(n) for n in hf_names(name)]
+def rank_slice(name: str, part: np.ndarray, fused: bool, rank: int, tp: int) -> np.ndarray:
+    """Rank `rank`'s share of one HF tensor of Kiln parameter `name` (`fused`: a q/k/v or gate/up part)."""
+    if fused:
+        return np.split(part, tp, axis=0)[rank]
+    if _ROW_PARALLEL.match(name):
+        return np.split(part, tp, axis=1)[rank]
+    return part
+
+
+def build_param(source, name: str, shape: tuple, dtype: str, rank: int = 0, tp: int | None = None) -> np.ndarray:
+    """Read, fuse, check and cast one Kiln parameter (with `tp`: rank `rank`'s shard of it)."""
+    names = hf_names(name)
+    parts = [source.tensor(n) for n in names]
+    if tp is not None:
+        parts = [rank_slice(name, p, len(names) > 1, rank, tp) for p in parts]
     array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
     if tuple(array.shape) != tuple(shape):
-        raise KilnError(f"{source.path}: tensor '{name}' has shape {tuple(array.shape)}, "
+        of = f"rank {rank} of {tp} of " if tp is not None else ""
+        raise KilnError(f"{source.path}: {of}tensor '{name}' has shape {tuple(array.shape)}, "
                         f"the config implies {tuple(shape)}")
     return np.ascontiguousarray(array.astype(np.dtype(dtype)))
 
@@ -95,7 +115,7 @@ def write_shards(arrays, out_dir: Path) -> list[str]:
     return shards
 
 
-def _arrays(source, params, packed: dict[str, tuple[str, tuple]], progress):
+def _arrays(source, params, packed: dict[str, tuple[str, tuple]], progress, rank: int, tp: int | None):
     """(name, array) of every parameter; a packed weight's components (`<weight>.q`, ...) come one after
     another, so each weight is repacked or quantized once."""
     current, components = None, {}
@@ -107,13 +127,15 @@ def _arrays(source, params, packed: dict[str, tuple[str, tuple]], progress):
                 current, components = weight, packed_components(source, weight, *packed[weight])
             yield name, components[component]
         else:
-            yield name, build_param(source, name, shape, dtype)
+            yield name, build_param(source, name, shape, dtype, rank, tp)
         progress.update()
 
 
 def convert(source, params: list[tuple[str, tuple, str]], out_dir: Path,
-            packed: dict[str, tuple[str, tuple]] | None = None) -> list[str]:
+            packed: dict[str, tuple[str, tuple]] | None = None, rank: int = 0, tp: int | None = None) -> list[str]:
     """Write `params` [(name, shape, dtype)] from `source` into out_dir/*.safetensors; return file names.
-    `packed` ({weight: (qtype, (N, K))}) names the weights whose parameters are packed components."""
-    with tqdm(total=len(params), desc="converting weights", unit="tensor", leave=False) as progress:
-        return write_shards(_arrays(source, params, packed or {}, progress), out_dir)
+    `packed` ({weight: (qtype, (N, K))}) names the weights whose parameters are packed components; with
+    `tp`, rank `rank`'s shards (`params` holding the shard shapes; no packed weights)."""
+    desc = "converting weights" + (f" (rank {rank} of {tp})" if tp is not None else "")
+    with tqdm(total=len(params), desc=desc, unit="tensor", leave=False) as progress:
+        return write_shards(_arrays(source, params, packed or {}, progress, rank, tp), out_dir)

@@ -13,6 +13,7 @@ from formats.dtypes import DTYPES
 from formats.errors import KilnError
 from formats.gguf import GGUFSource
 from model_defs.config import ModelConfig
+from model_defs.layers import shard
 from model_defs.spec import build_model, export
 from schedules.attention.choice import paged_kv_kernels
 from schedules.pipeline import relax_pipeline, tir_pipeline
@@ -58,9 +59,11 @@ def _context(raw_config: dict, config_name: str, asked: int | None, max_position
 
 def compile_artifact(model: str, target: str, dtype: str, out: str | None, weights: str | None,
                      cuda_arch: str | None, context: int | None, page_size: int, prefill_chunk: int,
-                     max_batch: int = 256, quant: str | None = None, dequantize: bool = False) -> Path:
+                     max_batch: int = 256, quant: str | None = None, dequantize: bool = False,
+                     tp: int | None = None) -> Path:
     """`quant`: quantize a safetensors model's 2-D weights into this type (compile/quant_plan.py); a GGUF
-    keeps its quantized tensors packed unless `dequantize`, which gives every weight the model dtype."""
+    keeps its quantized tensors packed unless `dequantize`, which gives every weight the model dtype.
+    `tp`: shard the model over that many devices (tensor parallelism)."""
     if target not in targets.TARGETS:
         raise KilnError(f"unknown target '{target}'; choose one of {', '.join(targets.TARGETS)}")
     if dtype not in DTYPES:
@@ -85,8 +88,14 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
     plan = _quant_plan(source, qtype, dequantize, float_params, dtype)
     for note in plan.notes if plan else []:
         print(f"kiln: {note}", file=sys.stderr)
+    if tp is not None and (not isinstance(tp, int) or tp < 1):
+        raise KilnError(f"--tp {tp}: the tensor-parallel degree must be a whole number >= 1")
+    if tp is not None and plan is not None:
+        raise KilnError(f"--tp {tp}: quantized weights are not split over devices yet; compile a safetensors "
+                        "model without --quant, or a GGUF with --dequantize")
 
-    out_dir = Path(out) if out else Path("artifacts") / f"{name}-{dtype}{'-' + qtype if qtype else ''}-{target}"
+    out_dir = Path(out) if out else Path("artifacts") / (f"{name}-{dtype}{'-' + qtype if qtype else ''}-{target}"
+                                                         f"{f'-tp{tp}' if tp else ''}")
     out_dir.mkdir(parents=True, exist_ok=True)
     tvm_target = targets.tvm_target(target, arch or targets.DEFAULT_CUDA_ARCH)
     cuda_binary = target == "cuda" and enable_cuda_binaries(arch)
@@ -95,9 +104,11 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
               file=sys.stderr)
 
     t0 = time.time()
-    kernels = paged_kv_kernels(tvm_target, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim, dtype)
+    heads, kv_heads = (shard(cfg.num_attention_heads, tp, "num_attention_heads"),
+                       shard(cfg.num_key_value_heads, tp, "num_key_value_heads"))  # per rank
+    kernels = paged_kv_kernels(tvm_target, kv_heads, heads, cfg.head_dim, dtype)
     mod, named_params = export(cfg, dtype, tvm_target, max_batch, prefill_chunk, kernels,
-                               plan.types if plan else None)
+                               plan.types if plan else None, tp)
     library = targets.library_name(target)
     with tqdm(desc=f"compiling {name} for {target}", unit="pass", leave=False) as bar:
         # TIR's CSE emits a use before its definition in TVM's RoPE kernel under Llama-3 frequency
@@ -126,17 +137,23 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
         "context_length": context,
         "prefill_chunk": prefill_chunk,
         "max_batch": max_batch,
+        "tensor_parallel": tp,  # None: one device; N: N ranks, each with its rank_weights folder
         "tvm_version": tvm.__version__,
-        "content_hash": artifact.content_hash(cfg.to_dict(), dtype, target, arch, source,
-                                              plan.types if plan else None),
+        "content_hash": artifact.content_hash(cfg.to_dict() if tp is None else {**cfg.to_dict(), "tensor_parallel": tp},
+                                              dtype, target, arch, source, plan.types if plan else None),
         "quantization": plan.manifest() if plan else None,
         "weights": None,
         "weights_hint": None,
     }
     if source is not None:
-        convert(source, params, out_dir / artifact.WEIGHTS_DIR, plan.packed(float_params) if plan else None)
+        if tp is None:
+            convert(source, params, out_dir / artifact.WEIGHTS_DIR, plan.packed(float_params) if plan else None)
+        for rank in range(tp or 0):
+            convert(source, params, out_dir / artifact.rank_dir(rank), rank=rank, tp=tp)
         source.write_tokenizer(out_dir)
         manifest["weights"] = artifact.WEIGHTS_DIR
+        if tp is not None:
+            manifest["rank_weights"] = [artifact.rank_dir(rank) for rank in range(tp)]
     else:
         manifest["weights_hint"] = (f"make compile MODEL={model} TARGET={target} WEIGHTS=/path/to/{name} "
                                     f"(an HF folder or .gguf file; looked for {weights_path})")

@@ -9,6 +9,8 @@ from tvm import relax
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 
+from formats.errors import KilnError
+
 from .config import ModelConfig
 from .kv_cache import KilnPagedKVCache
 from .quant import dense
@@ -25,31 +27,52 @@ class Linear(nn.Linear):
         return super().forward(x).astype(x.dtype)
 
 
+def all_reduce(x: nn.Tensor, tp: int | None) -> nn.Tensor:
+    """Sum the ranks' partial outputs of a column-split (row-parallel) Linear; nothing to sum without TP.
+
+    `tp` is the shard count of a tensor-parallel artifact, None for a single-device one. TP=1 keeps
+    the all-reduce (a copy) so that a one-GPU run exercises the same Disco + NCCL path as TP=N."""
+    return x if tp is None else nn.op.ccl_allreduce(x, "sum")
+
+
+def shard(count: int, tp: int | None, what: str) -> int:
+    """`count` split evenly over `tp` ranks (Megatron: each rank owns whole heads / whole MLP rows)."""
+    if tp is None:
+        return count
+    if tp < 1 or count % tp:
+        raise KilnError(f"--tp {tp}: {what}={count} does not split evenly over {tp} ranks; "
+                        f"choose a tensor-parallel degree that divides it")
+    return count // tp
+
+
 def rms_norm(size: int, eps: float, dtype: str) -> nn.RMSNorm:
     return nn.RMSNorm(size, -1, eps, bias=False, dtype=dtype)  # nn.RMSNorm adds a bias by default
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused into one matmul."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused into one matmul.
 
-    def __init__(self, cfg: ModelConfig, dtype: str):
-        self.inter = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, dtype)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, dtype)
+    Tensor-parallel: each rank holds 1/tp of the gate and up rows and the matching down columns."""
+
+    def __init__(self, cfg: ModelConfig, dtype: str, tp: int | None = None):
+        self.tp = tp
+        self.inter = shard(cfg.intermediate_size, tp, "intermediate_size")
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * self.inter, dtype)
+        self.down_proj = Linear(self.inter, cfg.hidden_size, dtype)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         gate, up = nn.op.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(nn.op.silu(gate) * up)
+        return all_reduce(self.down_proj(nn.op.silu(gate) * up), self.tp)
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, attention: nn.Module, dtype: str):
+    def __init__(self, cfg: ModelConfig, attention: nn.Module, dtype: str, tp: int | None = None):
         self.input_layernorm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = attention
         self.post_attention_layernorm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, dtype)
+        self.mlp = MLP(cfg, dtype, tp)
 
     def forward(self, x: nn.Tensor, kv: PagedKVCache) -> nn.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), kv)
@@ -59,10 +82,10 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     """Token embedding, the layer stack and the final norm (HF's `model.` prefix)."""
 
-    def __init__(self, cfg: ModelConfig, attention_cls, dtype: str):
+    def __init__(self, cfg: ModelConfig, attention_cls, dtype: str, tp: int | None = None):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(
-            [DecoderLayer(cfg, attention_cls(cfg, i, dtype), dtype) for i in range(cfg.num_hidden_layers)])
+            [DecoderLayer(cfg, attention_cls(cfg, i, dtype, tp), dtype, tp) for i in range(cfg.num_hidden_layers)])
         self.norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def forward(self, x: nn.Tensor, kv: PagedKVCache) -> nn.Tensor:
@@ -75,15 +98,18 @@ class CausalLM(nn.Module, SamplingFunctions):
     """A decoder with an LM head, exposing the functions of model_defs/spec.py.
 
     Prefill and decode return final hidden states; `logits` applies the LM head separately so
-    intermediate prefill chunks never pay for it.
+    intermediate prefill chunks never pay for it. With `tp` (tensor parallelism) each rank holds its
+    share of the attention heads, KV heads and MLP rows; embeddings, norms and the LM head are replicated.
     """
 
     attention_cls: type = None  # set by each family
 
-    def __init__(self, cfg: ModelConfig, dtype: str, target, attention_kernels: dict | None = None):
+    def __init__(self, cfg: ModelConfig, dtype: str, target, attention_kernels: dict | None = None,
+                 tp: int | None = None):
         # the KV cache's kernels are per target: Kiln's as the compiler chose them (None: TVM's)
         self.cfg, self.dtype, self.target, self.attention_kernels = cfg, dtype, target, attention_kernels
-        self.model = Decoder(cfg, self.attention_cls, dtype)
+        self.tp = tp
+        self.model = Decoder(cfg, self.attention_cls, dtype, tp)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype)
 
@@ -116,8 +142,8 @@ class CausalLM(nn.Module, SamplingFunctions):
             support_sliding_window=support_sliding_window,
             layer_partition=relax.ShapeExpr([0, cfg.num_hidden_layers]),
             num_hidden_layers=cfg.num_hidden_layers,
-            num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=cfg.num_key_value_heads,
+            num_attention_heads=shard(cfg.num_attention_heads, self.tp, "num_attention_heads"),
+            num_key_value_heads=shard(cfg.num_key_value_heads, self.tp, "num_key_value_heads"),
             qk_head_dim=cfg.head_dim,
             v_head_dim=cfg.head_dim,
             mla_original_qk_head_dim=0,

@@ -9,13 +9,18 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
 from .config import ModelConfig
-from .layers import CausalLM, Linear
+from .layers import CausalLM, Linear, all_reduce, shard
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: str):
-        self.layer_id = layer_id
-        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    """Tensor-parallel (`tp`): each rank owns 1/tp of the query and KV heads (its rows of qkv_proj, its
+    columns of o_proj, whose partial outputs are summed across ranks)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: str, tp: int | None = None):
+        self.layer_id, self.tp = layer_id, tp
+        self.heads = shard(cfg.num_attention_heads, tp, "num_attention_heads")
+        self.kv_heads = shard(cfg.num_key_value_heads, tp, "num_key_value_heads")
+        self.head_dim = cfg.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, (self.heads + 2 * self.kv_heads) * self.head_dim, dtype,
                                bias=cfg.attention_bias)
         self.o_proj = Linear(self.heads * self.head_dim, cfg.hidden_size, dtype)
@@ -29,7 +34,7 @@ class LlamaAttention(nn.Module):
         b, s, _ = x.shape
         o = kv.attention_with_fused_qkv(self.layer_id, self.project_qkv(x), self.heads,
                                         sm_scale=self.head_dim**-0.5)
-        return self.o_proj(nn.op.reshape(o, (b, s, self.heads * self.head_dim)))
+        return all_reduce(self.o_proj(nn.op.reshape(o, (b, s, self.heads * self.head_dim))), self.tp)
 
 
 class LlamaForCausalLM(CausalLM):

@@ -15,9 +15,10 @@ _NO_PARAMS = {"param_mode": "none", "effect_mode": "none"}
 
 
 def build_model(cfg: ModelConfig, dtype: str, target, attention_kernels: dict | None = None,
-                quant: dict[str, str] | None = None) -> nn.Module:
-    """The family's model; the parameters named in `quant` ({param: qtype}) packed (model_defs/quant.py)."""
-    model = importlib.import_module(f"model_defs.{cfg.family}").MODEL(cfg, dtype, target, attention_kernels)
+                quant: dict[str, str] | None = None, tp: int | None = None) -> nn.Module:
+    """The family's model (with `tp`: one rank's share); the parameters named in `quant` ({param: qtype})
+    packed (model_defs/quant.py)."""
+    model = importlib.import_module(f"model_defs.{cfg.family}").MODEL(cfg, dtype, target, attention_kernels, tp)
     quantize_modules(model, quant or {})
     return model
 
@@ -60,16 +61,17 @@ def export_spec(cfg: ModelConfig, dtype: str) -> dict:
 
 
 def export(cfg: ModelConfig, dtype: str, target, max_batch: int = 256, prefill_chunk: int = 1024,
-           attention_kernels: dict | None = None, quant: dict[str, str] | None = None):
+           attention_kernels: dict | None = None, quant: dict[str, str] | None = None, tp: int | None = None):
     """(IRModule, [(param_name, nn.Parameter)]) for `cfg` on `target`, with the paged KV cache's
     `attention_kernels` (schedules.attention.paged_kv_kernels; None: TVM's) and the weights in `quant`
-    ({param: qtype}) packed.
+    ({param: qtype}) packed; with `tp`, one rank's share of a tensor-parallel model (every rank runs the
+    same module on its own weight shards).
 
     The bounds on the dynamic sizes (`b` sequences, `n` tokens per forward) let the memory planner
     allocate every intermediate once, statically, which in turn lets CUDA capture decode steps as
     graphs (one graph per batch size, replayed instead of hundreds of kernel launches).
     """
-    mod, params = build_model(cfg, dtype, target, attention_kernels, quant).export_tvm(
+    mod, params = build_model(cfg, dtype, target, attention_kernels, quant, tp).export_tvm(
         spec=export_spec(cfg, dtype))
     bounds = {"embed": {"n": prefill_chunk}, "prefill": {"n": prefill_chunk, "b": max_batch},
               "decode": {"b": max_batch}, "logits": {"b": max_batch}}

@@ -25,7 +25,7 @@ class Artifact:
     path: Path
     manifest: dict
     _params: list[dict]
-    _shards: list[Path]
+    _shards: list[list[Path]]  # per rank (one list for a one-device artifact)
 
     @classmethod
     def open(cls, path: str | Path, dtype: str | None = None, quant: str | None = None) -> "Artifact":
@@ -37,8 +37,10 @@ class Artifact:
             raise KilnError(f"{path}: incomplete artifact (no params.json); rebuild it with `make compile`")
         checks.check_manifest(path, manifest)
         params = checks.read_params(path, manifest)
-        shards = checks.weight_shards(path, manifest)
-        checks.check_weights(path, manifest, params, shards)
+        shards = []
+        for folder in checks.rank_folders(path, manifest):  # weights/, or weights/rank-R/ of a --tp artifact
+            shards.append(checks.weight_shards(path, {**manifest, "weights": folder}))
+            checks.check_weights(path, {**manifest, "weights": folder}, params, shards[-1])
         return cls(path, manifest, params, shards)
 
     @property
@@ -53,8 +55,14 @@ class Artifact:
         """[{name, shape, dtype}] in the order the compiled functions take them."""
         return self._params
 
-    def weight_shards(self) -> list[Path]:
-        return self._shards
+    @property
+    def tensor_parallel(self) -> int | None:
+        """The rank count of a tensor-parallel artifact (compile --tp N), None for a one-device one."""
+        return self.manifest.get("tensor_parallel")
+
+    def weight_shards(self, rank: int = 0) -> list[Path]:
+        """The safetensors files of the weights (of rank `rank`'s shards for a tensor-parallel artifact)."""
+        return self._shards[rank]
 
 
 def import_tvm(device_type: str):

@@ -104,6 +104,20 @@ def read_params(path: Path, manifest: dict) -> list[dict]:
     return params
 
 
+def rank_folders(path: Path, manifest: dict) -> list[str]:
+    """The weight folders: `weights`, or for a tensor-parallel artifact (tensor_parallel N) the N
+    `rank_weights` folders, each a path inside the artifact."""
+    tp = manifest.get("tensor_parallel")
+    if tp is None:
+        return [manifest["weights"]]
+    folders, where = manifest.get("rank_weights"), path / "kiln.yaml"
+    if not isinstance(tp, int) or tp < 1 or not isinstance(folders, list) or len(folders) != tp or not all(
+            isinstance(f, str) and f and not Path(f).is_absolute() and ".." not in Path(f).parts for f in folders):
+        raise KilnError(f"{where}: tensor_parallel {tp!r} needs rank_weights listing {tp} folders inside the "
+                        f"artifact (got {folders!r}); {rebuild_hint(manifest)}")
+    return folders
+
+
 def weight_shards(path: Path, manifest: dict) -> list[Path]:
     """The shard files named by weights/index.json, each a plain file name inside the weights folder."""
     folder, hint = path / manifest["weights"], rebuild_hint(manifest)

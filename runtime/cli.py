@@ -62,12 +62,13 @@ def _dtype(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _device(text: str) -> int:
-    """'1' or 'cuda:1' → 1 (the kind comes from the artifact's target)."""
-    number = text.rpartition(":")[2]
-    if not number.isdigit():
-        raise argparse.ArgumentTypeError(f"'{text}' is not a device number (0, 1, ... or cuda:1)")
-    return int(number)
+def _devices(text: str) -> list[int]:
+    """'1' or 'cuda:1' → [1] (the kind comes from the artifact's target); '0,1' → [0, 1], the devices of a
+    tensor-parallel artifact (python -m compile --tp 2)."""
+    numbers = text.rpartition(":")[2].split(",")
+    if not all(n.strip().isdigit() for n in numbers):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a device number (0, 1, ... or cuda:1) or a list (0,1)")
+    return [int(n) for n in numbers]
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -76,7 +77,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     _flag(g, ["--w", "--model", "--weight-path"], default="artifacts/", metavar="PATH",
           help="an artifact folder, a folder of artifacts (the newest that runs here), an HF model folder or a "
                ".gguf file (compiled on first use for this machine and cached)")
-    _flag(g, ["--d", "--device"], type=_device, default=0, metavar="N", help="device number on the artifact's target")
+    _flag(g, ["--d", "--device"], type=_devices, default=[0], metavar="N",
+          help="device number on the artifact's target; 0,1,...: a tensor-parallel artifact's devices")
     _flag(g, ["--dtype"], type=_dtype, default=None, help="activations and KV cache: bf16, f16 or f32; None: the "
           "artifact's, and for a model file bf16 on CUDA, f16 on Metal, f32 on the CPU")
     _flag(g, ["--quant"], default=None, help="weight quantization a model file is compiled with (python -m compile "
@@ -129,7 +131,8 @@ def engine_config(args: argparse.Namespace):
     from .engine import EngineConfig
 
     use_cache_flag(args)
-    return EngineConfig(model_path=args.w, device_id=args.d, dtype=args.dtype, quant=args.quant, kvmem=args.kvmem,
+    return EngineConfig(model_path=args.w, device_id=args.d[0], device_ids=args.d if len(args.d) > 1 else None,
+                        dtype=args.dtype, quant=args.quant, kvmem=args.kvmem,
                         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
 
 

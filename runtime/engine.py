@@ -46,6 +46,7 @@ from .model_runner import ModelRunner, device_memory
 from .request import Completion, Delta, Message, Request, RequestOutput, Sequence, TokenLogprob
 from .sampling import SamplingParams
 from .scheduler import Scheduler
+from .sharded_runner import ShardedModelRunner
 from .tokenizer import Tokenizer
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -57,6 +58,7 @@ class EngineConfig:
 
     model_path: str  # an artifact, a folder of artifacts, an HF folder or a .gguf (runtime/model_file.py)
     device_id: int = 0
+    device_ids: list[int] | None = None  # a tensor-parallel artifact's devices (default: device_id onwards)
     dtype: str | None = None  # activations and KV cache (bf16, f16, f32): a model file is compiled to it
     quant: str | None = None  # a model file's weight quantization (passed to `python -m compile --quant`)
     kvmem: float | None = 4096  # KV cache size: MB if > 1, else a fraction of the device's memory
@@ -92,7 +94,7 @@ def _kv_tokens(cfg: EngineConfig, artifact: Artifact) -> int | None:
     c = artifact.config
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     per_token = 2 * c["num_hidden_layers"] * c.get("num_key_value_heads", c["num_attention_heads"]) * head_dim \
-        * _DTYPE_BYTES.get(artifact.manifest["dtype"], 2)
+        * _DTYPE_BYTES.get(artifact.manifest["dtype"], 2) // (artifact.tensor_parallel or 1)  # per device
     if cfg.kvmem > 1:
         tokens = int(cfg.kvmem * 2 ** 20 // per_token)
     else:
@@ -141,8 +143,16 @@ class Engine:
         device = f"{artifact.target}:{cfg.device_id}"
         if cfg.max_num_seqs < 1 or cfg.max_num_batched_tokens < 1:
             raise KilnError("max_num_seqs and max_num_batched_tokens must be >= 1")
-        self.runner = ModelRunner(artifact, device=device, max_batch=cfg.max_num_seqs,
-                                  kv_tokens=_kv_tokens(cfg, artifact))
+        if artifact.tensor_parallel is None and cfg.device_ids is not None and len(cfg.device_ids) > 1:
+            raise KilnError(f"{artifact.path}: compiled for one device, {len(cfg.device_ids)} given; recompile it "
+                            f"with --tp {len(cfg.device_ids)} (make compile ... TP={len(cfg.device_ids)})")
+        if artifact.tensor_parallel is None:
+            self.runner = ModelRunner(artifact, device=device, max_batch=cfg.max_num_seqs,
+                                      kv_tokens=_kv_tokens(cfg, artifact))
+        else:
+            self.runner = ShardedModelRunner(
+                artifact, cfg.device_ids or list(range(cfg.device_id, cfg.device_id + artifact.tensor_parallel)),
+                max_batch=cfg.max_num_seqs, kv_tokens=_kv_tokens(cfg, artifact))
         if not self.runner.can_sample:
             raise KilnError(f"{artifact.path}: this artifact has no sampling functions (compiled by an older "
                             "Kiln); compile it again with `make compile`")

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     use_cache_flag(args)
     artifact = Artifact.open(args.w, args.dtype, args.quant)
-    runner = ModelRunner(artifact, device=f"{artifact.target}:{args.d}")
+    runner = ModelRunner(artifact, device=f"{artifact.target}:{args.d[0]}")
     tokenizer = Tokenizer(artifact.path)
     print(args.prompt + generate(runner, tokenizer, [args.prompt], args.max)[0])
 

@@ -36,8 +36,15 @@ def device_memory(target: str, device_id: int) -> int:
 
 class ModelRunner:
     def __init__(self, artifact: str | Artifact, device: str | None = None, max_batch: int = 64,
-                 kv_tokens: int | None = None, prefill_chunk: int | None = None):
+                 kv_tokens: int | None = None, prefill_chunk: int | None = None, rank: int | None = None):
+        """`rank`: a tensor-parallel artifact's rank whose weight shards to load (only inside a Disco
+        worker, runtime/tp_worker.py; the engine serves such artifacts with runtime/sharded_runner.py)."""
         self.artifact = artifact if isinstance(artifact, Artifact) else Artifact.open(artifact)
+        if (self.artifact.tensor_parallel is not None) != (rank is not None):
+            raise KilnError(f"{self.artifact.path}: compiled with --tp {self.artifact.tensor_parallel}; serve it "
+                            "through the Engine or the CLIs (--d 0,1,...), which start one worker per device"
+                            if rank is None else f"{self.artifact.path}: not a tensor-parallel artifact")
+        self.rank = rank or 0
         manifest, cfg = self.artifact.manifest, self.artifact.config
         kind, index = parse_device(device, self.artifact.target)
         tvm = import_tvm(kind)
@@ -75,7 +82,7 @@ class ModelRunner:
     def _load_params(self) -> list:
         names = [p["name"] for p in self.artifact.params()]
         arrays = {}
-        for shard in self.artifact.weight_shards():
+        for shard in self.artifact.weight_shards(self.rank):
             with safe_open(str(shard), framework="numpy") as f:
                 for name in f.keys():
                     arrays[name] = self._tvm.runtime.tensor(f.get_tensor(name), self.device)

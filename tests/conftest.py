@@ -85,11 +85,25 @@ def top_k_top_p_kept(probs: np.ndarray, k: int, p: float) -> set[int]:
     return set(top[:int(np.searchsorted(mass, p - 1e-6)) + 1].tolist())
 
 
-def compile_cpu(model: str | Path, out: Path, dtype: str = "float32") -> Path:
+def compile_cpu(model: str | Path, out: Path, dtype: str = "float32", tp: int | None = None) -> Path:
     from compile.driver import compile_artifact
 
     return compile_artifact(model=str(model), target="cpu", dtype=dtype, out=str(out), weights=None,
-                            cuda_arch=None, context=512, page_size=16, prefill_chunk=64)
+                            cuda_arch=None, context=512, page_size=16, prefill_chunk=64, tp=tp)
+
+
+_TINY = {}  # (family, tp) → (HF folder, artifact), shared by the test modules of one session
+
+
+def tiny_artifact(family: str, tmp_path_factory, tp: int | None = None) -> tuple[Path, Path]:
+    """(HF folder, CPU fp32 artifact) of make_tiny_hf(family), compiled once per session (with --tp `tp`)."""
+    if (family, None) not in _TINY:
+        hf = make_tiny_hf(family, tmp_path_factory.mktemp(f"hf-{family}"))
+        _TINY[family, None] = hf, compile_cpu(hf, tmp_path_factory.mktemp(f"art-{family}"))
+    if (family, tp) not in _TINY:
+        hf = _TINY[family, None][0]
+        _TINY[family, tp] = hf, compile_cpu(hf, tmp_path_factory.mktemp(f"art-{family}-tp{tp}"), tp=tp)
+    return _TINY[family, tp]
 
 
 @pytest.fixture(scope="session")

@@ -95,10 +95,12 @@ def test_only_clis_and_server_import_the_engine():
 
 
 def test_only_the_model_runner_touches_tvm_in_the_runtime():
-    """The engine, scheduler and server think in sequences and token ids (runtime/model_runner.py)."""
+    """The engine, scheduler and server think in sequences and token ids (runtime/model_runner.py; for
+    tensor parallelism its Disco workers, runtime/tp_worker.py, and their glue and NCCL binding)."""
     users = {m for m, targets in IMPORTS.items() if m.startswith("runtime")
              and any(t.split(".")[0] in ("tvm", "tvm_ffi") for t in targets)}
-    assert users and users <= {"runtime.model_runner", "runtime.artifact"}, sorted(users)
+    assert users and users <= {"runtime.model_runner", "runtime.artifact", "runtime.tp_worker", "runtime.disco",
+                               "runtime.ccl_nccl"}, sorted(users)
 
 
 def _loaded_after(statement: str) -> set[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import TINY_CONFIGS, compile_cpu, hf_greedy, hf_logits, make_tiny_hf
+from conftest import TINY_CONFIGS, hf_greedy, hf_logits, tiny_artifact
 from runtime.generate import generate_ids
 from runtime.model_runner import ModelRunner
 
@@ -15,8 +15,7 @@ PROMPTS = [[1, 17, 99, 3, 250, 42, 7], [1, 5], [1, 200, 201, 202, 203, 204, 205,
 
 @pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
 def tiny(request, tmp_path_factory):
-    hf_dir = make_tiny_hf(request.param, tmp_path_factory.mktemp(f"hf-{request.param}"))
-    artifact = compile_cpu(hf_dir, tmp_path_factory.mktemp(f"art-{request.param}"))
+    hf_dir, artifact = tiny_artifact(request.param, tmp_path_factory)
     return hf_dir, ModelRunner(artifact, kv_tokens=2048)
 
 
