@@ -172,9 +172,9 @@ class LowBatchDispatch:
 
     def transform_module(self, mod: IRModule, _ctx) -> IRModule:
         for gvar, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc) or func.attrs and "tir.is_scheduled" in func.attrs:
+            if not isinstance(func, tirx.PrimFunc) or func.attrs and "tirx.is_scheduled" in func.attrs:
                 continue
             chained = dispatch_on_rows(func, self.large_rules)
             if chained is not None:
-                mod.update_func(gvar, chained.with_attr("tir.is_scheduled", True))
+                mod.update_func(gvar, chained.with_attr("tirx.is_scheduled", True))
         return mod

@@ -25,9 +25,9 @@ class QuantKernels:
         if target is None or target.kind.name not in GPU_KINDS:
             return mod
         for gvar, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc) or func.attrs and "tir.is_scheduled" in func.attrs:
+            if not isinstance(func, tirx.PrimFunc) or func.attrs and "tirx.is_scheduled" in func.attrs:
                 continue
             scheduled = QuantGemv().kernel(func, target) or QuantDequantize().kernel(func, target)
             if scheduled is not None:
-                mod.update_func(gvar, scheduled.with_attr("tir.is_scheduled", True))
+                mod.update_func(gvar, scheduled.with_attr("tirx.is_scheduled", True))
         return mod

@@ -128,4 +128,4 @@ def test_pipeline_routes_quantized_linears_to_these_rules(target):
              if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint.startswith(("fused_dequantize", "dequantize"))]
     assert len([n for n in names if n.startswith("fused_dequantize")]) == len(TYPES), names
     assert len([n for n in names if n.startswith("dequantize")]) == len(TYPES), names
-    assert all(mod[n].attrs and "tir.is_scheduled" in mod[n].attrs for n in names), names
+    assert all(mod[n].attrs and "tirx.is_scheduled" in mod[n].attrs for n in names), names

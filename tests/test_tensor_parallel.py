@@ -10,7 +10,8 @@ import pytest
 
 from conftest import STORIES_HF, compile_cpu, hf_logits, make_tiny_hf, tiny_artifact
 from formats.errors import KilnError
-from runtime.engine import Engine, EngineConfig, parse_devices
+from runtime.cli import add_model_flags, parser
+from runtime.engine import Engine, EngineConfig
 from runtime.model_runner import ModelRunner
 from runtime.sampling import SamplingParams
 from runtime.sharded_runner import ShardedModelRunner
@@ -91,9 +92,14 @@ def test_uneven_heads_are_a_one_line_error(tmp_path_factory, tp, what):
 
 def test_device_flag_and_artifact_mismatches(pair):
     plain, tp2 = pair
-    assert parse_devices("0,1") == [0, 1] and parse_devices((2, 3)) == [2, 3] and parse_devices("cuda:1") == [1]
-    with pytest.raises(KilnError, match="--d x"):
-        parse_devices("x")
+    def devices(flag):
+        p = parser("kiln", "")
+        add_model_flags(p)
+        return p.parse_args(["--d", flag]).d
+
+    assert devices("0,1") == [0, 1] and devices("2,3") == [2, 3] and devices("cuda:1") == [1]
+    with pytest.raises(KilnError, match="'x' is not a device number"):
+        devices("x")
     with pytest.raises(KilnError, match="recompile it with --tp 2"):
         Engine(EngineConfig(model_path=str(plain), device_ids=[0, 1]))
     with pytest.raises(KilnError, match="needs 2 distinct devices"):
