@@ -31,7 +31,8 @@ RAGGED_MS = [3, 7, 33]  # correctness only: rows past a tile, each branch of the
 def dequant_matmul(qtype: str, k: int, n: int, dtype: str = "bfloat16", epilogue: str = "cast"):
     """The PrimFunc a quantized Linear becomes in decode (FuseDequantizeMatmul): model_defs/quant.py's
     dequantize (to `dtype`), y = x · Wᵀ accumulated in fp32 over a dynamic row count, then the
-    epilogue: "cast" (y.astype(dtype)), "residual" (r + cast, 3-D x) or "logits" (fp32 out)."""
+    epilogue: "cast" (y.astype(dtype)), "residual" (r + cast, 3-D x), "cast_residual" (the decode
+    model's own form of it: x [M, 1, K], the cast a block of its own before the add) or "logits" (fp32 out)."""
     from tvm import te, tirx
 
     from model_defs.quant import component_shapes, dequantize_te
@@ -48,6 +49,14 @@ def dequant_matmul(qtype: str, k: int, n: int, dtype: str = "bfloat16", epilogue
             x[b, i, r].astype("float32") * w[j, r].astype("float32"), axis=r), name="NT_matmul")
         y = te.compute((i64(1), rows, i64(n)), lambda b, i, j: res[b, i, j] + acc[b, i, j].astype(dtype),
                        name="T_add")
+        return te.create_prim_func([x, *comps, res, y])
+    if epilogue == "cast_residual":
+        x = te.placeholder((rows, i64(1), i64(k)), dtype, name="x")
+        res = te.placeholder((rows, i64(1), i64(n)), dtype, name="res")
+        acc = te.compute((rows, i64(1), i64(n)), lambda i, o, j: te.sum(
+            x[i, o, r].astype("float32") * w[j, r].astype("float32"), axis=r), name="NT_matmul")
+        cast = te.compute((rows, i64(1), i64(n)), lambda i, o, j: acc[i, o, j].astype(dtype), name="compute")
+        y = te.compute((rows, i64(1), i64(n)), lambda i, o, j: res[i, o, j] + cast[i, o, j], name="T_add")
         return te.create_prim_func([x, *comps, res, y])
     x = te.placeholder((rows, i64(k)), dtype, name="x")
     acc = te.compute((rows, i64(n)), lambda i, j: te.sum(

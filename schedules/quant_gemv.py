@@ -196,16 +196,18 @@ class QuantGemv:
         sch.decompose_reduction(rf, k_o)
         sch.set_scope(rf, 0, "local")
 
-        # cross-lane sum, then the epilogue, per thread's outputs
+        # cross-lane sum, then the epilogue, per thread's outputs; the epilogue's intermediate steps
+        # (cast before a residual add) are inlined into its last: as thread-local buffers they would
+        # be sized by the rows < M their padded M tile guards, a symbolic size CUDA cannot allocate
         sch.reverse_compute_at(mm, j_y, preserve_unit_loops=True)
         lane, *spatial = sch.get_loops(mm)[-len(ivs):]  # k_t, then the M and N loops
         sch.reorder(*spatial, lane)
         sch.bind(lane, "threadIdx.x")
         sch.set_scope(mm, 0, "local")
-        for epi in after:
-            sch.reverse_compute_at(epi, j_y, preserve_unit_loops=True)
         for epi in after[:-1]:
-            sch.set_scope(epi, 0, "local")
+            sch.compute_inline(epi)
+        if after:
+            sch.reverse_compute_at(after[-1], j_y, preserve_unit_loops=True)
         return sch
 
 

@@ -44,10 +44,11 @@ def _cuda_source(funcs: dict) -> str:
 
 @pytest.mark.parametrize("qtype", TYPES)
 def test_gemv_cuda_every_type_and_epilogue(qtype):
-    """Each epilogue of the model (cast, residual, fp32 logits) with a dynamic M: three kernels
-    (M tiles 1, 4, 8), a chunk's code words loaded at once (16 bytes; 8 for the 2-bit types)."""
+    """Each epilogue of the model (cast, residual, the decode model's cast-then-add, fp32 logits) with
+    a dynamic M: three kernels (M tiles 1, 4, 8), a chunk's code words loaded at once (16 bytes; 8 for
+    the 2-bit types). Every per-thread buffer must have a static size, or CUDA codegen refuses it."""
     funcs = {}
-    for epilogue in ("cast", "residual", "logits"):
+    for epilogue in ("cast", "residual", "cast_residual", "logits"):
         f = QuantGemv().kernel(dequant_matmul(qtype, 1024, 64, "bfloat16", epilogue))
         assert f is not None, epilogue
         funcs[epilogue] = f.with_attr("global_symbol", epilogue)

@@ -1,0 +1,31 @@
+"""A quantized model compiles for CUDA end to end (no GPU needed; nvcc, where present, builds the binaries).
+
+The CPU tests run the quantized PrimFuncs through LLVM only; on CUDA they take Kiln's GPU rules
+(QuantGemv with its padded M tiles in decode, QuantDequantize in prefill, dlight for the rest), and one
+kernel CUDA codegen cannot emit (a thread-local buffer sized by the run-time row count) fails the whole
+compile. The tiny Llama's GGUF is the Q4_K_M-like mix of tests/test_quant_models.py: Q4_K, Q6_K for
+layer 0's v projection (split q/k/v matmuls), layer 1's down projection and the LM head, a Q3_K embedding.
+nvcc is left out (it would more than double the test's time): the failures live in TVM's CUDA codegen, and
+tests/test_quant_kernels.py compiles the quantized kernels with nvcc.
+"""
+
+import yaml
+
+from compile import driver
+from formats.dtypes import DEFAULT_DTYPE
+from test_gguf_source import random_model, write_model_gguf
+from test_quant_models import CASES
+
+
+def test_mixed_gguf_compiles_for_cuda(tmp_path, monkeypatch):
+    monkeypatch.setattr(driver, "enable_cuda_binaries", lambda arch: False)
+    cfg, tensors = random_model("llama", seed=5, head_dim=64, hidden=256, inter=512)
+    gguf_path = write_model_gguf(tmp_path / "llama.gguf", cfg, tensors, qtype=CASES["llama"][1])
+    out = driver.compile_artifact(model=str(gguf_path), target="cuda", dtype=DEFAULT_DTYPE["cuda"],
+                                  out=str(tmp_path / "artifact"), weights=None, cuda_arch=None, context=256,
+                                  page_size=16, prefill_chunk=64, max_batch=4)
+    manifest = yaml.safe_load((out / "kiln.yaml").read_text())
+    assert (out / manifest["library"]).stat().st_size > 0
+    packed = manifest["quantization"]["tensors"]
+    assert {packed["model.embed_tokens.weight"], packed["lm_head.weight"]} == {"q3_k", "q6_k"}
+    assert any(t == "q4_k" for t in packed.values())
