@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from formats.errors import KilnError
-from model_defs.quant import STORED_FLOATS
+from formats.quant_layout import STORED_FLOATS
 
 from .quantize import quantize
 from .repack import repack

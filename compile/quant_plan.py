@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from formats.errors import KilnError
 from formats.quant_layout import QUANT_TYPES
-from model_defs.quant import STORED_FLOATS
+from formats.quant_layout import STORED_FLOATS
 
 from .convert import hf_names
 from .quantize import row_fallback

@@ -59,3 +59,7 @@ def quant_type(name: str) -> QuantType:
     if name not in QUANT_TYPES:
         raise KilnError(f"unknown quantization type {name!r}: Kiln keeps {', '.join(QUANT_TYPES)} packed")
     return QUANT_TYPES[name]
+
+# GGUF float types kept as stored where the model dtype is wider (a GGUF's F16 tensors on the fp32 CPU
+# path): one component `w`, cast by the same dequantize PrimFunc, so the weights stay at the file's size.
+STORED_FLOATS = {"f16": "float16", "bf16": "bfloat16"}

@@ -14,11 +14,7 @@ from tvm import te, tirx
 from tvm.relax.frontend import nn
 
 from formats.errors import KilnError
-from formats.quant_layout import quant_type
-
-# GGUF float types kept as stored where the model dtype is wider (a GGUF's F16 tensors on the fp32 CPU
-# path): one component `w`, cast by the same dequantize PrimFunc, so the weights stay at the file's size.
-STORED_FLOATS = {"f16": "float16", "bf16": "bfloat16"}
+from formats.quant_layout import STORED_FLOATS, quant_type
 
 
 def component_shapes(qtype: str, rows: int, cols: int) -> dict[str, tuple[tuple[int, int], str]]:
