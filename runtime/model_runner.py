@@ -16,6 +16,7 @@ from .artifact import Artifact, import_tvm, load_library
 from formats.errors import KilnError
 
 _TARGET_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "metal"}
+FUSED_ROWS = 8  # a quantized artifact's decode/logits run their dequant-fused GEMV up to this many rows
 
 
 def parse_device(device: str | None, target: str) -> tuple[str, int]:
@@ -78,6 +79,7 @@ class ModelRunner:
         # artifacts compiled before model_defs/sampling.py (apply_penalties is its newest) lack these; the
         # engine refuses them (recompile)
         self.can_sample = self.vm.module.implements_function("apply_penalties")
+        self._wide = {n for n in ("decode", "logits") if self.vm.module.implements_function(f"{n}_wide")}
 
     def _load_params(self) -> list:
         names = [p["name"] for p in self.artifact.params()]
@@ -131,7 +133,7 @@ class ModelRunner:
         else:
             host = {i: rows.numpy()[row] for rows, finished in done for row, i in finished}
             hidden = self._tvm.runtime.tensor(np.stack([host[i] for i in range(len(seq_ids))]), self.device)
-        logits = self.vm["logits"](hidden, self.params)
+        logits = self._for_rows("logits", len(seq_ids))(hidden, self.params)
         return logits if on_device else logits.numpy()
 
     def sample(self, logits, rows: np.ndarray, temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray,
@@ -182,6 +184,12 @@ class ModelRunner:
         lp, top_lp, top_ids = self.vm["logprobs"](logits, self._tvm.runtime.tensor(chosen, self.device))
         return lp.numpy()[rows, 0], top_lp.numpy()[rows], top_ids.numpy()[rows]
 
+    def _for_rows(self, name: str, rows: int):
+        """VM function `name` ("decode" or "logits") for `rows` sequences: a quantized artifact's unfused
+        `<name>_wide` (dequantize once, then the tensor-core GEMM) above FUSED_ROWS, where the fused GEMV's
+        per-row dequantizing costs more than dequantizing each weight once."""
+        return self.vm[f"{name}_wide" if rows > FUSED_ROWS and name in self._wide else name]
+
     def _chunks(self, token_lists):
         """Pack (sequence index, tokens, is_last_piece) into forwards of ≤ prefill_chunk tokens."""
         chunk, room = [], self.prefill_chunk
@@ -206,7 +214,7 @@ class ModelRunner:
         try:
             embeds = self.vm["embed"](tvm.runtime.tensor(flat, self.device), self.params)
             if all(n == 1 for n in lengths):
-                return self.vm["decode"](embeds, self.kv, self.params)
+                return self._for_rows("decode", len(seq_ids))(embeds, self.kv, self.params)
             logit_pos = tvm.runtime.tensor(np.cumsum(lengths).astype("int32") - 1, self.device)
             return self.vm["prefill"](embeds, logit_pos, self.kv, self.params)
         finally:

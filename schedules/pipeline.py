@@ -21,6 +21,7 @@ from .matmul_wgmma import MatmulWgmma
 from .metal_matmul import MatmulNoSimdgroup
 from .quant_dispatch import QuantKernels
 from .quant_fusion import FuseDequantizeMatmul
+from .quant_wide import AddWideFunctions
 from .row_reduction import RowReduction
 
 
@@ -56,6 +57,7 @@ def _passes(target: tvm.target.Target) -> list:
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
+        AddWideFunctions(),  # decode/logits for > 8 rows, unfused: taken before the fusion below
         FuseDequantizeMatmul(),
         QuantKernels(),  # packed quantized weights first: no generic rule reads them well
     ]
