@@ -7,6 +7,9 @@ Prefill (issue 6: 16 prompts x 1,024 tokens on the Llama-3.1-8B shape):
         python bench/engine_throughput.py .gpu/llama3-cuda --requests 16 --prompt-len 1024 --max-tokens 1 \
             --batched-tokens 8192
 
+Quantized (`--quant q4_k_m`, `q8_0`, ...: random packed components, bench/random_weights.py):
+        python -m compile --model llama3 --target cuda --quant q4_k_m --prefill_chunk 8192 --out .gpu/llama3-q4km
+
 Fills the artifact with random weights, then submits N concurrent greedy requests (random prompt ids,
 ignore_eos) through the Engine and prints prompt tokens/s (all prompts' tokens over the time until the
 last first token), generated tokens/s, time to first token, and a single-request decode rate.
@@ -62,6 +65,11 @@ def step_times(runner, batches=(1, 16, 64), context=256, steps=32) -> dict:
     return out
 
 
+def weight_bytes(artifact) -> int:
+    """Bytes of every parameter the library takes (what the runner puts on the device)."""
+    return int(sum(np.prod(p["shape"]) * np.dtype(p["dtype"]).itemsize for p in artifact.params()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("artifact", type=Path)
@@ -79,8 +87,10 @@ def main() -> None:
     run(engine, 4, 32, 8, vocab)  # warm-up: first kernel launches, allocator
     steps = step_times(engine.runner, batches=tuple(b for b in (1, 16, 64) if b <= a.requests))
     rows = [run(engine, 1, a.prompt_len, a.max_tokens, vocab), run(engine, a.requests, a.prompt_len, a.max_tokens, vocab)]
-    print(json.dumps(dict(card=engine.runner.device.device_name or "cpu",
-                          model=engine.runner.artifact.manifest["name"], dtype=engine.runner.artifact.manifest["dtype"],
+    manifest = engine.runner.artifact.manifest
+    print(json.dumps(dict(card=engine.runner.device.device_name or "cpu", model=manifest["name"],
+                          dtype=manifest["dtype"], weights_on_gpu_bytes=weight_bytes(engine.runner.artifact),
+                          quantization=(manifest["quantization"] or {}).get("summary"),
                           runner=steps, rows=rows), indent=1))
     engine.close()
 

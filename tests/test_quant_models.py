@@ -164,3 +164,22 @@ def test_engine_tokens_do_not_depend_on_the_batch(case):
         for n in (FUSED_ROWS, WIDE):
             together = [o.outputs[0].token_ids for o in engine.generate_sync(params, prompts[:n])]
             assert together == alone[:n], n
+
+
+def test_random_weights_fill_a_quantized_artifact(case, tmp_path):
+    """bench/random_weights.py fills a library-only copy of each artifact (the mixed GGUF's types; Q8_0):
+    random code words and small scales, so the logits are finite and differ between prompts, fused or wide."""
+    import shutil
+
+    from bench.random_weights import fill
+
+    art = tmp_path / "art"
+    art.mkdir()
+    for name in ("params.json", "kiln.yaml", "model.so"):
+        shutil.copyfile(case["native"] / name, art / name)
+    fill(art, None)
+    weights = _weights(art)
+    assert all(a.any() for n, a in weights.items() if n.endswith((".q", ".d")))
+    for n in (2, WIDE):
+        _, logits = _decode_logits(art, _wide_prompts(n))
+        assert np.isfinite(logits).all() and np.abs(logits[0] - logits[1]).max() > 0
