@@ -85,7 +85,12 @@ def main() -> None:
                                  max_num_seqs=a.requests, max_num_batched_tokens=a.batched_tokens))
     vocab = engine.runner.vocab_size
     run(engine, 4, 32, 8, vocab)  # warm-up: first kernel launches, allocator
-    steps = step_times(engine.runner, batches=tuple(b for b in (1, 16, 64) if b <= a.requests))
+    batches = tuple(b for b in (1, 16, 64) if b <= a.requests)
+    steps = step_times(engine.runner, batches)
+    if engine.runner._wide:  # a quantized artifact: the same steps with the dequant-fused GEMV at every batch
+        wide, engine.runner._wide = engine.runner._wide, set()  # size, as before decode_wide (issue 11)
+        steps["fused_gemv_only"] = step_times(engine.runner, batches)
+        engine.runner._wide = wide
     rows = [run(engine, 1, a.prompt_len, a.max_tokens, vocab), run(engine, a.requests, a.prompt_len, a.max_tokens, vocab)]
     manifest = engine.runner.artifact.manifest
     print(json.dumps(dict(card=engine.runner.device.device_name or "cpu", model=manifest["name"],
