@@ -164,6 +164,9 @@ def test_wgmma_rule_picks_the_kernel_by_row_count():
     for rows, kernel in expect.items():  # Llama's O projection: 64 weight tiles, or 32 and K split
         assert _kernels_run(4096, 4096, rows) == {kernel}, rows
     assert _kernels_run(4096, 28672, 16) == {"m64n32"}  # gate/up: 448 tiles fill the GPU unsplit
+    assert _kernels_run(4096, 28672, 128) == {"m64n128"}
+    # QKV: 48 tiles of 128 weight rows, no more blocks than the 128×128 tiles that follow
+    assert _kernels_run(4096, 6144, 64) == {"m64n64"} and _kernels_run(4096, 6144, 100) == {"m64n128+setmaxnreg"}
     assert _kernels_run(2048, 1024, 16) == {"m64n32+split_k"}  # Qwen's O: 16 tiles
     without = MatmulWgmma(middle=())
     assert _kernels_run(4096, 4096, 16, without) == {"m64n128+setmaxnreg"}
