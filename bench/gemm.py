@@ -126,14 +126,14 @@ def _prim_func(k: int, n: int, dtype: str, epilogue: str):
 
 
 def build(out: str, variants: list[str]) -> None:
+    from dataclasses import replace
+
     import tvm
     from tvm.s_tir import dlight as dl
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from schedules.low_batch import StreamingGEMV
     from schedules.matmul_tensorcore import MatmulTensorCore
-    from dataclasses import replace
-
     from schedules.matmul_wgmma import MIDDLE, MatmulWgmma, WgmmaConfig
 
     target = tvm.target.Target("nvidia/nvidia-h100")
