@@ -45,6 +45,7 @@ class QuantGemvConfig:
     lanes: int = 32
     row_threads: int = 4
     rows_per_thread: int = 2
+    unroll: int = 1  # chunks per lane per loop step (unrolled: their loads can be in flight together)
 
 
 def vector_lanes(target) -> int:
@@ -164,19 +165,22 @@ class QuantGemv:
         sch.reorder(j_o, i_o, j_y, k_t, k_o, i_i, k_c8, k_v, j_r)
         rf = sch.rfactor(k_t, 0)
         j_o, i_o, j_y, k_t, k_o, i_i, k_c8, k_v, j_r = sch.get_loops(rf)
+        steps = k_chunks // lanes if k_chunks % lanes == 0 else 0
+        unroll = max(u for u in range(1, cfg.unroll + 1) if steps % u == 0) if steps else 1
+        k_o, k_u = sch.split(k_o, [None, unroll])
         sch.bind(j_o, "blockIdx.x")
         sch.bind(i_o, "blockIdx.y")
         sch.bind(j_y, "threadIdx.y")
         sch.bind(k_t, "threadIdx.x")
 
         # dequantize one chunk × rows_per_thread into registers, code words by 16-byte loads
-        sch.compute_at(deq, k_o, preserve_unit_loops=True)
+        sch.compute_at(deq, k_u, preserve_unit_loops=True)
         sch.set_scope(deq, 0, "local")
         for idx, buf in enumerate(deq_reads):
             if not is_packed(buf):
                 continue
             cache = sch.cache_read(deq, idx, "local", consumer_blocks=[deq])
-            sch.compute_at(cache, k_o, preserve_unit_loops=True)
+            sch.compute_at(cache, k_o, preserve_unit_loops=True)  # all the step's words first
             words = sch.get_loops(cache)[-1]
             width = next(w for w in (4, 2, 1) if int(sch.get(words).extent) % w == 0)  # 2-bit codes: 8 bytes
             if width > 1:
@@ -191,7 +195,7 @@ class QuantGemv:
         sch.compute_at(x_cache, k_c8, preserve_unit_loops=True)
         _, vec = sch.split(sch.get_loops(x_cache)[-1], [None, lanes16])
         sch.vectorize(vec)
-        for loop in (i_i, k_c8, k_v, j_r):
+        for loop in (k_u, i_i, k_c8, k_v, j_r):
             sch.unroll(loop)
         sch.decompose_reduction(rf, k_o)
         sch.set_scope(rf, 0, "local")
