@@ -8,7 +8,7 @@ Two halves, as bench/gemm.py (the GPU box has only a runtime-only TVM):
   python bench/quant_gemm.py run DIR [--results bench/RESULTS.md]   (GPU box)
       random packed components on the GPU (random code words, fp16 scales of realistic size); every
       GEMV variant checked at M = 1, 3, 8, 33 against a torch fp32 dequantize-then-matmul reference
-      before any timing; then GEMV at M = 1, 2, 4, 8, 16 as % of the measured copy bandwidth
+      before any timing; then GEMV at M = 1, 2, 4, 8 as % of the measured copy bandwidth
       counting the packed bytes, and
       dequantize + GEMM at M = 128, 512, 2048 as % of torch.matmul (cuBLAS, bf16) in the same run;
       rotating input sets of >= 3x L2.
@@ -24,7 +24,7 @@ import os
 import sys
 
 QTYPES = ["q4_k", "q6_k", "q8_0"]
-GEMV_MS = [1, 2, 4, 8, 16]
+GEMV_MS = [1, 2, 4, 8]
 GEMM_MS = [128, 512, 2048]
 CHECK_MS = [1, 3, 8, 33]  # checked before any timing: each branch of the M chain, rows past a tile
 
@@ -236,7 +236,7 @@ def _load(out: str):
     return load_library(out, compile_cuda)
 
 
-def run(out: str, results: str | None, command: str, models: str = "") -> None:
+def run(out: str, results: str | None, command: str, models: str = "", ms: tuple = tuple(GEMV_MS)) -> None:
     import torch
     import tvm
 
@@ -289,7 +289,7 @@ def run(out: str, results: str | None, command: str, models: str = "") -> None:
             set_args = [_tvm_args(s) for s in sets]
             for variant in meta["variants"]:
                 f = lib[f"{variant}_{qtype}_k{k}_n{n}"]
-                for m in GEMV_MS:
+                for m in ms:
                     x = torch.randn(m, k, device=dev).to(torch.bfloat16)
                     y, call, err, ok = _gemv_check(f, epilogue, x, args, w_model, n)
                     xs = [torch.randn(m, k, device=dev).to(torch.bfloat16) for _ in range(nsets)]
@@ -391,8 +391,7 @@ def _table(rows, card, copy_gbs, stamp, command) -> str:
 VARIANTS = {  # name -> QuantGemvConfig fields; the first is the rule's default
     "gemv": {},
     "gemv_u2": {"unroll": 2},
-    "gemv_u4": {"unroll": 4},
-    "gemv_r4u2": {"row_threads": 2, "rows_per_thread": 4, "unroll": 2},
+    "gemv_u2_m1": {"unroll": 2, "m_tiles": (1,)},  # M = 1's kernel only (every M runs it): a small build
     "gemv_t8r1": {"row_threads": 8, "rows_per_thread": 1},
 }
 
@@ -410,11 +409,12 @@ def main() -> None:
     r.add_argument("dir")
     r.add_argument("--results")
     r.add_argument("--models", default="", help="only the shapes of models whose name starts with this")
+    r.add_argument("--ms", default=",".join(map(str, GEMV_MS)), help="the GEMV row counts timed")
     a = p.parse_args()
     if a.cmd == "build":
         build(a.out, {v: VARIANTS[v] for v in a.variants.split(",")}, a.gemv_only, not a.no_nvcc, a.models)
     else:
-        run(a.dir, a.results, " ".join(sys.argv), a.models)
+        run(a.dir, a.results, " ".join(sys.argv), a.models, tuple(int(m) for m in a.ms.split(",")))
 
 
 if __name__ == "__main__":

@@ -18,10 +18,15 @@ loads the code words 4 bytes at a time. Here, as in llama.cpp's MMVQ and MLC's G
 The matmul must read the dequantized buffer as W[j, k] with j, k the block's last two iterators,
 K a multiple of 32 and N of the row tile; anything else is declined and left to the other rules.
 
-Measured on an H100 (bench/RESULTS.md): M = 1 runs at 37–62% of copy bandwidth for Q4_K/Q6_K and
-50–87% for Q8_0 on the Llama-3.1-8B shapes (bound by the arithmetic per weight and, on small shapes,
-by loads in flight); every extra row costs nearly the per-weight arithmetic again, so from M ≈ 16 the
-dequantize kernel + tensor-core GEMM is faster.
+`unroll` > 1 takes that many chunks per loop step, their code words loaded before the first is used.
+
+Measured on an H100 (bench/RESULTS.md, "Quantized GEMV: fp32 weights"): with the fused PrimFunc's
+weight in fp32 and codes converted by the magic number (model_defs/quant.py), M = 1 runs at 39–66% of
+copy bandwidth for Q4_K, 46–75% for Q6_K and 64–98% for Q8_0 on the Llama-3.1-8B shapes. Q4_K is bound
+by instructions per weight (~3.2 G weights per ms on the large shapes, the most of the three types),
+the small shapes also by loads in flight; `unroll` = 2 gains 1–4 points at M = 1 for Q4_K and Q8_0 but
+loses for Q6_K and at M = 8, so it stays 1. Every extra row costs nearly the per-weight arithmetic
+again (M = 2–4 take ~2.7× M = 1), so from M ≈ 16 the dequantize kernel + tensor-core GEMM is faster.
 """
 
 from __future__ import annotations
