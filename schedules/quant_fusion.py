@@ -72,7 +72,9 @@ class FewRowWeightsInFp32:
         out = IRModule(dict(mod.functions), attrs=mod.attrs)
         for gv, func in mod.functions.items():
             if gv.name_hint in self.functions and isinstance(func, relax.Function):
-                out[gv] = relax.analysis.remove_all_unused(rewrite_call(matmul, rewrite, func))
+                new = rewrite_call(matmul, rewrite, func)
+                if not new.same_as(func):  # the casts no matmul reads any more go
+                    out[gv] = relax.analysis.remove_all_unused(new)
         return out
 
 
