@@ -21,6 +21,8 @@ from tvm import relax
 from tvm.ir import IRModule
 from tvm.relax.dpl.pattern import GlobalVarPattern, TuplePattern, is_op, wildcard
 
+from .quant_fusion import fuse_patterns_in
+
 FUNCTIONS = ("decode",)
 _MAX_EPILOGUE_ARGS = 3  # residual, bias
 
@@ -57,14 +59,4 @@ class FuseSwiGLUDown:
         self.functions = functions
 
     def transform_module(self, mod: IRModule, _ctx) -> IRModule:
-        chosen = {gv: f for gv, f in mod.functions.items()
-                  if gv.name_hint in self.functions or not isinstance(f, relax.Function)}
-        fused = tvm.transform.Sequential([relax.transform.FuseOpsByPattern(_patterns()),
-                                          relax.transform.FuseTIR()])(IRModule(chosen, attrs=mod.attrs))
-        out = IRModule(dict(mod.functions), attrs=mod.attrs)
-        for gv, func in fused.functions.items():
-            if gv.name_hint in self.functions:
-                out.update_func(out.get_global_var(gv.name_hint), func)
-            elif gv.name_hint not in mod:  # the new fused PrimFuncs
-                out[gv] = func
-        return relax.transform.DeadCodeElimination()(out)
+        return fuse_patterns_in(mod, self.functions, _patterns())
