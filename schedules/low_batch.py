@@ -46,8 +46,6 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
 
     def sch_inner_reduction(self, sch, target, block, dequantize_block, pad_input_block,
                             vector_input_buffers, epilogue_info, batch_pad):
-        if pad_input_block is None:
-            pad_input_block = _computed_input(sch, block)
         rows, cols, red = sch.get_loops(block)
         n, k = sch.get(cols).extent, sch.get(red).extent
         weight = next(r.source for r in sch.get(block).reads if r.source not in vector_input_buffers)
@@ -90,16 +88,6 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
             sch.set_scope(block, 0, "local")
             sch.reverse_compute_at(epilogue[0], ty, preserve_unit_loops=True)
         return sch
-
-
-def _computed_input(sch, block):
-    """The padded x of `block` when x is computed in the PrimFunc (an elementwise prologue such as
-    silu(gate) · up, schedules/prologue_fusion.py): LowBatchGEMV looks for a pad block without
-    producers before it inlines the prologue into the pad block, so it passes None; after the inlining
-    the pad block reads only parameters and is loaded like any x."""
-    pads = [p for p in sch.get_producers(block)
-            if "pad" in sch.get(p).name_hint and not sch.get_producers(p)]
-    return pads[0] if len(pads) == 1 else None
 
 
 def _schedule(func: tirx.PrimFunc, rules: list) -> tirx.PrimFunc:

@@ -19,7 +19,6 @@ from .low_batch import LowBatchDispatch
 from .matmul_tensorcore import TIR_PIPELINE, MatmulTensorCore
 from .matmul_wgmma import MatmulWgmma
 from .metal_matmul import MatmulNoSimdgroup
-from .prologue_fusion import FuseSwiGLUDown
 from .quant_dispatch import QuantKernels
 from .quant_fusion import FuseDequantizeMatmul
 from .row_reduction import RowReduction
@@ -58,9 +57,6 @@ def _passes(target: tvm.target.Target) -> list:
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
         FuseDequantizeMatmul(),
-        # CUDA: StreamingGEMV loads the SwiGLU product with x; the CPU runs it so that the parity tests
-        # check its arithmetic. Not Metal: dlight's GEMV rule there leaves the product outside any kernel.
-        *([FuseSwiGLUDown()] if kind != "metal" else []),
         QuantKernels(),  # packed quantized weights first: no generic rule reads them well
     ]
     if kind == "cuda":

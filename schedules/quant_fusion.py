@@ -51,19 +51,14 @@ class FuseDequantizeMatmul:
         self.functions = functions
 
     def transform_module(self, mod: IRModule, _ctx) -> IRModule:
-        return fuse_patterns_in(mod, self.functions, _patterns())
-
-
-def fuse_patterns_in(mod: IRModule, functions: tuple[str, ...], patterns: list) -> IRModule:
-    """FuseOpsByPattern(`patterns`) + FuseTIR applied to the Relax functions named in `functions` only."""
-    chosen = {gv: f for gv, f in mod.functions.items()
-              if gv.name_hint in functions or not isinstance(f, relax.Function)}
-    fused = tvm.transform.Sequential([relax.transform.FuseOpsByPattern(patterns),
-                                      relax.transform.FuseTIR()])(IRModule(chosen, attrs=mod.attrs))
-    out = IRModule(dict(mod.functions), attrs=mod.attrs)
-    for gv, func in fused.functions.items():
-        if gv.name_hint in functions:
-            out.update_func(out.get_global_var(gv.name_hint), func)
-        elif gv.name_hint not in mod:  # the new fused PrimFuncs
-            out[gv] = func
-    return relax.transform.DeadCodeElimination()(out)
+        few_rows = {gv: f for gv, f in mod.functions.items()
+                    if gv.name_hint in self.functions or not isinstance(f, relax.Function)}
+        fused = tvm.transform.Sequential([relax.transform.FuseOpsByPattern(_patterns()),
+                                          relax.transform.FuseTIR()])(IRModule(few_rows, attrs=mod.attrs))
+        out = IRModule(dict(mod.functions), attrs=mod.attrs)
+        for gv, func in fused.functions.items():
+            if gv.name_hint in self.functions:
+                out.update_func(out.get_global_var(gv.name_hint), func)
+            elif gv.name_hint not in mod:  # the new fused PrimFuncs
+                out[gv] = func
+        return relax.transform.DeadCodeElimination()(out)

@@ -18,7 +18,6 @@ import sys
 import pytest
 import tvm
 import tvm_ffi
-from tvm import te
 from tvm.s_tir import dlight as dl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -76,29 +75,3 @@ def test_declines_to_dlight_where_it_does_not_apply(target, k):
     ours = StreamingGEMV(4).apply(nt_matmul(k, 1024), target, False)
     theirs = dl.gpu.LowBatchGEMV(4).apply(nt_matmul(k, 1024), target, False)
     assert tvm_ffi.structural_equal(ours.mod, theirs.mod)
-
-
-def swiglu_down(inter: int, n: int, dtype: str = "bfloat16"):
-    """y[m, n] = Σ_k silu(gu[m, k]) · gu[m, inter + k] · w[n, k], the SwiGLU product computed in the PrimFunc
-    (schedules/prologue_fusion.py), as FuseTIR leaves it: an elementwise block, then the matmul."""
-    i64 = lambda v: tvm.tirx.IntImm("int64", v)  # noqa: E731
-    rows = tvm.tirx.Var("m", "int64")
-    gu = te.placeholder((rows, i64(2 * inter)), dtype, name="gu")
-    w = te.placeholder((i64(n), i64(inter)), dtype, name="w")
-    act = te.compute((rows, i64(inter)), lambda i, k: gu[i, k] * te.sigmoid(gu[i, k]) * gu[i, k + inter],
-                     name="T_multiply")
-    r = te.reduce_axis((i64(0), i64(inter)), "k")
-    acc = te.compute((rows, i64(n)), lambda i, j: te.sum(
-        act[i, r].astype("float32") * w[j, r].astype("float32"), axis=r), name="NT_matmul")
-    y = te.compute((rows, i64(n)), lambda i, j: acc[i, j].astype(dtype), name="compute")
-    return te.create_prim_func([gu, w, y])
-
-
-def test_swiglu_prologue_is_loaded_with_x():
-    """The down projection with the SwiGLU product in front: StreamingGEMV's kernel (16-byte weight
-    loads first), the product computed in registers where x is loaded, no second kernel."""
-    sch = StreamingGEMV(4).apply(swiglu_down(3072, 1024), H100, False)
-    src = kernel_source({"down": sch.mod["main"].with_attr("global_symbol", "down")})
-    kernels = [k for k in re.split(r'extern "C" __global__ void ', src)[1:] if "{" in k]
-    assert len(kernels) == 1 and kernels[0].startswith("__launch_bounds__(128)")
-    assert 0 <= kernels[0].find("= *(uint4*)(w_ptr") < kernels[0].find("exp")  # weights, then the product
