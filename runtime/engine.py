@@ -68,6 +68,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
     prefix_caching: bool = True  # keep finished sequences' pages for later prompts (running ones are shared anyway)
     seed: int | None = None  # seeds requests that bring no seed of their own (None: fresh entropy)
+    overlap: bool = True  # launch greedy decode step N+1 on step N's tokens before the host reads them
 
 
 @dataclass
@@ -174,6 +175,9 @@ class Engine:
         self._inbox: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # (sequences, DeviceTokens) of a greedy step launched but not yet read (overlapped loop, see step)
+        self._inflight: tuple[list[Sequence], object] | None = None
+        self._overlap = cfg.overlap and isinstance(self.runner, ModelRunner)
         print(f"kiln: loaded in {time.perf_counter() - start:.1f} s; sequences up to {self.max_model_len} tokens, "
               f"KV cache {capacity} tokens", file=sys.stderr, flush=True)
 
@@ -309,7 +313,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             try:
-                commands = [self._inbox.get(block=not self.scheduler.has_work)]
+                commands = [self._inbox.get(block=not (self.scheduler.has_work or self._inflight))]
                 while not self._inbox.empty():
                     commands.append(self._inbox.get())
             except queue.Empty:
@@ -326,11 +330,12 @@ class Engine:
                     arg(self._snapshot())
                 elif arg in self._requests:
                     self._end_request(self._requests[arg], "abort")
-            if self.scheduler.has_work:
+            if self.scheduler.has_work or self._inflight:
                 try:
                     self.step()
                 except Exception as e:  # a bug, not a user mistake: fail what is in flight, keep serving
                     traceback.print_exc(file=sys.stderr)
+                    self._inflight = None
                     for req in list(self._requests.values()):
                         self._end_request(req, "error", f"internal error: {e}")
 
@@ -369,7 +374,27 @@ class Engine:
         self.scheduler.add(seq, first=index > 0)
 
     def step(self) -> None:
-        """One batch: schedule, forward, sample the sequences whose pending tokens are all computed."""
+        """One batch: schedule, forward, sample the sequences whose pending tokens are all computed.
+
+        Overlapped (EngineConfig.overlap): a step whose every row is a greedy sample (no penalties, no
+        logprobs) is left running with its tokens on the device. The next step then, if the scheduler
+        would repeat the batch (Scheduler.repeat), is launched on those tokens before the host reads
+        them, so the host's work (stop checks, detokenization, streaming, the next step's page tables)
+        runs while the GPU computes; a sequence found finished one step late drops its extra token.
+        Otherwise the step's tokens are read and the synchronous step below runs."""
+        if self._inflight is not None:
+            seqs, tokens = self._inflight
+            self._inflight = None
+            if self.scheduler.repeat(seqs):
+                logits = self.runner.decode_next([s.seq_id for s in seqs], tokens)
+                for seq in seqs:
+                    self.scheduler.computed(seq, 1)
+                self._inflight = (seqs, self.runner.greedy(logits))
+            for seq, token in zip(seqs, tokens.host().tolist()):
+                if seq.finish_reason is None:  # else it ended (stop, length, abort) after this step launched
+                    self._append(seq, token, None)
+            if self._inflight is not None or not self.scheduler.has_work:
+                return
         batch = self.scheduler.schedule()
         if not batch:
             raise RuntimeError("the scheduler found nothing to run")  # would spin; fail loudly instead
@@ -379,7 +404,9 @@ class Engine:
                                      [s.token_ids[s.num_computed:s.num_computed + n] for s, n in batch], True)
         for seq, n in batch:
             self.scheduler.computed(seq, n)
-        if rows:
+        if self._overlap and len(rows) == len(batch) and all(_plain_greedy(s.request.params) for s in seqs):
+            self._inflight = (seqs, self.runner.greedy(logits))
+        elif rows:
             tokens, logprobs = self._sample(logits, np.array(rows), seqs)
             for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs):
                 self._append(seq, token, logprob)
@@ -450,6 +477,11 @@ class Engine:
             req.sink(delta)
         except Exception:  # a broken consumer must not stop the engine
             traceback.print_exc(file=sys.stderr)
+
+
+def _plain_greedy(params: SamplingParams) -> bool:
+    """Whether a row's token is the argmax of its raw logits alone (what an overlapped step computes)."""
+    return params.greedy and not params.penalized and not params.logprobs
 
 
 def _penalty_pairs(rows: np.ndarray, seqs: list[Sequence]) -> tuple[np.ndarray, ...]:

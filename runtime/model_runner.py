@@ -2,7 +2,9 @@
 
 Everything above this file thinks in sequences and token ids; nothing above it touches TVM.
 `forward` appends tokens to any mix of sequences (prefills, chunks of prefills, decodes) and
-returns the logits of each sequence's last new token.
+returns the logits of each sequence's last new token. For the engine's overlapped loop, `greedy` leaves a
+step's tokens on the device (DeviceTokens) and `decode_next` feeds them to the next step, so the host can
+read them while that next step runs.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 from safetensors import safe_open
 
 from .artifact import Artifact, import_tvm, load_library
+from .cudart import Event, HostReadback
 from formats.errors import KilnError
 
 _TARGET_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "metal"}
@@ -73,8 +76,13 @@ class ModelRunner:
                                                    shape([0]))
         self._f = {name: tvm.get_global_func("vm.builtin." + name) for name in (
             "kv_state_add_sequence", "kv_state_remove_sequence", "kv_state_fork_sequence",
-            "kv_state_begin_forward", "kv_state_end_forward", "attention_kv_cache_get_num_available_pages")}
+            "kv_state_begin_forward", "kv_state_end_forward", "attention_kv_cache_get_num_available_pages",
+            "attention_kv_cache_get_query_positions")}
         self.total_pages = self.free_pages()
+        # CUDA: host reads of sampled tokens that wait for their own step only, and the fence of the KV
+        # cache's page-table copy (_run_chunk)
+        self._readback = HostReadback(max_batch) if kind == "cuda" else None
+        self._aux_copied = Event() if kind == "cuda" else None
         # artifacts compiled before model_defs/sampling.py (apply_penalties is its newest) lack these; the
         # engine refuses them (recompile)
         self.can_sample = self.vm.module.implements_function("apply_penalties")
@@ -122,7 +130,9 @@ class ModelRunner:
                 raise KilnError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
         done = []  # (hidden rows of a forward, [(row, index into seq_ids)] whose last token it ran)
         for chunk in self._chunks(token_lists):
-            rows = self._run_chunk([seq_ids[i] for i, _, _ in chunk], [t for _, t, _ in chunk])
+            flat = np.fromiter((t for _, ts, _ in chunk for t in ts), dtype="int32")
+            rows = self._run_chunk([seq_ids[i] for i, _, _ in chunk], [len(t) for _, t, _ in chunk],
+                                   self._tvm.runtime.tensor(flat, self.device))
             finished = [(row, i) for row, (i, _, last) in enumerate(chunk) if last]
             if finished:
                 done.append((rows, finished))
@@ -133,6 +143,27 @@ class ModelRunner:
             hidden = self._tvm.runtime.tensor(np.stack([host[i] for i in range(len(seq_ids))]), self.device)
         logits = self.vm["logits"](hidden, self.params)
         return logits if on_device else logits.numpy()
+
+    # ---- the overlapped decode loop (runtime/engine.py): a step's tokens feed the next without a round trip
+    def greedy(self, logits) -> "DeviceTokens":
+        """The argmax of every row of device `logits`, left on the device; on CUDA its copy to the host
+        is queued behind it, so DeviceTokens.host() waits for this step only."""
+        tokens = self.vm["argmax"](logits)
+        if self._readback is None:
+            return DeviceTokens(tokens, tokens.numpy)
+        return DeviceTokens(tokens, self._readback.start(tokens.data_ptr(), tokens.shape[0], self._stream()))
+
+    def decode_next(self, seq_ids: list[int], tokens: "DeviceTokens"):
+        """A decode step whose new token per sequence is in `tokens` (the previous step's, still on the
+        device); device logits, as forward(..., on_device=True)."""
+        if len(seq_ids) != len(tokens) or len(set(seq_ids)) != len(seq_ids):
+            raise ValueError("decode_next needs one token per distinct sequence")
+        return self.vm["logits"](self._run_chunk(seq_ids, [1] * len(seq_ids), tokens.tensor), self.params)
+
+    def _stream(self) -> int:
+        import tvm_ffi
+
+        return tvm_ffi.get_raw_stream(self.device) or 0
 
     def sample(self, logits, rows: np.ndarray, temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray,
                min_p: np.ndarray, uniform: np.ndarray) -> np.ndarray:
@@ -198,16 +229,36 @@ class ModelRunner:
         if chunk:
             yield chunk
 
-    def _run_chunk(self, seq_ids: list[int], token_lists: list[list[int]]):
+    def _run_chunk(self, seq_ids: list[int], lengths: list[int], ids):
+        """Hidden states of one forward: `ids` (int32 device tensor) are the sequences' new tokens, `lengths` each."""
         tvm, shape = self._tvm, self._tvm.runtime.ShapeTuple
-        lengths = [len(t) for t in token_lists]
-        flat = np.fromiter((t for ts in token_lists for t in ts), dtype="int32", count=sum(lengths))
+        if self._aux_copied is not None:
+            # TVM's KV cache copies its page tables from one pinned host buffer on a copy stream, which
+            # waits for the kernels already queued (a blocking stream behind TVM's default one), so the
+            # device buffer is safe while a step runs; the host buffer is rewritten by the next
+            # begin_forward's sync, so wait until the last copy read it (get_query_positions queues it now)
+            self._aux_copied.synchronize()
         self._f["kv_state_begin_forward"](self.kv, shape(seq_ids), shape(lengths))
         try:
-            embeds = self.vm["embed"](tvm.runtime.tensor(flat, self.device), self.params)
+            if self._aux_copied is not None:
+                self._f["attention_kv_cache_get_query_positions"](self.kv)
+                self._aux_copied.record(self._stream())
+            embeds = self.vm["embed"](ids, self.params)
             if all(n == 1 for n in lengths):
                 return self.vm["decode"](embeds, self.kv, self.params)
             logit_pos = tvm.runtime.tensor(np.cumsum(lengths).astype("int32") - 1, self.device)
             return self.vm["prefill"](embeds, logit_pos, self.kv, self.params)
         finally:
             self._f["kv_state_end_forward"](self.kv)
+
+
+class DeviceTokens:
+    """Token ids one step chose, still on the device: `tensor` (int32[b]) feeds the next decode
+    (ModelRunner.decode_next) with no device→host→device trip; host() gives them as numpy, waiting for
+    their own step only (on CUDA; elsewhere steps run to completion when launched)."""
+
+    def __init__(self, tensor, host):
+        self.tensor, self.host = tensor, host
+
+    def __len__(self) -> int:
+        return self.tensor.shape[0]
