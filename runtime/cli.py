@@ -62,13 +62,26 @@ def _dtype(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _devices(text: str) -> list[int]:
-    """'1' or 'cuda:1' → [1] (the kind comes from the artifact's target); '0,1' → [0, 1], the devices of a
+class Devices(list):
+    """--d's device numbers; `kind` is the target named with them (cuda:1), which must be the artifact's."""
+
+    def __init__(self, ids: list[int], kind: str | None = None):
+        super().__init__(ids)
+        self.kind = kind
+
+    def check(self, target: str) -> None:
+        if self.kind is not None and self.kind != target:
+            raise KilnError(f"--d {self.kind}:{','.join(map(str, self))}: this artifact runs on {target}, not "
+                            f"{self.kind} (pass --d {target}:N, or compile for {self.kind})")
+
+
+def _devices(text: str) -> Devices:
+    """'1' or 'cuda:1' → [1] (cuda: checked against the artifact's target); '0,1' → [0, 1], the devices of a
     tensor-parallel artifact (python -m compile --tp 2)."""
-    numbers = text.rpartition(":")[2].split(",")
-    if not all(n.strip().isdigit() for n in numbers):
+    kind, _, numbers = text.rpartition(":")
+    if not all(n.strip().isdigit() for n in numbers.split(",")):
         raise argparse.ArgumentTypeError(f"'{text}' is not a device number (0, 1, ... or cuda:1) or a list (0,1)")
-    return [int(n) for n in numbers]
+    return Devices([int(n) for n in numbers.split(",")], kind or None)
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -77,7 +90,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     _flag(g, ["--w", "--model", "--weight-path"], default="artifacts/", metavar="PATH",
           help="an artifact folder, a folder of artifacts (the newest that runs here), an HF model folder or a "
                ".gguf file (compiled on first use for this machine and cached)")
-    _flag(g, ["--d", "--device"], type=_devices, default=[0], metavar="N",
+    _flag(g, ["--d", "--device"], type=_devices, default=Devices([0]), metavar="N",
           help="device number on the artifact's target; 0,1,...: a tensor-parallel artifact's devices")
     _flag(g, ["--dtype"], type=_dtype, default=None, help="activations and KV cache: bf16, f16 or f32; None: the "
           "artifact's, and for a model file bf16 on CUDA, f16 on Metal, f32 on the CPU")
@@ -96,6 +109,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     _flag(g, ["--max-num-seqs"], type=number(int, 1), default=64, metavar="N", help="sequences per step")
     _flag(g, ["--max-model-len"], type=number(int, 1), default=None, metavar="N",
           help="tokens per sequence, prompt + output; None: the model's context, as far as --kvmem holds")
+    _flag(g, ["--max-num-batched-tokens"], type=number(int, 1), default=2048, metavar="N",
+          help="tokens per engine step (prompt chunks + one per decoding sequence)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.7) -> None:
@@ -133,7 +148,8 @@ def engine_config(args: argparse.Namespace):
     use_cache_flag(args)
     return EngineConfig(model_path=args.w, device_id=args.d[0], device_ids=args.d if len(args.d) > 1 else None,
                         dtype=args.dtype, quant=args.quant, kvmem=args.kvmem,
-                        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+                        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                        max_num_batched_tokens=args.max_num_batched_tokens)
 
 
 def engine_and_params(args: argparse.Namespace):
@@ -142,6 +158,7 @@ def engine_and_params(args: argparse.Namespace):
     from .sampling import SamplingParams
 
     engine = Engine(engine_config(args))
+    args.d.check(engine.runner.artifact.target)
     max_tokens = args.max
     if max_tokens > engine.max_model_len:
         max_tokens = engine.max_model_len

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import json
-import math
 import os
 import secrets
 import sys
@@ -40,7 +40,8 @@ from starlette.exceptions import HTTPException
 from formats.errors import KilnError
 
 from . import openai_protocol as api
-from .engine import Engine, EngineConfig
+from .cli import add_engine_flags, engine_config, number, parser
+from .engine import Engine
 from .metrics import CONTENT_TYPE, Metrics
 from .request import RequestOutput
 from .sampling import SamplingParams
@@ -494,88 +495,50 @@ class _Uvicorn(uvicorn.Server):
 
 
 # ---- the command line
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def _number(kind, low: float, high: float = math.inf, what: str = ""):
-    """An argparse type: a finite `kind` in [low, high]."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
-                from None
-        if not (math.isfinite(value) and low <= value <= high):
-            bound = f"between {low} and {high}" if high < math.inf else f">= {low}"
-            raise argparse.ArgumentTypeError(f"{text} is out of range: {what or 'it'} must be {bound}")
-        return value
-    return parse
-
-
 def _parser() -> argparse.ArgumentParser:
+    """runtime/cli.py's model and engine flags (--w --d --dtype --quant --kvmem ...), plus the server's own."""
     d = Limits()
-    p = _Parser(prog="python -m runtime.serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                description="Serve an artifact over the OpenAI API. The port is bound at once; /health answers "
-                            "503 {\"status\": \"loading\"} until the model is loaded.",
-                epilog="With an API key, every route needs `Authorization: Bearer KEY` except /health and the "
-                       "chat page's files (/ and /static/*), and /metrics with --open-metrics.")
-    pos, count = _number(int, 1), _number(int, 0)
-    p.add_argument("--w", default="artifacts/", help="artifact folder, or a folder of artifacts (the newest is "
-                   "served)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=_number(int, 1, 65535, "a TCP port"), default=8000, help="TCP port")
-    p.add_argument("--d", default="0", help="device on the artifact's target: a number or kind:number "
-                   "(e.g. 0 or cuda:1)")
-    p.add_argument("--kvmem", type=_number(float, 1e-3), help="KV cache: MB if > 1, else a fraction of device "
-                   "memory (default: the artifact's context or 8192 tokens)")
-    p.add_argument("--max-num-seqs", "--max_num_seqs", type=pos, default=64, help="sequences decoded together")
-    p.add_argument("--max-model-len", "--max_model_len", type=pos,
-                   help="tokens per sequence, prompt + output (default: what the artifact and KV cache hold)")
-    p.add_argument("--max-num-batched-tokens", "--max_num_batched_tokens", type=pos, default=2048,
-                   help="tokens per engine step")
-    p.add_argument("--served-model-name", "--served_model_name", help="the model id clients use (default: "
+    p = parser("python -m runtime.serve", "Serve a model over the OpenAI API. The port is bound at once; /health "
+               "answers 503 {\"status\": \"loading\"} until the model is loaded (a model file is compiled first).")
+    p.epilog = ("With an API key, every route needs `Authorization: Bearer KEY` except /health and the chat page's "
+                "files (/ and /static/*), and /metrics with --open-metrics.")
+    add_engine_flags(p)
+    pos, count = number(int, 1), number(int, 0)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    g.add_argument("--port", type=number(int, 1, 65535), default=8000, help="TCP port")
+    g.add_argument("--served-model-name", "--served_model_name", help="the model id clients use (default: "
                    "the artifact folder's name)")
-    p.add_argument("--seed", type=_number(int, 0, 2 ** 63 - 1), help="seed for requests that bring none")
-    p.add_argument("--api-key", "--api_key", default=os.environ.get("KILN_API_KEY"),
+    g.add_argument("--seed", type=number(int, 0, 2 ** 63 - 1), help="seed for requests that bring none")
+    g.add_argument("--api-key", "--api_key", default=os.environ.get("KILN_API_KEY"),
                    help="require `Authorization: Bearer KEY` (default: $KILN_API_KEY)")
-    p.add_argument("--open-metrics", "--open_metrics", action="store_true",
+    g.add_argument("--open-metrics", "--open_metrics", action="store_true",
                    help="serve /metrics without the API key")
-    p.add_argument("--max-queue", "--max_queue", type=count, default=256,
+    g.add_argument("--max-queue", "--max_queue", type=count, default=256,
                    help="sequences that may wait beyond --max-num-seqs; more are answered 429")
-    p.add_argument("--max-body-mb", type=_number(float, 1e-3, 4096), default=d.max_body_bytes / 2 ** 20,
+    g.add_argument("--max-body-mb", type=number(float, 0, 4096, low_open=True), default=d.max_body_bytes / 2 ** 20,
                    help="request body size limit in MB (413 beyond)")
-    p.add_argument("--max-header-kb", type=_number(float, 1, 1024), default=d.max_header_bytes / 2 ** 10,
+    g.add_argument("--max-header-kb", type=number(float, 1, 1024), default=d.max_header_bytes / 2 ** 10,
                    help="request header size limit in KB (431 beyond)")
-    p.add_argument("--max-prompt-chars", type=pos, default=d.max_prompt_chars,
+    g.add_argument("--max-prompt-chars", type=pos, default=d.max_prompt_chars,
                    help="characters of a prompt or conversation, checked before tokenizing")
-    p.add_argument("--max-stops", type=count, default=d.max_stops, help="stop strings (and stop_token_ids) per request")
-    p.add_argument("--max-stop-chars", type=pos, default=d.max_stop_chars, help="characters per stop string")
-    p.add_argument("--max-n", type=pos, default=d.max_n, help="completions per prompt (n)")
-    p.add_argument("--graceful-timeout", "--graceful_timeout", type=_number(float, 0, 3600), default=1.0,
+    g.add_argument("--max-stops", type=count, default=d.max_stops, help="stop strings (and stop_token_ids) per request")
+    g.add_argument("--max-stop-chars", type=pos, default=d.max_stop_chars, help="characters per stop string")
+    g.add_argument("--max-n", type=pos, default=d.max_n, help="completions per prompt (n)")
+    g.add_argument("--graceful-timeout", "--graceful_timeout", type=number(float, 0, 3600), default=1.0,
                    help="seconds responses may keep running after SIGTERM/Ctrl-C; then they end with an error "
                         "event (streams) or a 503")
-    p.add_argument("--log-level", "--log_level", default="info",
+    g.add_argument("--log-level", "--log_level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     return p
 
 
-def _device(text: str) -> tuple[str | None, int]:
-    kind, _, index = text.rpartition(":")
-    if not index.isdigit():
-        raise KilnError(f"--d {text}: expected a device number or kind:number (e.g. 0 or cuda:1)")
-    return kind or None, int(index)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
     try:
-        kind, device_id = _device(args.d)
-    except KilnError as e:
+        args = _parser().parse_args(argv)
+    except KilnError as e:  # refused before anything starts
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1)
     server = Server(max_queue=args.max_queue, api_key=args.api_key, open_metrics=args.open_metrics,
                     limits=Limits(int(args.max_body_mb * 2 ** 20), int(args.max_header_kb * 2 ** 10),
                                   args.max_prompt_chars, args.max_stops, args.max_stop_chars, args.max_n))
@@ -586,13 +549,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def load() -> None:  # while uvicorn already answers /health with "loading"
         try:
-            engine = Engine(EngineConfig(model_path=args.w, device_id=device_id, kvmem=args.kvmem,
-                                         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                                         max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed))
-            target = engine.runner.artifact.target
-            if kind is not None and kind != target:
-                raise KilnError(f"--d {args.d}: this artifact runs on {target}, not {kind} (pass --d {target}:N, "
-                                f"or compile for {kind})")
+            engine = Engine(dataclasses.replace(engine_config(args), seed=args.seed))
+            args.d.check(engine.runner.artifact.target)
         except (KilnError, ValueError) as e:
             failure.append(str(e))
             web.should_exit = True

@@ -180,7 +180,7 @@ def test_cli_bad_flags_are_one_line_errors(flags, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         serve.main(["--w", str(tmp_path), *flags])  # refused before anything starts
     err = capsys.readouterr().err
-    assert exit.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert exit.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
     assert flags[0] in err or flags[-1] in err
 
 
