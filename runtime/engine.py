@@ -21,7 +21,10 @@ on its own thread and owns the ModelRunner; callers only put commands on a queue
 requests' Deltas, so every public method is thread-safe. One step: Scheduler.schedule →
 ModelRunner.forward → on the device: ModelRunner.apply_penalties (rows with penalties), .sample and
 .logprobs (rows that ask), only token ids and log-probabilities back to the host → per sequence:
-stop checks, detokenization, stop-string hold-back → Delta to the request's sink.
+stop checks, detokenization, stop-string hold-back → Delta to the request's sink. With
+EngineConfig.overlap (the default; --no-overlap turns it off), greedy decode steps are launched on the
+previous step's tokens still on the device, and the host does that step's per-sequence work while the
+next one runs (Engine.step).
 """
 
 from __future__ import annotations
