@@ -31,7 +31,8 @@ from bench.random_weights import fill  # noqa: E402
 from runtime import Engine, EngineConfig, SamplingParams  # noqa: E402
 
 
-def run(engine: Engine, n: int, prompt_len: int, max_tokens: int, vocab: int, seed: int = 0) -> dict:
+def run(engine: Engine, n: int, prompt_len: int, max_tokens: int, vocab: int, seed: int = 0, tokens: list | None = None) -> dict:
+    """Throughput of `n` concurrent greedy requests; their output ids are appended to `tokens`."""
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(3, min(vocab, 150000), prompt_len).tolist() for _ in range(n)]
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -39,6 +40,8 @@ def run(engine: Engine, n: int, prompt_len: int, max_tokens: int, vocab: int, se
     outs = engine.generate_sync(params, prompts)
     dt = time.perf_counter() - t0
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    if tokens is not None:
+        tokens.append([o.outputs[0].token_ids for o in outs])
     ttft = sorted(o.first_token_time - o.arrival_time for o in outs)
     prefill_s = max(o.first_token_time for o in outs) - min(o.arrival_time for o in outs)
     decode_s = max(o.finish_time for o in outs) - max(o.first_token_time for o in outs)
@@ -81,7 +84,7 @@ def main() -> None:
     if not (a.artifact / "weights").is_dir():
         fill(a.artifact, a.tokenizer)
     batches = [int(b) for b in a.batches.split(",")] if a.batches else [1, a.requests]
-    report, rows = {}, []
+    report, rows, outputs = {}, [], {}
     for mode in a.overlap.split(","):
         engine = Engine(EngineConfig(model_path=str(a.artifact), max_num_seqs=max(batches),
                                      kv_tokens=max(batches) * (a.prompt_len + a.max_tokens + 32),
@@ -94,10 +97,12 @@ def main() -> None:
                           runner=step_times(engine.runner, batches=tuple(b for b in (1, 16, 64) if b <= max(batches))))
         for b in batches:
             run(engine, b, a.prompt_len, 4, vocab)  # warm-up of this batch size (CUDA graph capture)
-            rows.append(dict(overlap=mode, **run(engine, b, a.prompt_len, a.max_tokens, vocab)))
+            rows.append(dict(overlap=mode, **run(engine, b, a.prompt_len, a.max_tokens, vocab,
+                                                 tokens=outputs.setdefault(mode, []))))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         engine.close()
-    print(json.dumps(dict(report, rows=rows), indent=1))
+    same = len({json.dumps(v) for v in outputs.values()}) == 1  # greedy tokens equal in every mode
+    print(json.dumps(dict(report, rows=rows, same_tokens_in_every_mode=same), indent=1))
 
 
 if __name__ == "__main__":
