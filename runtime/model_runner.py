@@ -76,13 +76,12 @@ class ModelRunner:
                                                    shape([0]))
         self._f = {name: tvm.get_global_func("vm.builtin." + name) for name in (
             "kv_state_add_sequence", "kv_state_remove_sequence", "kv_state_fork_sequence",
-            "kv_state_begin_forward", "kv_state_end_forward", "attention_kv_cache_get_num_available_pages",
-            "attention_kv_cache_get_query_positions")}
+            "kv_state_begin_forward", "kv_state_end_forward", "attention_kv_cache_get_num_available_pages")}
         self.total_pages = self.free_pages()
-        # CUDA: host reads of sampled tokens that wait for their own step only, and the fence of the KV
-        # cache's page-table copy (_run_chunk)
+        # CUDA: host reads of sampled tokens that wait for their own step only, and the point where the
+        # last forward's KV-cache kernels are done (_run_chunk)
         self._readback = HostReadback(max_batch) if kind == "cuda" else None
-        self._aux_copied = Event() if kind == "cuda" else None
+        self._kv_done = Event() if kind == "cuda" else None
         # artifacts compiled before model_defs/sampling.py (apply_penalties is its newest) lack these; the
         # engine refuses them (recompile)
         self.can_sample = self.vm.module.implements_function("apply_penalties")
@@ -232,22 +231,23 @@ class ModelRunner:
     def _run_chunk(self, seq_ids: list[int], lengths: list[int], ids):
         """Hidden states of one forward: `ids` (int32 device tensor) are the sequences' new tokens, `lengths` each."""
         tvm, shape = self._tvm, self._tvm.runtime.ShapeTuple
-        if self._aux_copied is not None:
-            # TVM's KV cache copies its page tables from one pinned host buffer on a copy stream, which
-            # waits for the kernels already queued (a blocking stream behind TVM's default one), so the
-            # device buffer is safe while a step runs; the host buffer is rewritten by the next
-            # begin_forward's sync, so wait until the last copy read it (get_query_positions queues it now)
-            self._aux_copied.synchronize()
+        if self._kv_done is not None:
+            # TVM's KV cache copies each forward's page tables (from one pinned host buffer into one device
+            # buffer) on its own non-blocking copy stream, which does not wait for kernels already queued:
+            # the last forward's attention must be done reading them (a step may still be running when the
+            # overlapped loop launches the next one; the chunks of a long prompt come back to back)
+            self._kv_done.synchronize()
         self._f["kv_state_begin_forward"](self.kv, shape(seq_ids), shape(lengths))
         try:
-            if self._aux_copied is not None:
-                self._f["attention_kv_cache_get_query_positions"](self.kv)
-                self._aux_copied.record(self._stream())
             embeds = self.vm["embed"](ids, self.params)
             if all(n == 1 for n in lengths):
-                return self.vm["decode"](embeds, self.kv, self.params)
-            logit_pos = tvm.runtime.tensor(np.cumsum(lengths).astype("int32") - 1, self.device)
-            return self.vm["prefill"](embeds, logit_pos, self.kv, self.params)
+                hidden = self.vm["decode"](embeds, self.kv, self.params)
+            else:
+                logit_pos = tvm.runtime.tensor(np.cumsum(lengths).astype("int32") - 1, self.device)
+                hidden = self.vm["prefill"](embeds, logit_pos, self.kv, self.params)
+            if self._kv_done is not None:
+                self._kv_done.record(self._stream())
+            return hidden
         finally:
             self._f["kv_state_end_forward"](self.kv)
 
