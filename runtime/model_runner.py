@@ -144,15 +144,24 @@ class ModelRunner:
         return logits if on_device else logits.numpy()
 
     # ---- the overlapped decode loop (runtime/engine.py): a step's tokens feed the next without a round trip
-    def greedy(self, logits) -> "DeviceTokens":
-        """The argmax of every row of device `logits`, left on the device; on CUDA its copy to the host
-        is queued behind it, so DeviceTokens.host() waits for this step only."""
-        tokens = self.vm["argmax"](logits)
+    def greedy(self, logits) -> DeviceTokens:
+        """The argmax of every row of device `logits`, left on the device (DeviceTokens)."""
+        return self._device_tokens(self.vm["argmax"](logits))
+
+    def draw(self, logits, temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray, min_p: np.ndarray,
+             uniform: np.ndarray) -> DeviceTokens:
+        """As sample() for every row of device `logits`, each drawn (temperature > 0), left on the device."""
+        drawn = self._draw(logits, np.arange(logits.shape[0]), temperature, top_p, top_k, min_p, uniform)
+        return self._device_tokens(drawn._create_view((logits.shape[0],), "int32"))  # [b, 1] → [b]
+
+    def _device_tokens(self, tokens) -> DeviceTokens:
+        """On CUDA the copy to the host is queued behind the kernels that make `tokens`, so
+        DeviceTokens.host() waits for this step only."""
         if self._readback is None:
             return DeviceTokens(tokens, tokens.numpy)
         return DeviceTokens(tokens, self._readback.start(tokens.data_ptr(), tokens.shape[0], self._stream()))
 
-    def decode_next(self, seq_ids: list[int], tokens: "DeviceTokens"):
+    def decode_next(self, seq_ids: list[int], tokens: DeviceTokens):
         """A decode step whose new token per sequence is in `tokens` (the previous step's, still on the
         device); device logits, as forward(..., on_device=True)."""
         if len(seq_ids) != len(tokens) or len(set(seq_ids)) != len(seq_ids):
@@ -169,31 +178,34 @@ class ModelRunner:
         """One token id for each of `rows` of device `logits`, chosen on the device (only ids come back):
         temperature 0 is argmax, else softmax(logits / temperature) filtered by min_p, top_p and top_k
         (≤ 0: off), drawn with `uniform` (host random numbers in [0, 1)). Arrays are per entry of `rows`."""
-        tensor, f32, i32 = self._tvm.runtime.tensor, np.float32, np.int32
-        b = logits.shape[0]
         tokens = self.vm["argmax"](logits).numpy()[rows]
         draw = temperature > 0
-        if not draw.any():
-            return tokens
+        if draw.any():
+            tokens[draw] = self._draw(logits, rows[draw], temperature[draw], top_p[draw], top_k[draw], min_p[draw],
+                                      uniform[draw]).numpy()[:, 0]
+        return tokens
+
+    def _draw(self, logits, rows: np.ndarray, temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray,
+              min_p: np.ndarray, uniform: np.ndarray):
+        """Device int32[len(rows), 1]: a token drawn for each of `rows` (temperature > 0; arrays per row)."""
+        tensor, f32, i32 = self._tvm.runtime.tensor, np.float32, np.int32
+        b = logits.shape[0]
 
         def per_row(values, fill, dtype):  # a [b] array: `values` at `rows`, `fill` elsewhere
             full = np.full(b, fill, dtype)
             full[rows] = values
             return full
 
-        probs = self.vm["sample_probs"](logits, tensor(per_row(np.where(draw, temperature, 1), 1, f32), self.device),
+        probs = self.vm["sample_probs"](logits, tensor(per_row(temperature, 1, f32), self.device),
                                         tensor(per_row(min_p, 0, f32), self.device))
-        picks = tensor(rows[draw].astype(i32)[:, None], self.device)
-        u = tensor(uniform[draw].astype(f32)[:, None], self.device)
-        if (top_p[draw] < 1).any() or (top_k[draw] > 0).any():
+        picks = tensor(rows.astype(i32)[:, None], self.device)
+        u = tensor(uniform.astype(f32)[:, None], self.device)
+        if (top_p < 1).any() or (top_k > 0).any():
             tp = per_row(top_p, 1, f32)[:, None]
             width = logits.shape[1]  # top_k ≤ 0 or beyond the row: the whole row
             tk = per_row(np.where((top_k > 0) & (top_k < width), top_k, width), width, i32)[:, None]
-            drawn = self.vm["sample_top_p_top_k"](probs, tensor(tp, self.device), tensor(tk, self.device), u, picks)
-        else:
-            drawn = self.vm["sample_multinomial"](probs, u, picks)
-        tokens[draw] = drawn.numpy()[:, 0]
-        return tokens
+            return self.vm["sample_top_p_top_k"](probs, tensor(tp, self.device), tensor(tk, self.device), u, picks)
+        return self.vm["sample_multinomial"](probs, u, picks)
 
     def apply_penalties(self, logits, pairs: np.ndarray, counts: np.ndarray, repetition: np.ndarray,
                         frequency: np.ndarray, presence: np.ndarray):

@@ -17,8 +17,9 @@ from test_engine import OPENINGS, STORY, all_pages_free, prompts32
 
 
 def run(cfg: EngineConfig, requests: list[tuple[str, SamplingParams]]) -> tuple[list, list, int]:
-    """(per request: its Deltas as (index, text, token_ids, finish_reason); per request: the final
-    (token_ids, text, finish_reason) of each completion; decode steps launched on device tokens)."""
+    """(per request: its Deltas as (index, text, token_ids, finish_reason), grouped by completion, each in
+    order; per request: the final (token_ids, text, finish_reason) of each completion; decode steps launched
+    on device tokens). How a request's n completions interleave their Deltas is timing: not compared."""
     with Engine(cfg) as eng:
         launched, decode_next = [], eng.runner.decode_next
 
@@ -37,7 +38,8 @@ def run(cfg: EngineConfig, requests: list[tuple[str, SamplingParams]]) -> tuple[
             if d.output is not None:
                 finals[d.request_id] = [(c.token_ids, c.text, c.finish_reason) for c in d.output.outputs]
         assert all_pages_free(eng)  # no page leaked by a token decoded one step too many
-        return [deltas[i] for i in ids], [finals[i] for i in ids], len(launched)
+        by_completion = [sorted(deltas[i], key=lambda delta: delta[0]) for i in ids]  # stable: order kept
+        return by_completion, [finals[i] for i in ids], len(launched)
 
 
 def mixed_requests(batch: int) -> list[tuple[str, SamplingParams]]:
@@ -93,3 +95,18 @@ def test_overlap_stops_at_max_model_len_and_serves_sampled_rows_in_step(stories_
     assert [r[0][2] for r in want[:2]] == ["length", "length"]
     _, mixed, _ = run(EngineConfig(**cfg, overlap=True), requests)
     assert mixed == want
+
+
+def test_overlap_draws_the_same_seeded_samples(stories_artifact):
+    """Rows that all sample (temperature, top-p, top-k, min-p) leave their drawn tokens on the device too:
+    each sequence takes one random number a step in both loops, so seeded outputs are identical."""
+    kinds = [dict(temperature=0.8), dict(temperature=1.0, top_p=0.9), dict(temperature=0.7, top_k=20),
+             dict(temperature=1.2, min_p=0.05)]
+    requests = [(OPENINGS[i % len(OPENINGS)], SamplingParams(seed=i, max_tokens=8 + 5 * i, stop=["!"] if i % 3 else None,
+                                                             **kinds[i % 4])) for i in range(6)]
+    requests.append(("Ben and Mia", SamplingParams(temperature=0.9, seed=7, n=2, max_tokens=20)))
+    cfg = dict(model_path=str(stories_artifact), max_num_seqs=16)
+    want_deltas, want, _ = run(EngineConfig(**cfg, overlap=False), requests)
+    got_deltas, got, launched = run(EngineConfig(**cfg, overlap=True), requests)
+    assert launched > 0
+    assert got == want and got_deltas == want_deltas
