@@ -71,7 +71,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
     prefix_caching: bool = True  # keep finished sequences' pages for later prompts (running ones are shared anyway)
     seed: int | None = None  # seeds requests that bring no seed of their own (None: fresh entropy)
-    overlap: bool = True  # launch decode step N+1 on step N's tokens before the host reads them
+    overlap: bool = True  # launch decode step N+1 on step N's tokens before the host reads them (one-device artifacts)
 
 
 @dataclass
