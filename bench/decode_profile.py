@@ -107,8 +107,8 @@ def main() -> None:
         gpu = sum(e.self_device_time_total for e in kernels) / a.steps / 1e3
         launches = sum(e.count for e in kernels) / a.steps
         print(f"b={b}: wall {wall:.3f} ms/step, GPU kernels {gpu:.3f} ms/step ({launches:.0f} launches, "
-              f"{launches / layers:.1f} a layer), floor / GPU {floor / gpu:.0%}, host share {max(0.0, 1 - gpu / wall):.0%}; "
-              f"overlapped: wall {overlapped:.3f} ms/step, host share {max(0.0, 1 - gpu / overlapped):.0%}")
+              f"{launches / layers:.1f} a layer), floor / GPU {floor / gpu:.0%}, "
+              f"host share {max(0.0, 1 - gpu / wall):.0%}; overlapped: wall {overlapped:.3f} ms/step, host share {max(0.0, 1 - gpu / overlapped):.0%}")
         for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]:
             print(f"    {e.self_device_time_total / a.steps / 1e3:7.3f} ms  x{e.count / a.steps:5.1f}  {e.key[:90]}")
         for s in seqs:

@@ -31,7 +31,8 @@ from bench.random_weights import fill  # noqa: E402
 from runtime import Engine, EngineConfig, SamplingParams  # noqa: E402
 
 
-def run(engine: Engine, n: int, prompt_len: int, max_tokens: int, vocab: int, seed: int = 0, tokens: list | None = None) -> dict:
+def run(engine: Engine, n: int, prompt_len: int, max_tokens: int, vocab: int, seed: int = 0,
+        tokens: list | None = None) -> dict:
     """Throughput of `n` concurrent greedy requests; their output ids are appended to `tokens`."""
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(3, min(vocab, 150000), prompt_len).tolist() for _ in range(n)]

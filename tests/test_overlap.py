@@ -102,8 +102,9 @@ def test_overlap_draws_the_same_seeded_samples(stories_artifact):
     each sequence takes one random number a step in both loops, so seeded outputs are identical."""
     kinds = [dict(temperature=0.8), dict(temperature=1.0, top_p=0.9), dict(temperature=0.7, top_k=20),
              dict(temperature=1.2, min_p=0.05)]
-    requests = [(OPENINGS[i % len(OPENINGS)], SamplingParams(seed=i, max_tokens=8 + 5 * i, stop=["!"] if i % 3 else None,
-                                                             **kinds[i % 4])) for i in range(6)]
+    requests = [(OPENINGS[i % len(OPENINGS)],
+                 SamplingParams(seed=i, max_tokens=8 + 5 * i, stop=["!"] if i % 3 else None, **kinds[i % 4]))
+                for i in range(6)]
     requests.append(("Ben and Mia", SamplingParams(temperature=0.9, seed=7, n=2, max_tokens=20)))
     cfg = dict(model_path=str(stories_artifact), max_num_seqs=16)
     want_deltas, want, _ = run(EngineConfig(**cfg, overlap=False), requests)
