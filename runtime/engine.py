@@ -380,11 +380,11 @@ class Engine:
         """One batch: schedule, forward, sample the sequences whose pending tokens are all computed.
 
         Overlapped (EngineConfig.overlap): a step whose rows all get a token, all greedy or all drawn
-        (no penalties, no logprobs), is left running with its tokens on the device. The next step then, if the scheduler
-        would repeat the batch (Scheduler.repeat), is launched on those tokens before the host reads
-        them, so the host's work (stop checks, detokenization, streaming, the next step's page tables)
-        runs while the GPU computes; a sequence found finished one step late drops its extra token.
-        Otherwise the step's tokens are read and the synchronous step below runs."""
+        (no penalties, no logprobs), is left running with its tokens on the device. The next step then,
+        if the scheduler would repeat the batch (Scheduler.repeat), is launched on those tokens before
+        the host reads them, so the host's work (stop checks, detokenization, streaming, the next step's
+        page tables) runs while the GPU computes; a sequence found finished one step late drops its
+        extra token. Otherwise the step's tokens are read and the synchronous step below runs."""
         if self._inflight is not None:
             seqs, tokens = self._inflight
             self._inflight = None
