@@ -30,13 +30,14 @@ SHAPES = {  # (K, N) per model: every Linear of one decoder layer, plus the LM h
     "llama3.1-8b": [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256)],
 }
 MS = [16, 128, 512, 2048, 8192]
-RAGGED_MS = [7, 333]  # correctness only: predicated tail tiles, and both sides of the M ≤ 32 switch
+RAGGED_MS = [7, 9, 33, 333]  # correctness only: predicated tail tiles, row buckets' edges, the M ≤ 32 switch
 DECODE_MS = [1, 2, 3, 4, 5, 8, 16, 32, 64, 128]  # the row-dispatch variants: each GEMV bucket's edges
 
 # name -> (rule source, dtype, which shapes, epilogue). Kept as data so that `run` needs no TVM
 # compiler to know what it is timing. Rules: MatmulWgmma (Hopper: TMA + wgmma; its defaults are
 # what the model gets, run-time tile switch included), MatmulTensorCore (mma.sync) and dlight's
-# LowBatchGEMV; "RowChain" is the whole decode dispatch the model gets (schedules/low_batch.py: GEMV
+# LowBatchGEMV; "wgmma_main" is main's chain before the middle kernels (MIDDLE), "mid_*" their
+# alternatives; "RowChain" is the whole decode dispatch the model gets (schedules/low_batch.py: GEMV
 # buckets for M <= 8, then MatmulWgmma) with Kiln's StreamingGEMV or, for comparison, with dlight's
 # LowBatchGEMV and the buckets main used before it. Epilogue "cast": y = acc.astype(dtype) on 2-D x[M, K]; "residual":
 # y = r + acc.astype(dtype) on 3-D x[1, M, K] (the model's O / down projections); "logits": y = acc
@@ -47,6 +48,9 @@ VARIANTS = {
     "wgmma_residual": ("MatmulWgmma()", "bfloat16", "two", "residual"),
     "wgmma_logits": ("MatmulWgmma()", "bfloat16", "lm_head", "logits"),
     "wgmma_fp16": ("MatmulWgmma()", "float16", "two", "cast"),
+    "wgmma_main": ("MatmulWgmma(middle=())", "bfloat16", "all", "cast"),
+    "mid_nosplit": ("MatmulWgmma(middle=tuple(replace(c, ctas=0) for c in MIDDLE))", "bfloat16", "all", "cast"),
+    "mid_ctas96": ("MatmulWgmma(middle=tuple(replace(c, ctas=96) for c in MIDDLE))", "bfloat16", "llama", "cast"),
     "wg256s4": ("MatmulWgmma(small=None)", "bfloat16", "llama", "cast"),
     "wg128s6": ("MatmulWgmma(WgmmaConfig(bn=128, stages=6), small=None)", "bfloat16", "llama", "cast"),
     "wg192s5": ("MatmulWgmma(WgmmaConfig(bn=192, stages=5), small=None)", "bfloat16", "llama", "cast"),
@@ -122,19 +126,22 @@ def _prim_func(k: int, n: int, dtype: str, epilogue: str):
 
 
 def build(out: str, variants: list[str]) -> None:
+    from dataclasses import replace
+
     import tvm
     from tvm.s_tir import dlight as dl
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from schedules.low_batch import StreamingGEMV
     from schedules.matmul_tensorcore import MatmulTensorCore
-    from schedules.matmul_wgmma import MatmulWgmma, WgmmaConfig
+    from schedules.matmul_wgmma import MIDDLE, MatmulWgmma, WgmmaConfig
 
     target = tvm.target.Target("nvidia/nvidia-h100")
     funcs = {}
     chosen = {v: VARIANTS[v] for v in variants}
     for variant, (cfg, dtype, which, epilogue) in chosen.items():
         rule = eval(cfg, {"MatmulWgmma": MatmulWgmma, "WgmmaConfig": WgmmaConfig,  # noqa: S307 (our table)
+                          "MIDDLE": MIDDLE, "replace": replace,
                           "MatmulTensorCore": MatmulTensorCore, "LowBatchGEMV": dl.gpu.LowBatchGEMV,
                           "RowChain": RowChain, "StreamingGEMV": StreamingGEMV, "partial": functools.partial})
         for k, n in _shapes_for(which):

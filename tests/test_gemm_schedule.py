@@ -12,6 +12,7 @@ a subprocess so that such a crash fails these tests with a reason instead of kil
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -30,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from schedules.matmul_tensorcore import MatmulTensorCore  # noqa: E402
-from schedules.matmul_wgmma import MatmulWgmma, analyze  # noqa: E402
+from schedules.matmul_wgmma import MatmulWgmma, analyze, splits  # noqa: E402
 from schedules.pipeline import gpu_rules, relax_pipeline  # noqa: E402
 
 H100 = tvm.target.Target("nvidia/nvidia-h100")
@@ -118,6 +119,68 @@ def test_gpu_rules_put_tensor_cores_first_for_cuda_only():
     assert isinstance(gpu_rules(H100)[1], MatmulTensorCore)
     metal = gpu_rules(tvm.target.Target("metal"))
     assert not any(isinstance(r, (MatmulTensorCore, MatmulWgmma)) for r in metal)
+
+
+@functools.cache
+def _dispatch(k: int, n: int, rule=None):
+    """The rule's PrimFunc for a K→N matmul with a dynamic M, and M's variable."""
+    func = nt_matmul(k, n)
+    return (rule or MatmulWgmma()).apply(func, H100, False).mod["main"], analyze(func).m
+
+
+def _kernels_run(k: int, n: int, rows: int, rule=None) -> set[str]:
+    """The wgmma helpers (`m64n<rows>`, `+setmaxnreg` for the tilings that re-balance registers,
+    `+split_k` where partial sums are added by a second kernel) or "gemv" (StreamingGEMV) that the
+    rule's row dispatch of a K→N matmul with a dynamic M runs for `rows` rows: `branch_on_rows` loops of zero trips
+    skipped. (0.27 has no stmt_functor in Python: the kernels are told apart in their script.)"""
+    func, m = _dispatch(k, n, rule)
+    analyzer = tvm.sym.Analyzer()
+    analyzer.bind(m, tirx.IntImm("int64", rows))
+    branch = lambda s: isinstance(s, tirx.For) and s.loop_var.name in ("small_m", "large_m")  # noqa: E731
+    found = set()
+
+    def visit(stmt):
+        parts = list(stmt.seq) if isinstance(stmt, tirx.SeqStmt) else [stmt]
+        if not any(branch(s) for s in parts):
+            text = str(stmt)
+            tags = ("+setmaxnreg" if "kiln_setmaxnreg" in text else "") + (
+                "+split_k" if "split_k_partials" in text else "")
+            found.update({k + tags for k in re.findall(r"kiln_wgmma_(m64n\d+)k16", text)} or {"gemv"})
+            return
+        for s in parts:
+            if branch(s) and int(analyzer.simplify(s.extent)) > 0:
+                visit(s.body)
+
+    visit(func.body.block.body)
+    return found
+
+
+def test_wgmma_rule_picks_the_kernel_by_row_count():
+    """Dynamic M: the weight-streaming middle kernels (swapped roles, no register re-balancing, K
+    split where N has very few tiles) in buckets of 32 / 64 / 128 rows, then the 128-row tiles, then the
+    256-column ones. Without them, N = 1024 (8 column tiles) takes StreamingGEMV up to 32 rows."""
+    expect = {9: "m64n32", 16: "m64n32", 32: "m64n32", 33: "m64n64", 64: "m64n64", 65: "m64n128+split_k",
+              128: "m64n128+split_k", 129: "m64n128+setmaxnreg", 4096: "m64n256+setmaxnreg"}
+    for rows, kernel in expect.items():  # Llama's O projection: 64 weight tiles, or 32 and K split
+        assert _kernels_run(4096, 4096, rows) == {kernel}, rows
+    assert _kernels_run(4096, 28672, 16) == {"m64n32"}  # gate/up: 448 tiles fill the GPU unsplit
+    assert _kernels_run(4096, 28672, 128) == {"m64n128"}
+    # QKV: 48 tiles of 128 weight rows, no more blocks than the 128×128 tiles that follow
+    assert _kernels_run(4096, 6144, 64) == {"m64n64"} and _kernels_run(4096, 6144, 100) == {"m64n128+setmaxnreg"}
+    assert _kernels_run(2048, 1024, 16) == {"m64n32+split_k"}  # Qwen's O: 16 tiles
+    without = MatmulWgmma(middle=())
+    assert _kernels_run(4096, 4096, 16, without) == {"m64n128+setmaxnreg"}
+    assert _kernels_run(2048, 1024, 16, without) == {"gemv"}
+
+
+def test_splits_only_where_tiles_leave_most_sms_idle():
+    assert splits(64, 64, 132) == 1  # Llama O, 64 weight rows a tile: 64 blocks beat 128 and a sum
+    assert splits(32, 64, 132) == 4  # 128 rows a tile: 32 tiles → 128 blocks
+    assert splits(32, 224, 132) == 4  # down: K = 14336
+    assert splits(16, 32, 132) == 8 and splits(16, 48, 132) == 8  # Qwen's O and down (N = 1024)
+    assert splits(8, 16, 132) == 4  # at least MIN_SPLIT_STEPS k-steps of 64 a part
+    assert splits(2374, 16, 132) == 1 and splits(448, 64, 132) == 1  # LM head, gate/up
+    assert splits(8, 6, 132) == 1  # K too short to split
 
 
 def _epilogue_only(func, acc_of):
@@ -225,7 +288,7 @@ def test_cuda_kernels_for_every_model_shape(tmp_path):
 
 
 def test_wgmma_kernels_for_every_model_shape(tmp_path):
-    """All ten Linear shapes get TMA + wgmma kernels (both tilings: 12 per shape at most), which
+    """All ten Linear shapes get TMA + wgmma kernels (both tilings, the middle's three buckets), which
     ptxas assembles for sm_90a with the accumulators in registers."""
     funcs = {}
     for k, n in MODEL_SHAPES:
@@ -238,6 +301,9 @@ def test_wgmma_kernels_for_every_model_shape(tmp_path):
     assert src.count("wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16") == 1  # one helper
     assert src.count("kiln_wgmma_m64n256k16_ss_bf16_t0(") > len(MODEL_SHAPES) * 4  # 4 k16 steps a stage
     assert src.count("kiln_wgmma_m64n128k16_ss_bf16_t0(") > 0  # the few-rows tiling
+    for rows in (32, 64):  # the middle's row buckets (128 shares the helper above)
+        assert src.count(f"kiln_wgmma_m64n{rows}k16_ss_bf16_t0(") >= 4 * len(MODEL_SHAPES)
+    assert "split_k_partials" in src
     assert src.count("const __grid_constant__ CUtensorMap") >= 4 * len(MODEL_SHAPES)
     assert "cp.async.bulk.tensor.2d" in src
     if shutil.which("nvcc"):

@@ -22,8 +22,9 @@ LINEAR_SHAPES = [
     (4096, 32768, "logits"),                                                              # Mistral-7B
 ]
 LINEAR_MAX_ROWS = 1024  # the prefill chunk of the presets: the model's bound on a Linear's rows
-# rows: the GEMV bucket edges (1-8), the tensor-core rule's small-M switch (32), ragged tails, a full chunk
-LINEAR_ROWS = [1, 2, 3, 5, 8, 9, 17, 32, 33, 100, 257, 1000, 1024]
+# rows: the GEMV bucket edges (1-8), the middle kernels' row buckets (9-128) and the small-M switch (32),
+# ragged tails, a full chunk
+LINEAR_ROWS = [1, 2, 3, 5, 8, 9, 16, 17, 32, 33, 64, 100, 128, 129, 257, 1000, 1024]
 
 
 def attention_file(h_qo: int, h_kv: int, d: int) -> str:
