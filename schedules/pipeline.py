@@ -20,7 +20,7 @@ from .matmul_tensorcore import TIR_PIPELINE, MatmulTensorCore
 from .matmul_wgmma import MatmulWgmma
 from .metal_matmul import MatmulNoSimdgroup
 from .quant_dispatch import QuantKernels
-from .quant_fusion import FuseDequantizeMatmul
+from .quant_fusion import FewRowWeightsInFp32, FuseDequantizeMatmul
 from .row_reduction import RowReduction
 
 
@@ -69,7 +69,7 @@ def _passes(target: tvm.target.Target) -> list:
         relax.transform.RemovePurityChecking(),
         relax.transform.CallTIRRewrite(),
     ]
-    return ([relax.transform.FuseTransposeMatmul()] + backend.library_dispatch_passes(target)
+    return ([FewRowWeightsInFp32(), relax.transform.FuseTransposeMatmul()] + backend.library_dispatch_passes(target)
             + legalize + dataflow_lower + backend.finalize_passes(target))
 
 
