@@ -8,6 +8,8 @@ by the wall clock, then the same steps under torch's CUDA profiler (CUPTI sees e
 process, CUDA-graph replays included): GPU busy time and kernel launches per step (and per layer), top
 kernels by time. Wall minus GPU time is what the host (Python, the VM, launches) adds to a step. The
 floor is the weights a step reads (all but an untied embedding table) at the card's measured copy rate.
+"overlapped" times the engine's overlapped loop (EngineConfig.overlap): step N+1 launched on step N's
+tokens still on the device (ModelRunner.greedy / decode_next), step N's tokens read while N+1 runs.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def main() -> None:
     if not (a.artifact / "weights").is_dir():
         fill(a.artifact, None)
     batches = [int(b) for b in a.batches.split(",")]
-    runner = ModelRunner(a.artifact, max_batch=max(batches), kv_tokens=max(batches) * (a.context + 2 * a.steps + 64))
+    runner = ModelRunner(a.artifact, max_batch=max(batches), kv_tokens=max(batches) * (a.context + 4 * a.steps + 64))
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -89,6 +91,14 @@ def main() -> None:
         for _ in range(a.steps):
             step()
         wall = (time.perf_counter() - start) / a.steps * 1e3
+        tokens = runner.greedy(runner.forward(seqs, [[7] for _ in seqs], on_device=True))
+        start = time.perf_counter()
+        for _ in range(a.steps):
+            launched = runner.greedy(runner.decode_next(seqs, tokens))
+            tokens.host()
+            tokens = launched
+        tokens.host()
+        overlapped = (time.perf_counter() - start) / a.steps * 1e3
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(a.steps):
                 step()
@@ -97,7 +107,8 @@ def main() -> None:
         gpu = sum(e.self_device_time_total for e in kernels) / a.steps / 1e3
         launches = sum(e.count for e in kernels) / a.steps
         print(f"b={b}: wall {wall:.3f} ms/step, GPU kernels {gpu:.3f} ms/step ({launches:.0f} launches, "
-              f"{launches / layers:.1f} a layer), floor / GPU {floor / gpu:.0%}, host share {max(0.0, 1 - gpu / wall):.0%}")
+              f"{launches / layers:.1f} a layer), floor / GPU {floor / gpu:.0%}, "
+              f"host share {max(0.0, 1 - gpu / wall):.0%}; overlapped: wall {overlapped:.3f} ms/step, host share {max(0.0, 1 - gpu / overlapped):.0%}")
         for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]:
             print(f"    {e.self_device_time_total / a.steps / 1e3:7.3f} ms  x{e.count / a.steps:5.1f}  {e.key[:90]}")
         for s in seqs:

@@ -12,7 +12,10 @@ Quantized (`--quant q4_k_m`, `q8_0`, ...: random packed components, bench/random
 
 Fills the artifact with random weights, then submits N concurrent greedy requests (random prompt ids,
 ignore_eos) through the Engine and prints prompt tokens/s (all prompts' tokens over the time until the
-last first token), generated tokens/s, time to first token, and a single-request decode rate.
+last first token), generated tokens/s, time to first token, the wall time of a decode step (after the
+last first token), and a single-request decode rate. `--overlap on,off` runs each batch with the
+overlapped step loop and without (EngineConfig.overlap); wall ms per decode step against the GPU's
+kernel time (bench/decode_profile.py) is the host's share.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from bench.random_weights import fill  # noqa: E402
 from runtime import Engine, EngineConfig, SamplingParams  # noqa: E402
 
 
-def run(engine: Engine, n: int, prompt_len: int, max_tokens: int, vocab: int, seed: int = 0) -> dict:
+def run(engine: Engine, n: int, prompt_len: int, max_tokens: int, vocab: int, seed: int = 0,
+        tokens: list | None = None) -> dict:
+    """Throughput of `n` concurrent greedy requests; their output ids are appended to `tokens`."""
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(3, min(vocab, 150000), prompt_len).tolist() for _ in range(n)]
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -39,9 +44,13 @@ def run(engine: Engine, n: int, prompt_len: int, max_tokens: int, vocab: int, se
     outs = engine.generate_sync(params, prompts)
     dt = time.perf_counter() - t0
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    if tokens is not None:
+        tokens.append([o.outputs[0].token_ids for o in outs])
     ttft = sorted(o.first_token_time - o.arrival_time for o in outs)
     prefill_s = max(o.first_token_time for o in outs) - min(o.arrival_time for o in outs)
+    decode_s = max(o.finish_time for o in outs) - max(o.first_token_time for o in outs)
     return dict(requests=n, prompt_len=prompt_len, max_tokens=max_tokens, seconds=round(dt, 2),
+                decode_step_ms=round(decode_s / max(max_tokens - 1, 1) * 1e3, 3),
                 prompt_tok_s=round(n * prompt_len / prefill_s, 1),
                 generated_tok_s=round(generated / dt, 1), total_tok_s=round((generated + n * prompt_len) / dt, 1),
                 ttft_median_s=round(ttft[len(ttft) // 2], 3), ttft_max_s=round(ttft[-1], 3))
@@ -78,26 +87,38 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--batched-tokens", type=int, default=4096, help="engine's max_num_batched_tokens")
+    ap.add_argument("--batches", help="comma-separated request counts to run (default: 1 and --requests)")
+    ap.add_argument("--overlap", default="on", help="on, off, or both as on,off: the engine's overlapped step loop")
     a = ap.parse_args()
     if not (a.artifact / "weights").is_dir():
         fill(a.artifact, a.tokenizer)
-    engine = Engine(EngineConfig(model_path=str(a.artifact), kv_tokens=a.requests * (a.prompt_len + a.max_tokens + 32),
-                                 max_num_seqs=a.requests, max_num_batched_tokens=a.batched_tokens))
-    vocab = engine.runner.vocab_size
-    run(engine, 4, 32, 8, vocab)  # warm-up: first kernel launches, allocator
-    batches = tuple(b for b in (1, 16, 64) if b <= a.requests)
-    steps = step_times(engine.runner, batches)
-    if engine.runner._wide:  # a quantized artifact: the same steps with the dequant-fused GEMV at every batch
-        wide, engine.runner._wide = engine.runner._wide, set()  # size, as before decode_wide (issue 11)
-        steps["fused_gemv_only"] = step_times(engine.runner, batches)
-        engine.runner._wide = wide
-    rows = [run(engine, 1, a.prompt_len, a.max_tokens, vocab), run(engine, a.requests, a.prompt_len, a.max_tokens, vocab)]
-    manifest = engine.runner.artifact.manifest
-    print(json.dumps(dict(card=engine.runner.device.device_name or "cpu", model=manifest["name"],
-                          dtype=manifest["dtype"], weights_on_gpu_bytes=weight_bytes(engine.runner.artifact),
-                          quantization=(manifest["quantization"] or {}).get("summary"),
-                          runner=steps, rows=rows), indent=1))
-    engine.close()
+    batches = [int(b) for b in a.batches.split(",")] if a.batches else [1, a.requests]
+    steps = tuple(b for b in (1, 16, 64) if b <= max(batches))
+    report, rows, outputs = {}, [], {}
+    for mode in a.overlap.split(","):
+        engine = Engine(EngineConfig(model_path=str(a.artifact), max_num_seqs=max(batches),
+                                     kv_tokens=max(batches) * (a.prompt_len + a.max_tokens + 32),
+                                     max_num_batched_tokens=a.batched_tokens, overlap=mode == "on"))
+        vocab = engine.runner.vocab_size
+        run(engine, 4, 32, 8, vocab)  # warm-up: first kernel launches, allocator
+        if not report:
+            report = dict(card=engine.runner.device.device_name or "cpu", model=engine.runner.artifact.manifest["name"],
+                          dtype=engine.runner.artifact.manifest["dtype"],
+                          weights_on_gpu_bytes=weight_bytes(engine.runner.artifact),
+                          quantization=(engine.runner.artifact.manifest["quantization"] or {}).get("summary"),
+                          runner=step_times(engine.runner, steps))
+            if engine.runner._wide:  # a quantized artifact: the same steps with the dequant-fused GEMV at every
+                wide, engine.runner._wide = engine.runner._wide, set()  # batch size, as before decode_wide (issue 11)
+                report["runner"]["fused_gemv_only"] = step_times(engine.runner, steps)
+                engine.runner._wide = wide
+        for b in batches:
+            run(engine, b, a.prompt_len, 4, vocab)  # warm-up of this batch size (CUDA graph capture)
+            rows.append(dict(overlap=mode, **run(engine, b, a.prompt_len, a.max_tokens, vocab,
+                                                 tokens=outputs.setdefault(mode, []))))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        engine.close()
+    same = len({json.dumps(v) for v in outputs.values()}) == 1  # greedy tokens equal in every mode
+    print(json.dumps(dict(report, rows=rows, same_tokens_in_every_mode=same), indent=1))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ Two halves, as bench/gemm.py (the GPU box has only a runtime-only TVM):
       dequant-fused GEMV (QuantGemv, dynamic M, the model's epilogue), the stand-alone dequantize
       kernel (QuantDequantize, bf16) and the bf16 wgmma GEMM (MatmulWgmma) that follows it in prefill.
   python bench/quant_gemm.py run DIR [--results bench/RESULTS.md]   (GPU box)
-      random packed components on the GPU (random code words, fp16 scales of realistic size), every
-      kernel checked against a torch fp32 dequantize-then-matmul reference first; then GEMV at
-      M = 1, 4, 16 (and 64) as % of the measured copy bandwidth counting the packed bytes, and
+      random packed components on the GPU (random code words, fp16 scales of realistic size); every
+      GEMV variant checked at M = 1, 3, 8, 33 against a torch fp32 dequantize-then-matmul reference
+      before any timing; then GEMV at M = 1, 2, 4, 8 as % of the measured copy bandwidth
+      counting the packed bytes, and
       dequantize + GEMM at M = 128, 512, 2048 as % of torch.matmul (cuBLAS, bf16) in the same run;
       rotating input sets of >= 3x L2.
 """
@@ -23,14 +24,16 @@ import os
 import sys
 
 QTYPES = ["q4_k", "q6_k", "q8_0"]
-GEMV_MS = [1, 4, 16, 64]
+GEMV_MS = [1, 2, 4, 8]
 GEMM_MS = [128, 512, 2048]
-RAGGED_MS = [3, 7, 33]  # correctness only: rows past a tile, each branch of the M chain
+CHECK_MS = [1, 3, 8, 33]  # checked before any timing: each branch of the M chain, rows past a tile
 
 
-def dequant_matmul(qtype: str, k: int, n: int, dtype: str = "bfloat16", epilogue: str = "cast"):
+def dequant_matmul(qtype: str, k: int, n: int, dtype: str = "bfloat16", epilogue: str = "cast",
+                   weight_dtype: str = "float32"):
     """The PrimFunc a quantized Linear becomes in decode (FuseDequantizeMatmul): model_defs/quant.py's
-    dequantize (to `dtype`), y = x · Wᵀ accumulated in fp32 over a dynamic row count, then the
+    dequantize (to `weight_dtype`: fp32 since FewRowWeightsInFp32, the model dtype before), y = x · Wᵀ
+    accumulated in fp32 over a dynamic row count, then the
     epilogue: "cast" (y.astype(dtype)), "residual" (r + cast, 3-D x), "cast_residual" (the decode
     model's own form of it: x [M, 1, K], the cast a block of its own before the add) or "logits" (fp32 out)."""
     from tvm import te, tirx
@@ -40,7 +43,7 @@ def dequant_matmul(qtype: str, k: int, n: int, dtype: str = "bfloat16", epilogue
     i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
     rows = tirx.Var("m", "int64")
     comps = [te.placeholder(shape, dt, f"w_{name}") for name, (shape, dt) in component_shapes(qtype, n, k).items()]
-    w = dequantize_te(qtype, comps, k, dtype)
+    w = dequantize_te(qtype, comps, k, weight_dtype)
     r = te.reduce_axis((i64(0), i64(k)), "k")
     if epilogue == "residual":
         x = te.placeholder((i64(1), rows, i64(k)), dtype, name="x")
@@ -83,16 +86,19 @@ def _epilogue(model: str, index: int, n_shapes: int) -> str:
     return "logits" if index == n_shapes - 1 else "residual" if index in (1, 3) else "cast"
 
 
-def _cases():
+def _cases(models: str = ""):
+    """(model, K, N, epilogue) of every Linear shape, of the models whose name starts with `models`."""
     from bench.gemm import SHAPES
 
     for model, shapes in SHAPES.items():
+        if not model.startswith(models):
+            continue
         for index, (k, n) in enumerate(shapes):
             yield model, k, n, _epilogue(model, index, len(shapes))
 
 
 # ------------------------------------------------------------------------------------ build
-def build(out: str, variants: dict, gemv_only: bool = False, nvcc: bool = True) -> None:
+def build(out: str, variants: dict, gemv_only: bool = False, nvcc: bool = True, models: str = "") -> None:
     import tvm
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -103,7 +109,7 @@ def build(out: str, variants: dict, gemv_only: bool = False, nvcc: bool = True) 
 
     target = tvm.target.Target("nvidia/nvidia-h100")
     funcs = {}
-    for _, k, n, epilogue in _cases():
+    for _, k, n, epilogue in _cases(models):
         if not gemv_only:
             sch = MatmulWgmma().apply(_prim_func(k, n, "bfloat16", "cast"), target, False)
             funcs[f"gemm_k{k}_n{n}"] = sch.mod["main"]
@@ -114,7 +120,7 @@ def build(out: str, variants: dict, gemv_only: bool = False, nvcc: bool = True) 
                 f = QuantGemv(QuantGemvConfig(**cfg)).kernel(dequant_matmul(qtype, k, n, "bfloat16", epilogue))
                 assert f is not None, (name, qtype, k, n)
                 funcs[f"{name}_{qtype}_k{k}_n{n}"] = f
-    export_kernels(funcs, out, {"variants": variants, "gemv_only": gemv_only}, nvcc)
+    export_kernels(funcs, out, {"variants": variants, "gemv_only": gemv_only, "weight_dtype": "float32"}, nvcc)
 
 
 # ------------------------------------------------------------------------------------ run
@@ -188,6 +194,36 @@ def _kernel_ms(fn, sets, iters: int) -> float:
     return sum(e.self_device_time_total for e in prof.key_averages() if e.device_time_total > 0) / iters / 1e3
 
 
+def _as_dtype(w, dtype: str):
+    """fp32 `w` rounded to `dtype` as the fused GEMV's dequantized weight is, back in fp32."""
+    import torch
+
+    return w.to(getattr(torch, dtype)).float()
+
+
+def _gemv_check(f, epilogue: str, x, args: list, w_model, n: int):
+    """One call of GEMV `f` on a NaN-poisoned output against torch: (y, call(x, args, y), rel.err, ok)."""
+    import torch
+    import tvm
+
+    dl, dev, m = tvm.runtime.from_dlpack, x.device, x.shape[0]
+    ref = x.float() @ w_model.T
+    if epilogue == "logits":
+        y = torch.full((m, n), float("nan"), device=dev)
+        call = lambda xx, a, yy: f(dl(xx), *a, dl(yy))  # noqa: E731
+    elif epilogue == "residual":
+        res = torch.randn(m, n, device=dev).to(torch.bfloat16)
+        ref = res.float() + ref.to(torch.bfloat16).float()
+        y = torch.full((m, n), float("nan"), device=dev, dtype=torch.bfloat16)
+        call = lambda xx, a, yy, r=res: f(dl(xx[None]), *a, dl(r[None]), dl(yy[None]))  # noqa: E731
+    else:
+        y = torch.full((m, n), float("nan"), device=dev, dtype=torch.bfloat16)
+        call = lambda xx, a, yy: f(dl(xx), *a, dl(yy))  # noqa: E731
+    call(x, args, y)
+    err = ((y.float() - ref).norm() / ref.norm()).item()
+    return y, call, err, bool(math.isfinite(err) and err <= (1e-4 if epilogue == "logits" else 1e-2))
+
+
 def _load(out: str):
     """bench/gemm.py's loader; a --no-nvcc build's CUDA source goes through nvcc here, on all cores."""
     from bench.gemm import _load as load_library, nvcc_fatbin
@@ -200,7 +236,7 @@ def _load(out: str):
     return load_library(out, compile_cuda)
 
 
-def run(out: str, results: str | None, command: str) -> None:
+def run(out: str, results: str | None, command: str, models: str = "", ms: tuple = tuple(GEMV_MS)) -> None:
     import torch
     import tvm
 
@@ -220,41 +256,42 @@ def run(out: str, results: str | None, command: str) -> None:
     gen.manual_seed(0)
     rows, log = [], []
     full = not meta.get("gemv_only")  # else no dequantize / GEMM kernels in this build
-    for model, k, n, epilogue in _cases():
+    weight_dtype = meta.get("weight_dtype", "bfloat16")  # the fused GEMV's dequantized weight
+    failed = 0
+    for model, k, n, epilogue in _cases(models):  # every GEMV checked before any is timed
+        for qtype in QTYPES:
+            if not any(name.endswith(f"_{qtype}_k{k}_n{n}") for name in meta["kernels"]):
+                continue
+            comps = random_components(qtype, n, k, gen)
+            w_model = _as_dtype(torch_dequantize(qtype, comps, n, k), weight_dtype)
+            args = _tvm_args(comps)
+            for variant in meta["variants"]:
+                for m in CHECK_MS:
+                    x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+                    *_, err, ok = _gemv_check(lib[f"{variant}_{qtype}_k{k}_n{n}"], epilogue, x, args, w_model, n)
+                    failed += not ok
+                    log.append(f"check {variant} {qtype} {k}->{n} M={m} relerr={err:.1e} ok={ok}")
+                    print(log[-1], flush=True)
+            del comps, w_model, args
+    print(f"checks: {failed} failed", flush=True)
+    for model, k, n, epilogue in _cases(models):
         for qtype in QTYPES:
             if not any(name.endswith(f"_{qtype}_k{k}_n{n}") for name in meta["kernels"]):
                 continue  # a build of some shapes only
             comps = random_components(qtype, n, k, gen)
             packed = sum(t.numel() * t.element_size() for t in comps.values())
             w = torch_dequantize(qtype, comps, n, k)
-            w_model = w.to(torch.bfloat16).float()  # the fused GEMV multiplies by the bf16 weight
+            w_model = _as_dtype(w, weight_dtype)
             args = _tvm_args(comps)
-            nsets = max(2, min(8, math.ceil(3 * l2 / (packed + 2 * n * k))))
+            per_set = packed + (2 * n * k if full else 0)  # bytes a set brings through L2 (+ the bf16 weight)
+            nsets = max(2, min(16, math.ceil(3 * l2 / per_set)))
             sets = [comps] + [random_components(qtype, n, k, gen) for _ in range(nsets - 1)]
             set_args = [_tvm_args(s) for s in sets]
             for variant in meta["variants"]:
                 f = lib[f"{variant}_{qtype}_k{k}_n{n}"]
-                for m in [*RAGGED_MS, *GEMV_MS]:
+                for m in ms:
                     x = torch.randn(m, k, device=dev).to(torch.bfloat16)
-                    ref = x.float() @ w_model.T
-                    if epilogue == "logits":
-                        y = torch.full((m, n), float("nan"), device=dev)
-                        call = lambda xx, a, yy: f(dl(xx), *a, dl(yy))  # noqa: E731
-                    elif epilogue == "residual":
-                        res = torch.randn(m, n, device=dev).to(torch.bfloat16)
-                        ref = res.float() + ref.to(torch.bfloat16).float()
-                        y = torch.full((m, n), float("nan"), device=dev, dtype=torch.bfloat16)
-                        call = lambda xx, a, yy, r=res: f(dl(xx[None]), *a, dl(r[None]), dl(yy[None]))  # noqa: E731
-                    else:
-                        y = torch.full((m, n), float("nan"), device=dev, dtype=torch.bfloat16)
-                        call = lambda xx, a, yy: f(dl(xx), *a, dl(yy))  # noqa: E731
-                    call(x, args, y)
-                    err = ((y.float() - ref).norm() / ref.norm()).item()
-                    ok = bool(math.isfinite(err) and err <= (1e-4 if epilogue == "logits" else 1e-2))
-                    if m in RAGGED_MS:
-                        log.append(f"{variant} {qtype} {k}->{n} M={m} relerr={err:.1e} ok={ok}")
-                        print(log[-1], flush=True)
-                        continue
+                    y, call, err, ok = _gemv_check(f, epilogue, x, args, w_model, n)
                     xs = [torch.randn(m, k, device=dev).to(torch.bfloat16) for _ in range(nsets)]
                     ys = [torch.empty_like(y) for _ in range(nsets)]
                     t_k = _kernel_ms(call, list(zip(xs, set_args, ys)), 100)
@@ -299,7 +336,24 @@ def run(out: str, results: str | None, command: str) -> None:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     table = _table(rows, card, copy_gbs, stamp, command)
     print(table)
-    write_results(table, log, results, "quant_gemm_rows.jsonl")
+    write_results(table, log, results, f"quant_gemm_rows_{os.path.basename(os.path.normpath(out))}.jsonl")
+
+
+LAYERS = {"qwen3-0.6b": 28, "llama3.1-8b": 32}  # decoder layers: each layer's Linears run that often per step
+
+
+def _decode_step(rows, variant: str, qtype: str, model: str, m: int):
+    """(ms, GB/s) of the GEMVs of one decode step (every layer's Linears, then the LM head) at `m` rows
+    with this variant and type throughout, or None if a shape is missing."""
+    sel = {(r["k"], r["n"]): r for r in rows if r["kind"] == "gemv" and r["variant"] == variant
+           and r["qtype"] == qtype and r["model"] == model and r["m"] == m}
+    from bench.gemm import SHAPES
+
+    if any(shape not in sel for shape in SHAPES[model]):
+        return None
+    times = [(LAYERS[model] if i < len(SHAPES[model]) - 1 else 1, sel[shape]) for i, shape in enumerate(SHAPES[model])]
+    ms = sum(count * r["ms"] for count, r in times)
+    return ms, sum(count * r["gbs"] * r["ms"] for count, r in times) / ms
 
 
 def _table(rows, card, copy_gbs, stamp, command) -> str:
@@ -323,7 +377,10 @@ def _table(rows, card, copy_gbs, stamp, command) -> str:
             sel = [r["pct"] for r in rows if r["kind"] == "gemv" and r["variant"] == v and r["qtype"] == qtype
                    and r["model"].startswith("llama") and r["m"] == 1]
             if sel:
-                lines.append(f"- {qtype} GEMV {v}: min {100 * min(sel):.0f}%, mean {100 * sum(sel) / len(sel):.0f}%")
+                step = _decode_step(rows, v, qtype, "llama3.1-8b", 1)
+                lines.append(f"- {qtype} GEMV {v}: min {100 * min(sel):.0f}%, mean {100 * sum(sel) / len(sel):.0f}%"
+                             + (f"; decode step ({LAYERS['llama3.1-8b']} layers + LM head) {step[0]:.2f} ms at "
+                                f"{100 * step[1] / copy_gbs:.0f}% copy" if step else ""))
         sel = [r["ratio"] for r in rows if r["kind"] == "gemm" and r["qtype"] == qtype
                and r["model"].startswith("llama") and r["m"] >= 512]
         if sel:
@@ -333,8 +390,9 @@ def _table(rows, card, copy_gbs, stamp, command) -> str:
 
 VARIANTS = {  # name -> QuantGemvConfig fields; the first is the rule's default
     "gemv": {},
+    "gemv_u2": {"unroll": 2},
+    "gemv_u2_m1": {"unroll": 2, "m_tiles": (1,)},  # M = 1's kernel only (every M runs it): a small build
     "gemv_t8r1": {"row_threads": 8, "rows_per_thread": 1},
-    "gemv_l64": {"lanes": 64, "row_threads": 2, "rows_per_thread": 2},
 }
 
 
@@ -346,14 +404,17 @@ def main() -> None:
     b.add_argument("--variants", default=",".join(VARIANTS))
     b.add_argument("--gemv-only", action="store_true", help="only the GEMV variants (no dequantize / GEMM)")
     b.add_argument("--no-nvcc", action="store_true", help="leave nvcc to `run` (on the GPU box, all its cores)")
+    b.add_argument("--models", default="", help="only the shapes of models whose name starts with this")
     r = sub.add_parser("run")
     r.add_argument("dir")
     r.add_argument("--results")
+    r.add_argument("--models", default="", help="only the shapes of models whose name starts with this")
+    r.add_argument("--ms", default=",".join(map(str, GEMV_MS)), help="the GEMV row counts timed")
     a = p.parse_args()
     if a.cmd == "build":
-        build(a.out, {v: VARIANTS[v] for v in a.variants.split(",")}, a.gemv_only, not a.no_nvcc)
+        build(a.out, {v: VARIANTS[v] for v in a.variants.split(",")}, a.gemv_only, not a.no_nvcc, a.models)
     else:
-        run(a.dir, a.results, " ".join(sys.argv))
+        run(a.dir, a.results, " ".join(sys.argv), a.models, tuple(int(m) for m in a.ms.split(",")))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from formats.errors import KilnError
+from .cudart import cudart
 
 ENVIRON = {"NCCL_NVLS_ENABLE": "0"}  # set in every worker before the communicator exists
 _UNIQUE_ID_BYTES = 128
@@ -57,15 +58,6 @@ def unique_id() -> bytes:
     return bytes(uid.internal)
 
 
-def _cudart() -> ctypes.CDLL:
-    """The CUDA runtime TVM's CUDA module already loaded (its soname differs between CUDA versions)."""
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            if "libcudart.so" in line:
-                return ctypes.CDLL(line.split()[-1])
-    raise RuntimeError("libcudart is not loaded; load TVM's CUDA runtime (runtime.artifact.import_tvm) first")
-
-
 class NcclCollective:
     def __init__(self, uid: bytes, rank: int, world: int, device_id: int):
         os.environ.update(ENVIRON)
@@ -73,7 +65,7 @@ class NcclCollective:
 
         self.lib, self.device_id = _library(), device_id
         self.device = tvm_ffi.device("cuda", device_id)
-        self.cudart = _cudart()
+        self.cudart = cudart()
         self.cudart.cudaSetDevice(device_id)
         self.comm = ctypes.c_void_p()
         uid_struct = _UniqueId()

@@ -111,6 +111,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
           help="tokens per sequence, prompt + output; None: the model's context, as far as --kvmem holds")
     _flag(g, ["--max-num-batched-tokens"], type=number(int, 1), default=2048, metavar="N",
           help="tokens per engine step (prompt chunks + one per decoding sequence)")
+    _flag(g, ["--no-overlap"], action="store_true",
+          help="read each step's tokens before launching the next (the overlapped loop's reference)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.7) -> None:
@@ -149,7 +151,7 @@ def engine_config(args: argparse.Namespace):
     return EngineConfig(model_path=args.w, device_id=args.d[0], device_ids=args.d if len(args.d) > 1 else None,
                         dtype=args.dtype, quant=args.quant, kvmem=args.kvmem,
                         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                        max_num_batched_tokens=args.max_num_batched_tokens)
+                        max_num_batched_tokens=args.max_num_batched_tokens, overlap=not args.no_overlap)
 
 
 def engine_and_params(args: argparse.Namespace):

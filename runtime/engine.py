@@ -21,7 +21,10 @@ on its own thread and owns the ModelRunner; callers only put commands on a queue
 requests' Deltas, so every public method is thread-safe. One step: Scheduler.schedule →
 ModelRunner.forward → on the device: ModelRunner.apply_penalties (rows with penalties), .sample and
 .logprobs (rows that ask), only token ids and log-probabilities back to the host → per sequence:
-stop checks, detokenization, stop-string hold-back → Delta to the request's sink.
+stop checks, detokenization, stop-string hold-back → Delta to the request's sink. With
+EngineConfig.overlap (the default; --no-overlap turns it off), decode steps are launched on the
+previous step's tokens still on the device, and the host does that step's per-sequence work while the
+next one runs (Engine.step).
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
     prefix_caching: bool = True  # keep finished sequences' pages for later prompts (running ones are shared anyway)
     seed: int | None = None  # seeds requests that bring no seed of their own (None: fresh entropy)
+    overlap: bool = True  # launch decode step N+1 on step N's tokens before the host reads them (one-device artifacts)
 
 
 @dataclass
@@ -174,6 +178,9 @@ class Engine:
         self._inbox: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # (sequences, DeviceTokens) of a step launched but not yet read (overlapped loop, see step)
+        self._inflight: tuple[list[Sequence], object] | None = None
+        self._overlap = cfg.overlap and isinstance(self.runner, ModelRunner)
         print(f"kiln: loaded in {time.perf_counter() - start:.1f} s; sequences up to {self.max_model_len} tokens, "
               f"KV cache {capacity} tokens", file=sys.stderr, flush=True)
 
@@ -309,7 +316,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             try:
-                commands = [self._inbox.get(block=not self.scheduler.has_work)]
+                commands = [self._inbox.get(block=not (self.scheduler.has_work or self._inflight))]
                 while not self._inbox.empty():
                     commands.append(self._inbox.get())
             except queue.Empty:
@@ -326,11 +333,12 @@ class Engine:
                     arg(self._snapshot())
                 elif arg in self._requests:
                     self._end_request(self._requests[arg], "abort")
-            if self.scheduler.has_work:
+            if self.scheduler.has_work or self._inflight:
                 try:
                     self.step()
                 except Exception as e:  # a bug, not a user mistake: fail what is in flight, keep serving
                     traceback.print_exc(file=sys.stderr)
+                    self._inflight = None
                     for req in list(self._requests.values()):
                         self._end_request(req, "error", f"internal error: {e}")
 
@@ -369,7 +377,27 @@ class Engine:
         self.scheduler.add(seq, first=index > 0)
 
     def step(self) -> None:
-        """One batch: schedule, forward, sample the sequences whose pending tokens are all computed."""
+        """One batch: schedule, forward, sample the sequences whose pending tokens are all computed.
+
+        Overlapped (EngineConfig.overlap): a step whose rows all get a token, all greedy or all drawn
+        (no penalties, no logprobs), is left running with its tokens on the device. The next step then,
+        if the scheduler would repeat the batch (Scheduler.repeat), is launched on those tokens before
+        the host reads them, so the host's work (stop checks, detokenization, streaming, the next step's
+        page tables) runs while the GPU computes; a sequence found finished one step late drops its
+        extra token. Otherwise the step's tokens are read and the synchronous step below runs."""
+        if self._inflight is not None:
+            seqs, tokens = self._inflight
+            self._inflight = None
+            if self.scheduler.repeat(seqs):
+                logits = self.runner.decode_next([s.seq_id for s in seqs], tokens)
+                for seq in seqs:
+                    self.scheduler.computed(seq, 1)
+                self._inflight = (seqs, self._device_tokens(logits, seqs))
+            for seq, token in zip(seqs, tokens.host().tolist()):
+                if seq.finish_reason is None:  # else it ended (stop, length, abort) after this step launched
+                    self._append(seq, token, None)
+            if self._inflight is not None or not self.scheduler.has_work:
+                return
         batch = self.scheduler.schedule()
         if not batch:
             raise RuntimeError("the scheduler found nothing to run")  # would spin; fail loudly instead
@@ -379,7 +407,9 @@ class Engine:
                                      [s.token_ids[s.num_computed:s.num_computed + n] for s, n in batch], True)
         for seq, n in batch:
             self.scheduler.computed(seq, n)
-        if rows:
+        if self._overlap and len(rows) == len(batch) and _same_kind([s.request.params for s in seqs]):
+            self._inflight = (seqs, self._device_tokens(logits, seqs))
+        elif rows:
             tokens, logprobs = self._sample(logits, np.array(rows), seqs)
             for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs):
                 self._append(seq, token, logprob)
@@ -392,16 +422,18 @@ class Engine:
         penalties = _penalty_pairs(rows, seqs)
         if penalties:
             logits = self.runner.apply_penalties(logits, *penalties)
-        tokens = self.runner.sample(
-            logits, rows, np.array([0 if p.greedy else p.temperature for p in params], np.float32),
-            np.array([p.top_p for p in params], np.float32), np.array([p.top_k for p in params]),
-            np.array([p.min_p for p in params], np.float32),
-            np.array([0 if p.greedy else s.rng.random() for s, p in zip(seqs, params)]))
+        tokens = self.runner.sample(logits, rows, *_sampling_arrays(seqs))
         if any(p.logprobs for p in params):
             lp, top_lp, top_ids = self.runner.logprobs(raw, rows, tokens)
         return tokens, [TokenLogprob(int(tokens[j]), float(lp[j]), dict(zip(top_ids[j, :p.top_logprobs].tolist(),
                                                                             top_lp[j, :p.top_logprobs].tolist())))
                         if p.logprobs else None for j, p in enumerate(params)]
+
+    def _device_tokens(self, logits, seqs: list[Sequence]):
+        """Every row's token left on the device (overlapped loop): all argmax, or all drawn."""
+        if seqs[0].request.params.greedy:
+            return self.runner.greedy(logits)
+        return self.runner.draw(logits, *_sampling_arrays(seqs))
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         req, params = seq.request, seq.request.params
@@ -450,6 +482,22 @@ class Engine:
             req.sink(delta)
         except Exception:  # a broken consumer must not stop the engine
             traceback.print_exc(file=sys.stderr)
+
+
+def _sampling_arrays(seqs: list[Sequence]) -> tuple[np.ndarray, ...]:
+    """ModelRunner.sample's per-row arguments for `seqs` (greedy rows: temperature 0, no random number)."""
+    params = [s.request.params for s in seqs]
+    return (np.array([0 if p.greedy else p.temperature for p in params], np.float32),
+            np.array([p.top_p for p in params], np.float32), np.array([p.top_k for p in params]),
+            np.array([p.min_p for p in params], np.float32),
+            np.array([0 if p.greedy else s.rng.random() for s, p in zip(seqs, params)]))
+
+
+def _same_kind(params: list[SamplingParams]) -> bool:
+    """Whether a step's rows can leave their tokens on the device (an overlapped step): no penalties
+    (they need the tokens on the host) or logprobs, and all greedy or all drawn (one kernel picks them)."""
+    return (all(not p.penalized and not p.logprobs for p in params)
+            and len({p.greedy for p in params}) == 1)
 
 
 def _penalty_pairs(rows: np.ndarray, seqs: list[Sequence]) -> tuple[np.ndarray, ...]:

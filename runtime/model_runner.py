@@ -2,7 +2,9 @@
 
 Everything above this file thinks in sequences and token ids; nothing above it touches TVM.
 `forward` appends tokens to any mix of sequences (prefills, chunks of prefills, decodes) and
-returns the logits of each sequence's last new token.
+returns the logits of each sequence's last new token. For the engine's overlapped loop, `greedy` and
+`draw` leave a step's tokens on the device (DeviceTokens) and `decode_next` feeds them to the next step,
+so the host can read them while that next step runs.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 from safetensors import safe_open
 
 from .artifact import Artifact, import_tvm, load_library
+from .cudart import Event, HostReadback
 from formats.errors import KilnError
 
 _TARGET_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "metal"}
@@ -76,6 +79,10 @@ class ModelRunner:
             "kv_state_add_sequence", "kv_state_remove_sequence", "kv_state_fork_sequence",
             "kv_state_begin_forward", "kv_state_end_forward", "attention_kv_cache_get_num_available_pages")}
         self.total_pages = self.free_pages()
+        # CUDA: host reads of sampled tokens that wait for their own step only, and the point where the
+        # last forward's KV-cache kernels are done (_run_chunk)
+        self._readback = HostReadback(max_batch) if kind == "cuda" else None
+        self._kv_done = Event() if kind == "cuda" else None
         # artifacts compiled before model_defs/sampling.py (apply_penalties is its newest) lack these; the
         # engine refuses them (recompile)
         self.can_sample = self.vm.module.implements_function("apply_penalties")
@@ -124,7 +131,9 @@ class ModelRunner:
                 raise KilnError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
         done = []  # (hidden rows of a forward, [(row, index into seq_ids)] whose last token it ran)
         for chunk in self._chunks(token_lists):
-            rows = self._run_chunk([seq_ids[i] for i, _, _ in chunk], [t for _, t, _ in chunk])
+            flat = np.fromiter((t for _, ts, _ in chunk for t in ts), dtype="int32")
+            rows = self._run_chunk([seq_ids[i] for i, _, _ in chunk], [len(t) for _, t, _ in chunk],
+                                   self._tvm.runtime.tensor(flat, self.device))
             finished = [(row, i) for row, (i, _, last) in enumerate(chunk) if last]
             if finished:
                 done.append((rows, finished))
@@ -136,36 +145,70 @@ class ModelRunner:
         logits = self._for_rows("logits", len(seq_ids))(hidden, self.params)
         return logits if on_device else logits.numpy()
 
+    # ---- the overlapped decode loop (runtime/engine.py): a step's tokens feed the next without a round trip
+    def greedy(self, logits) -> DeviceTokens:
+        """The argmax of every row of device `logits`, left on the device (DeviceTokens)."""
+        return self._device_tokens(self.vm["argmax"](logits))
+
+    def draw(self, logits, temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray, min_p: np.ndarray,
+             uniform: np.ndarray) -> DeviceTokens:
+        """As sample() for every row of device `logits`, each drawn (temperature > 0), left on the device."""
+        drawn = self._draw(logits, np.arange(logits.shape[0]), temperature, top_p, top_k, min_p, uniform)
+        return self._device_tokens(drawn._create_view((logits.shape[0],), "int32"))  # [b, 1] → [b]
+
+    def _device_tokens(self, tokens) -> DeviceTokens:
+        """On CUDA the copy to the host is queued behind the kernels that make `tokens`, so
+        DeviceTokens.host() waits for this step only."""
+        if self._readback is None:
+            return DeviceTokens(tokens, tokens.numpy)
+        return DeviceTokens(tokens, self._readback.start(tokens.data_ptr(), tokens.shape[0], self._stream()))
+
+    def decode_next(self, seq_ids: list[int], tokens: DeviceTokens):
+        """A decode step whose new token per sequence is in `tokens` (the previous step's, still on the
+        device); device logits, as forward(..., on_device=True)."""
+        if len(seq_ids) != len(tokens) or len(set(seq_ids)) != len(seq_ids):
+            raise ValueError("decode_next needs one token per distinct sequence")
+        hidden = self._run_chunk(seq_ids, [1] * len(seq_ids), tokens.tensor)
+        return self._for_rows("logits", len(seq_ids))(hidden, self.params)
+
+    def _stream(self) -> int:
+        import tvm_ffi
+
+        return tvm_ffi.get_raw_stream(self.device) or 0
+
     def sample(self, logits, rows: np.ndarray, temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray,
                min_p: np.ndarray, uniform: np.ndarray) -> np.ndarray:
         """One token id for each of `rows` of device `logits`, chosen on the device (only ids come back):
         temperature 0 is argmax, else softmax(logits / temperature) filtered by min_p, top_p and top_k
         (≤ 0: off), drawn with `uniform` (host random numbers in [0, 1)). Arrays are per entry of `rows`."""
-        tensor, f32, i32 = self._tvm.runtime.tensor, np.float32, np.int32
-        b = logits.shape[0]
         tokens = self.vm["argmax"](logits).numpy()[rows]
         draw = temperature > 0
-        if not draw.any():
-            return tokens
+        if draw.any():
+            tokens[draw] = self._draw(logits, rows[draw], temperature[draw], top_p[draw], top_k[draw], min_p[draw],
+                                      uniform[draw]).numpy()[:, 0]
+        return tokens
+
+    def _draw(self, logits, rows: np.ndarray, temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray,
+              min_p: np.ndarray, uniform: np.ndarray):
+        """Device int32[len(rows), 1]: a token drawn for each of `rows` (temperature > 0; arrays per row)."""
+        tensor, f32, i32 = self._tvm.runtime.tensor, np.float32, np.int32
+        b = logits.shape[0]
 
         def per_row(values, fill, dtype):  # a [b] array: `values` at `rows`, `fill` elsewhere
             full = np.full(b, fill, dtype)
             full[rows] = values
             return full
 
-        probs = self.vm["sample_probs"](logits, tensor(per_row(np.where(draw, temperature, 1), 1, f32), self.device),
+        probs = self.vm["sample_probs"](logits, tensor(per_row(temperature, 1, f32), self.device),
                                         tensor(per_row(min_p, 0, f32), self.device))
-        picks = tensor(rows[draw].astype(i32)[:, None], self.device)
-        u = tensor(uniform[draw].astype(f32)[:, None], self.device)
-        if (top_p[draw] < 1).any() or (top_k[draw] > 0).any():
+        picks = tensor(rows.astype(i32)[:, None], self.device)
+        u = tensor(uniform.astype(f32)[:, None], self.device)
+        if (top_p < 1).any() or (top_k > 0).any():
             tp = per_row(top_p, 1, f32)[:, None]
             width = logits.shape[1]  # top_k ≤ 0 or beyond the row: the whole row
             tk = per_row(np.where((top_k > 0) & (top_k < width), top_k, width), width, i32)[:, None]
-            drawn = self.vm["sample_top_p_top_k"](probs, tensor(tp, self.device), tensor(tk, self.device), u, picks)
-        else:
-            drawn = self.vm["sample_multinomial"](probs, u, picks)
-        tokens[draw] = drawn.numpy()[:, 0]
-        return tokens
+            return self.vm["sample_top_p_top_k"](probs, tensor(tp, self.device), tensor(tk, self.device), u, picks)
+        return self.vm["sample_multinomial"](probs, u, picks)
 
     def apply_penalties(self, logits, pairs: np.ndarray, counts: np.ndarray, repetition: np.ndarray,
                         frequency: np.ndarray, presence: np.ndarray):
@@ -206,16 +249,37 @@ class ModelRunner:
         if chunk:
             yield chunk
 
-    def _run_chunk(self, seq_ids: list[int], token_lists: list[list[int]]):
+    def _run_chunk(self, seq_ids: list[int], lengths: list[int], ids):
+        """Hidden states of one forward: `ids` (int32 device tensor) are the sequences' new tokens, `lengths` each."""
         tvm, shape = self._tvm, self._tvm.runtime.ShapeTuple
-        lengths = [len(t) for t in token_lists]
-        flat = np.fromiter((t for ts in token_lists for t in ts), dtype="int32", count=sum(lengths))
+        if self._kv_done is not None:
+            # TVM's KV cache copies each forward's page tables (from one pinned host buffer into one device
+            # buffer) on its own non-blocking copy stream, which does not wait for kernels already queued:
+            # the last forward's attention must be done reading them (a step may still be running when the
+            # overlapped loop launches the next one; the chunks of a long prompt come back to back)
+            self._kv_done.synchronize()
         self._f["kv_state_begin_forward"](self.kv, shape(seq_ids), shape(lengths))
         try:
-            embeds = self.vm["embed"](tvm.runtime.tensor(flat, self.device), self.params)
+            embeds = self.vm["embed"](ids, self.params)
             if all(n == 1 for n in lengths):
-                return self._for_rows("decode", len(seq_ids))(embeds, self.kv, self.params)
-            logit_pos = tvm.runtime.tensor(np.cumsum(lengths).astype("int32") - 1, self.device)
-            return self.vm["prefill"](embeds, logit_pos, self.kv, self.params)
+                hidden = self._for_rows("decode", len(seq_ids))(embeds, self.kv, self.params)
+            else:
+                logit_pos = tvm.runtime.tensor(np.cumsum(lengths).astype("int32") - 1, self.device)
+                hidden = self.vm["prefill"](embeds, logit_pos, self.kv, self.params)
+            if self._kv_done is not None:
+                self._kv_done.record(self._stream())
+            return hidden
         finally:
             self._f["kv_state_end_forward"](self.kv)
+
+
+class DeviceTokens:
+    """Token ids one step chose, still on the device: `tensor` (int32[b]) feeds the next decode
+    (ModelRunner.decode_next) with no device→host→device trip; host() gives them as numpy, waiting for
+    their own step only (on CUDA; elsewhere steps run to completion when launched)."""
+
+    def __init__(self, tensor, host):
+        self.tensor, self.host = tensor, host
+
+    def __len__(self) -> int:
+        return self.tensor.shape[0]

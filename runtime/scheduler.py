@@ -111,6 +111,19 @@ class Scheduler:
             reserved += self._new_pages(matched, n)
         return batch
 
+    def repeat(self, batch: list[Sequence]) -> bool:
+        """Whether the next step may run `batch` again, one new token each, decided before this step's
+        tokens reach the host (the engine's overlapped loop): schedule() would pick these sequences and
+        no others (all still running, none waiting that it could admit) and each one's next token fits in
+        the free pages without evicting or preempting. A sequence that finished in this step is known
+        one step late: its extra token is discarded, and the KV slot it took was counted here."""
+        if (self.waiting and len(self.running) < self.max_num_seqs) or len(batch) != len(self.running):
+            return False
+        running = {s.seq_id for s in self.running}
+        if len(batch) > self.max_num_batched_tokens or any(s.seq_id not in running for s in batch):
+            return False
+        return sum(self._new_pages(s.num_computed, 1) for s in batch) <= self.runner.free_pages()
+
     def preempt(self, seq: Sequence) -> None:
         """Recompute later: free the sequence's pages and queue it first (prompt + output so far)."""
         self.running.remove(seq)

@@ -1,5 +1,11 @@
 """Where a quantized weight's dequantization runs: inside the matmul for few rows, as its own kernel for many.
 
+`FewRowWeightsInFp32` (first in the pipeline): the model def dequantizes to ggml's fp32 values and
+casts them to the model dtype for the matmul; in `decode` and `logits` the matmul reads the fp32
+values instead (it multiplies in fp32 anyway), which spares the GEMV a rounding per weight (a
+quarter-rate conversion on NVIDIA GPUs) and is exact. Prefill keeps the cast: its tensor cores
+read the model dtype.
+
 In `decode` and `logits` (one row per sequence) a matmul reads each weight once per call, so fusing
 the `dequantize_*` PrimFunc into its `NT_matmul` (one PrimFunc, named `fused_dequantize_*`) lets the
 GEMV read the packed words and dequantize in registers: 2-4x fewer bytes than the model dtype. In
@@ -14,6 +20,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 from tvm.ir import IRModule
+from tvm.relax.dpl import rewrite_call
 from tvm.relax.dpl.pattern import GlobalVarPattern, TuplePattern, is_op, wildcard
 
 FEW_ROW_FUNCTIONS = ("decode", "logits")
@@ -41,6 +48,34 @@ def _patterns() -> list:
 
             patterns.append(("dequantize_matmul", matmul, {"w": w, "matmul": matmul}, check))
     return patterns
+
+
+@tvm.transform.module_pass(opt_level=0, name="FewRowWeightsInFp32")
+class FewRowWeightsInFp32:
+    """matmul(x, permute_dims(astype(call_tir(dequantize_*)))) → matmul(x, permute_dims(call_tir(dequantize_*)))
+    in the Relax functions `functions`, before legalization."""
+
+    def __init__(self, functions: tuple[str, ...] = FEW_ROW_FUNCTIONS):
+        self.functions = functions
+
+    def transform_module(self, mod: IRModule, _ctx) -> IRModule:
+        values = is_op("relax.call_tir")(GlobalVarPattern(), wildcard(), add_constraint=False)
+        weight = is_op("relax.permute_dims")(is_op("relax.astype")(values))
+        matmul = is_op("relax.matmul")(wildcard(), weight)
+
+        def rewrite(call, matches):
+            if not _callee(matches[values]).startswith("dequantize"):
+                return call
+            transposed = relax.op.permute_dims(matches[values], matches[weight].attrs.axes)
+            return relax.op.matmul(call.args[0], transposed, out_dtype=call.attrs.out_dtype)
+
+        out = IRModule(dict(mod.functions), attrs=mod.attrs)
+        for gv, func in mod.functions.items():
+            if gv.name_hint in self.functions and isinstance(func, relax.Function):
+                new = rewrite_call(matmul, rewrite, func)
+                if not new.same_as(func):  # the casts no matmul reads any more go
+                    out[gv] = relax.analysis.remove_all_unused(new)
+        return out
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseDequantizeMatmul")

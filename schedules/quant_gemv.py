@@ -18,10 +18,15 @@ loads the code words 4 bytes at a time. Here, as in llama.cpp's MMVQ and MLC's G
 The matmul must read the dequantized buffer as W[j, k] with j, k the block's last two iterators,
 K a multiple of 32 and N of the row tile; anything else is declined and left to the other rules.
 
-Measured on an H100 (bench/RESULTS.md): M = 1 runs at 37–62% of copy bandwidth for Q4_K/Q6_K and
-50–87% for Q8_0 on the Llama-3.1-8B shapes (bound by the arithmetic per weight and, on small shapes,
-by loads in flight); every extra row costs nearly the per-weight arithmetic again, so from M ≈ 16 the
-dequantize kernel + tensor-core GEMM is faster.
+`unroll` > 1 takes that many chunks per loop step, their code words loaded before the first is used.
+
+Measured on an H100 (bench/RESULTS.md, "Quantized GEMV: fp32 weights"): with the fused PrimFunc's
+weight in fp32 and codes converted by the magic number (model_defs/quant.py), M = 1 runs at 39–66% of
+copy bandwidth for Q4_K, 46–75% for Q6_K and 64–98% for Q8_0 on the Llama-3.1-8B shapes. Q4_K is bound
+by instructions per weight (~3.2 G weights per ms on the large shapes, the most of the three types),
+the small shapes also by loads in flight; `unroll` = 2 gains 1–4 points at M = 1 for Q4_K and Q8_0 but
+loses for Q6_K and at M = 8, so it stays 1. Every extra row costs nearly the per-weight arithmetic
+again (M = 2–4 take ~2.7× M = 1), so from M ≈ 16 the dequantize kernel + tensor-core GEMM is faster.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class QuantGemvConfig:
     lanes: int = 32
     row_threads: int = 4
     rows_per_thread: int = 2
+    unroll: int = 1  # chunks per lane per loop step (unrolled: their loads can be in flight together)
 
 
 def vector_lanes(target) -> int:
@@ -164,19 +170,22 @@ class QuantGemv:
         sch.reorder(j_o, i_o, j_y, k_t, k_o, i_i, k_c8, k_v, j_r)
         rf = sch.rfactor(k_t, 0)
         j_o, i_o, j_y, k_t, k_o, i_i, k_c8, k_v, j_r = sch.get_loops(rf)
+        steps = k_chunks // lanes if k_chunks % lanes == 0 else 0
+        unroll = max(u for u in range(1, cfg.unroll + 1) if steps % u == 0) if steps else 1
+        k_o, k_u = sch.split(k_o, [None, unroll])
         sch.bind(j_o, "blockIdx.x")
         sch.bind(i_o, "blockIdx.y")
         sch.bind(j_y, "threadIdx.y")
         sch.bind(k_t, "threadIdx.x")
 
         # dequantize one chunk × rows_per_thread into registers, code words by 16-byte loads
-        sch.compute_at(deq, k_o, preserve_unit_loops=True)
+        sch.compute_at(deq, k_u, preserve_unit_loops=True)
         sch.set_scope(deq, 0, "local")
         for idx, buf in enumerate(deq_reads):
             if not is_packed(buf):
                 continue
             cache = sch.cache_read(deq, idx, "local", consumer_blocks=[deq])
-            sch.compute_at(cache, k_o, preserve_unit_loops=True)
+            sch.compute_at(cache, k_o, preserve_unit_loops=True)  # all the step's words first
             words = sch.get_loops(cache)[-1]
             width = next(w for w in (4, 2, 1) if int(sch.get(words).extent) % w == 0)  # 2-bit codes: 8 bytes
             if width > 1:
@@ -191,7 +200,7 @@ class QuantGemv:
         sch.compute_at(x_cache, k_c8, preserve_unit_loops=True)
         _, vec = sch.split(sch.get_loops(x_cache)[-1], [None, lanes16])
         sch.vectorize(vec)
-        for loop in (i_i, k_c8, k_v, j_r):
+        for loop in (k_u, i_i, k_c8, k_v, j_r):
             sch.unroll(loop)
         sch.decompose_reduction(rf, k_o)
         sch.set_scope(rf, 0, "local")

@@ -3,11 +3,12 @@
 The dequant-fused GEMV of `decode` / `logits` (quant_fusion.py) reads each packed weight once for all
 rows but repeats the dequantizing arithmetic per row: at 16 rows it costs 7.5x one row. Above 8 rows
 it is cheaper to dequantize each weight once into the model dtype (QuantDequantize, near copy speed)
-and run the tensor-core GEMM on it, as prefill does. So a quantized module exports both: this pass
-copies each few-row function that dequantizes a weight as `<name>_wide` before FuseDequantizeMatmul
-fuses the originals. The copies are taken after FuseOps/FuseTIR, so they call the same PrimFuncs
-(the decode-only kernels: attention, norms, RoPE; the dequantize kernels of prefill where shapes
-match) and add only the unfused matmuls. The runner picks by the number of sequences
+and run the tensor-core GEMM on it, as prefill does. So a quantized module exports both: this pass,
+first in the pipeline, copies each few-row function that dequantizes a weight as `<name>_wide`, which the
+few-row rewrites (quant_fusion.py: fp32 weights, dequantize fused into the GEMV) leave alone. The copy's
+kernels that equal the original's (attention, norms, RoPE, the dequantize kernels of prefill where shapes
+match) are one PrimFunc after FuseOps/FuseTIR (Relax's BlockBuilder deduplicates structurally equal
+functions); only the unfused matmuls are added. The runner picks by the number of sequences
 (runtime/model_runner.py); bf16 artifacts have no wide functions.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 from tvm.ir import IRModule
+from tvm.relax.utils import copy_with_new_vars
 
 from .quant_fusion import FEW_ROW_FUNCTIONS
 
@@ -45,5 +47,5 @@ class AddWideFunctions:
         for gv, func in mod.functions.items():
             if gv.name_hint in self.functions and _dequantizes(func):
                 wide = f"{gv.name_hint}_wide"
-                out[wide] = func.with_attr("global_symbol", wide)
+                out[wide] = copy_with_new_vars(func).with_attr("global_symbol", wide)  # vars: one binding each
         return out

@@ -114,8 +114,9 @@ class _Model(nn.Module):
 
 @pytest.mark.parametrize("target", [CUDA, METAL], ids=["cuda", "metal"])
 def test_pipeline_routes_quantized_linears_to_these_rules(target):
-    """In the model's own pipeline each fused decode matmul (fused_dequantize_*) and each prefill
-    dequantize_* PrimFunc is scheduled by QuantKernels, for all 7 types."""
+    """In the model's own pipeline each fused decode matmul (fused_dequantize_*_NT_matmul*) and each
+    prefill dequantize PrimFunc (dequantize_* with its cast to fp16) is scheduled by QuantKernels, for
+    all 7 types."""
     k = 512
     packed = {"param_mode": "packed", "effect_mode": "none"}
     mod, _ = _Model(k).export_tvm(spec={"decode": {"x": nn.spec.Tensor(["b", 1, k], "float16"), "$": packed},
@@ -127,6 +128,27 @@ def test_pipeline_routes_quantized_linears_to_these_rules(target):
                 break
     names = [gv.name_hint for gv, f in mod.functions_items()
              if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint.startswith(("fused_dequantize", "dequantize"))]
-    assert len([n for n in names if n.startswith("fused_dequantize")]) == len(TYPES), names
-    assert len([n for n in names if n.startswith("dequantize")]) == len(TYPES), names
+    assert len([n for n in names if "NT_matmul" in n]) == len(TYPES), names
+    assert len([n for n in names if "matmul" not in n]) == len(TYPES), names
     assert all(mod[n].attrs and "tirx.is_scheduled" in mod[n].attrs for n in names), names
+
+
+def test_decode_matmuls_read_fp32_weights_prefill_the_model_dtype():
+    """FewRowWeightsInFp32: a fused decode matmul multiplies by the fp32 dequantized weight (no
+    rounding to the model dtype in between); prefill's dequantize kernel still writes fp16 for the GEMM."""
+    packed = {"param_mode": "packed", "effect_mode": "none"}
+    mod, _ = _Model(512).export_tvm(spec={"decode": {"x": nn.spec.Tensor(["b", 1, 512], "float16"), "$": packed},
+                                         "prefill": {"x": nn.spec.Tensor([1, "n", 512], "float16"), "$": packed}})
+    with tvm.transform.PassContext(opt_level=3), CUDA:
+        for p in _passes(CUDA):
+            mod = p(mod)
+            if p.info.name == "FuseDequantizeMatmul":
+                break
+    funcs = {gv.name_hint: f for gv, f in mod.functions_items() if "dequantize" in gv.name_hint}
+    fused = [f for name, f in funcs.items() if "NT_matmul" in name]
+    separate = [f for name, f in funcs.items() if "matmul" not in name]
+    assert len(fused) == len(separate) == len(TYPES), sorted(funcs)
+    for f in fused:  # the dequantized weight, an intermediate of the default dtype (fp32)
+        assert re.search(r"dequantize_\w+ = T.sblock_alloc_buffer\(\(T.int64\(512\), T.int64\(512\)\)\)", f.script())
+    for f in separate:
+        assert f.params[-1].dtype == "float16"

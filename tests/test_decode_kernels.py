@@ -1,0 +1,33 @@
+"""Kernels a decoder layer launches per decode step (issue 12), counted statically (bench/decode_kernels.py).
+
+A fusion that silently stops applying (a renamed PrimFunc, a pattern that no longer matches) shows up
+here as more kernels a layer, without a GPU. The counts are the real model shapes' (Qwen3-0.6B,
+Llama-3.1-8B) on CUDA, with the runtime's kernels for each paged-attention call included.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.decode_kernels import ATTENTION_KERNELS, layer_kernels  # noqa: E402
+from compile.presets import resolve  # noqa: E402
+
+# the layer: QKV GEMV (+ for Qwen3 one q/k-norm kernel), the attention call's four kernels, O + residual,
+# RMSNorm, gate/up GEMV, silu(gate)·up, down + residual, the next layer's RMSNorm
+MOST = {"qwen3": 12, "llama3": 11}
+
+
+@pytest.mark.parametrize("model", sorted(MOST))
+def test_decode_layer_kernels(model):
+    _, config, _ = resolve(model)
+    kernels = layer_kernels(config, "cuda")
+    assert len(kernels) <= MOST[model], kernels
+    assert kernels.count(ATTENTION_KERNELS[0]) == 1, kernels  # exactly one layer counted
+    assert not any(k.startswith(("split", "fused_concatenate")) for k in kernels), kernels
+    if model == "qwen3":  # q_norm and k_norm: one kernel over the fused QKV, no split / concat around it
+        assert sum(k.startswith("qk_norm") for k in kernels) == 1, kernels
