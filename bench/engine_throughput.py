@@ -7,6 +7,9 @@ Prefill (issue 6: 16 prompts x 1,024 tokens on the Llama-3.1-8B shape):
         python bench/engine_throughput.py .gpu/llama3-cuda --requests 16 --prompt-len 1024 --max-tokens 1 \
             --batched-tokens 8192
 
+Quantized (`--quant q4_k_m`, `q8_0`, ...: random packed components, bench/random_weights.py):
+        python -m compile --model llama3 --target cuda --quant q4_k_m --prefill_chunk 8192 --out .gpu/llama3-q4km
+
 Fills the artifact with random weights, then submits N concurrent greedy requests (random prompt ids,
 ignore_eos) through the Engine and prints prompt tokens/s (all prompts' tokens over the time until the
 last first token), generated tokens/s, time to first token, the wall time of a decode step (after the
@@ -71,6 +74,11 @@ def step_times(runner, batches=(1, 16, 64), context=256, steps=32) -> dict:
     return out
 
 
+def weight_bytes(artifact) -> int:
+    """Bytes of every parameter the library takes (what the runner puts on the device)."""
+    return int(sum(np.prod(p["shape"]) * np.dtype(p["dtype"]).itemsize for p in artifact.params()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("artifact", type=Path)
@@ -85,6 +93,7 @@ def main() -> None:
     if not (a.artifact / "weights").is_dir():
         fill(a.artifact, a.tokenizer)
     batches = [int(b) for b in a.batches.split(",")] if a.batches else [1, a.requests]
+    steps = tuple(b for b in (1, 16, 64) if b <= max(batches))
     report, rows, outputs = {}, [], {}
     for mode in a.overlap.split(","):
         engine = Engine(EngineConfig(model_path=str(a.artifact), max_num_seqs=max(batches),
@@ -95,7 +104,13 @@ def main() -> None:
         if not report:
             report = dict(card=engine.runner.device.device_name or "cpu", model=engine.runner.artifact.manifest["name"],
                           dtype=engine.runner.artifact.manifest["dtype"],
-                          runner=step_times(engine.runner, batches=tuple(b for b in (1, 16, 64) if b <= max(batches))))
+                          weights_on_gpu_bytes=weight_bytes(engine.runner.artifact),
+                          quantization=(engine.runner.artifact.manifest["quantization"] or {}).get("summary"),
+                          runner=step_times(engine.runner, steps))
+            if engine.runner._wide:  # a quantized artifact: the same steps with the dequant-fused GEMV at every
+                wide, engine.runner._wide = engine.runner._wide, set()  # batch size, as before decode_wide (issue 11)
+                report["runner"]["fused_gemv_only"] = step_times(engine.runner, steps)
+                engine.runner._wide = wide
         for b in batches:
             run(engine, b, a.prompt_len, 4, vocab)  # warm-up of this batch size (CUDA graph capture)
             rows.append(dict(overlap=mode, **run(engine, b, a.prompt_len, a.max_tokens, vocab,

@@ -1,4 +1,4 @@
-"""python -m compile --model PATH_OR_PRESET --target cpu|cuda|metal [--dtype bf16|f16|f32] [--quant q4k] [--out DIR] [--tp N]
+"""python -m compile --model PATH_OR_PRESET --target cpu|cuda|metal [--dtype bf16|f16|f32] [--quant q4k|q4_k_m] [--out DIR] [--tp N]
 
 A model file (HF folder or GGUF) or a preset becomes an artifact folder that `runtime` serves. The
 runtime runs this same command when `--w` names a model file (runtime/model_file.py).
@@ -22,7 +22,8 @@ def build(model: str = "stories260k", target: str = "cpu", dtype: str | None = N
     """Compile MODEL (a preset name, an HF folder or a .gguf file) for TARGET into an artifact folder.
 
     A GGUF's quantized tensors stay packed (--dequantize: every weight in DTYPE instead); --quant
-    q4k|q5k|q6k|q8_0|q4_0|q2k|q3k quantizes a safetensors model's weights while converting; --tp N shards
+    q4k|q5k|q6k|q8_0|q4_0|q2k|q3k quantizes a safetensors model's weights while converting (q4_k_m|q5_k_m|q3_k_m:
+    llama.cpp's mixes of those types); --tp N shards
     the model over N devices (tensor parallelism; served with --d 0,1,...). CONTEXT (tokens per sequence)
     defaults to the model's max_position_embeddings."""
     with torch_hidden():

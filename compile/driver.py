@@ -85,7 +85,7 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
 
     qtype = quant_type_of(quant) if quant else None
     float_params = [(n, tuple(int(d) for d in p.shape)) for n, p in build_model(cfg, dtype, None).named_parameters()]
-    plan = _quant_plan(source, qtype, dequantize, float_params, dtype)
+    plan = _quant_plan(source, qtype, dequantize, float_params, dtype, cfg)
     for note in plan.notes if plan else []:
         print(f"kiln: {note}", file=sys.stderr)
     if tp is not None and (not isinstance(tp, int) or tp < 1):
@@ -164,13 +164,13 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
     return out_dir
 
 
-def _quant_plan(source, qtype: str | None, dequantize: bool, float_params, dtype: str):
+def _quant_plan(source, qtype: str | None, dequantize: bool, float_params, dtype: str, cfg: ModelConfig):
     """Which weights stay packed: `--quant`'s type for a safetensors model, a GGUF's own types, or none."""
     if qtype:
         if isinstance(source, GGUFSource):
             raise KilnError(f"--quant {qtype}: {source.path} is a GGUF file, which keeps its own quantization; "
                             "--quant applies to safetensors models")
-        return plan_quantize(qtype, float_params)
+        return plan_quantize(qtype, float_params, cfg)
     if isinstance(source, GGUFSource) and not dequantize:
         return plan_gguf(source, float_params, dtype)
     return None

@@ -16,14 +16,16 @@ from formats.quant_layout import QUANT_TYPES
 from formats.quant_layout import STORED_FLOATS
 
 from .convert import hf_names
+from .quant_mix import MIXES, mix_type
 from .quantize import row_fallback
 
 QUANT_NAMES = {"q4k": "q4_k", "q5k": "q5_k", "q6k": "q6_k", "q8_0": "q8_0", "q4_0": "q4_0", "q2k": "q2_k",
-               "q3k": "q3_k"}  # `--quant` name -> Kiln type
+               "q3k": "q3_k", **{mix: mix for mix in MIXES}}  # `--quant` name -> Kiln type, or a mix of types
 
 
 def quant_type_of(flag: str) -> str:
-    """The Kiln type of a `--quant` name (q4k or q4_k); an unknown one is a KilnError listing the valid ones."""
+    """The Kiln type (or mix, compile/quant_mix.py) of a `--quant` name (q4k, q4_k or q4_k_m); an unknown
+    one is a KilnError listing the valid ones."""
     name = str(flag).lower()
     if name in QUANT_NAMES.values():
         return name
@@ -100,18 +102,36 @@ def plan_gguf(source, params, dtype: str) -> QuantPlan:
     return plan
 
 
-def plan_quantize(qtype: str, params) -> QuantPlan:
-    """`--quant`: every 2-D weight in `qtype`; rows that do not fill its block fall back as llama.cpp does."""
+def plan_quantize(qtype: str, params, cfg) -> QuantPlan:
+    """`--quant`: every 2-D weight in `qtype`, or in the type llama.cpp's mix `qtype` gives it (parts of a
+    fused weight whose types differ run apart); rows that do not fill a block fall back as llama.cpp does."""
     plan = QuantPlan(origin=f"--quant {qtype}")
     fallbacks = defaultdict(list)
+    tied = "lm_head.weight" not in dict(params)
+    llama_70b = (cfg.family == "llama" and cfg.num_hidden_layers == 80
+                 and cfg.num_key_value_heads < cfg.num_attention_heads)
     for name, (_, k) in _two_d_weights(params):
-        t, reason = row_fallback(qtype, k)
-        if reason:
-            fallbacks[reason].append(name)
-        if t is not None:
-            plan.types[name] = t
+        types = []
+        for part in hf_names(name):
+            wanted = mix_type(qtype, part, cfg.num_hidden_layers, tied, llama_70b) if qtype in MIXES else qtype
+            t, reason = row_fallback(wanted, k)
+            if reason:
+                fallbacks[reason].append(part)
+            types.append(t)
+        if len(set(types)) == 1:
+            if types[0] is not None:
+                plan.types[name] = types[0]
+        else:
+            parts = [p.split(".")[-2] for p in hf_names(name)]
+            plan.types[name] = [(p, _part_rows(cfg, p), t) for p, t in zip(parts, types)]
     plan.notes += [f"{reason}: {_listed(names)}" for reason, names in fallbacks.items()]
     return plan
+
+
+def _part_rows(cfg, part: str) -> int:
+    """Rows of one part (q_proj, k_proj, v_proj, gate_proj, up_proj) of a fused weight."""
+    heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads, "v_proj": cfg.num_key_value_heads}
+    return heads[part] * cfg.head_dim if part in heads else cfg.intermediate_size
 
 
 def _listed(names: list[str]) -> str:

@@ -19,6 +19,7 @@ from .cudart import Event, HostReadback
 from formats.errors import KilnError
 
 _TARGET_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "metal"}
+FUSED_ROWS = 8  # a quantized artifact's decode/logits run their dequant-fused GEMV up to this many rows
 
 
 def parse_device(device: str | None, target: str) -> tuple[str, int]:
@@ -85,6 +86,7 @@ class ModelRunner:
         # artifacts compiled before model_defs/sampling.py (apply_penalties is its newest) lack these; the
         # engine refuses them (recompile)
         self.can_sample = self.vm.module.implements_function("apply_penalties")
+        self._wide = {n for n in ("decode", "logits") if self.vm.module.implements_function(f"{n}_wide")}
 
     def _load_params(self) -> list:
         names = [p["name"] for p in self.artifact.params()]
@@ -140,7 +142,7 @@ class ModelRunner:
         else:
             host = {i: rows.numpy()[row] for rows, finished in done for row, i in finished}
             hidden = self._tvm.runtime.tensor(np.stack([host[i] for i in range(len(seq_ids))]), self.device)
-        logits = self.vm["logits"](hidden, self.params)
+        logits = self._for_rows("logits", len(seq_ids))(hidden, self.params)
         return logits if on_device else logits.numpy()
 
     # ---- the overlapped decode loop (runtime/engine.py): a step's tokens feed the next without a round trip
@@ -166,7 +168,8 @@ class ModelRunner:
         device); device logits, as forward(..., on_device=True)."""
         if len(seq_ids) != len(tokens) or len(set(seq_ids)) != len(seq_ids):
             raise ValueError("decode_next needs one token per distinct sequence")
-        return self.vm["logits"](self._run_chunk(seq_ids, [1] * len(seq_ids), tokens.tensor), self.params)
+        hidden = self._run_chunk(seq_ids, [1] * len(seq_ids), tokens.tensor)
+        return self._for_rows("logits", len(seq_ids))(hidden, self.params)
 
     def _stream(self) -> int:
         import tvm_ffi
@@ -224,6 +227,12 @@ class ModelRunner:
         lp, top_lp, top_ids = self.vm["logprobs"](logits, self._tvm.runtime.tensor(chosen, self.device))
         return lp.numpy()[rows, 0], top_lp.numpy()[rows], top_ids.numpy()[rows]
 
+    def _for_rows(self, name: str, rows: int):
+        """VM function `name` ("decode" or "logits") for `rows` sequences: a quantized artifact's unfused
+        `<name>_wide` (dequantize once, then the tensor-core GEMM) above FUSED_ROWS, where the fused GEMV's
+        per-row dequantizing costs more than dequantizing each weight once."""
+        return self.vm[f"{name}_wide" if rows > FUSED_ROWS and name in self._wide else name]
+
     def _chunks(self, token_lists):
         """Pack (sequence index, tokens, is_last_piece) into forwards of ≤ prefill_chunk tokens."""
         chunk, room = [], self.prefill_chunk
@@ -253,7 +262,7 @@ class ModelRunner:
         try:
             embeds = self.vm["embed"](ids, self.params)
             if all(n == 1 for n in lengths):
-                hidden = self.vm["decode"](embeds, self.kv, self.params)
+                hidden = self._for_rows("decode", len(seq_ids))(embeds, self.kv, self.params)
             else:
                 logit_pos = tvm.runtime.tensor(np.cumsum(lengths).astype("int32") - 1, self.device)
                 hidden = self.vm["prefill"](embeds, logit_pos, self.kv, self.params)

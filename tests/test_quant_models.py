@@ -3,7 +3,9 @@
 Tiny random Llama-3 and Qwen3 models (hidden 256, intermediate 512: whole k-quant super-blocks) are
 quantized by Kiln with `--quant` and also written as GGUF files holding ggml's bytes for the same
 weights. Each GGUF is compiled twice, packed (native) and with `--dequantize` (today's float path):
-their logits must agree within 1e-4 relative and their 32 greedy tokens be identical.
+their logits must agree within 1e-4 relative and their 32 greedy tokens be identical. Above 8
+sequences the runner switches to the unfused `decode_wide` / `logits_wide` (schedules/quant_wide.py):
+they must agree with the dequantize path too, and the engine's tokens must not depend on the batch.
 """
 
 import numpy as np
@@ -24,6 +26,8 @@ from test_gguf_source import random_model, write_hf_folder, write_model_gguf  # 
 
 Q = gguf.GGMLQuantizationType
 PROMPTS = [[1, 403, 407, 261, 378, 300, 12], [1, 42]]
+FUSED_ROWS = 8  # runtime/model_runner.py's limit of the dequant-fused GEMV
+WIDE = FUSED_ROWS + 1  # sequences of a step that takes the wide functions
 # Llama: a Q4_K_M-like mix (llama.cpp's choice for layer 0's attn_v and layer 1's ffn_down, and the
 # LM head: Q6_K), so layer 0 runs q, k and v as separate matmuls; the embedding is Q3_K.
 MIXED = {"model.layers.0.self_attn.v_proj.weight": Q.Q6_K, "model.layers.1.mlp.down_proj.weight": Q.Q6_K,
@@ -34,7 +38,7 @@ CASES = {"llama": ("q4k", lambda name: MIXED.get(name, Q.Q4_K)),  # (--quant, GG
 
 def _compile(model, out, **kw):
     return compile_artifact(model=str(model), target="cpu", dtype="float32", out=str(out), weights=None,
-                            cuda_arch=None, context=256, page_size=16, prefill_chunk=64, max_batch=4, **kw)
+                            cuda_arch=None, context=256, page_size=16, prefill_chunk=64, max_batch=WIDE, **kw)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -54,7 +58,7 @@ def case(request, tmp_path_factory):
 
 
 def _runner(artifact):
-    return ModelRunner(artifact, max_batch=4)
+    return ModelRunner(artifact, max_batch=WIDE)
 
 
 def _prefill_logits(artifact):
@@ -121,3 +125,61 @@ def test_quant_runs_like_its_gguf(case, tmp_path):
     else:
         path = write_model_gguf(tmp_path / "q4_k.gguf", case["cfg"], case["tensors"], qtype=Q.Q4_K)
         assert generate_ids(_runner(case["quant"]), [[1]], 32)[0] == numpy_llama_greedy(path, [1], 32)
+
+
+def _wide_prompts(n):
+    return [[1, *range(20 + 7 * i, 20 + 7 * i + 2 + i % 5)] for i in range(n)]
+
+
+def _decode_logits(artifact, prompts):
+    """Logits of one decode step of all `prompts` together, after their prefill."""
+    runner = _runner(artifact)
+    ids = list(range(len(prompts)))
+    for i in ids:
+        runner.add_sequence(i)
+    runner.forward(ids, prompts)
+    return runner, runner.forward(ids, [[5 + i] for i in ids]).astype(np.float64)
+
+
+def test_wide_functions_match_dequantized_path(case):
+    """9 sequences decode through `decode_wide` and `logits_wide` (the unfused dequantize + matmul), whose
+    logits equal the dequantize path's; the dequantized artifact has no wide functions."""
+    runner, wide = _decode_logits(case["native"], _wide_prompts(WIDE))
+    plain, ref = _decode_logits(case["dequantized"], _wide_prompts(WIDE))
+    assert runner._wide == {"decode", "logits"} and not plain._wide
+    assert runner._for_rows("decode", WIDE) is not runner._for_rows("decode", FUSED_ROWS)
+    assert np.abs(wide - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_engine_tokens_do_not_depend_on_the_batch(case):
+    """Batches of 8 (the fused GEMV) and 9 (the wide functions) give each prompt the greedy tokens it
+    gets alone."""
+    from runtime import Engine, EngineConfig, SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = _wide_prompts(WIDE)
+    with Engine(EngineConfig(model_path=str(case["native"]), kv_tokens=2048, max_num_seqs=WIDE,
+                                 prefix_caching=False)) as engine:
+        alone = [engine.generate_sync(params, [p])[0].outputs[0].token_ids for p in prompts]
+        for n in (FUSED_ROWS, WIDE):
+            together = [o.outputs[0].token_ids for o in engine.generate_sync(params, prompts[:n])]
+            assert together == alone[:n], n
+
+
+def test_random_weights_fill_a_quantized_artifact(case, tmp_path):
+    """bench/random_weights.py fills a library-only copy of each artifact (the mixed GGUF's types; Q8_0):
+    random code words and small scales, so the logits are finite and differ between prompts, fused or wide."""
+    import shutil
+
+    from bench.random_weights import fill
+
+    art = tmp_path / "art"
+    art.mkdir()
+    for name in ("params.json", "kiln.yaml", "model.so"):
+        shutil.copyfile(case["native"] / name, art / name)
+    fill(art, None)
+    weights = _weights(art)
+    assert all(a.any() for n, a in weights.items() if n.endswith((".q", ".d")))
+    for n in (2, WIDE):
+        _, logits = _decode_logits(art, _wide_prompts(n))
+        assert np.isfinite(logits).all() and np.abs(logits[0] - logits[1]).max() > 0
