@@ -151,7 +151,7 @@ def engine_config(args: argparse.Namespace):
     return EngineConfig(model_path=args.w, device_id=args.d[0], device_ids=args.d if len(args.d) > 1 else None,
                         dtype=args.dtype, quant=args.quant, kvmem=args.kvmem,
                         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                        max_num_batched_tokens=args.max_num_batched_tokens, overlap=not args.no_overlap)
+                        max_num_batched_tokens=args.max_num_batched_tokens, overlap=False if args.no_overlap else None)
 
 
 def engine_and_params(args: argparse.Namespace):

@@ -22,7 +22,7 @@ requests' Deltas, so every public method is thread-safe. One step: Scheduler.sch
 ModelRunner.forward → on the device: ModelRunner.apply_penalties (rows with penalties), .sample and
 .logprobs (rows that ask), only token ids and log-probabilities back to the host → per sequence:
 stop checks, detokenization, stop-string hold-back → Delta to the request's sink. With
-EngineConfig.overlap (the default; --no-overlap turns it off), decode steps are launched on the
+EngineConfig.overlap (the default on CUDA; --no-overlap turns it off), decode steps are launched on the
 previous step's tokens still on the device, and the host does that step's per-sequence work while the
 next one runs (Engine.step).
 """
@@ -71,7 +71,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
     prefix_caching: bool = True  # keep finished sequences' pages for later prompts (running ones are shared anyway)
     seed: int | None = None  # seeds requests that bring no seed of their own (None: fresh entropy)
-    overlap: bool = True  # launch decode step N+1 on step N's tokens before the host reads them (one-device artifacts)
+    # launch decode step N+1 on step N's tokens before the host reads them (one-device artifacts); None: where
+    # launches are asynchronous (CUDA). On the CPU a launch computes the step at once, so there is nothing to hide
+    overlap: bool | None = None
 
 
 @dataclass
@@ -180,7 +182,8 @@ class Engine:
         self._lock = threading.Lock()
         # (sequences, DeviceTokens) of a step launched but not yet read (overlapped loop, see step)
         self._inflight: tuple[list[Sequence], object] | None = None
-        self._overlap = cfg.overlap and isinstance(self.runner, ModelRunner)
+        overlap = cfg.overlap if cfg.overlap is not None else self.runner.artifact.target == "cuda"
+        self._overlap = overlap and isinstance(self.runner, ModelRunner)
         print(f"kiln: loaded in {time.perf_counter() - start:.1f} s; sequences up to {self.max_model_len} tokens, "
               f"KV cache {capacity} tokens", file=sys.stderr, flush=True)
 
