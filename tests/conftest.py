@@ -133,3 +133,12 @@ def wait_until_healthy(proc, url: str, seconds: float) -> None:
         except httpx.TransportError:
             pass
         time.sleep(0.2)
+
+
+def ctrl_c_reaches_child() -> None:
+    """pexpect.spawn's preexec_fn for a CLI the test interrupts: Ctrl-C must reach it even where this test
+    run was started as a background job (`cmd &` ignores SIGINT, children inherit that, and Python then
+    installs no KeyboardInterrupt handler)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -8,7 +8,7 @@ import sys
 
 import pexpect
 
-from conftest import REPO
+from conftest import REPO, ctrl_c_reaches_child
 from runtime.generate import generate_ids
 from runtime.model_runner import ModelRunner
 from runtime.tokenizer import Tokenizer
@@ -51,7 +51,8 @@ def test_cli_mistakes_are_one_line_errors(stories_artifact):
 
 def test_chat_streams_keeps_history_resets_and_survives_ctrl_c(stories_artifact):
     chat = pexpect.spawn(sys.executable, ["-m", "runtime.chat", "--w", str(stories_artifact), "--temperature", "0",
-                                          "--max", "40"], cwd=str(REPO), encoding="utf-8", timeout=60)
+                                          "--max", "40"], cwd=str(REPO), encoding="utf-8", timeout=60,
+                         preexec_fn=ctrl_c_reaches_child)
     chat.expect("> ")
     chat.sendline("Once upon a time")
     chat.expect(STATS)
@@ -64,7 +65,7 @@ def test_chat_streams_keeps_history_resets_and_survives_ctrl_c(stories_artifact)
 
     chat = pexpect.spawn(sys.executable, ["-m", "runtime.chat", "--w", str(stories_artifact), "--max", "450",
                                           "--ignore-eos", "--temperature", "1"], cwd=str(REPO), encoding="utf-8",
-                         timeout=60)
+                         timeout=60, preexec_fn=ctrl_c_reaches_child)
     chat.expect("> ")
     chat.sendline("Tell me a story")
     chat.expect("Tell me a story\r\n")  # the pty's echo; then the answer starts
