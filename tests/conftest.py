@@ -136,7 +136,7 @@ def wait_until_healthy(proc, url: str, seconds: float) -> None:
 
 
 def ctrl_c_reaches_child() -> None:
-    """pexpect.spawn's preexec_fn for a CLI the test interrupts: Ctrl-C must reach it even where this test
+    """The preexec_fn (pexpect.spawn, subprocess.Popen) of a CLI the test interrupts: Ctrl-C must reach it even where this test
     run was started as a background job (`cmd &` ignores SIGINT, children inherit that, and Python then
     installs no KeyboardInterrupt handler)."""
     import signal

@@ -202,7 +202,8 @@ def test_ctrl_c_during_complete_ends_cleanly(stories_artifact):
 
     proc = subprocess.Popen([sys.executable, "-m", "runtime.complete", "--w", str(stories_artifact), "--prompts",
                              " | ".join("abcdefghijklmnop"), "--ignore-eos", "--temperature", "1", "--max-num-seqs", "2"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ctrl_c_reaches_child)
     while "loaded in" not in (line := proc.stderr.readline()):
         assert line, "complete ended before loading"
     proc.send_signal(signal.SIGINT)
