@@ -136,9 +136,9 @@ def wait_until_healthy(proc, url: str, seconds: float) -> None:
 
 
 def ctrl_c_reaches_child() -> None:
-    """The preexec_fn (pexpect.spawn, subprocess.Popen) of a CLI the test interrupts: Ctrl-C must reach it even where this test
-    run was started as a background job (`cmd &` ignores SIGINT, children inherit that, and Python then
-    installs no KeyboardInterrupt handler)."""
+    """The preexec_fn (pexpect.spawn, subprocess.Popen) of a CLI the test interrupts: Ctrl-C must reach it
+    even where this test run was started as a background job (`cmd &` ignores SIGINT, children inherit
+    that, and Python then installs no KeyboardInterrupt handler)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -68,8 +68,8 @@ def test_interactive_chat_on_a_model_file(form, model_cache):
     """`chat --i --w FILE` through a pty: an answer with its stats line, /help, /think, a backslash
     continuation sent as one turn, Ctrl-C at the prompt, Ctrl-D to leave."""
     chat = pexpect.spawn(sys.executable, ["-m", "runtime.chat", "--i", "--w", str(MODEL_FILES[form]), "--max", "32"],
-                         cwd=str(REPO), encoding="utf-8", timeout=300, env={**os.environ, "KILN_CACHE": str(model_cache)},
-                         preexec_fn=ctrl_c_reaches_child)
+                         cwd=str(REPO), encoding="utf-8", timeout=300,
+                         env={**os.environ, "KILN_CACHE": str(model_cache)}, preexec_fn=ctrl_c_reaches_child)
     chat.expect("> ")
     chat.sendline("/help")
     chat.expect("/reset")
