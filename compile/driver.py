@@ -16,6 +16,7 @@ from model_defs.config import ModelConfig
 from model_defs.layers import shard
 from model_defs.spec import build_model, export
 from schedules.attention.choice import paged_kv_kernels
+from schedules.pdl import supports_pdl
 from schedules.pipeline import relax_pipeline, tir_pipeline
 
 from . import artifact, targets
@@ -60,10 +61,11 @@ def _context(raw_config: dict, config_name: str, asked: int | None, max_position
 def compile_artifact(model: str, target: str, dtype: str, out: str | None, weights: str | None,
                      cuda_arch: str | None, context: int | None, page_size: int, prefill_chunk: int,
                      max_batch: int = 256, quant: str | None = None, dequantize: bool = False,
-                     tp: int | None = None) -> Path:
+                     tp: int | None = None, pdl: bool = True) -> Path:
     """`quant`: quantize a safetensors model's 2-D weights into this type (compile/quant_plan.py); a GGUF
     keeps its quantized tensors packed unless `dequantize`, which gives every weight the model dtype.
-    `tp`: shard the model over that many devices (tensor parallelism)."""
+    `tp`: shard the model over that many devices (tensor parallelism). `pdl`: CUDA kernels for sm_90+
+    overlap their launch with the previous kernel's tail (programmatic dependent launch, schedules/pdl.py)."""
     if target not in targets.TARGETS:
         raise KilnError(f"unknown target '{target}'; choose one of {', '.join(targets.TARGETS)}")
     if dtype not in DTYPES:
@@ -116,7 +118,7 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
         config = {"relax.backend.use_cuda_graph": target == "cuda", "tirx.disable_cse_tir": target != "cpu"}
         with tvm.transform.PassContext(opt_level=3, config=config, instruments=[_PassProgress(bar)]), tvm_target:
             executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(tvm_target),
-                                     tir_pipeline=tir_pipeline(tvm_target))
+                                     tir_pipeline=tir_pipeline(tvm_target, pdl))
         bar.set_postfix_str("linking")
         executable.export_library(str(out_dir / library))
     print(f"kiln: compiled {name} for {target} ({dtype}) in {time.time() - t0:.1f}s", file=sys.stderr)
@@ -132,6 +134,7 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
         "target": target,
         "cuda_arch": arch,
         "cuda_binary": bool(cuda_binary),
+        "cuda_pdl": target == "cuda" and pdl and supports_pdl(tvm_target),
         "library": library,
         "page_size": page_size,
         "context_length": context,

@@ -19,6 +19,7 @@ from .low_batch import LowBatchDispatch
 from .matmul_tensorcore import TIR_PIPELINE, MatmulTensorCore
 from .matmul_wgmma import MatmulWgmma
 from .metal_matmul import MatmulNoSimdgroup
+from .pdl import PDL_TIR_PIPELINE, supports_pdl
 from .quant_dispatch import QuantKernels
 from .quant_fusion import FewRowWeightsInFp32, FuseDequantizeMatmul
 from .quant_wide import AddWideFunctions
@@ -87,7 +88,10 @@ def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     return _pipeline
 
 
-def tir_pipeline(target: tvm.target.Target) -> str:
+def tir_pipeline(target: tvm.target.Target, pdl: bool = True) -> str:
     """The TIR pipeline for `target` (`tvm.compile(tir_pipeline=...)`): CUDA needs ours, on which the
-    tensor-core kernels' async copies and register fragments depend."""
-    return TIR_PIPELINE if target.kind.name == "cuda" else "default"
+    tensor-core kernels' async copies and register fragments depend; on sm_90+ it also gives every
+    kernel programmatic dependent launch (schedules/pdl.py) unless `pdl` is False."""
+    if target.kind.name != "cuda":
+        return "default"
+    return PDL_TIR_PIPELINE if pdl and supports_pdl(target) else TIR_PIPELINE

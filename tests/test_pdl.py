@@ -1,0 +1,77 @@
+"""Programmatic dependent launch (schedules/pdl.py) reaches every CUDA kernel of a compiled model.
+
+A kernel launched with PDL's launch attribute may start before the previous kernel has finished, so one
+that lacks `griddepcontrol.wait` before its first global access would race; and a kernel with the wait
+but no launch tag gains nothing. The model is compiled for CUDA without nvcc (the generated source is
+what is checked); the device modules are caught as they reach codegen, where their launch parameters
+become the runtime's launch configuration.
+"""
+
+import re
+import sys
+
+import pytest
+import tvm
+import yaml
+
+from compile import driver, targets
+from conftest import STORIES_HF
+from schedules.pdl import LAUNCH_TAG
+from schedules.pipeline import tir_pipeline
+
+_TRIGGER = "tvm_builtin_ptx_griddepcontrol_launch_dependents();"
+_WAIT = "tvm_builtin_ptx_griddepcontrol_wait();"
+
+
+def _compile_cuda(out, monkeypatch, pdl: bool):
+    """(manifest, device kernels {name: launch tags}, {name: first two statements of its CUDA body})."""
+    monkeypatch.setattr(driver, "enable_cuda_binaries", lambda arch: False)
+    tirx_build = sys.modules["tvm.tirx.build"]
+    codegen, device = tirx_build.codegen_build, []
+
+    def recording_codegen(mod, target):
+        built = codegen(mod, target)
+        if target.kind.name == "cuda":
+            device.append((mod, built))
+        return built
+
+    monkeypatch.setattr(tirx_build, "codegen_build", recording_codegen)
+    art = driver.compile_artifact(model=str(STORIES_HF), target="cuda", dtype="float16", out=str(out), weights=None,
+                                  cuda_arch=None, context=256, page_size=16, prefill_chunk=64, max_batch=4, pdl=pdl)
+    (mod, built), = device
+    tags = {gv.name_hint: [str(t) for t in f.attrs["tirx.kernel_launch_params"]]
+            for gv, f in mod.functions.items() if int(f.attrs.get("calling_conv", 0)) == 2}
+    source = built.inspect_source("cuda")
+    bodies = dict(re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\([^;{]*\) \{\n'
+                             r'((?:[^\n]*\n){2})', source))
+    return yaml.safe_load((art / "kiln.yaml").read_text()), tags, bodies, source
+
+
+def test_every_kernel_waits_and_is_launched_with_pdl(tmp_path, monkeypatch):
+    manifest, tags, bodies, _ = _compile_cuda(tmp_path / "pdl", monkeypatch, pdl=True)
+    assert manifest["cuda_pdl"] is True
+    assert len(tags) > 20 and set(bodies) == set(tags)  # attention, RoPE/append, norms, GEMV, sampling...
+    for name, kernel_tags in tags.items():
+        assert LAUNCH_TAG in kernel_tags, name
+        assert "tirx.use_dyn_shared_memory" not in kernel_tags[:-1], name  # the runtime reads it last
+        assert bodies[name].split() == [_TRIGGER, _WAIT], name  # before any other statement
+
+
+def test_no_pdl_build_has_neither_tag_nor_wait(tmp_path, monkeypatch):
+    manifest, tags, _, source = _compile_cuda(tmp_path / "no-pdl", monkeypatch, pdl=False)
+    assert manifest["cuda_pdl"] is False
+    assert tags and not any(LAUNCH_TAG in t for t in tags.values())
+    assert "griddepcontrol" not in source
+
+
+@pytest.mark.parametrize("target,pipeline", [
+    (targets.tvm_target("cuda", "sm_90a"), "kiln-pdl"), (targets.tvm_target("cuda", "sm_100a"), "kiln-pdl"),
+    (targets.tvm_target("cuda", "sm_89"), "kiln"), (targets.tvm_target("cuda", "sm_80"), "kiln"),
+    (targets.tvm_target("metal"), "default"), (targets.tvm_target("cpu"), "default")])
+def test_pdl_only_for_sm90_and_later(target, pipeline):
+    assert tir_pipeline(target) == pipeline
+    assert tir_pipeline(target, pdl=False) == ("default" if pipeline == "default" else "kiln")
+
+
+def test_pdl_pipeline_is_registered():
+    assert tvm.tirx.get_tir_pipeline(tir_pipeline(targets.tvm_target("cuda", "sm_90a")))
