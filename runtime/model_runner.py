@@ -320,7 +320,8 @@ def kv_copy_stream(kv, device_id: int, compute_stream: int) -> int | None:
     at = data.find(head)
     while 0 <= at <= len(data) - 32:
         copy, transfer = struct.unpack_from("<QQ", data, at + 16)
-        if at % 8 == 0 and 0 != copy != transfer != 0 and is_nonblocking_stream(copy) \
+        pointers = all(p % 8 == 0 and 1 << 16 < p < 1 << 47 for p in (copy, transfer))  # user-space, aligned
+        if at % 8 == 0 and pointers and copy != transfer and is_nonblocking_stream(copy) \
                 and is_nonblocking_stream(transfer):
             return copy
         at = data.find(head, at + 1)
