@@ -160,8 +160,8 @@ def main() -> None:
               f"host share {max(0.0, 1 - gpu / wall):.0%}; overlapped: wall {overlapped:.3f} ms/step, host share {max(0.0, 1 - gpu / overlapped):.0%}")
         print(f"    host per step, GPU kept busy (ms): " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float)
                                                                    else f"{k}: {v}" for k, v in host.items())
-              + f"; decode VM call per layer {host['decode'] / layers * 1e3:.1f} us"
-              + f"; copy stream {'found: tables ordered on the GPU' if getattr(runner, '_copy_stream', None) else 'not used: the host waits for the last forward'}")
+              + f"; decode VM call per layer {host['decode'] / layers * 1e3:.1f} us; page-table copies wait "
+              + ("on the GPU" if getattr(runner, "_copy_stream", None) else "on the host"))
         for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]:
             print(f"    {e.self_device_time_total / a.steps / 1e3:7.3f} ms  x{e.count / a.steps:5.1f}  {e.key[:90]}")
         for s in seqs:

@@ -303,19 +303,8 @@ def kv_copy_stream(kv, device_id: int, compute_stream: int) -> int | None:
     """The stream on which TVM's paged KV cache copies each forward's page tables, private in TVM 0.27: the
     cache object holds `Device device_; compute_stream_; copy_stream_; kv_transfer_stream_` in this order
     (src/runtime/vm/paged_kv_cache.cc), the last two streams created cudaStreamNonBlocking by the cache.
-    Found by that pattern in the object's memory (read through /proc/self/mem, which refuses unmapped
-    addresses instead of crashing) and checked with the CUDA runtime; None if not found."""
-    address, data = kv.__chandle__(), b""
-    try:
-        with open("/proc/self/mem", "rb", buffering=0) as mem:
-            while len(data) < _KV_SCAN_BYTES:  # page by page: the object may end near an unmapped page
-                mem.seek(address + len(data))
-                page = mem.read(4096 - (address + len(data)) % 4096)
-                if not page:
-                    break
-                data += page
-    except OSError:
-        pass
+    Found by that pattern in the object's memory and checked with the CUDA runtime; None if not found."""
+    data = object_bytes(kv, _KV_SCAN_BYTES)
     head = struct.pack("<iiQ", _KDL_CUDA, device_id, compute_stream)
     at = data.find(head)
     while 0 <= at <= len(data) - 32:
@@ -326,6 +315,23 @@ def kv_copy_stream(kv, device_id: int, compute_stream: int) -> int | None:
             return copy
         at = data.find(head, at + 1)
     return None
+
+
+def object_bytes(obj, size: int) -> bytes:
+    """Up to `size` bytes of a TVM object's memory from its address, read through /proc/self/mem (which
+    refuses unmapped addresses instead of crashing) page by page: fewer if a page is not readable."""
+    address, data = obj.__chandle__(), b""
+    try:
+        with open("/proc/self/mem", "rb", buffering=0) as mem:
+            while len(data) < size:
+                mem.seek(address + len(data))
+                page = mem.read(min(4096 - (address + len(data)) % 4096, size - len(data)))
+                if not page:
+                    break
+                data += page
+    except OSError:
+        pass
+    return data
 
 
 class DeviceTokens:
