@@ -22,6 +22,10 @@ from tvm import relax
 from tvm.ir import IRModule
 from tvm.relax.dpl import rewrite_call
 from tvm.relax.dpl.pattern import GlobalVarPattern, TuplePattern, is_op, wildcard
+from tvm.relax.utils import gen_call_tir_inputs
+
+from formats.quant_layout import STORED_FLOATS
+from formats.quant_values import dequantize_matmul_te
 
 FEW_ROW_FUNCTIONS = ("decode", "logits")
 _MAX_COMPONENTS, _MAX_EPILOGUE_ARGS = 6, 3  # q5_k has 6 components, a stored F16 weight 1
@@ -50,32 +54,51 @@ def _patterns() -> list:
     return patterns
 
 
-@tvm.transform.module_pass(opt_level=0, name="FewRowWeightsInFp32")
-class FewRowWeightsInFp32:
-    """matmul(x, permute_dims(astype(call_tir(dequantize_*)))) → matmul(x, permute_dims(call_tir(dequantize_*)))
-    in the Relax functions `functions`, before legalization."""
+_OUT_EWISE_FUSABLE = 4  # Relax's OpPatternKind: the cast / residual add after the matmul fuse into it
+
+
+@tvm.transform.module_pass(opt_level=0, name="FewRowFactoredMatmuls")
+class FewRowFactoredMatmuls:
+    """In the Relax functions `functions`, before legalization: matmul(x, permute_dims(astype(call_tir(
+    dequantize_<qtype>, components)))) → call_tir(dequantize_<qtype>_NT_matmul, (x, components)), the
+    group-scale-factored PrimFunc of model_defs/quant.py (a packed type), or → matmul(x,
+    permute_dims(call_tir(dequantize_<f16...>))) (a stored float, its cast dropped)."""
 
     def __init__(self, functions: tuple[str, ...] = FEW_ROW_FUNCTIONS):
         self.functions = functions
 
     def transform_module(self, mod: IRModule, _ctx) -> IRModule:
         values = is_op("relax.call_tir")(GlobalVarPattern(), wildcard(), add_constraint=False)
-        weight = is_op("relax.permute_dims")(is_op("relax.astype")(values))
+        weight = is_op("relax.permute_dims")(is_op("relax.astype")(values) | values)  # fp32 models: no cast
         matmul = is_op("relax.matmul")(wildcard(), weight)
+        target = tvm.target.Target.current(allow_none=True)
+        byte_perm = target is not None and target.kind.name == "cuda"  # __byte_perm is CUDA's
+        builder = relax.BlockBuilder(IRModule(dict(mod.functions), attrs=mod.attrs))  # adds the PrimFuncs once
 
         def rewrite(call, matches):
-            if not _callee(matches[values]).startswith("dequantize"):
+            deq = matches[values]
+            if not _callee(deq).startswith("dequantize"):
                 return call
-            transposed = relax.op.permute_dims(matches[values], matches[weight].attrs.axes)
-            return relax.op.matmul(call.args[0], transposed, out_dtype=call.attrs.out_dtype)
+            qtype = mod[deq.args[0]].attrs["kiln.qtype"]
+            x, components = call.args[0], list(deq.args[1].fields)
+            if qtype in STORED_FLOATS:
+                transposed = relax.op.permute_dims(deq, matches[weight].attrs.axes)
+                return relax.op.matmul(x, transposed, out_dtype=call.attrs.out_dtype)
+            func, args, out = gen_call_tir_inputs(
+                lambda x, *c: dequantize_matmul_te(qtype, x, list(c), byte_perm), x, *components,
+                primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE})
+            return relax.call_tir(builder.add_func(func, f"dequantize_{qtype}_NT_matmul"), args, out)
 
-        out = IRModule(dict(mod.functions), attrs=mod.attrs)
+        rewritten = {}
         for gv, func in mod.functions.items():
             if gv.name_hint in self.functions and isinstance(func, relax.Function):
                 new = rewrite_call(matmul, rewrite, func)
-                if not new.same_as(func):  # the casts no matmul reads any more go
-                    out[gv] = relax.analysis.remove_all_unused(new)
-        return out
+                if not new.same_as(func):  # the dequantize calls and casts no matmul reads any more go
+                    rewritten[gv.name_hint] = relax.analysis.remove_all_unused(new)
+        out = builder.get()
+        for name, func in rewritten.items():
+            out.update_func(out.get_global_var(name), func)
+        return relax.transform.DeadCodeElimination()(out)
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseDequantizeMatmul")

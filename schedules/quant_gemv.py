@@ -87,8 +87,10 @@ class QuantGemv:
             return None
         dims = {d for p in func.params if hasattr(p, "shape") for d in p.shape if isinstance(d, tirx.Var)}
         tiles = self.config.m_tiles if len(dims) == 1 else self.config.m_tiles[-1:]
+        factored = "group_dot" in _named_blocks(s_tir.Schedule(func))
+        schedule = self._schedule_factored if factored else self._schedule
         try:
-            kernels = [self._schedule(func, tile, vector_lanes(target)) for tile in tiles]
+            kernels = [schedule(func, tile, vector_lanes(target)) for tile in tiles]
         except (s_tir.ScheduleError, _Decline):
             return None
         chained = kernels[-1].mod["main"]
@@ -218,6 +220,122 @@ class QuantGemv:
         if after:
             sch.reverse_compute_at(after[-1], j_y, preserve_unit_loops=True)
         return sch
+
+
+    def _schedule_factored(self, func, m_tile: int, lanes16: int):
+        """model_defs/quant.py's dequantize_matmul_te form: NT_matmul (Σ over groups of scale · group_dot −
+        min · group_sum) split and tiled as the plain form's reduction is, group_dot and group_sum computed
+        per group in registers where NT_matmul reads them, the codes per chunk."""
+        cfg = self.config
+        sch = s_tir.Schedule(func)
+        named = _named_blocks(sch)
+        if "NT_matmul" not in named:
+            raise _Decline
+        mm, dot, xsum = named["NT_matmul"], named["group_dot"], named.get("group_sum")
+        codes = [b for b in sch.get_producers(dot) if any(is_packed(r.source) for r in sch.get(b).reads)]
+        if len(codes) != 1:
+            raise _Decline
+        codes = codes[0]
+        ivs = sch.get(mm).iter_vars
+        group = int(sch.get(dot).iter_vars[-1].dom.extent)
+        n_ext, groups = ivs[-2].dom.extent, ivs[-1].dom.extent
+        row_tile = cfg.row_threads * cfg.rows_per_thread
+        if (not isinstance(n_ext, tirx.IntImm) or not isinstance(groups, tirx.IntImm) or CHUNK % group
+                or int(groups) * group % CHUNK or int(n_ext) % row_tile):
+            raise _Decline
+        # pad M to the tile: group_dot and group_sum read as 0 past M (computed only below it), NT_matmul
+        # computed for the whole tile, so that every per-thread buffer has a static size
+        sch.pad_einsum(mm, [1 if isinstance(iv.dom.extent, tirx.IntImm) else m_tile for iv in ivs[:-2]] + [1, 1])
+        for block in sch.get_producers(mm):
+            if not sch.get(block).same_as(sch.get(dot)) and not (xsum and sch.get(block).same_as(sch.get(xsum))):
+                sch.compute_inline(block)  # the padded copies, the group scales and mins
+        consumers = sch.get_consumers(mm)
+        if not consumers:
+            sch.cache_write(mm, 0, "local")
+        for copy in consumers:
+            if sch.get_consumers(copy):
+                sch.compute_inline(copy)
+        at = [sch.get(b).same_as(sch.get(mm)) for b in sch.get_child_blocks(get_root_block(sch))].index(True)
+        after = sch.get_child_blocks(get_root_block(sch))[at + 1:]
+        loops = sch.get_loops(mm)
+        if len(loops) != len(ivs):
+            raise _Decline
+
+        *lead, j, g = loops
+        i = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+        i_o, i_i = sch.split(i, [None, m_tile])
+        j_o, j_y, j_r = sch.split(j, [None, cfg.row_threads, cfg.rows_per_thread])
+        k_chunks = int(groups) * group // CHUNK
+        lanes = cfg.lanes
+        while lanes > 1 and k_chunks % lanes:  # whole chunks per lane (a predicated split is no reduction)
+            lanes //= 2
+        g_o, g_t, g_c = sch.split(g, [None, lanes, CHUNK // group])
+        sch.reorder(j_o, i_o, j_y, g_t, g_o, i_i, g_c, j_r)
+        rf = sch.rfactor(g_t, 0)
+        j_o, i_o, j_y, g_t, g_o, i_i, g_c, j_r = sch.get_loops(rf)
+        unroll = max(u for u in range(1, cfg.unroll + 1) if k_chunks // lanes % u == 0)
+        g_o, g_u = sch.split(g_o, [None, unroll])
+        sch.bind(j_o, "blockIdx.x")
+        sch.bind(i_o, "blockIdx.y")
+        sch.bind(j_y, "threadIdx.y")
+        sch.bind(g_t, "threadIdx.x")
+
+        # per group and row: Σ x·code and Σ x in registers; the chunk's codes for the thread's rows
+        sch.compute_at(dot, j_r, preserve_unit_loops=True)
+        if xsum is not None:
+            sch.compute_at(xsum, g_c, preserve_unit_loops=True)
+        sch.compute_at(codes, g_u, preserve_unit_loops=True)
+        for block in (dot, xsum, codes):
+            if block is not None:
+                sch.set_scope(block, 0, "local")
+        deq_reads = [r.source for r in sch.get(codes).reads]
+        for idx, buf in enumerate(deq_reads):
+            if not is_packed(buf):
+                continue
+            cache = sch.cache_read(codes, idx, "local", consumer_blocks=[codes])
+            sch.compute_at(cache, g_o, preserve_unit_loops=True)  # all the step's words first
+            words = sch.get_loops(cache)[-1]
+            width = next(w for w in (4, 2, 1) if int(sch.get(words).extent) % w == 0)
+            if width > 1:
+                _, vec = sch.split(words, [None, width])
+                sch.vectorize(vec)
+        for loop in sch.get_loops(codes)[-2:]:
+            sch.unroll(loop)
+
+        # x: a group's values by 16-byte loads, per row of the M tile, shared by the thread's rows
+        x_buf = [r.source for r in sch.get(dot).reads if not r.source.same_as(sch.get(codes).writes[0].source)]
+        if len(x_buf) != 1:
+            raise _Decline
+        x_idx = [r.source for r in sch.get(dot).reads].index(x_buf[0])
+        x_cache = sch.cache_read(dot, x_idx, "local", consumer_blocks=[b for b in (dot, xsum) if b is not None])
+        sch.compute_at(x_cache, g_c, preserve_unit_loops=True)
+        _, vec = sch.split(sch.get_loops(x_cache)[-1], [None, lanes16])
+        sch.vectorize(vec)
+        for block in (dot, xsum):
+            if block is not None:
+                t = sch.get_loops(block)[-1]
+                sch.decompose_reduction(block, t)
+                sch.unroll(t)
+        for loop in (g_u, i_i, g_c, j_r):
+            sch.unroll(loop)
+        sch.decompose_reduction(rf, g_o)
+        sch.set_scope(rf, 0, "local")
+
+        sch.reverse_compute_at(mm, j_y, preserve_unit_loops=True)
+        lane, *spatial = sch.get_loops(mm)[-len(ivs):]
+        sch.reorder(*spatial, lane)
+        sch.bind(lane, "threadIdx.x")
+        sch.set_scope(mm, 0, "local")
+        for epi in after[:-1]:
+            sch.compute_inline(epi)
+        if after:
+            sch.reverse_compute_at(after[-1], j_y, preserve_unit_loops=True)
+        return sch
+
+
+def _named_blocks(sch: s_tir.Schedule) -> dict:
+    """{name: block} of the root's children (model_defs/quant.py names the factored form's blocks)."""
+    return {sch.get(b).name_hint: b for b in sch.get_child_blocks(get_root_block(sch))}
 
 
 class _Decline(Exception):
