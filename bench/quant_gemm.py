@@ -243,13 +243,15 @@ def _load(out: str):
     return load_library(out, compile_cuda)
 
 
-def run(out: str, results: str | None, command: str, models: str = "", ms: tuple = tuple(GEMV_MS)) -> None:
+def run(out: str, results: str | None, command: str, models: str = "", ms: tuple = tuple(GEMV_MS),
+        variants: tuple = ()) -> None:
     import torch
     import tvm
 
     from bench.gemm import _time_ms, write_results
 
     lib, meta = _load(out)
+    meta["variants"] = [v for v in meta["variants"] if not variants or v in variants]  # those asked for
     dl = tvm.runtime.from_dlpack
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(0)
@@ -400,7 +402,8 @@ VARIANTS = {  # name -> QuantGemvConfig fields; the first is the rule's default
     "gemv_u2": {"unroll": 2},
     "gemv_u2_m1": {"unroll": 2, "m_tiles": (1,)},  # M = 1's kernel only (every M runs it): a small build
     "gemv_t8r1": {"row_threads": 8, "rows_per_thread": 1},
-    "gemv_r4_m1": {"rows_per_thread": 4, "m_tiles": (1,)},  # 4 rows a thread share x and Σx (M = 1 only)
+    "gemv_r4": {"rows_per_thread": 4},  # 4 rows a thread share x and Σx
+    "gemv_r4u2_m1": {"rows_per_thread": 4, "unroll": 2, "m_tiles": (1,)},
     "gemv_l64_m1": {"lanes": 64, "m_tiles": (1,)},  # split-K over two warps: twice the loads in flight
 }
 
@@ -419,11 +422,13 @@ def main() -> None:
     r.add_argument("--results")
     r.add_argument("--models", default="", help="only the shapes of models whose name starts with this")
     r.add_argument("--ms", default=",".join(map(str, GEMV_MS)), help="the GEMV row counts timed")
+    r.add_argument("--variants", default="", help="only these of the build's GEMV variants (comma-separated)")
     a = p.parse_args()
     if a.cmd == "build":
         build(a.out, {v: VARIANTS[v] for v in a.variants.split(",")}, a.gemv_only, not a.no_nvcc, a.models)
     else:
-        run(a.dir, a.results, " ".join(sys.argv), a.models, tuple(int(m) for m in a.ms.split(",")))
+        run(a.dir, a.results, " ".join(sys.argv), a.models, tuple(int(m) for m in a.ms.split(",")),
+            tuple(v for v in a.variants.split(",") if v))
 
 
 if __name__ == "__main__":

@@ -117,20 +117,20 @@ def dequantize_matmul_te(qtype: str, x: te.Tensor, components: list[te.Tensor], 
     c = dict(zip(_names(qtype), components))
     rows, cols = components[0].shape[0], x.shape[-1]
     group = GROUP[qtype]
-    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
+    index = lambda v: tirx.IntImm(str(x.shape[-1].ty), v)  # noqa: E731  (x's index type: int64 from Relax)
     ngroups = cols // group
     codes = te.compute((rows, cols), lambda n, k: parts(qtype, c, n, k, byte_perm)[1], name=f"dequantize_{qtype}_codes")
     scale = te.compute((rows, ngroups), lambda n, g: parts(qtype, c, n, g * group)[0], name="group_scale")
-    t = te.reduce_axis((i64(0), i64(group)), "t")
+    t = te.reduce_axis((index(0), index(group)), "t")
     dot = te.compute((*x.shape[:-1], rows, ngroups), lambda *i: te.sum(
         x[(*i[:-2], i[-1] * group + t)].astype("float32") * codes[i[-2], i[-1] * group + t], axis=t),
         name="group_dot")
-    g = te.reduce_axis((i64(0), ngroups), "g")
+    g = te.reduce_axis((index(0), ngroups), "g")
     if qtype not in WITH_MIN:
         return te.compute((*x.shape[:-1], rows), lambda *i: te.sum(
             scale[i[-1], g] * dot[(*i, g)], axis=g), name="NT_matmul")
     low = te.compute((rows, ngroups), lambda n, g: parts(qtype, c, n, g * group)[2], name="group_min")
-    s = te.reduce_axis((i64(0), i64(group)), "s")
+    s = te.reduce_axis((index(0), index(group)), "s")
     xsum = te.compute((*x.shape[:-1], ngroups), lambda *i: te.sum(
         x[(*i[:-1], i[-1] * group + s)].astype("float32"), axis=s), name="group_sum")
     return te.compute((*x.shape[:-1], rows), lambda *i: te.sum(

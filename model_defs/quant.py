@@ -2,9 +2,10 @@
 
 A quantized weight `P` of N rows and K columns is a few parameters `P.q`, `P.d`, ... whose dequantized
 values are bit-identical to `gguf.quants.dequantize` of the GGUF blocks. Dequantization is a TE compute
-in a PrimFunc named `dequantize_<qtype>`, so compiler passes and schedule rules recognise it:
-`schedules/quant_fusion.py` fuses it into the matmul where few rows are computed, the GPU rules then
-read packed words and dequantize in registers. `quantize_modules` swaps a built model's Linear and
+(formats/quant_values.py's element values) in a PrimFunc named `dequantize_<qtype>`, so compiler passes
+and schedule rules recognise it: where few rows are computed `schedules/quant_fusion.py` replaces it and
+its matmul by one PrimFunc with the group scales factored out, whose GEMV reads packed words and
+dequantizes in registers. `quantize_modules` swaps a built model's Linear and
 Embedding modules for the quantized ones by parameter name, so the family files never change.
 """
 
@@ -59,8 +60,8 @@ class QuantWeight(nn.Module):
 
     def dequantize(self, components: list[nn.Tensor] | None = None) -> nn.Tensor:
         """The weight (or the rows `components` were gathered from) in the model dtype: a `dequantize_*`
-        call making ggml's fp32 values, then a cast, which `schedules/quant_fusion.py` drops where a
-        few-row matmul reads the weight (it multiplies in fp32 anyway)."""
+        call making ggml's fp32 values (its `kiln.qtype` attribute names the type for
+        `schedules/quant_fusion.py`, which replaces it where a few-row matmul reads the weight), then a cast."""
         values = nn.op.tensor_expr_op(lambda *c: dequantize_te(self.qtype, list(c), self.cols, "float32"),
                                       f"dequantize_{self.qtype}", components or self.components(),
                                       attrs={"kiln.qtype": self.qtype})

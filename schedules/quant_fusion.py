@@ -1,18 +1,22 @@
 """Where a quantized weight's dequantization runs: inside the matmul for few rows, as its own kernel for many.
 
-`FewRowWeightsInFp32` (first in the pipeline): the model def dequantizes to ggml's fp32 values and
-casts them to the model dtype for the matmul; in `decode` and `logits` the matmul reads the fp32
-values instead (it multiplies in fp32 anyway), which spares the GEMV a rounding per weight (a
-quarter-rate conversion on NVIDIA GPUs) and is exact. Prefill keeps the cast: its tensor cores
-read the model dtype.
+In `decode` and `logits` (one row per sequence) a matmul reads each weight once per call, so the GEMV
+should read the packed words and dequantize in registers (2-4x fewer bytes than the model dtype), with
+as little arithmetic per weight as possible: at 4.5 bits a weight and 3 TB/s an H100 has ~6 instruction
+slots per weight. `FewRowFactoredMatmuls` (first in the pipeline) replaces such a matmul of a packed
+weight by one PrimFunc, formats/quant_values.py's `dequantize_matmul_te`: the group scale factored out
+of the inner sum (Σ_k (a·q_k − b)·x_k = a·Σ_k q_k·x_k − b·Σ_k x_k per scale group), so that per weight
+only the code's conversion and one FMA with x remain; on CUDA the codes come from byte permutes. Its
+`op_pattern` (out-elementwise-fusable) lets FuseOps fuse the cast and residual add after it, and
+QuantGemv (quant_gemv.py) schedules it. This is a Relax rewrite, not a schedule: no schedule primitive
+reassociates a sum.
 
-In `decode` and `logits` (one row per sequence) a matmul reads each weight once per call, so fusing
-the `dequantize_*` PrimFunc into its `NT_matmul` (one PrimFunc, named `fused_dequantize_*`) lets the
-GEMV read the packed words and dequantize in registers: 2-4x fewer bytes than the model dtype. In
-`prefill` (many rows) the dequantized weight is reused by every row tile, so dequantize stays a
-separate kernel writing the model dtype and the GEMM rules (tensor cores) run unchanged on it.
-Runs after FuseOps/FuseTIR, like MLC-LLM's FuseDequantizeMatmulEwise; epilogues (cast, residual add,
-bias) already fused into the matmul stay in the fused PrimFunc.
+A stored float weight (a GGUF F16 kept as stored) has no scale to factor: its matmul reads the fp32
+values instead of the model dtype (no rounding per weight), and `FuseDequantizeMatmul` (after
+FuseOps/FuseTIR, like MLC-LLM's FuseDequantizeMatmulEwise) fuses its `dequantize_*` into the
+`NT_matmul`, epilogues included. In `prefill` (many rows) and the `*_wide` copies the dequantized
+weight is reused by every row tile, so dequantize stays a separate kernel writing the model dtype
+and the GEMM rules (tensor cores) run unchanged on it.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from formats.quant_layout import STORED_FLOATS
 from formats.quant_values import dequantize_matmul_te
 
 FEW_ROW_FUNCTIONS = ("decode", "logits")
-_MAX_COMPONENTS, _MAX_EPILOGUE_ARGS = 6, 3  # q5_k has 6 components, a stored F16 weight 1
+_MAX_COMPONENTS, _MAX_EPILOGUE_ARGS = 1, 3  # a stored float weight is one component (packed ones are factored)
 
 
 def _callee(call) -> str:
