@@ -30,46 +30,37 @@ CHECK_MS = [1, 3, 8, 33]  # checked before any timing: each branch of the M chai
 
 
 def dequant_matmul(qtype: str, k: int, n: int, dtype: str = "bfloat16", epilogue: str = "cast",
-                   weight_dtype: str = "float32", factored: bool = True, byte_perm: bool = False):
+                   byte_perm: bool = False):
     """The PrimFunc a quantized Linear becomes in decode: y = x · Wᵀ accumulated in fp32 over a dynamic row
-    count, by default with the group scales factored out (model_defs/quant.py's dequantize_matmul_te, as
-    schedules/quant_fusion.py makes it; `byte_perm` as it does for CUDA), else (`factored` False, the form before) model_defs' dequantize
-    to `weight_dtype` then a plain reduction; then the epilogue: "cast" (y.astype(dtype)), "residual"
-    (r + cast, 3-D x), "cast_residual" (the decode model's own form of it: x [M, 1, K], the cast a block of
-    its own before the add) or "logits" (fp32 out)."""
+    count with the group scales factored out (formats/quant_values.py's dequantize_matmul_te, as
+    schedules/quant_fusion.py makes it; `byte_perm` as it does for CUDA), then the epilogue: "cast"
+    (y.astype(dtype)), "residual" (r + cast, 3-D x), "cast_residual" (the decode model's own form of it:
+    x [M, 1, K], the cast a block of its own before the add) or "logits" (fp32 out)."""
     from tvm import te, tirx
 
     from formats.quant_values import dequantize_matmul_te
-    from model_defs.quant import component_shapes, dequantize_te
+    from model_defs.quant import component_shapes
 
     i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
     rows = tirx.Var("m", "int64")
     comps = [te.placeholder(shape, dt, f"w_{name}") for name, (shape, dt) in component_shapes(qtype, n, k).items()]
 
-    def matmul(x):
-        if factored:
-            return dequantize_matmul_te(qtype, x, comps, byte_perm)
-        w = dequantize_te(qtype, comps, k, weight_dtype)
-        r = te.reduce_axis((i64(0), i64(k)), "k")
-        return te.compute((*x.shape[:-1], i64(n)), lambda *i: te.sum(
-            x[(*i[:-1], r)].astype("float32") * w[i[-1], r].astype("float32"), axis=r), name="NT_matmul")
-
     if epilogue == "residual":
         x = te.placeholder((i64(1), rows, i64(k)), dtype, name="x")
         res = te.placeholder((i64(1), rows, i64(n)), dtype, name="res")
-        acc = matmul(x)
+        acc = dequantize_matmul_te(qtype, x, comps, byte_perm)
         y = te.compute((i64(1), rows, i64(n)), lambda b, i, j: res[b, i, j] + acc[b, i, j].astype(dtype),
                        name="T_add")
         return te.create_prim_func([x, *comps, res, y])
     if epilogue == "cast_residual":
         x = te.placeholder((rows, i64(1), i64(k)), dtype, name="x")
         res = te.placeholder((rows, i64(1), i64(n)), dtype, name="res")
-        acc = matmul(x)
+        acc = dequantize_matmul_te(qtype, x, comps, byte_perm)
         cast = te.compute((rows, i64(1), i64(n)), lambda i, o, j: acc[i, o, j].astype(dtype), name="compute")
         y = te.compute((rows, i64(1), i64(n)), lambda i, o, j: res[i, o, j] + cast[i, o, j], name="T_add")
         return te.create_prim_func([x, *comps, res, y])
     x = te.placeholder((rows, i64(k)), dtype, name="x")
-    acc = matmul(x)
+    acc = dequantize_matmul_te(qtype, x, comps, byte_perm)
     if epilogue == "logits":
         return te.create_prim_func([x, *comps, acc])
     y = te.compute((rows, i64(n)), lambda i, j: acc[i, j].astype(dtype), name="compute")
