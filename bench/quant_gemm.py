@@ -83,6 +83,20 @@ def _epilogue(model: str, index: int, n_shapes: int) -> str:
     return "logits" if index == n_shapes - 1 else "residual" if index in (1, 3) else "cast"
 
 
+SPLIT_KV = {"llama3.1-8b-kv": [(4096, 1024)]}  # k_proj / v_proj apart: a *_K_M layer whose attn_v type differs
+MIX = [  # (count, type, (K, N)) of a Llama-3.1-8B Q4_K_M-like decode step (compile/quant_mix.py): 16 of the 32
+    (16, "q4_k", (4096, 6144)),  # layers have attn_v and ffn_down in Q6_K, so their q, k, v run apart; the
+    (16, "q4_k", (4096, 4096)),  # LM head is Q6_K. q_proj as O's shape; 129 Q4_K tensors with the embedding
+    (16, "q4_k", (4096, 1024)),
+    (16, "q6_k", (4096, 1024)),
+    (32, "q4_k", (4096, 4096)),
+    (32, "q4_k", (4096, 28672)),
+    (16, "q4_k", (14336, 4096)),
+    (16, "q6_k", (14336, 4096)),
+    (1, "q6_k", (4096, 128256)),
+]
+
+
 def _cases(models: str = ""):
     """(model, K, N, epilogue) of every Linear shape, of the models whose name starts with `models`."""
     from bench.gemm import SHAPES
@@ -92,6 +106,9 @@ def _cases(models: str = ""):
             continue
         for index, (k, n) in enumerate(shapes):
             yield model, k, n, _epilogue(model, index, len(shapes))
+    for model, shapes in SPLIT_KV.items():
+        if model.startswith(models):
+            yield from ((model, k, n, "cast") for k, n in shapes)
 
 
 # ------------------------------------------------------------------------------------ build
@@ -356,6 +373,17 @@ def _decode_step(rows, variant: str, qtype: str, model: str, m: int):
     return ms, sum(count * r["gbs"] * r["ms"] for count, r in times) / ms
 
 
+def _mix_step(rows, variant: str, m: int):
+    """(ms, GB/s) of the GEMVs of one Q4_K_M-like Llama-3.1-8B decode step (MIX) at `m` rows, or None."""
+    sel = {(r["qtype"], r["k"], r["n"]): r for r in rows if r["kind"] == "gemv" and r["variant"] == variant
+           and r["m"] == m}
+    if any((qtype, *shape) not in sel for _, qtype, shape in MIX):
+        return None
+    times = [(count, sel[(qtype, *shape)]) for count, qtype, shape in MIX]
+    ms = sum(count * r["ms"] for count, r in times)
+    return ms, sum(count * r["gbs"] * r["ms"] for count, r in times) / ms
+
+
 def _table(rows, card, copy_gbs, stamp, command) -> str:
     lines = [f"### Quantized GEMV / GEMM {stamp}, {card}, copy {copy_gbs:.0f} GB/s", "", f"`{command}`", "",
              "GEMV (dequant fused), % of copy bandwidth counting the packed bytes read:", "",
@@ -375,7 +403,7 @@ def _table(rows, card, copy_gbs, stamp, command) -> str:
     for qtype in QTYPES:
         for v in dict.fromkeys(r["variant"] for r in rows if r["kind"] == "gemv"):
             sel = [r["pct"] for r in rows if r["kind"] == "gemv" and r["variant"] == v and r["qtype"] == qtype
-                   and r["model"].startswith("llama") and r["m"] == 1]
+                   and r["model"] == "llama3.1-8b" and r["m"] == 1]
             if sel:
                 step = _decode_step(rows, v, qtype, "llama3.1-8b", 1)
                 lines.append(f"- {qtype} GEMV {v}: min {100 * min(sel):.0f}%, mean {100 * sum(sel) / len(sel):.0f}%"
@@ -385,6 +413,12 @@ def _table(rows, card, copy_gbs, stamp, command) -> str:
                and r["model"].startswith("llama") and r["m"] >= 512]
         if sel:
             lines.append(f"- {qtype} GEMM: {100 * math.exp(sum(map(math.log, sel)) / len(sel)):.0f}%")
+    for v in dict.fromkeys(r["variant"] for r in rows if r["kind"] == "gemv"):
+        for m in sorted({r["m"] for r in rows if r["kind"] == "gemv"}):
+            step = _mix_step(rows, v, m)
+            if step:
+                lines.append(f"- Q4_K_M-like decode step (129 Q4_K + 33 Q6_K tensors) {v}, M = {m}: {step[0]:.3f} ms "
+                             f"at {100 * step[1] / copy_gbs:.0f}% copy")
     return "\n".join(lines) + "\n"
 
 
