@@ -1,7 +1,7 @@
 """The CUDA runtime that TVM's CUDA module already loaded, through ctypes: what TVM's Python API lacks
 for overlapping host and device work. An event waits for one point of a stream (`.numpy()` waits for
-everything queued, the next step included); pinned host buffers let a device→host copy run in the
-background, queued behind the kernels that produce its data.
+everything queued, the next step included), on the host or in another stream; pinned host buffers let a
+device→host copy run in the background, queued behind the kernels that produce its data.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import numpy as np
 
 _EVENT_DISABLE_TIMING = 2
 _DEVICE_TO_HOST = 2
+_STREAM_NON_BLOCKING = 1
 
 
 def cudart() -> ctypes.CDLL:
@@ -42,8 +43,19 @@ class Event:
     def synchronize(self) -> None:
         _check(self._lib.cudaEventSynchronize(self.handle), "cudaEventSynchronize")
 
+    def wait_in(self, stream: int) -> None:
+        """Make `stream` wait, on the device, for this event's point (the host goes on at once)."""
+        _check(self._lib.cudaStreamWaitEvent(ctypes.c_void_p(stream), self.handle, 0), "cudaStreamWaitEvent")
+
     def __del__(self):
         self._lib.cudaEventDestroy(self.handle)
+
+
+def is_nonblocking_stream(handle: int) -> bool:
+    """Whether `handle` is a live CUDA stream created with cudaStreamNonBlocking."""
+    flags = ctypes.c_uint()
+    return cudart().cudaStreamGetFlags(ctypes.c_void_p(handle), ctypes.byref(flags)) == 0 \
+        and flags.value & _STREAM_NON_BLOCKING != 0
 
 
 class HostReadback:

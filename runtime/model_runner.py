@@ -10,16 +10,19 @@ so the host can read them while that next step runs.
 from __future__ import annotations
 
 import os
+import struct
 
 import numpy as np
 from safetensors import safe_open
 
 from .artifact import Artifact, import_tvm, load_library
-from .cudart import Event, HostReadback
+from .cudart import Event, HostReadback, is_nonblocking_stream
 from formats.errors import KilnError
 
 _TARGET_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "metal"}
 FUSED_ROWS = 8  # a quantized artifact's decode/logits run their dequant-fused GEMV up to this many rows
+_KDL_CUDA = 2  # DLPack's device type of a CUDA GPU
+_KV_SCAN_BYTES = 4096  # where kv_copy_stream looks: the object is 1.8 KB in TVM 0.27, its streams at the end
 
 
 def parse_device(device: str | None, target: str) -> tuple[str, int]:
@@ -79,16 +82,22 @@ class ModelRunner:
             "kv_state_add_sequence", "kv_state_remove_sequence", "kv_state_fork_sequence",
             "kv_state_begin_forward", "kv_state_end_forward", "attention_kv_cache_get_num_available_pages")}
         self.total_pages = self.free_pages()
-        # CUDA: host reads of sampled tokens that wait for their own step only, and the point where the
-        # last forward's KV-cache kernels are done (_run_chunk)
+        # CUDA: host reads of sampled tokens that wait for their own step only; the point where the last
+        # forward's KV-cache kernels are done, and the KV cache's copy stream with the point where it last
+        # copied page tables (_run_chunk)
         self._readback = HostReadback(max_batch) if kind == "cuda" else None
         self._kv_done = Event() if kind == "cuda" else None
+        self._copy_stream = kv_copy_stream(self.kv, index, self._stream()) if kind == "cuda" else None
+        self._copied = Event() if self._copy_stream is not None else None
+        self._decode_shapes: tuple[tuple, object, object] | None = None  # (seq_ids, as ShapeTuple, lengths 1)
         # artifacts compiled before model_defs/sampling.py (apply_penalties is its newest) lack these; the
         # engine refuses them (recompile)
         self.can_sample = self.vm.module.implements_function("apply_penalties")
         self._wide = {n for n in ("decode", "logits") if self.vm.module.implements_function(f"{n}_wide")}
 
-    def _load_params(self) -> list:
+    def _load_params(self):
+        from tvm_ffi import convert
+
         names = [p["name"] for p in self.artifact.params()]
         arrays = {}
         for shard in self.artifact.weight_shards(self.rank):
@@ -99,7 +108,7 @@ class ModelRunner:
         if missing:
             raise KilnError(f"{self.artifact.path}: weights lack {missing[0]} (and {len(missing) - 1} more); "
                             "recompile the artifact")
-        return [arrays[n] for n in names]
+        return convert([arrays[n] for n in names])  # an Array once: a list would be converted at every call
 
     # ---- sequences in the KV cache
     def add_sequence(self, seq_id: int) -> None:
@@ -251,26 +260,78 @@ class ModelRunner:
 
     def _run_chunk(self, seq_ids: list[int], lengths: list[int], ids):
         """Hidden states of one forward: `ids` (int32 device tensor) are the sequences' new tokens, `lengths` each."""
-        tvm, shape = self._tvm, self._tvm.runtime.ShapeTuple
-        if self._kv_done is not None:
-            # TVM's KV cache copies each forward's page tables (from one pinned host buffer into one device
-            # buffer) on its own non-blocking copy stream, which does not wait for kernels already queued:
-            # the last forward's attention must be done reading them (a step may still be running when the
-            # overlapped loop launches the next one; the chunks of a long prompt come back to back)
-            self._kv_done.synchronize()
-        self._f["kv_state_begin_forward"](self.kv, shape(seq_ids), shape(lengths))
+        tvm = self._tvm
+        # TVM's KV cache copies each forward's page tables (from one pinned host buffer into one device buffer)
+        # on its own non-blocking copy stream, which does not wait for kernels already queued: the last
+        # forward's attention must be done reading them (a step may still be running when the overlapped loop
+        # launches the next one; the chunks of a long prompt come back to back)
+        if self._copy_stream is not None:
+            self._copied.synchronize()  # the last copy has read the pinned buffer this forward rewrites
+            self._kv_done.wait_in(self._copy_stream)  # this forward's copy waits, on the GPU, for the last forward
+        elif self._kv_done is not None:
+            self._kv_done.synchronize()  # copy stream not found: wait on the host
+        decode = all(n == 1 for n in lengths)
+        ids_shape, lengths_shape = self._shapes(seq_ids) if decode else (tvm.runtime.ShapeTuple(seq_ids),
+                                                                       tvm.runtime.ShapeTuple(lengths))
+        self._f["kv_state_begin_forward"](self.kv, ids_shape, lengths_shape)
         try:
             embeds = self.vm["embed"](ids, self.params)
-            if all(n == 1 for n in lengths):
+            if decode:
                 hidden = self._for_rows("decode", len(seq_ids))(embeds, self.kv, self.params)
             else:
                 logit_pos = tvm.runtime.tensor(np.cumsum(lengths).astype("int32") - 1, self.device)
                 hidden = self.vm["prefill"](embeds, logit_pos, self.kv, self.params)
             if self._kv_done is not None:
                 self._kv_done.record(self._stream())
+            if self._copy_stream is not None:
+                self._copied.record(self._copy_stream)  # behind the copy this forward's first attention queued
             return hidden
         finally:
             self._f["kv_state_end_forward"](self.kv)
+
+    def _shapes(self, seq_ids: list[int]) -> tuple:
+        """begin_forward's (seq_ids, lengths) for a decode step, kept while the batch repeats (the overlapped
+        loop's steady state)."""
+        key = tuple(seq_ids)
+        if self._decode_shapes is None or self._decode_shapes[0] != key:
+            shape = self._tvm.runtime.ShapeTuple
+            self._decode_shapes = (key, shape(seq_ids), shape([1] * len(seq_ids)))
+        return self._decode_shapes[1:]
+
+
+def kv_copy_stream(kv, device_id: int, compute_stream: int) -> int | None:
+    """The stream on which TVM's paged KV cache copies each forward's page tables, private in TVM 0.27: the
+    cache object holds `Device device_; compute_stream_; copy_stream_; kv_transfer_stream_` in this order
+    (src/runtime/vm/paged_kv_cache.cc), the last two streams created cudaStreamNonBlocking by the cache.
+    Found by that pattern in the object's memory and checked with the CUDA runtime; None if not found."""
+    data = object_bytes(kv, _KV_SCAN_BYTES)
+    head = struct.pack("<iiQ", _KDL_CUDA, device_id, compute_stream)
+    at = data.find(head)
+    while 0 <= at <= len(data) - 32:
+        copy, transfer = struct.unpack_from("<QQ", data, at + 16)
+        pointers = all(p % 8 == 0 and 1 << 16 < p < 1 << 47 for p in (copy, transfer))  # user-space, aligned
+        if at % 8 == 0 and pointers and copy != transfer and is_nonblocking_stream(copy) \
+                and is_nonblocking_stream(transfer):
+            return copy
+        at = data.find(head, at + 1)
+    return None
+
+
+def object_bytes(obj, size: int) -> bytes:
+    """Up to `size` bytes of a TVM object's memory from its address, read through /proc/self/mem (which
+    refuses unmapped addresses instead of crashing) page by page: fewer if a page is not readable."""
+    address, data = obj.__chandle__(), b""
+    try:
+        with open("/proc/self/mem", "rb", buffering=0) as mem:
+            while len(data) < size:
+                mem.seek(address + len(data))
+                page = mem.read(min(4096 - (address + len(data)) % 4096, size - len(data)))
+                if not page:
+                    break
+                data += page
+    except OSError:
+        pass
+    return data
 
 
 class DeviceTokens:

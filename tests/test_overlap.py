@@ -111,3 +111,18 @@ def test_overlap_draws_the_same_seeded_samples(stories_artifact):
     got_deltas, got, launched = run(EngineConfig(**cfg, overlap=True), requests)
     assert launched > 0
     assert got == want and got_deltas == want_deltas
+
+
+def test_kv_cache_streams_sit_where_the_runner_looks(stories_artifact):
+    """ModelRunner orders the KV cache's page-table copies on the GPU through the cache's private copy
+    stream, found in the object's memory (model_runner.kv_copy_stream): the pinned TVM's object must hold
+    its device followed by its three stream handles (null on the CPU), inside the object (1.8 KB in TVM 0.27)."""
+    import struct
+
+    from runtime.model_runner import _KV_SCAN_BYTES, ModelRunner, object_bytes
+
+    runner = ModelRunner(stories_artifact, kv_tokens=1024)
+    data = object_bytes(runner.kv, _KV_SCAN_BYTES)
+    fields = struct.pack("<iiQQQ", 1, 0, 0, 0, 0)  # Device{kDLCPU, 0}, compute, copy and transfer streams
+    found = [at for at in range(0, len(data) - len(fields) + 1, 8) if data[at:at + len(fields)] == fields]
+    assert len(data) == _KV_SCAN_BYTES and found and found[0] < 2048, found

@@ -99,6 +99,42 @@ def test_engine_preempts_and_forks_prefixes_and_stays_greedy(model):
         assert_greedy(ref, prompt, out.token_ids)
 
 
+def test_page_table_copies_wait_on_the_gpu_not_on_the_host(model):
+    """ModelRunner finds the KV cache's private copy stream (model_runner.kv_copy_stream): decode steps
+    launched behind a long kernel return before it ends (the host does not wait for the last forward),
+    the next step's page-table copy waits on the GPU instead, and the tokens equal those of steps run one
+    at a time."""
+    import ctypes
+
+    import torch
+
+    from runtime.cudart import cudart, is_nonblocking_stream
+    from runtime.model_runner import ModelRunner
+
+    art, _ = model
+    runner = ModelRunner(art, kv_tokens=8192)
+    assert runner._copy_stream is not None and is_nonblocking_stream(runner._copy_stream)
+    prompt = np.random.default_rng(3).integers(3, 256, 40).tolist()
+    for seq in (0, 1):
+        runner.add_sequence(seq)
+    one_at_a_time = [int(runner.forward([0], [prompt]).argmax())]
+    for _ in range(3):
+        one_at_a_time.append(int(runner.forward([0], [[one_at_a_time[-1]]]).argmax()))
+    tokens = runner.greedy(runner.forward([1], [prompt], on_device=True))
+    torch.cuda.synchronize()
+    torch.cuda._sleep(400_000_000)  # ~0.2 s on the stream the runner launches on (both the default stream)
+    spin = torch.cuda.Event()
+    spin.record()
+    steps = [tokens]
+    for _ in range(2):  # a third would wait for the first's page-table copy, queued behind the spin kernel
+        steps.append(runner.greedy(runner.decode_next([1], steps[-1])))
+    spinning = not spin.query()
+    copy_waits = cudart().cudaStreamQuery(ctypes.c_void_p(runner._copy_stream)) == 600  # cudaErrorNotReady
+    assert spinning and copy_waits
+    steps.append(runner.greedy(runner.decode_next([1], steps[-1])))
+    assert [int(t.host()[0]) for t in steps] == one_at_a_time
+
+
 @pytest.mark.parametrize("sampled", [False, True])
 def test_overlapped_loop_equals_the_synchronous_one(model, sampled):
     """EngineConfig.overlap launches step N+1 on step N's tokens, on the device, before the host reads
