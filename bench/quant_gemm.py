@@ -30,40 +30,37 @@ CHECK_MS = [1, 3, 8, 33]  # checked before any timing: each branch of the M chai
 
 
 def dequant_matmul(qtype: str, k: int, n: int, dtype: str = "bfloat16", epilogue: str = "cast",
-                   weight_dtype: str = "float32"):
-    """The PrimFunc a quantized Linear becomes in decode (FuseDequantizeMatmul): model_defs/quant.py's
-    dequantize (to `weight_dtype`: fp32 since FewRowWeightsInFp32, the model dtype before), y = x · Wᵀ
-    accumulated in fp32 over a dynamic row count, then the
-    epilogue: "cast" (y.astype(dtype)), "residual" (r + cast, 3-D x), "cast_residual" (the decode
-    model's own form of it: x [M, 1, K], the cast a block of its own before the add) or "logits" (fp32 out)."""
+                   byte_perm: bool = False):
+    """The PrimFunc a quantized Linear becomes in decode: y = x · Wᵀ accumulated in fp32 over a dynamic row
+    count with the group scales factored out (formats/quant_values.py's dequantize_matmul_te, as
+    schedules/quant_fusion.py makes it; `byte_perm` as it does for CUDA), then the epilogue: "cast"
+    (y.astype(dtype)), "residual" (r + cast, 3-D x), "cast_residual" (the decode model's own form of it:
+    x [M, 1, K], the cast a block of its own before the add) or "logits" (fp32 out)."""
     from tvm import te, tirx
 
-    from model_defs.quant import component_shapes, dequantize_te
+    from formats.quant_values import dequantize_matmul_te
+    from model_defs.quant import component_shapes
 
     i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
     rows = tirx.Var("m", "int64")
     comps = [te.placeholder(shape, dt, f"w_{name}") for name, (shape, dt) in component_shapes(qtype, n, k).items()]
-    w = dequantize_te(qtype, comps, k, weight_dtype)
-    r = te.reduce_axis((i64(0), i64(k)), "k")
+
     if epilogue == "residual":
         x = te.placeholder((i64(1), rows, i64(k)), dtype, name="x")
         res = te.placeholder((i64(1), rows, i64(n)), dtype, name="res")
-        acc = te.compute((i64(1), rows, i64(n)), lambda b, i, j: te.sum(
-            x[b, i, r].astype("float32") * w[j, r].astype("float32"), axis=r), name="NT_matmul")
+        acc = dequantize_matmul_te(qtype, x, comps, byte_perm)
         y = te.compute((i64(1), rows, i64(n)), lambda b, i, j: res[b, i, j] + acc[b, i, j].astype(dtype),
                        name="T_add")
         return te.create_prim_func([x, *comps, res, y])
     if epilogue == "cast_residual":
         x = te.placeholder((rows, i64(1), i64(k)), dtype, name="x")
         res = te.placeholder((rows, i64(1), i64(n)), dtype, name="res")
-        acc = te.compute((rows, i64(1), i64(n)), lambda i, o, j: te.sum(
-            x[i, o, r].astype("float32") * w[j, r].astype("float32"), axis=r), name="NT_matmul")
+        acc = dequantize_matmul_te(qtype, x, comps, byte_perm)
         cast = te.compute((rows, i64(1), i64(n)), lambda i, o, j: acc[i, o, j].astype(dtype), name="compute")
         y = te.compute((rows, i64(1), i64(n)), lambda i, o, j: res[i, o, j] + cast[i, o, j], name="T_add")
         return te.create_prim_func([x, *comps, res, y])
     x = te.placeholder((rows, i64(k)), dtype, name="x")
-    acc = te.compute((rows, i64(n)), lambda i, j: te.sum(
-        x[i, r].astype("float32") * w[j, r].astype("float32"), axis=r), name="NT_matmul")
+    acc = dequantize_matmul_te(qtype, x, comps, byte_perm)
     if epilogue == "logits":
         return te.create_prim_func([x, *comps, acc])
     y = te.compute((rows, i64(n)), lambda i, j: acc[i, j].astype(dtype), name="compute")
@@ -86,6 +83,20 @@ def _epilogue(model: str, index: int, n_shapes: int) -> str:
     return "logits" if index == n_shapes - 1 else "residual" if index in (1, 3) else "cast"
 
 
+SPLIT_KV = {"llama3.1-8b-kv": [(4096, 1024)]}  # k_proj / v_proj apart: a *_K_M layer whose attn_v type differs
+MIX = [  # (count, type, (K, N)) of a Llama-3.1-8B Q4_K_M-like decode step (compile/quant_mix.py): 16 of the 32
+    (16, "q4_k", (4096, 6144)),  # layers have attn_v and ffn_down in Q6_K, so their q, k, v run apart; the
+    (16, "q4_k", (4096, 4096)),  # LM head is Q6_K. q_proj as O's shape; 129 Q4_K tensors with the embedding
+    (16, "q4_k", (4096, 1024)),
+    (16, "q6_k", (4096, 1024)),
+    (32, "q4_k", (4096, 4096)),
+    (32, "q4_k", (4096, 28672)),
+    (16, "q4_k", (14336, 4096)),
+    (16, "q6_k", (14336, 4096)),
+    (1, "q6_k", (4096, 128256)),
+]
+
+
 def _cases(models: str = ""):
     """(model, K, N, epilogue) of every Linear shape, of the models whose name starts with `models`."""
     from bench.gemm import SHAPES
@@ -95,6 +106,9 @@ def _cases(models: str = ""):
             continue
         for index, (k, n) in enumerate(shapes):
             yield model, k, n, _epilogue(model, index, len(shapes))
+    for model, shapes in SPLIT_KV.items():
+        if model.startswith(models):
+            yield from ((model, k, n, "cast") for k, n in shapes)
 
 
 # ------------------------------------------------------------------------------------ build
@@ -117,7 +131,8 @@ def build(out: str, variants: dict, gemv_only: bool = False, nvcc: bool = True, 
             if not gemv_only:
                 funcs[f"deq_{qtype}_k{k}_n{n}"] = QuantDequantize().kernel(dequantize_func(qtype, k, n))
             for name, cfg in variants.items():
-                f = QuantGemv(QuantGemvConfig(**cfg)).kernel(dequant_matmul(qtype, k, n, "bfloat16", epilogue))
+                f = QuantGemv(QuantGemvConfig(**cfg)).kernel(
+                    dequant_matmul(qtype, k, n, "bfloat16", epilogue, byte_perm=True))
                 assert f is not None, (name, qtype, k, n)
                 funcs[f"{name}_{qtype}_k{k}_n{n}"] = f
     export_kernels(funcs, out, {"variants": variants, "gemv_only": gemv_only, "weight_dtype": "float32"}, nvcc)
@@ -236,13 +251,15 @@ def _load(out: str):
     return load_library(out, compile_cuda)
 
 
-def run(out: str, results: str | None, command: str, models: str = "", ms: tuple = tuple(GEMV_MS)) -> None:
+def run(out: str, results: str | None, command: str, models: str = "", ms: tuple = tuple(GEMV_MS),
+        variants: tuple = ()) -> None:
     import torch
     import tvm
 
     from bench.gemm import _time_ms, write_results
 
     lib, meta = _load(out)
+    meta["variants"] = [v for v in meta["variants"] if not variants or v in variants]  # those asked for
     dl = tvm.runtime.from_dlpack
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(0)
@@ -356,6 +373,17 @@ def _decode_step(rows, variant: str, qtype: str, model: str, m: int):
     return ms, sum(count * r["gbs"] * r["ms"] for count, r in times) / ms
 
 
+def _mix_step(rows, variant: str, m: int):
+    """(ms, GB/s) of the GEMVs of one Q4_K_M-like Llama-3.1-8B decode step (MIX) at `m` rows, or None."""
+    sel = {(r["qtype"], r["k"], r["n"]): r for r in rows if r["kind"] == "gemv" and r["variant"] == variant
+           and r["m"] == m}
+    if any((qtype, *shape) not in sel for _, qtype, shape in MIX):
+        return None
+    times = [(count, sel[(qtype, *shape)]) for count, qtype, shape in MIX]
+    ms = sum(count * r["ms"] for count, r in times)
+    return ms, sum(count * r["gbs"] * r["ms"] for count, r in times) / ms
+
+
 def _table(rows, card, copy_gbs, stamp, command) -> str:
     lines = [f"### Quantized GEMV / GEMM {stamp}, {card}, copy {copy_gbs:.0f} GB/s", "", f"`{command}`", "",
              "GEMV (dequant fused), % of copy bandwidth counting the packed bytes read:", "",
@@ -375,7 +403,7 @@ def _table(rows, card, copy_gbs, stamp, command) -> str:
     for qtype in QTYPES:
         for v in dict.fromkeys(r["variant"] for r in rows if r["kind"] == "gemv"):
             sel = [r["pct"] for r in rows if r["kind"] == "gemv" and r["variant"] == v and r["qtype"] == qtype
-                   and r["model"].startswith("llama") and r["m"] == 1]
+                   and r["model"] == "llama3.1-8b" and r["m"] == 1]
             if sel:
                 step = _decode_step(rows, v, qtype, "llama3.1-8b", 1)
                 lines.append(f"- {qtype} GEMV {v}: min {100 * min(sel):.0f}%, mean {100 * sum(sel) / len(sel):.0f}%"
@@ -385,6 +413,12 @@ def _table(rows, card, copy_gbs, stamp, command) -> str:
                and r["model"].startswith("llama") and r["m"] >= 512]
         if sel:
             lines.append(f"- {qtype} GEMM: {100 * math.exp(sum(map(math.log, sel)) / len(sel)):.0f}%")
+    for v in dict.fromkeys(r["variant"] for r in rows if r["kind"] == "gemv"):
+        for m in sorted({r["m"] for r in rows if r["kind"] == "gemv"}):
+            step = _mix_step(rows, v, m)
+            if step:
+                lines.append(f"- Q4_K_M-like decode step (129 Q4_K + 33 Q6_K tensors) {v}, M = {m}: {step[0]:.3f} ms "
+                             f"at {100 * step[1] / copy_gbs:.0f}% copy")
     return "\n".join(lines) + "\n"
 
 
@@ -393,6 +427,9 @@ VARIANTS = {  # name -> QuantGemvConfig fields; the first is the rule's default
     "gemv_u2": {"unroll": 2},
     "gemv_u2_m1": {"unroll": 2, "m_tiles": (1,)},  # M = 1's kernel only (every M runs it): a small build
     "gemv_t8r1": {"row_threads": 8, "rows_per_thread": 1},
+    "gemv_r4": {"rows_per_thread": 4},  # 4 rows a thread share x and Σx
+    "gemv_r4u2_m1": {"rows_per_thread": 4, "unroll": 2, "m_tiles": (1,)},
+    "gemv_l64_m1": {"lanes": 64, "m_tiles": (1,)},  # split-K over two warps: twice the loads in flight
 }
 
 
@@ -410,11 +447,13 @@ def main() -> None:
     r.add_argument("--results")
     r.add_argument("--models", default="", help="only the shapes of models whose name starts with this")
     r.add_argument("--ms", default=",".join(map(str, GEMV_MS)), help="the GEMV row counts timed")
+    r.add_argument("--variants", default="", help="only these of the build's GEMV variants (comma-separated)")
     a = p.parse_args()
     if a.cmd == "build":
         build(a.out, {v: VARIANTS[v] for v in a.variants.split(",")}, a.gemv_only, not a.no_nvcc, a.models)
     else:
-        run(a.dir, a.results, " ".join(sys.argv), a.models, tuple(int(m) for m in a.ms.split(",")))
+        run(a.dir, a.results, " ".join(sys.argv), a.models, tuple(int(m) for m in a.ms.split(",")),
+            tuple(v for v in a.variants.split(",") if v))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 A quantized weight `P` of N rows and K columns is a few parameters `P.q`, `P.d`, ... whose dequantized
 values are bit-identical to `gguf.quants.dequantize` of the GGUF blocks. Dequantization is a TE compute
-in a PrimFunc named `dequantize_<qtype>`, so compiler passes and schedule rules recognise it:
-`schedules/quant_fusion.py` fuses it into the matmul where few rows are computed, the GPU rules then
-read packed words and dequantize in registers. `quantize_modules` swaps a built model's Linear and
+(formats/quant_values.py's element values) in a PrimFunc named `dequantize_<qtype>`, so compiler passes
+and schedule rules recognise it: where few rows are computed `schedules/quant_fusion.py` replaces it and
+its matmul by one PrimFunc with the group scales factored out, whose GEMV reads packed words and
+dequantizes in registers. `quantize_modules` swaps a built model's Linear and
 Embedding modules for the quantized ones by parameter name, so the family files never change.
 """
 
@@ -15,6 +16,7 @@ from tvm.relax.frontend import nn
 
 from formats.errors import KilnError
 from formats.quant_layout import STORED_FLOATS, quant_type
+from formats.quant_values import parts
 
 
 def component_shapes(qtype: str, rows: int, cols: int) -> dict[str, tuple[tuple[int, int], str]]:
@@ -25,52 +27,12 @@ def component_shapes(qtype: str, rows: int, cols: int) -> dict[str, tuple[tuple[
     return {name: (shape, t.components[name].dtype) for name, shape in t.shapes(rows, cols).items()}
 
 
-def _bits(words: te.Tensor, n, k, bits: int):
-    """The `bits`-bit code of element k of row n (element k at bit bits·(k % (32/bits)) of word k·bits/32)."""
-    per = 32 // bits
-    shift = ((k % per) * bits).astype("uint32")
-    return (words[n, k // per] >> shift) & tirx.const(2**bits - 1, "uint32")
-
-
-def _code(code, offset: int = 0):
-    """`code` (a uint32 below 2^23) minus `offset` in fp32, without an int->float conversion: the code's
-    bits below the exponent of 2^23 make the float 2^23 + code exactly, so one subtraction gives the
-    exact value (GPUs convert integers at a quarter of the FMA rate)."""
-    magic = tirx.reinterpret("float32", code | tirx.const(0x4B000000, "uint32"))
-    return magic - tirx.const(float(2**23 + offset), "float32")
-
-
 def _value(qtype: str, c: dict, n, k):
-    """Element (n, k) in fp32, in ggml's order of operations (every product is exact in fp32)."""
-    def f32(x):
-        return x.astype("float32")
-
-    def u32(v):
-        return tirx.const(v, "uint32")
-
+    """Element (n, k) in fp32, in ggml's order of operations: (d · sc) · code − dmin · m."""
     if qtype in STORED_FLOATS:
-        return f32(c["w"][n, k])
-    if qtype == "q8_0":  # the byte as int8: flipping its sign bit offsets it by 128
-        return f32(c["d"][n, k // 32]) * _code(_bits(c["q"], n, k, 8) ^ u32(0x80), 128)
-    if qtype == "q4_0":
-        return f32(c["d"][n, k // 32]) * _code(_bits(c["q"], n, k, 4), 8)
-    d = f32(c["d"][n, k // 256])
-    if qtype in ("q4_k", "q5_k"):
-        q = _bits(c["q"], n, k, 4)
-        if qtype == "q5_k":
-            q = q | (_bits(c["qh"], n, k, 1) << u32(4))
-        return d * f32(c["sc"][n, k // 32]) * _code(q) - f32(c["dmin"][n, k // 256]) * f32(c["m"][n, k // 32])
-    if qtype == "q6_k":
-        q = _code(_bits(c["q"], n, k, 4) | (_bits(c["qh"], n, k, 2) << u32(4)), 32)
-        return d * f32(c["sc"][n, k // 16]) * q
-    if qtype == "q2_k":
-        sc = c["sc"][n, k // 16]
-        return (d * f32(sc & tirx.const(15, "uint8")) * _code(_bits(c["q"], n, k, 2))
-                - f32(c["dmin"][n, k // 256]) * f32(sc >> tirx.const(4, "uint8")))
-    if qtype == "q3_k":  # q - 4 * (1 - qh) = (q | qh << 2) - 4
-        q = _code(_bits(c["q"], n, k, 2) | (_bits(c["qh"], n, k, 1) << u32(2)), 4)
-        return d * f32(c["sc"][n, k // 16]) * q
-    raise ValueError(qtype)
+        return c["w"][n, k].astype("float32")
+    scale, code, low = parts(qtype, c, n, k)
+    return scale * code if low is None else scale * code - low
 
 
 def dequantize_te(qtype: str, components: list[te.Tensor], cols: int, dtype: str) -> te.Tensor:
@@ -98,10 +60,11 @@ class QuantWeight(nn.Module):
 
     def dequantize(self, components: list[nn.Tensor] | None = None) -> nn.Tensor:
         """The weight (or the rows `components` were gathered from) in the model dtype: a `dequantize_*`
-        call making ggml's fp32 values, then a cast, which `schedules/quant_fusion.py` drops where a
-        few-row matmul reads the weight (it multiplies in fp32 anyway)."""
+        call making ggml's fp32 values (its `kiln.qtype` attribute names the type for
+        `schedules/quant_fusion.py`, which replaces it where a few-row matmul reads the weight), then a cast."""
         values = nn.op.tensor_expr_op(lambda *c: dequantize_te(self.qtype, list(c), self.cols, "float32"),
-                                      f"dequantize_{self.qtype}", components or self.components())
+                                      f"dequantize_{self.qtype}", components or self.components(),
+                                      attrs={"kiln.qtype": self.qtype})
         return values.astype(self.dtype)
 
 

@@ -21,7 +21,7 @@ from .matmul_wgmma import MatmulWgmma
 from .metal_matmul import MatmulNoSimdgroup
 from .pdl import PDL_TIR_PIPELINE, supports_pdl
 from .quant_dispatch import QuantKernels
-from .quant_fusion import FewRowWeightsInFp32, FuseDequantizeMatmul
+from .quant_fusion import FewRowFactoredMatmuls, FuseDequantizeMatmul
 from .quant_wide import AddWideFunctions
 from .row_reduction import RowReduction
 
@@ -72,7 +72,7 @@ def _passes(target: tvm.target.Target) -> list:
         relax.transform.CallTIRRewrite(),
     ]
     # decode/logits for > 8 rows (unfused, model-dtype weights): copied before the few-row rewrites
-    return ([AddWideFunctions(), FewRowWeightsInFp32(), relax.transform.FuseTransposeMatmul()] + backend.library_dispatch_passes(target)
+    return ([AddWideFunctions(), FewRowFactoredMatmuls(), relax.transform.FuseTransposeMatmul()] + backend.library_dispatch_passes(target)
             + legalize + dataflow_lower + backend.finalize_passes(target))
 
 

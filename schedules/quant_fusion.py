@@ -1,18 +1,22 @@
 """Where a quantized weight's dequantization runs: inside the matmul for few rows, as its own kernel for many.
 
-`FewRowWeightsInFp32` (first in the pipeline): the model def dequantizes to ggml's fp32 values and
-casts them to the model dtype for the matmul; in `decode` and `logits` the matmul reads the fp32
-values instead (it multiplies in fp32 anyway), which spares the GEMV a rounding per weight (a
-quarter-rate conversion on NVIDIA GPUs) and is exact. Prefill keeps the cast: its tensor cores
-read the model dtype.
+In `decode` and `logits` (one row per sequence) a matmul reads each weight once per call, so the GEMV
+should read the packed words and dequantize in registers (2-4x fewer bytes than the model dtype), with
+as little arithmetic per weight as possible: at 4.5 bits a weight and 3 TB/s an H100 has ~6 instruction
+slots per weight. `FewRowFactoredMatmuls` (first in the pipeline) replaces such a matmul of a packed
+weight by one PrimFunc, formats/quant_values.py's `dequantize_matmul_te`: the group scale factored out
+of the inner sum (Σ_k (a·q_k − b)·x_k = a·Σ_k q_k·x_k − b·Σ_k x_k per scale group), so that per weight
+only the code's conversion and one FMA with x remain; on CUDA the codes come from byte permutes. Its
+`op_pattern` (out-elementwise-fusable) lets FuseOps fuse the cast and residual add after it, and
+QuantGemv (quant_gemv.py) schedules it. This is a Relax rewrite, not a schedule: no schedule primitive
+reassociates a sum.
 
-In `decode` and `logits` (one row per sequence) a matmul reads each weight once per call, so fusing
-the `dequantize_*` PrimFunc into its `NT_matmul` (one PrimFunc, named `fused_dequantize_*`) lets the
-GEMV read the packed words and dequantize in registers: 2-4x fewer bytes than the model dtype. In
-`prefill` (many rows) the dequantized weight is reused by every row tile, so dequantize stays a
-separate kernel writing the model dtype and the GEMM rules (tensor cores) run unchanged on it.
-Runs after FuseOps/FuseTIR, like MLC-LLM's FuseDequantizeMatmulEwise; epilogues (cast, residual add,
-bias) already fused into the matmul stay in the fused PrimFunc.
+A stored float weight (a GGUF F16 kept as stored) has no scale to factor: its matmul reads the fp32
+values instead of the model dtype (no rounding per weight), and `FuseDequantizeMatmul` (after
+FuseOps/FuseTIR, like MLC-LLM's FuseDequantizeMatmulEwise) fuses its `dequantize_*` into the
+`NT_matmul`, epilogues included. In `prefill` (many rows) and the `*_wide` copies the dequantized
+weight is reused by every row tile, so dequantize stays a separate kernel writing the model dtype
+and the GEMM rules (tensor cores) run unchanged on it.
 """
 
 from __future__ import annotations
@@ -22,9 +26,13 @@ from tvm import relax
 from tvm.ir import IRModule
 from tvm.relax.dpl import rewrite_call
 from tvm.relax.dpl.pattern import GlobalVarPattern, TuplePattern, is_op, wildcard
+from tvm.relax.utils import gen_call_tir_inputs
+
+from formats.quant_layout import STORED_FLOATS
+from formats.quant_values import dequantize_matmul_te
 
 FEW_ROW_FUNCTIONS = ("decode", "logits")
-_MAX_COMPONENTS, _MAX_EPILOGUE_ARGS = 6, 3  # q5_k has 6 components, a stored F16 weight 1
+_MAX_COMPONENTS, _MAX_EPILOGUE_ARGS = 1, 3  # a stored float weight is one component (packed ones are factored)
 
 
 def _callee(call) -> str:
@@ -50,32 +58,51 @@ def _patterns() -> list:
     return patterns
 
 
-@tvm.transform.module_pass(opt_level=0, name="FewRowWeightsInFp32")
-class FewRowWeightsInFp32:
-    """matmul(x, permute_dims(astype(call_tir(dequantize_*)))) → matmul(x, permute_dims(call_tir(dequantize_*)))
-    in the Relax functions `functions`, before legalization."""
+_OUT_EWISE_FUSABLE = 4  # Relax's OpPatternKind: the cast / residual add after the matmul fuse into it
+
+
+@tvm.transform.module_pass(opt_level=0, name="FewRowFactoredMatmuls")
+class FewRowFactoredMatmuls:
+    """In the Relax functions `functions`, before legalization: matmul(x, permute_dims(astype(call_tir(
+    dequantize_<qtype>, components)))) → call_tir(dequantize_<qtype>_NT_matmul, (x, components)), the
+    group-scale-factored PrimFunc of model_defs/quant.py (a packed type), or → matmul(x,
+    permute_dims(call_tir(dequantize_<f16...>))) (a stored float, its cast dropped)."""
 
     def __init__(self, functions: tuple[str, ...] = FEW_ROW_FUNCTIONS):
         self.functions = functions
 
     def transform_module(self, mod: IRModule, _ctx) -> IRModule:
         values = is_op("relax.call_tir")(GlobalVarPattern(), wildcard(), add_constraint=False)
-        weight = is_op("relax.permute_dims")(is_op("relax.astype")(values))
+        weight = is_op("relax.permute_dims")(is_op("relax.astype")(values) | values)  # fp32 models: no cast
         matmul = is_op("relax.matmul")(wildcard(), weight)
+        target = tvm.target.Target.current(allow_none=True)
+        byte_perm = target is not None and target.kind.name == "cuda"  # __byte_perm is CUDA's
+        builder = relax.BlockBuilder(IRModule(dict(mod.functions), attrs=mod.attrs))  # adds the PrimFuncs once
 
         def rewrite(call, matches):
-            if not _callee(matches[values]).startswith("dequantize"):
+            deq = matches[values]
+            if not _callee(deq).startswith("dequantize"):
                 return call
-            transposed = relax.op.permute_dims(matches[values], matches[weight].attrs.axes)
-            return relax.op.matmul(call.args[0], transposed, out_dtype=call.attrs.out_dtype)
+            qtype = mod[deq.args[0]].attrs["kiln.qtype"]
+            x, components = call.args[0], list(deq.args[1].fields)
+            if qtype in STORED_FLOATS:
+                transposed = relax.op.permute_dims(deq, matches[weight].attrs.axes)
+                return relax.op.matmul(x, transposed, out_dtype=call.attrs.out_dtype)
+            func, args, out = gen_call_tir_inputs(
+                lambda x, *c: dequantize_matmul_te(qtype, x, list(c), byte_perm), x, *components,
+                primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE})
+            return relax.call_tir(builder.add_func(func, f"dequantize_{qtype}_NT_matmul"), args, out)
 
-        out = IRModule(dict(mod.functions), attrs=mod.attrs)
+        rewritten = {}
         for gv, func in mod.functions.items():
             if gv.name_hint in self.functions and isinstance(func, relax.Function):
                 new = rewrite_call(matmul, rewrite, func)
-                if not new.same_as(func):  # the casts no matmul reads any more go
-                    out[gv] = relax.analysis.remove_all_unused(new)
-        return out
+                if not new.same_as(func):  # the dequantize calls and casts no matmul reads any more go
+                    rewritten[gv.name_hint] = relax.analysis.remove_all_unused(new)
+        out = builder.get()
+        for name, func in rewritten.items():
+            out.update_func(out.get_global_var(name), func)
+        return relax.transform.DeadCodeElimination()(out)
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseDequantizeMatmul")

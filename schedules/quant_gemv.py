@@ -1,39 +1,37 @@
 """Dequant-fused GEMV for packed quantized weights (docs/QUANT-LAYOUT.md), any row count M.
 
-A quantized Linear reaches the scheduler as one PrimFunc: a spatial `dequantize` block that turns
-packed uint32 code words and small scale arrays into W[N, K], the matmul C[.., i, j] = Σ_k
-x[.., i, k]·W[j, k] in fp32, and elementwise epilogues (cast, residual add). dlight's GEMV rules
-inline the dequantization into the reduction, which recomputes every weight once per row of x and
-loads the code words 4 bytes at a time. Here, as in llama.cpp's MMVQ and MLC's GEMV:
+A quantized Linear of `decode` / `logits` reaches the scheduler as one PrimFunc, formats/quant_values.py's
+`dequantize_matmul_te` (quant_fusion.py puts it there) plus elementwise epilogues (cast, residual add):
+`dequantize_<qtype>_codes` (the codes as floats, from packed uint32 words), per scale group of G elements
+`group_dot` = Σ x·code and `group_sum` = Σ x (types with a min), and `NT_matmul` = Σ over groups of
+scale · group_dot − min · group_sum, with the scales and mins as small spatial blocks. As in llama.cpp's
+MMVQ and MLC's GEMV:
 
   grid: blockIdx.x over N in tiles of `rows_per_thread × row_threads` rows, blockIdx.y over M in
         tiles of `m_tile` rows (so for M ≤ m_tile every weight is read once);
   thread: `lanes` threads (threadIdx.x, one warp or more: split-K inside the block) stride over K
-        in chunks of 32 consecutive elements; per chunk a thread loads the chunk's code words with
-        16-byte loads (coalesced across the warp: lane t reads the 16 bytes after lane t−1's),
-        dequantizes the chunk for its rows into registers (each scale loaded once per chunk), then
-        accumulates in fp32 for all `m_tile` rows of x, 8 values of x per 16-byte load;
+        in chunks of 32 consecutive elements (one group, or two of 16); per chunk a thread loads the
+        chunk's code words with 16-byte loads (coalesced across the warp: lane t reads the 16 bytes
+        after lane t−1's) and makes the codes of its rows in registers, once for all `m_tile` rows of x;
+        per group and row of x it loads x 8 values per 16-byte load, sums x once for its rows and
+        x·code per row (one FMA a weight), then adds scale · dot − min · Σx (the scales loaded once
+        a group);
   reduction: a cross-thread sum over the lanes, then the PrimFunc's own epilogue per output.
 
-The matmul must read the dequantized buffer as W[j, k] with j, k the block's last two iterators,
-K a multiple of 32 and N of the row tile; anything else is declined and left to the other rules.
+M is padded to the tile on NT_matmul (pad_einsum: its reads are all plain iterators): group_dot and
+group_sum are computed for rows below M only and read as 0 past it, so every per-thread buffer has a
+static size. K must be whole chunks and N whole row tiles; anything else is declined and left to the
+other rules. `unroll` > 1 takes that many chunks per loop step, their code words loaded before the first
+is used.
 
-`unroll` > 1 takes that many chunks per loop step, their code words loaded before the first is used.
-
-Measured on an H100 (bench/RESULTS.md, "Quantized GEMV: fp32 weights"): with the fused PrimFunc's
-weight in fp32 and codes converted by the magic number (model_defs/quant.py), M = 1 runs at 39–66% of
-copy bandwidth for Q4_K, 46–75% for Q6_K and 64–98% for Q8_0 on the Llama-3.1-8B shapes. Q4_K is bound
-by instructions per weight (~3.2 G weights per ms on the large shapes, the most of the three types),
-the small shapes also by loads in flight; `unroll` = 2 gains 1–4 points at M = 1 for Q4_K and Q8_0 but
-loses for Q6_K and at M = 8, so it stays 1. Every extra row costs nearly the per-weight arithmetic
-again (M = 2–4 take ~2.7× M = 1), so from M ≈ 16 the dequantize kernel + tensor-core GEMM is faster.
+Measured on an H100: bench/RESULTS.md, "Quantized GEMV: group scales factored out".
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tvm import ir, s_tir, tirx
+from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import get_root_block
 
 from .low_batch import branch_on_rows
@@ -62,19 +60,6 @@ def is_packed(buf: tirx.Buffer) -> bool:
     return buf.dtype == "uint32" and len(buf.shape) == 2
 
 
-def _loads(expr) -> list:
-    """Every buffer load in `expr` (0.27 has no stmt_functor from Python)."""
-    if isinstance(expr, ir.expr.TensorLoad):
-        return [expr, *(ld for i in expr.indices for ld in _loads(i))]
-    found = []
-    for field in ("a", "b", "value", "condition", "true_value", "false_value"):
-        if hasattr(expr, field):
-            found += _loads(getattr(expr, field))
-    for arg in getattr(expr, "args", ()):
-        found += _loads(arg)
-    return found
-
-
 class QuantGemv:
     """The schedule in the module docstring; `config` picks the tile sizes."""
 
@@ -87,6 +72,8 @@ class QuantGemv:
             return None
         dims = {d for p in func.params if hasattr(p, "shape") for d in p.shape if isinstance(d, tirx.Var)}
         tiles = self.config.m_tiles if len(dims) == 1 else self.config.m_tiles[-1:]
+        if "group_dot" not in _named_blocks(s_tir.Schedule(func)):
+            return None
         try:
             kernels = [self._schedule(func, tile, vector_lanes(target)) for tile in tiles]
         except (s_tir.ScheduleError, _Decline):
@@ -99,53 +86,29 @@ class QuantGemv:
     def _schedule(self, func, m_tile: int, lanes16: int):
         cfg = self.config
         sch = s_tir.Schedule(func)
-        blocks = sch.get_child_blocks(get_root_block(sch))
-        kinds = [[iv.iter_type for iv in sch.get(b).iter_vars] for b in blocks]
-        reductions = [i for i, ks in enumerate(kinds) if tirx.IterVar.CommReduce in ks]
-        if len(reductions) != 1:
+        named = _named_blocks(sch)
+        if "NT_matmul" not in named:
             raise _Decline
-        at = reductions[0]
-        mm, before, after = blocks[at], blocks[:at], blocks[at + 1:]
-        stmt = sch.get(mm)
-        ivs = stmt.iter_vars
-        if (len(ivs) < 3 or ivs[-1].iter_type != tirx.IterVar.CommReduce
-                or any(iv.iter_type != tirx.IterVar.DataPar for iv in ivs[:-1])):
+        mm, dot, xsum = named["NT_matmul"], named["group_dot"], named.get("group_sum")
+        codes = [b for b in sch.get_producers(dot) if any(is_packed(r.source) for r in sch.get(b).reads)]
+        if len(codes) != 1:
             raise _Decline
-        # the dequantized weight: the matmul operand written by a block before it
-        produced = {sch.get(b).writes[0].source: b for b in before if len(sch.get(b).writes) == 1}
-        loads = _loads(stmt.body.value)
-        weight = [ld for ld in loads if ld.source in produced]
-        if len(weight) != 1:
-            raise _Decline
-        w_load = weight[0]
-        j_var, k_var = ivs[-2].var, ivs[-1].var
-        if (len(w_load.indices) != 2 or not w_load.indices[0].same_as(j_var)
-                or not w_load.indices[1].same_as(k_var)):
-            raise _Decline
-        deq = produced[w_load.source]
-        for b in before:  # everything else before the matmul (casts of x, parts of the dequant)
-            if not sch.get(b).same_as(sch.get(deq)):
-                sch.compute_inline(b)
-        deq_reads = [r.source for r in sch.get(deq).reads]
-        if not any(is_packed(b) for b in deq_reads):
-            raise _Decline
-        others = [ld for ld in _loads(sch.get(mm).body.value)
-                  if not ld.source.same_as(w_load.source) and not ld.source.same_as(stmt.body.buffer)]
-        if len(others) != 1 or not others[0].indices[-1].same_as(k_var):
-            raise _Decline
-        n_ext, k_ext = ivs[-2].dom.extent, ivs[-1].dom.extent
+        codes = codes[0]
+        ivs = sch.get(mm).iter_vars
+        group = int(sch.get(dot).iter_vars[-1].dom.extent)
+        n_ext, groups = ivs[-2].dom.extent, ivs[-1].dom.extent
         row_tile = cfg.row_threads * cfg.rows_per_thread
-        if (not isinstance(n_ext, tirx.IntImm) or not isinstance(k_ext, tirx.IntImm)
-                or int(k_ext) % CHUNK or int(n_ext) % row_tile):
+        if (not isinstance(n_ext, tirx.IntImm) or not isinstance(groups, tirx.IntImm) or CHUNK % group
+                or int(groups) * group % CHUNK or int(n_ext) % row_tile):
             raise _Decline
-        # pad M to the tile (rows past M read x as 0 and are not stored), so that every
-        # per-thread buffer has a static size
+        # pad M to the tile: group_dot and group_sum read as 0 past M (computed only below it), NT_matmul
+        # computed for the whole tile, so that every per-thread buffer has a static size
         sch.pad_einsum(mm, [1 if isinstance(iv.dom.extent, tirx.IntImm) else m_tile for iv in ivs[:-2]] + [1, 1])
         for block in sch.get_producers(mm):
-            if not sch.get(block).same_as(sch.get(deq)):
-                sch.compute_inline(block)  # x_pad
+            if not sch.get(block).same_as(sch.get(dot)) and not (xsum and sch.get(block).same_as(sch.get(xsum))):
+                sch.compute_inline(block)  # the padded copies, the group scales and mins
         consumers = sch.get_consumers(mm)
-        if not consumers:  # nothing padded and mm writes the output: accumulate in a buffer of ours
+        if not consumers:
             sch.cache_write(mm, 0, "local")
         for copy in consumers:
             if sch.get_consumers(copy):
@@ -156,60 +119,68 @@ class QuantGemv:
         if len(loops) != len(ivs):
             raise _Decline
 
-        # tiles
-        *lead, j, k = loops
+        *lead, j, g = loops
         i = sch.fuse(*lead) if len(lead) > 1 else lead[0]
         i_o, i_i = sch.split(i, [None, m_tile])
         j_o, j_y, j_r = sch.split(j, [None, cfg.row_threads, cfg.rows_per_thread])
-        k_chunks = int(k_ext) // CHUNK
+        k_chunks = int(groups) * group // CHUNK
         lanes = cfg.lanes
-        while lanes > 32 and k_chunks % lanes:  # split-K only where the chunks divide evenly
+        while lanes > 1 and k_chunks % lanes:  # whole chunks per lane (a predicated split is no reduction)
             lanes //= 2
-        k_o, k_t, k_c = sch.split(k, [None, lanes, CHUNK])
-        k_c8, k_v = sch.split(k_c, [None, 8])
-        sch.reorder(j_o, i_o, j_y, k_t, k_o, i_i, k_c8, k_v, j_r)
-        rf = sch.rfactor(k_t, 0)
-        j_o, i_o, j_y, k_t, k_o, i_i, k_c8, k_v, j_r = sch.get_loops(rf)
-        steps = k_chunks // lanes if k_chunks % lanes == 0 else 0
-        unroll = max(u for u in range(1, cfg.unroll + 1) if steps % u == 0) if steps else 1
-        k_o, k_u = sch.split(k_o, [None, unroll])
+        g_o, g_t, g_c = sch.split(g, [None, lanes, CHUNK // group])
+        sch.reorder(j_o, i_o, j_y, g_t, g_o, i_i, g_c, j_r)
+        rf = sch.rfactor(g_t, 0)
+        j_o, i_o, j_y, g_t, g_o, i_i, g_c, j_r = sch.get_loops(rf)
+        unroll = max(u for u in range(1, cfg.unroll + 1) if k_chunks // lanes % u == 0)
+        g_o, g_u = sch.split(g_o, [None, unroll])
         sch.bind(j_o, "blockIdx.x")
         sch.bind(i_o, "blockIdx.y")
         sch.bind(j_y, "threadIdx.y")
-        sch.bind(k_t, "threadIdx.x")
+        sch.bind(g_t, "threadIdx.x")
 
-        # dequantize one chunk × rows_per_thread into registers, code words by 16-byte loads
-        sch.compute_at(deq, k_u, preserve_unit_loops=True)
-        sch.set_scope(deq, 0, "local")
+        # per group and row: Σ x·code and Σ x in registers; the chunk's codes for the thread's rows
+        sch.compute_at(dot, j_r, preserve_unit_loops=True)
+        if xsum is not None:
+            sch.compute_at(xsum, g_c, preserve_unit_loops=True)
+        sch.compute_at(codes, g_u, preserve_unit_loops=True)
+        for block in (dot, xsum, codes):
+            if block is not None:
+                sch.set_scope(block, 0, "local")
+        deq_reads = [r.source for r in sch.get(codes).reads]
         for idx, buf in enumerate(deq_reads):
             if not is_packed(buf):
                 continue
-            cache = sch.cache_read(deq, idx, "local", consumer_blocks=[deq])
-            sch.compute_at(cache, k_o, preserve_unit_loops=True)  # all the step's words first
+            cache = sch.cache_read(codes, idx, "local", consumer_blocks=[codes])
+            sch.compute_at(cache, g_o, preserve_unit_loops=True)  # all the step's words first
             words = sch.get_loops(cache)[-1]
-            width = next(w for w in (4, 2, 1) if int(sch.get(words).extent) % w == 0)  # 2-bit codes: 8 bytes
+            width = next(w for w in (4, 2, 1) if int(sch.get(words).extent) % w == 0)
             if width > 1:
                 _, vec = sch.split(words, [None, width])
                 sch.vectorize(vec)
-        for loop in sch.get_loops(deq)[-2:]:
+        for loop in sch.get_loops(codes)[-2:]:
             sch.unroll(loop)
 
-        # x: 8 values per 16-byte load, per row of the M tile
-        x_idx = [r.source for r in sch.get(rf).reads].index(others[0].source)
-        x_cache = sch.cache_read(rf, x_idx, "local", consumer_blocks=[rf])
-        sch.compute_at(x_cache, k_c8, preserve_unit_loops=True)
+        # x: a group's values by 16-byte loads, per row of the M tile, shared by the thread's rows
+        x_buf = [r.source for r in sch.get(dot).reads if not r.source.same_as(sch.get(codes).writes[0].source)]
+        if len(x_buf) != 1:
+            raise _Decline
+        x_idx = [r.source for r in sch.get(dot).reads].index(x_buf[0])
+        x_cache = sch.cache_read(dot, x_idx, "local", consumer_blocks=[b for b in (dot, xsum) if b is not None])
+        sch.compute_at(x_cache, g_c, preserve_unit_loops=True)
         _, vec = sch.split(sch.get_loops(x_cache)[-1], [None, lanes16])
         sch.vectorize(vec)
-        for loop in (k_u, i_i, k_c8, k_v, j_r):
+        for block in (dot, xsum):
+            if block is not None:
+                t = sch.get_loops(block)[-1]
+                sch.decompose_reduction(block, t)
+                sch.unroll(t)
+        for loop in (g_u, i_i, g_c, j_r):
             sch.unroll(loop)
-        sch.decompose_reduction(rf, k_o)
+        sch.decompose_reduction(rf, g_o)
         sch.set_scope(rf, 0, "local")
 
-        # cross-lane sum, then the epilogue, per thread's outputs; the epilogue's intermediate steps
-        # (cast before a residual add) are inlined into its last: as thread-local buffers they would
-        # be sized by the rows < M their padded M tile guards, a symbolic size CUDA cannot allocate
         sch.reverse_compute_at(mm, j_y, preserve_unit_loops=True)
-        lane, *spatial = sch.get_loops(mm)[-len(ivs):]  # k_t, then the M and N loops
+        lane, *spatial = sch.get_loops(mm)[-len(ivs):]
         sch.reorder(*spatial, lane)
         sch.bind(lane, "threadIdx.x")
         sch.set_scope(mm, 0, "local")
@@ -218,6 +189,11 @@ class QuantGemv:
         if after:
             sch.reverse_compute_at(after[-1], j_y, preserve_unit_loops=True)
         return sch
+
+
+def _named_blocks(sch: s_tir.Schedule) -> dict:
+    """{name: block} of the root's children (formats/quant_values.py names the factored form's blocks)."""
+    return {sch.get(b).name_hint: b for b in sch.get_child_blocks(get_root_block(sch))}
 
 
 class _Decline(Exception):

@@ -49,7 +49,7 @@ def test_gemv_cuda_every_type_and_epilogue(qtype):
     the 2-bit types). Every per-thread buffer must have a static size, or CUDA codegen refuses it."""
     funcs = {}
     for epilogue in ("cast", "residual", "cast_residual", "logits"):
-        f = QuantGemv().kernel(dequant_matmul(qtype, 1024, 64, "bfloat16", epilogue))
+        f = QuantGemv().kernel(dequant_matmul(qtype, 1024, 64, "bfloat16", epilogue, byte_perm=True))
         assert f is not None, epilogue
         funcs[epilogue] = f.with_attr("global_symbol", epilogue)
     src = _cuda_source(funcs)
@@ -68,7 +68,7 @@ def test_rules_decline_plain_matmuls():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_gemv_and_dequantize_nvcc_no_spills(tmp_path):
-    funcs = {f"gemv_{q}": QuantGemv().kernel(dequant_matmul(q, 4096, 4096, "bfloat16", "residual"))
+    funcs = {f"gemv_{q}": QuantGemv().kernel(dequant_matmul(q, 4096, 4096, "bfloat16", "residual", byte_perm=True))
              for q in ("q4_k", "q6_k", "q8_0")}
     funcs.update({f"deq_{q}": QuantDequantize().kernel(dequantize_func(q, 4096, 4096)) for q in ("q4_k", "q8_0")})
     cu = tmp_path / "k.cu"

@@ -5,7 +5,10 @@ one module holds a QuantLinear per type. `decode` (few rows) must fuse each dequ
 `prefill` (many rows) must keep it a separate kernel, and both must compute gguf.quants.dequantize(W) @ x.
 """
 
+import ctypes
 import re
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from conftest import DATA
 import gguf  # noqa: E402
 from formats.gguf import GGUFFile  # noqa: E402
 from compile.repack import repack  # noqa: E402
+from formats.quant_values import dequantize_matmul_te  # noqa: E402
 from model_defs.quant import QuantLinear, component_shapes, dequantize_te  # noqa: E402
 from formats.quant_layout import QUANT_TYPES  # noqa: E402
 from schedules.pipeline import _passes, relax_pipeline, tir_pipeline  # noqa: E402
@@ -78,17 +82,21 @@ def _called(lowered, func: str) -> list[str]:
 
 
 def test_fusion_decision(compiled):
+    """decode: each packed type's matmul is one factored PrimFunc (dequantize_<qtype>_NT_matmul, its
+    per-group dot products `group_dot` inside), the stored F16 weight's dequantize fused into its matmul;
+    prefill: a separate dequantize kernel per type."""
     lowered = compiled[0]
     decode, prefill = _called(lowered, "decode"), _called(lowered, "prefill")
-    assert sorted(n for n in decode if "dequantize" in n) == sorted(
-        n for n in decode if n.startswith("fused_dequantize") and "NT_matmul" in n)
-    assert len([n for n in decode if n.startswith("fused_dequantize")]) == len(TYPES)
+    assert all("NT_matmul" in n for n in decode if "dequantize" in n), decode
+    factored = [n for n in decode if re.fullmatch(r"(fused_)?dequantize_q\w+_NT_matmul\w*", n)]
+    assert len(factored) == len(TYPES) - 1 and all("group_dot" in lowered[n].script() for n in factored), decode
+    assert [n for n in decode if n.startswith("fused_dequantize_f16")], decode
     assert len([n for n in prefill if n.startswith("dequantize")]) == len(TYPES)
     assert not any("dequantize" in n and "matmul" in n for n in prefill)
 
 
-def _check(out, x, weights):
-    for qtype, y in zip(TYPES, out):
+def _check(out, x, weights, types=TYPES):
+    for qtype, y in zip(types, out):
         ref_w = weights[qtype][1]
         ref = x.astype(np.float64) @ ref_w.T
         bound = K * 2.0**-23 * (np.abs(x.astype(np.float64)) @ np.abs(ref_w).T) + 1e-30  # fp32 accumulation
@@ -120,3 +128,33 @@ def test_dequantize_bit_exact(weights):
         lib(*[tvm.runtime.tensor(weights[qtype][0][c]) for c in component_shapes(qtype, N, K)], out)
         ref = weights[qtype][1].astype(np.float32)
         np.testing.assert_array_equal(out.numpy().view(np.uint32), ref.view(np.uint32), err_msg=qtype)
+
+
+_BYTE_PERM_C = """
+#include <stdint.h>
+uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) {  /* CUDA's: byte n of the result is byte
+  (s >> 4n) & 7 of the 8 bytes y:x */
+  uint64_t v = ((uint64_t)y << 32) | x; uint32_t r = 0;
+  for (int n = 0; n < 4; ++n) r |= (uint32_t)((v >> (8 * ((s >> (4 * n)) & 7))) & 0xFF) << (8 * n);
+  return r;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler for the __byte_perm stand-in")
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_k", "q6_k"])
+def test_cuda_byte_permute_codes(weights, qtype, tmp_path):
+    """The CUDA form of the factored matmul (codes by __byte_perm, formats/quant_values.py) computes
+    gguf's W @ x: run here on the CPU with a C stand-in of CUDA's __byte_perm."""
+    lib = tmp_path / "byte_perm.so"
+    (tmp_path / "byte_perm.c").write_text(_BYTE_PERM_C)
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(tmp_path / "byte_perm.c")], check=True)
+    ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)  # the JIT-compiled module resolves __byte_perm here
+    comps = [te.placeholder(s, dt, c) for c, (s, dt) in component_shapes(qtype, N, K).items()]
+    x = te.placeholder((3, K), "float32", "x")
+    func = tvm.compile(te.create_prim_func([x, *comps, dequantize_matmul_te(qtype, x, comps, byte_perm=True)]),
+                       target=TARGET)
+    xs = np.random.default_rng(0).standard_normal((3, K)).astype(np.float32)
+    out = tvm.runtime.empty((3, N), "float32")
+    func(tvm.runtime.tensor(xs), *[tvm.runtime.tensor(weights[qtype][0][c]) for c in component_shapes(qtype, N, K)], out)
+    _check([out], xs, {qtype: weights[qtype]}, [qtype])

@@ -1,0 +1,137 @@
+"""The values of docs/QUANT-LAYOUT.md's components as TE expressions, and the dequantize-matmul they make.
+
+`parts` gives an element's (scale, code, min), bit-identical to `gguf.quants.dequantize` once combined
+(model_defs/quant.py's dequantize PrimFunc). `dequantize_matmul_te` is the few-row matmul with the group
+scale factored out, built by the compiler pass that picks it (schedules/quant_fusion.py) for the GEMV
+rule (schedules/quant_gemv.py). Here, with the layout, because both the model definitions and the
+schedules use it (formats is the layer both may import); only those import TVM through it.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+
+from formats.quant_layout import quant_type
+
+
+def _names(qtype: str) -> list[str]:
+    """The components' names in PrimFunc argument order."""
+    return list(quant_type(qtype).components)
+
+
+def _bits(words: te.Tensor, n, k, bits: int):
+    """The `bits`-bit code of element k of row n (element k at bit bits·(k % (32/bits)) of word k·bits/32)."""
+    per = 32 // bits
+    shift = ((k % per) * bits).astype("uint32")
+    return (words[n, k // per] >> shift) & tirx.const(2**bits - 1, "uint32")
+
+
+def _code(code, offset: int = 0):
+    """`code` (a uint32 below 2^23) minus `offset` in fp32, without an int->float conversion: the code's
+    bits below the exponent of 2^23 make the float 2^23 + code exactly, so one subtraction gives the
+    exact value (GPUs convert integers at a quarter of the FMA rate)."""
+    magic = tirx.reinterpret("float32", code | tirx.const(0x4B000000, "uint32"))
+    return magic - tirx.const(float(2**23 + offset), "float32")
+
+
+def _byte_code(words: te.Tensor, n, k, bits: int, offset: int = 0):
+    """`_code` of a 4- or 8-bit code for CUDA: the code's byte and the exponent of 2^23 put together by one
+    byte permute (`__byte_perm`, PRMT) instead of shift, mask and OR (three integer instructions at half
+    the FMA rate). Nibbles 2j and 2j + 1 of a word are byte j of word & 0x0F0F0F0F and of
+    (word >> 4) & 0x0F0F0F0F, which every 4 codes share; 8-bit codes get their sign bit flipped per word."""
+    u32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
+    word = words[n, k // (32 // bits)]
+    if bits == 8:
+        v, byte = word ^ u32(0x80808080), k % 4
+    else:
+        v, byte = (word >> ((k % 2) * 4).astype("uint32")) & u32(0x0F0F0F0F), (k % 8) // 2
+    made = tirx.call_pure_extern("uint32", "__byte_perm", v, u32(0x4B000000), (byte + 0x7650).astype("uint32"))
+    return tirx.reinterpret("float32", made) - tirx.const(float(2**23 + offset), "float32")
+
+
+def _q6_byte_code(q: te.Tensor, qh: te.Tensor, n, k):
+    """`_byte_code` of a Q6_K code (low nibble | high 2 bits << 4) minus 32: the high bits of the 4 codes
+    that share a byte-permuted word (bits 4j + 2h of qh's half, j = 0..3) are spread to bits 8j + 4 by one
+    byte permute, a shift and two masks, then merged into the nibbles' bytes, so that per code only the
+    final permute remains (instead of two shifts, two masks and two ORs)."""
+    u32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
+    h = (k % 2).astype("uint32")
+    hi = qh[n, k // 16] >> (((k // 8) % 2).astype("uint32") * u32(16) + h * u32(2))
+    doubled = tirx.call_pure_extern("uint32", "__byte_perm", hi, u32(0), u32(0x1100))  # bytes 0, 0, 1, 1
+    spread = (doubled & u32(0x30003000)) | ((doubled << u32(4)) & u32(0x00300030))
+    v = ((q[n, k // 8] >> (h * u32(4))) & u32(0x0F0F0F0F)) | spread
+    made = tirx.call_pure_extern("uint32", "__byte_perm", v, u32(0x4B000000), ((k % 8) // 2 + 0x7650).astype("uint32"))
+    return tirx.reinterpret("float32", made) - tirx.const(float(2**23 + 32), "float32")
+
+
+WITH_MIN = ("q4_k", "q5_k", "q2_k")  # types whose value subtracts a min
+GROUP = {"q8_0": 32, "q4_0": 32, "q4_k": 32, "q5_k": 32, "q6_k": 16, "q2_k": 16, "q3_k": 16}  # elements a scale
+
+
+def parts(qtype: str, c: dict, n, k, byte_perm: bool = False):
+    """(scale, code, min) of element (n, k) in fp32, its value scale · code − min (min None: 0); scale and
+    min are constant over k's group of GROUP[qtype] elements. Every product is exact in fp32. `byte_perm`
+    (CUDA only): Q8_0, Q4_0, Q4_K and Q6_K codes by byte permutes (`_byte_code`), the same values."""
+    def f32(x):
+        return x.astype("float32")
+
+    def u32(v):
+        return tirx.const(v, "uint32")
+
+    if qtype == "q8_0":  # the byte as int8: flipping its sign bit offsets it by 128
+        code = _byte_code(c["q"], n, k, 8, 128) if byte_perm else _code(_bits(c["q"], n, k, 8) ^ u32(0x80), 128)
+        return f32(c["d"][n, k // 32]), code, None
+    if qtype == "q4_0":
+        return f32(c["d"][n, k // 32]), _byte_code(c["q"], n, k, 4, 8) if byte_perm else _code(_bits(c["q"], n, k, 4), 8), None
+    d = f32(c["d"][n, k // 256])
+    if qtype in ("q4_k", "q5_k"):
+        q = _bits(c["q"], n, k, 4)
+        if qtype == "q5_k":
+            code = _code(q | (_bits(c["qh"], n, k, 1) << u32(4)))
+        else:
+            code = _byte_code(c["q"], n, k, 4) if byte_perm else _code(q)
+        return d * f32(c["sc"][n, k // 32]), code, f32(c["dmin"][n, k // 256]) * f32(c["m"][n, k // 32])
+    if qtype == "q6_k":
+        code = (_q6_byte_code(c["q"], c["qh"], n, k) if byte_perm else
+                _code(_bits(c["q"], n, k, 4) | (_bits(c["qh"], n, k, 2) << u32(4)), 32))
+        return d * f32(c["sc"][n, k // 16]), code, None
+    if qtype == "q2_k":
+        sc = c["sc"][n, k // 16]
+        return (d * f32(sc & tirx.const(15, "uint8")), _code(_bits(c["q"], n, k, 2)),
+                f32(c["dmin"][n, k // 256]) * f32(sc >> tirx.const(4, "uint8")))
+    if qtype == "q3_k":  # q - 4 * (1 - qh) = (q | qh << 2) - 4
+        return d * f32(c["sc"][n, k // 16]), _code(_bits(c["q"], n, k, 2) | (_bits(c["qh"], n, k, 1) << u32(2)), 4), None
+    raise ValueError(qtype)
+
+
+def dequantize_matmul_te(qtype: str, x: te.Tensor, components: list[te.Tensor], byte_perm: bool = False) -> te.Tensor:
+    """x · dequantize(W)ᵀ in fp32 ([..., K] x [N, K] -> [..., N]), the group scale factored out of the
+    inner sum: per group g of GROUP[qtype] elements Σ_k (a·q_k − b)·x_k = a·Σ_k q_k·x_k − b·Σ_k x_k, with
+    Σ_k x_k shared by every row of W. A GEMV then does per weight only the code's int→float and one FMA
+    (schedules/quant_gemv.py); the rounding differs from the unfactored sum within fp32's.
+
+    Blocks (named for the rules): `dequantize_<qtype>_codes` [N, K] (the codes as floats), `group_scale`
+    and `group_min` [N, K/G], `group_dot` [..., N, K/G] and `group_sum` [..., K/G] (reductions over a
+    group), then `NT_matmul` [..., N] (the reduction over groups, its reads all plain iterators, so that a
+    schedule can pad its row count)."""
+    c = dict(zip(_names(qtype), components))
+    rows, cols = components[0].shape[0], x.shape[-1]
+    group = GROUP[qtype]
+    index = lambda v: tirx.IntImm(str(x.shape[-1].ty), v)  # noqa: E731  (x's index type: int64 from Relax)
+    ngroups = cols // group
+    codes = te.compute((rows, cols), lambda n, k: parts(qtype, c, n, k, byte_perm)[1], name=f"dequantize_{qtype}_codes")
+    scale = te.compute((rows, ngroups), lambda n, g: parts(qtype, c, n, g * group)[0], name="group_scale")
+    t = te.reduce_axis((index(0), index(group)), "t")
+    dot = te.compute((*x.shape[:-1], rows, ngroups), lambda *i: te.sum(
+        x[(*i[:-2], i[-1] * group + t)].astype("float32") * codes[i[-2], i[-1] * group + t], axis=t),
+        name="group_dot")
+    g = te.reduce_axis((index(0), ngroups), "g")
+    if qtype not in WITH_MIN:
+        return te.compute((*x.shape[:-1], rows), lambda *i: te.sum(
+            scale[i[-1], g] * dot[(*i, g)], axis=g), name="NT_matmul")
+    low = te.compute((rows, ngroups), lambda n, g: parts(qtype, c, n, g * group)[2], name="group_min")
+    s = te.reduce_axis((index(0), index(group)), "s")
+    xsum = te.compute((*x.shape[:-1], ngroups), lambda *i: te.sum(
+        x[(*i[:-1], i[-1] * group + s)].astype("float32"), axis=s), name="group_sum")
+    return te.compute((*x.shape[:-1], rows), lambda *i: te.sum(
+        scale[i[-1], g] * dot[(*i, g)] - low[i[-1], g] * xsum[(*i[:-1], g)], axis=g), name="NT_matmul")
