@@ -159,12 +159,6 @@ class ModelRunner:
         """The argmax of every row of device `logits`, left on the device (DeviceTokens)."""
         return self._device_tokens(self.vm["argmax"](logits))
 
-    def draw(self, logits, temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray, min_p: np.ndarray,
-             uniform: np.ndarray) -> DeviceTokens:
-        """As sample() for every row of device `logits`, each drawn (temperature > 0), left on the device."""
-        drawn = self._draw(logits, np.arange(logits.shape[0]), temperature, top_p, top_k, min_p, uniform)
-        return self._device_tokens(drawn._create_view((logits.shape[0],), "int32"))  # [b, 1] → [b]
-
     def _device_tokens(self, tokens) -> DeviceTokens:
         """On CUDA the copy to the host is queued behind the kernels that make `tokens`, so
         DeviceTokens.host() waits for this step only."""

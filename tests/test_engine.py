@@ -156,6 +156,30 @@ def test_bad_requests_fail_alone_while_others_are_served(engine):
     assert rest
 
 
+def test_requests_added_together_share_their_first_step_or_none_is_queued(engine):
+    """add_requests: one bad pair queues none of them; good ones are admitted before the engine's next
+    step, so their prompts are prefilled in one batch however fast the engine thread runs."""
+    import queue
+
+    greedy = SamplingParams(temperature=0, max_tokens=3)
+    with pytest.raises(KilnError, match="top_p"):
+        engine.add_requests([("Tom had a dog", greedy), ("A bird", SamplingParams(top_p=1.5))], lambda d: None)
+    batches = []
+    forward = engine.runner.forward
+    engine.runner.forward = lambda seq_ids, *a, **k: batches.append(len(seq_ids)) or forward(seq_ids, *a, **k)
+    try:
+        done: queue.Queue = queue.Queue()
+        ids = engine.add_requests([(p, greedy) for p in ("Tom had a dog", "A bird sang", "Ben and Mia")], done.put)
+        finished = set()
+        while len(finished) < len(ids):
+            d = done.get()
+            if d.output is not None:
+                finished.add(d.request_id)
+    finally:
+        engine.runner.forward = forward
+    assert batches[0] == 3 and engine.stats().running == 0
+
+
 def test_async_streams_and_abort(engine):
     async def run():
         async def collect(prompt):
