@@ -13,6 +13,7 @@ import sys
 import pytest
 import tvm
 import yaml
+from tvm.script import tirx as T
 
 from compile import driver, targets
 from conftest import STORIES_HF
@@ -23,9 +24,8 @@ _TRIGGER = "tvm_builtin_ptx_griddepcontrol_launch_dependents();"
 _WAIT = "tvm_builtin_ptx_griddepcontrol_wait();"
 
 
-def _compile_cuda(out, monkeypatch, pdl: bool):
-    """(manifest, device kernels {name: launch tags}, {name: first two statements of its CUDA body})."""
-    monkeypatch.setattr(driver, "enable_cuda_binaries", lambda arch: False)
+def _record_device_modules(monkeypatch) -> list:
+    """(device module, built module) of every CUDA codegen from now on: the launch tags and the source."""
     tirx_build = sys.modules["tvm.tirx.build"]
     codegen, device = tirx_build.codegen_build, []
 
@@ -36,20 +36,28 @@ def _compile_cuda(out, monkeypatch, pdl: bool):
         return built
 
     monkeypatch.setattr(tirx_build, "codegen_build", recording_codegen)
-    art = driver.compile_artifact(model=str(STORIES_HF), target="cuda", dtype="float16", out=str(out), weights=None,
-                                  cuda_arch=None, context=256, page_size=16, prefill_chunk=64, max_batch=4, pdl=pdl)
+    return device
+
+
+def _kernels(device: list) -> tuple[dict, dict, str]:
+    """({kernel: launch tags}, {kernel: first two statements of its CUDA body}, CUDA source)."""
     (mod, built), = device
     tags = {gv.name_hint: [str(t) for t in f.attrs["tirx.kernel_launch_params"]]
             for gv, f in mod.functions.items() if int(f.attrs.get("calling_conv", 0)) == 2}
     source = built.inspect_source("cuda")
     bodies = dict(re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\([^;{]*\) \{\n'
                              r'((?:[^\n]*\n){2})', source))
-    return yaml.safe_load((art / "kiln.yaml").read_text()), tags, bodies, source
+    return tags, bodies, source
 
 
 def test_every_kernel_waits_and_is_launched_with_pdl(tmp_path, monkeypatch):
-    manifest, tags, bodies, _ = _compile_cuda(tmp_path / "pdl", monkeypatch, pdl=True)
-    assert manifest["cuda_pdl"] is True
+    monkeypatch.setattr(driver, "enable_cuda_binaries", lambda arch: False)  # the source is what is checked
+    device = _record_device_modules(monkeypatch)
+    art = driver.compile_artifact(model=str(STORIES_HF), target="cuda", dtype="float16", out=str(tmp_path / "pdl"),
+                                  weights=None, cuda_arch=None, context=256, page_size=16, prefill_chunk=64,
+                                  max_batch=4)
+    assert yaml.safe_load((art / "kiln.yaml").read_text())["cuda_pdl"] is True
+    tags, bodies, _ = _kernels(device)
     assert len(tags) > 20 and set(bodies) == set(tags)  # attention, RoPE/append, norms, GEMV, sampling...
     for name, kernel_tags in tags.items():
         assert LAUNCH_TAG in kernel_tags, name
@@ -57,11 +65,23 @@ def test_every_kernel_waits_and_is_launched_with_pdl(tmp_path, monkeypatch):
         assert bodies[name].split() == [_TRIGGER, _WAIT], name  # before any other statement
 
 
-def test_no_pdl_build_has_neither_tag_nor_wait(tmp_path, monkeypatch):
-    manifest, tags, _, source = _compile_cuda(tmp_path / "no-pdl", monkeypatch, pdl=False)
-    assert manifest["cuda_pdl"] is False
-    assert tags and not any(LAUNCH_TAG in t for t in tags.values())
-    assert "griddepcontrol" not in source
+@T.prim_func
+def _add_one(a: T.Buffer((256,), "float32"), b: T.Buffer((256,), "float32")):
+    T.func_attr({"global_symbol": "add_one", "tirx.noalias": True})
+    for bx in T.thread_binding(2, thread="blockIdx.x"):
+        for tx in T.thread_binding(128, thread="threadIdx.x"):
+            b[bx * 128 + tx] = a[bx * 128 + tx] + T.float32(1)
+
+
+@pytest.mark.parametrize("pdl", [True, False])
+def test_no_pdl_pipeline_has_neither_tag_nor_wait(monkeypatch, pdl):
+    """`--no-pdl` (tir_pipeline(target, pdl=False)) on an sm_90 target: a kernel keeps its plain launch."""
+    target = targets.tvm_target("cuda", "sm_90a")
+    device = _record_device_modules(monkeypatch)
+    tvm.tirx.build(tvm.IRModule({"add_one": _add_one}), target=target, pipeline=tir_pipeline(target, pdl))
+    tags, _, source = _kernels(device)
+    assert (LAUNCH_TAG in tags["add_one_kernel"]) is pdl
+    assert ("griddepcontrol" in source) is pdl
 
 
 @pytest.mark.parametrize("target,pipeline", [
