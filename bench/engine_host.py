@@ -32,9 +32,9 @@ def stub_decode(engine: Engine, seed: int = 0) -> None:
     tokens are random ids, ready at once (the engine's overlapped loop, EngineConfig.overlap)."""
     rng = np.random.default_rng(seed)
     vocab = min(engine.runner.vocab_size, 150_000)
-    engine.runner.decode_next = lambda seq_ids, tokens: len(seq_ids)
-    engine._device_tokens = lambda logits, seqs: DeviceTokens(
-        np.zeros(len(seqs), np.int32), lambda: rng.integers(3, vocab, len(seqs)))
+    engine.runner.decode_next = lambda seq_ids, tokens: np.empty((len(seq_ids), 0))  # "logits": rows only
+    engine.runner.greedy = lambda logits: DeviceTokens(
+        np.zeros(logits.shape[0], np.int32), lambda: rng.integers(3, vocab, logits.shape[0]))
 
 
 def host_per_step(engine: Engine, batch: int, steps: int, prompt_len: int = 16) -> float:
