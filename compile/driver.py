@@ -134,7 +134,7 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
         "target": target,
         "cuda_arch": arch,
         "cuda_binary": bool(cuda_binary),
-        "cuda_pdl": target == "cuda" and pdl and supports_pdl(tvm_target),
+        "cuda_pdl": pdl and supports_pdl(tvm_target),  # False for every other target
         "library": library,
         "page_size": page_size,
         "context_length": context,
