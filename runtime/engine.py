@@ -207,7 +207,7 @@ class Engine:
         batches they run in do not depend on how fast the caller queues them (one by one, the engine may
         start on the first alone). KilnError, and nothing queued, if any is malformed."""
         reqs = [self._request(prompt, params, sink, request_id)
-                for (prompt, params), request_id in zip(requests, request_ids or [None] * len(requests))]
+                for (prompt, params), request_id in zip(requests, request_ids or [None] * len(requests), strict=True)]
         self._start()
         self._inbox.put(("add", reqs))
         return [req.request_id for req in reqs]
