@@ -2,8 +2,8 @@
 
 Everything above this file thinks in sequences and token ids; nothing above it touches TVM.
 `forward` appends tokens to any mix of sequences (prefills, chunks of prefills, decodes) and
-returns the logits of each sequence's last new token. For the engine's overlapped loop, `greedy` and
-`draw` leave a step's tokens on the device (DeviceTokens) and `decode_next` feeds them to the next step,
+returns the logits of each sequence's last new token. For the engine's overlapped loop, `greedy`
+leaves a step's tokens on the device (DeviceTokens) and `decode_next` feeds them to the next step,
 so the host can read them while that next step runs.
 """
 
