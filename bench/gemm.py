@@ -125,7 +125,7 @@ def _prim_func(k: int, n: int, dtype: str, epilogue: str):
     return te.create_prim_func([x, w, res, y])
 
 
-def build(out: str, variants: list[str]) -> None:
+def build(out: str, variants: list[str], pdl: bool = False) -> None:
     from dataclasses import replace
 
     import tvm
@@ -149,7 +149,7 @@ def build(out: str, variants: list[str]) -> None:
             assert sch is not None, f"{variant} rejected K={k} N={n}"
             name = kernel_name(variant, k, n)
             funcs[name] = sch.mod["main"]
-    export_kernels(funcs, out, {"variants": chosen})
+    export_kernels(funcs, out, {"variants": chosen}, pdl=pdl)
 
 
 def nvcc_fatbin(out: str, threads: int = 1) -> None:
@@ -160,18 +160,21 @@ def nvcc_fatbin(out: str, threads: int = 1) -> None:
                    check=True, stderr=open(os.path.join(out, "ptxas.log"), "w"))
 
 
-def export_kernels(funcs: dict, out: str, meta: dict, nvcc: bool = True) -> None:
+def export_kernels(funcs: dict, out: str, meta: dict, nvcc: bool = True, pdl: bool = False) -> None:
     """Scheduled PrimFuncs (name → func) → `out`/gemm.so (carrying the CUDA source), its gemm.fatbin
-    unless `nvcc` is False (then `run` compiles it on the GPU box) and meta.json."""
+    unless `nvcc` is False (then `run` compiles it on the GPU box) and meta.json. `pdl`: the kernels
+    as the model builds them for sm_90+ (schedules/pdl.py), so back-to-back launches overlap a kernel's
+    launch and ramp with the previous one's tail as they do in a decode step."""
     import tvm
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from schedules.matmul_tensorcore import TIR_PIPELINE
+    from schedules.pdl import PDL_TIR_PIPELINE
 
     target = tvm.target.Target("nvidia/nvidia-h100")
     funcs = {name: f.with_attr("global_symbol", name) for name, f in funcs.items()}
     with target:
-        lib = tvm.tirx.build(tvm.IRModule(funcs), target=target, pipeline=TIR_PIPELINE)
+        lib = tvm.tirx.build(tvm.IRModule(funcs), target=target, pipeline=PDL_TIR_PIPELINE if pdl else TIR_PIPELINE)
     os.makedirs(out, exist_ok=True)
     lib.export_library(os.path.join(out, "gemm.so"))
     subprocess.run(["strip", "--strip-unneeded", os.path.join(out, "gemm.so")], check=True)
@@ -182,7 +185,8 @@ def export_kernels(funcs: dict, out: str, meta: dict, nvcc: bool = True) -> None
         nvcc_fatbin(out)
         os.remove(os.path.join(out, "kernels.cu"))
     with open(os.path.join(out, "meta.json"), "w") as f:
-        json.dump({"source_sha256": hashlib.sha256(src.encode()).hexdigest(), "kernels": sorted(funcs), **meta}, f)
+        json.dump({"source_sha256": hashlib.sha256(src.encode()).hexdigest(), "kernels": sorted(funcs), "pdl": pdl,
+                   **meta}, f)
     print(f"built {len(funcs)} kernels into {out}")
 
 
@@ -351,13 +355,14 @@ def main() -> None:
     b = sub.add_parser("build")
     b.add_argument("--out", required=True)
     b.add_argument("--variants", default=",".join(VARIANTS))
+    b.add_argument("--pdl", action="store_true", help="build the kernels with programmatic dependent launch")
     r = sub.add_parser("run")
     r.add_argument("dir")
     r.add_argument("--ms", default=",".join(map(str, MS)))
     r.add_argument("--results")
     a = p.parse_args()
     if a.cmd == "build":
-        build(a.out, a.variants.split(","))
+        build(a.out, a.variants.split(","), a.pdl)
     else:
         run(a.dir, [int(x) for x in a.ms.split(",")], a.results, " ".join(sys.argv))
 

@@ -112,7 +112,8 @@ def _cases(models: str = ""):
 
 
 # ------------------------------------------------------------------------------------ build
-def build(out: str, variants: dict, gemv_only: bool = False, nvcc: bool = True, models: str = "") -> None:
+def build(out: str, variants: dict, gemv_only: bool = False, nvcc: bool = True, models: str = "",
+          pdl: bool = False) -> None:
     import tvm
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -135,7 +136,7 @@ def build(out: str, variants: dict, gemv_only: bool = False, nvcc: bool = True, 
                     dequant_matmul(qtype, k, n, "bfloat16", epilogue, byte_perm=True))
                 assert f is not None, (name, qtype, k, n)
                 funcs[f"{name}_{qtype}_k{k}_n{n}"] = f
-    export_kernels(funcs, out, {"variants": variants, "gemv_only": gemv_only, "weight_dtype": "float32"}, nvcc)
+    export_kernels(funcs, out, {"variants": variants, "gemv_only": gemv_only, "weight_dtype": "float32"}, nvcc, pdl)
 
 
 # ------------------------------------------------------------------------------------ run
@@ -442,6 +443,7 @@ def main() -> None:
     b.add_argument("--gemv-only", action="store_true", help="only the GEMV variants (no dequantize / GEMM)")
     b.add_argument("--no-nvcc", action="store_true", help="leave nvcc to `run` (on the GPU box, all its cores)")
     b.add_argument("--models", default="", help="only the shapes of models whose name starts with this")
+    b.add_argument("--pdl", action="store_true", help="build the kernels with programmatic dependent launch")
     r = sub.add_parser("run")
     r.add_argument("dir")
     r.add_argument("--results")
@@ -450,7 +452,7 @@ def main() -> None:
     r.add_argument("--variants", default="", help="only these of the build's GEMV variants (comma-separated)")
     a = p.parse_args()
     if a.cmd == "build":
-        build(a.out, {v: VARIANTS[v] for v in a.variants.split(",")}, a.gemv_only, not a.no_nvcc, a.models)
+        build(a.out, {v: VARIANTS[v] for v in a.variants.split(",")}, a.gemv_only, not a.no_nvcc, a.models, a.pdl)
     else:
         run(a.dir, a.results, " ".join(sys.argv), a.models, tuple(int(m) for m in a.ms.split(",")),
             tuple(v for v in a.variants.split(",") if v))
