@@ -20,12 +20,16 @@ from tvm import s_tir, tirx
 from tvm.ir import IRModule
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
+from tvm.script import tirx as T
+
+from .pdl import pre_wait_mark, supports_pdl
 
 LIMITS_AND_BUCKETS = ((2, 2), (4, 4), (8, 8))  # M <= 2 → bucket 2, ...; M > 8: the GEMM rules
 LOAD_BYTES = 16  # one 128-bit load per thread and step
 WARP = 32
 UNROLL = 4  # K steps whose weight loads are issued together
 MIN_BLOCKS = 264  # two blocks per SM on an H100 before a warp takes two output columns
+PREFETCH = (None, "l2", "bulk")  # StreamingGEMV's weight prefetch before the PDL wait
 
 
 class StreamingGEMV(dl.gpu.LowBatchGEMV):
@@ -37,12 +41,24 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
     flight together, partial sums in registers, one shuffle reduction at the end. `warps` per block
     (128 threads) keeps blocks small so that N = 1024–4096 still gives several per SM. What CUDA
     declines here (dequantizing prologues, K not a multiple of 32 × 16 bytes) goes to dlight's.
+
+    On sm_90+ (programmatic dependent launch, schedules/pdl.py) each warp starts pulling its first
+    `prefetch_steps` steps of weights into L2 before `griddepcontrol.wait`, i.e. while the previous
+    kernel still runs, so the weight stream does not start cold: `prefetch="l2"`, every lane issues
+    `prefetch.global.L2` for the 16-byte pieces it will load (a warp's 32 coalesce into 512-byte runs);
+    `"bulk"`, one lane per column issues one `cp.async.bulk.prefetch.L2` over the column's run
+    (`prefetch_steps=0`: the whole row of K); None: nothing before the wait.
     """
 
-    def __init__(self, bucket: int = 4, warps: int = 4, columns: int | None = None):
+    def __init__(self, bucket: int = 4, warps: int = 4, columns: int | None = None, unroll: int = UNROLL,
+                 prefetch: str | None = "l2", prefetch_steps: int = 1):
         super().__init__(bucket)
+        assert prefetch in PREFETCH and (prefetch == "bulk" or prefetch_steps > 0), (prefetch, prefetch_steps)
         self.warps = warps
         self.columns = columns
+        self.unroll = unroll
+        self.prefetch = prefetch
+        self.prefetch_steps = prefetch_steps
 
     def sch_inner_reduction(self, sch, target, block, dequantize_block, pad_input_block,
                             vector_input_buffers, epilogue_info, batch_pad):
@@ -56,7 +72,7 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
             return super().sch_inner_reduction(sch, target, block, dequantize_block, pad_input_block,
                                                vector_input_buffers, epilogue_info, batch_pad)
         n, k = int(n), int(k)
-        unroll = next(u for u in (UNROLL, 2, 1) if k % (u * WARP * vec) == 0)
+        unroll = next(u for u in (self.unroll, 2, 1) if k % (u * WARP * vec) == 0)
         tile_s = self.columns or (2 if n % (2 * self.warps) == 0 and n // (2 * self.warps) >= MIN_BLOCKS else 1)
         if n % (tile_s * self.warps):
             tile_s = 1
@@ -87,7 +103,32 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
         if epilogue:  # the unpadding block, with any cast / bias / residual fused into it
             sch.set_scope(block, 0, "local")
             sch.reverse_compute_at(epilogue[0], ty, preserve_unit_loops=True)
+        if self.prefetch and supports_pdl(target):
+            self._prefetch_before_wait(sch, partial, weight, tile_s, vec, unroll * WARP * vec, k)
         return sch
+
+    def _prefetch_before_wait(self, sch, partial, weight, columns: int, vec: int, step_k: int, k: int) -> None:
+        """Put the warp's weight prefetch first in each thread's work, marked as the kernel's pre-wait
+        section (schedules/pdl.py): it reads only `weight`, which no kernel of the step writes."""
+        bx, ty, tx = (sch.get(loop) for loop in sch.get_loops(partial)[1:4])
+        col = bx.loop_var * (self.warps * columns) + ty.loop_var * columns
+        lane, dt = tx.loop_var, str(tx.loop_var.ty.dtype)
+        ramp = min(self.prefetch_steps * step_k or k, k)  # K elements prefetched per column
+        if self.prefetch == "bulk":
+            nbytes = tirx.IntImm("uint32", ramp * tvm.DataType(weight.dtype).bits // 8)
+            start = tirx.BufferLoad(weight, [col + lane, tirx.IntImm(dt, 0)])
+            body = tirx.IfThenElse(lane < columns, tirx.Evaluate(
+                T.ptx.cp.async_.bulk.prefetch.L2.global_(tirx.address_of(start), nbytes)), None)
+        else:  # lane tx's 16-byte piece of every WARP-wide run of the first steps, every column
+            j, c = tirx.Var("pf_run", dt), tirx.Var("pf_col", dt)
+            start = tirx.BufferLoad(weight, [col + c, j * (WARP * vec) + lane * vec])
+            body = tirx.For(c, tirx.IntImm(dt, 0), tirx.IntImm(dt, columns), tirx.ForKind.UNROLLED,
+                            tirx.For(j, tirx.IntImm(dt, 0), tirx.IntImm(dt, ramp // (WARP * vec)),
+                                     tirx.ForKind.UNROLLED, tirx.Evaluate(
+                                         T.ptx.prefetch.global_.L2(tirx.address_of(start)))))
+        first = tirx.SeqStmt([pre_wait_mark(body, [weight.name]), tx.body])
+        sch.state.replace(sch.get_sref(sch.get_loops(partial)[3]),
+                          tirx.For(tx.loop_var, tx.min, tx.extent, tx.kind, first, tx.thread_binding, tx.annotations))
 
 
 def _schedule(func: tirx.PrimFunc, rules: list) -> tirx.PrimFunc:

@@ -12,7 +12,7 @@ finished and its writes are visible), so each kernel still sees all earlier ones
 Pre-wait section: a kernel may do work before the wait that depends on nothing an earlier kernel writes,
 e.g. start streaming the model's weights (constant during a step) while the previous kernel finishes. A
 schedule marks that statement with an `AttrStmt` keyed `PRE_WAIT` whose value names the buffers it may read
-(`pre_wait_mark`; `sch.annotate(loop, PRE_WAIT, tirx.StringImm("w"))` on a loop lowers to the same
+(`pre_wait_mark`; `sch.annotate(loop, PRE_WAIT, "w")` on a loop lowers to the same
 `AttrStmt`). The marked statement must sit at the kernel's top level (under thread extents and buffer
 declarations only, not in a loop or branch); the kernel then runs `launch_dependents`, whatever precedes the
 mark, the mark, `wait`, the rest. Everything before the wait may read global memory only from the named
