@@ -36,7 +36,8 @@ LAUNCH_TAG = "tirx.use_programtic_dependent_launch"  # sic: TVM's spelling (src/
 PRE_WAIT = "pragma_kiln_pdl_pre_wait"  # value: the comma-separated names of the buffers it reads
 _DYNAMIC_SHARED_TAG = "tirx.use_dyn_shared_memory"  # the runtime requires it to stay the last tag
 _KERNEL_LAUNCH = 2  # calling_conv of a __global__ function (CallingConv::kDeviceKernelLaunch)
-PDL_TIR_PIPELINE = "kiln-pdl"  # schedules/matmul_tensorcore.py's TIR_PIPELINE, then this pass
+BASE_TIR_PIPELINE = "kiln"  # schedules/matmul_tensorcore.py's TIR_PIPELINE (it imports low_batch, which imports this)
+PDL_TIR_PIPELINE = BASE_TIR_PIPELINE + "-pdl"
 
 
 def supports_pdl(target: tvm.target.Target) -> bool:
@@ -132,9 +133,7 @@ def ProgrammaticDependentLaunch(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassCo
 
 def _pdl_tir_pipeline():
     """Kiln's TIR pipeline with ProgrammaticDependentLaunch last in the device passes."""
-    from .matmul_tensorcore import TIR_PIPELINE  # not at the top: it imports low_batch, which imports this
-
-    main, host, device = tvm.tirx.get_tir_pipeline(TIR_PIPELINE)
+    main, host, device = tvm.tirx.get_tir_pipeline(BASE_TIR_PIPELINE)
     return main, host, lambda: tvm.transform.Sequential([device(), ProgrammaticDependentLaunch])
 
 

@@ -18,7 +18,8 @@ from tvm.script import tirx as T
 
 from compile import driver, targets
 from conftest import STORIES_HF
-from schedules.pdl import LAUNCH_TAG, PDL_TIR_PIPELINE, PRE_WAIT
+from schedules.matmul_tensorcore import TIR_PIPELINE
+from schedules.pdl import BASE_TIR_PIPELINE, LAUNCH_TAG, PDL_TIR_PIPELINE, PRE_WAIT
 from schedules.pipeline import tir_pipeline
 
 _TRIGGER = "tvm_builtin_ptx_griddepcontrol_launch_dependents();"
@@ -96,6 +97,7 @@ def test_pdl_only_for_sm90_and_later(target, pipeline):
 
 def test_pdl_pipeline_is_registered():
     assert tvm.tirx.get_tir_pipeline(tir_pipeline(targets.tvm_target("cuda", "sm_90a")))
+    assert BASE_TIR_PIPELINE == TIR_PIPELINE  # pdl.py names the pipeline it extends without importing it
 
 
 @T.prim_func
