@@ -72,12 +72,14 @@ VARIANTS = {
     "pf_bulk": ("RowChain(partial(StreamingGEMV, prefetch='bulk'), large=[Matmul()])", "bfloat16", "all", "cast"),
     "pf_bulk_all": ("RowChain(partial(StreamingGEMV, prefetch='bulk', prefetch_steps=0), large=[Matmul()])",
                     "bfloat16", "all", "cast"),
-    "pf_u8": ("RowChain(partial(StreamingGEMV, unroll=8), large=[Matmul()])", "bfloat16", "llama", "cast"),
-    "pf_u2": ("RowChain(partial(StreamingGEMV, unroll=2), large=[Matmul()])", "bfloat16", "llama", "cast"),
-    "pf_c1": ("RowChain(partial(StreamingGEMV, columns=1), large=[Matmul()])", "bfloat16", "llama", "cast"),
-    "pf_w8": ("RowChain(partial(StreamingGEMV, warps=8), large=[Matmul()])", "bfloat16", "llama", "cast"),
-    "pf_w2": ("RowChain(partial(StreamingGEMV, warps=2), large=[Matmul()])", "bfloat16", "llama", "cast"),
+    "tile_c1": ("RowChain(partial(StreamingGEMV, columns=1), large=[Matmul()])", "bfloat16", "mid", "cast"),
+    "tile_c1u8": ("RowChain(partial(StreamingGEMV, columns=1, unroll=8), large=[Matmul()])", "bfloat16", "mid", "cast"),
+    "tile_c1w8": ("RowChain(partial(StreamingGEMV, columns=1, warps=8), large=[Matmul()])", "bfloat16", "mid", "cast"),
+    "tile_u8": ("RowChain(partial(StreamingGEMV, unroll=8), large=[Matmul()])", "bfloat16", "mid", "cast"),
+    "tile_w8": ("RowChain(partial(StreamingGEMV, warps=8), large=[Matmul()])", "bfloat16", "mid", "cast"),
+    "tile_c2u2": ("RowChain(partial(StreamingGEMV, columns=2, unroll=2), large=[Matmul()])", "bfloat16", "mid", "cast"),
 }
+MID_SHAPES = [(4096, 6144), (4096, 4096), (14336, 4096), (1024, 4096), (1024, 6144)]  # below copy speed at M = 1
 
 
 class RowChain:
@@ -106,7 +108,11 @@ def kernel_name(variant: str, k: int, n: int) -> str:
 
 
 def _shapes_for(which: str):
-    """"all", a model prefix ("llama"), "two" (Llama 4096→4096 and 14336→4096) or "lm_head" (Llama's)."""
+    """"all", a model prefix ("llama"), "two" (Llama 4096→4096 and 14336→4096), "lm_head" (Llama's) or "mid"
+    (MID_SHAPES)."""
+    if which == "mid":
+        yield from MID_SHAPES
+        return
     if which in ("two", "lm_head"):
         yield from [(4096, 4096), (14336, 4096)] if which == "two" else [(4096, 128256)]
         return

@@ -42,16 +42,17 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
     (128 threads) keeps blocks small so that N = 1024–4096 still gives several per SM. What CUDA
     declines here (dequantizing prologues, K not a multiple of 32 × 16 bytes) goes to dlight's.
 
-    On sm_90+ (programmatic dependent launch, schedules/pdl.py) each warp starts pulling its first
-    `prefetch_steps` steps of weights into L2 before `griddepcontrol.wait`, i.e. while the previous
-    kernel still runs, so the weight stream does not start cold: `prefetch="l2"`, every lane issues
-    `prefetch.global.L2` for the 16-byte pieces it will load (a warp's 32 coalesce into 512-byte runs);
-    `"bulk"`, one lane per column issues one `cp.async.bulk.prefetch.L2` over the column's run
-    (`prefetch_steps=0`: the whole row of K); None: nothing before the wait.
+    `prefetch` (sm_90+, programmatic dependent launch, schedules/pdl.py): each warp starts pulling its
+    first `prefetch_steps` steps of weights into L2 before `griddepcontrol.wait`, i.e. while the previous
+    kernel still runs: "l2", every lane issues `prefetch.global.L2` for the 16-byte pieces it will load;
+    "bulk", one lane per column one `cp.async.bulk.prefetch.L2` over the column's run (`prefetch_steps=0`:
+    the whole row of K). Off by default: on an H100 both made the GEMVs slower (QKV 81 → 71%, O 75 → 67%
+    of copy at M = 1, Llama-8B decode 165 → 160 tok/s; bench/RESULTS.md, "Weight prefetch before the PDL
+    wait"); bench/gemm.py's pf_* variants keep measuring it.
     """
 
     def __init__(self, bucket: int = 4, warps: int = 4, columns: int | None = None, unroll: int = UNROLL,
-                 prefetch: str | None = "l2", prefetch_steps: int = 1):
+                 prefetch: str | None = None, prefetch_steps: int = 1):
         super().__init__(bucket)
         assert prefetch in PREFETCH and (prefetch == "bulk" or prefetch_steps > 0), (prefetch, prefetch_steps)
         self.warps = warps

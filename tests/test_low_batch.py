@@ -2,10 +2,10 @@
 
 Every model shape, at each row bucket the dispatch uses, must get Kiln's schedule: 128-thread blocks,
 16-byte weight loads, all of a step's weight loads issued before its multiplies, a warp-shuffle
-reduction and no local-memory spill; on sm_90+ (built as the model is, with programmatic dependent
-launch) each thread's first step of weights prefetched into L2 before `griddepcontrol.wait`, and nothing
-else before it; what the schedule does not cover (Metal, K off the 16-byte lane grid) must get dlight's
-LowBatchGEMV unchanged. bench/gemm.py checks the numbers on a GPU (every M from 1 to 8 against torch)
+reduction and no local-memory spill; with `prefetch` on sm_90+ (built as the model is, with programmatic
+dependent launch) each thread's first step of weights prefetched into L2 before `griddepcontrol.wait`, and
+nothing else before it; what the schedule does not cover (Metal, K off the 16-byte lane grid) must get
+dlight's LowBatchGEMV unchanged. bench/gemm.py checks the numbers on a GPU (every M from 1 to 8 against torch)
 and times them against the copy bandwidth.
 """
 
@@ -43,11 +43,12 @@ def kernel_bodies(src: str) -> dict:
     return {re.match(r"(?:__launch_bounds__\(\d+\) )?(\w+)", k).group(1): k for k in kernels if "{" in k}
 
 
-def test_every_model_shape_streams_its_weights(tmp_path):
+@pytest.mark.parametrize("prefetch", [None, "l2"])
+def test_every_model_shape_streams_its_weights(tmp_path, prefetch):
     funcs, columns = {}, {}
     for k, n in MODEL_SHAPES:
         for bucket in BUCKETS:
-            sch = StreamingGEMV(bucket).apply(nt_matmul(k, n), H100, False)
+            sch = StreamingGEMV(bucket, prefetch=prefetch).apply(nt_matmul(k, n), H100, False)
             name = f"gemv_{k}_{n}_{bucket}"
             funcs[name] = sch.mod["main"].with_attr("global_symbol", name)
             blocks = re.search(r'thread_binding\(T.int64\((\d+)\), thread="blockIdx.x"', funcs[name].script())
@@ -63,7 +64,7 @@ def test_every_model_shape_streams_its_weights(tmp_path):
         statements = [line.strip() for line in head.splitlines()[1:] if line.strip()]
         assert wait and statements[0] == "tvm_builtin_ptx_griddepcontrol_launch_dependents();", name
         prefetches = [s for s in statements if s.startswith("tvm_builtin_ptx_prefetch_global_L2((&(w_ptr[")]
-        assert len(prefetches) == UNROLL * columns[name], name  # each column's first K step, in 16-byte pieces
+        assert len(prefetches) == (UNROLL * columns[name] if prefetch else 0), name  # each column's first K step
         assert set(statements[1:]) - set(prefetches) <= {s for s in statements if s.startswith("alignas(")}, name
         assert "prefetch" not in rest, name
     if shutil.which("nvcc"):
@@ -93,8 +94,8 @@ def test_declines_to_dlight_where_it_does_not_apply(target, k):
     assert tvm_ffi.structural_equal(ours.mod, theirs.mod)
 
 
-@pytest.mark.parametrize("target, rule", [(tvm.target.Target("nvidia/nvidia-a100"), StreamingGEMV(2)),
-                                          (H100, StreamingGEMV(2, prefetch=None))])
+@pytest.mark.parametrize("target, rule", [(tvm.target.Target("nvidia/nvidia-a100"), StreamingGEMV(2, prefetch="l2")),
+                                          (H100, StreamingGEMV(2))])
 def test_no_prefetch_without_pdl_or_when_off(target, rule):
     """Before sm_90 no kernel waits on its predecessor, so a prefetch would only precede its own loads."""
     sch = rule.apply(nt_matmul(4096, 4096), target, False)
