@@ -24,7 +24,7 @@ from tvm.s_tir import dlight as dl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from schedules.low_batch import LIMITS_AND_BUCKETS, UNROLL, StreamingGEMV  # noqa: E402
+from schedules.low_batch import LIMITS_AND_BUCKETS, ONE_COLUMN_N, UNROLL, StreamingGEMV  # noqa: E402
 from schedules.matmul_tensorcore import TIR_PIPELINE  # noqa: E402
 from schedules.pdl import PDL_TIR_PIPELINE  # noqa: E402
 from tests.test_gemm_schedule import H100, MODEL_SHAPES, nt_matmul  # noqa: E402
@@ -45,7 +45,7 @@ def kernel_bodies(src: str) -> dict:
 
 @pytest.mark.parametrize("prefetch", [None, "l2"])
 def test_every_model_shape_streams_its_weights(tmp_path, prefetch):
-    funcs, columns = {}, {}
+    funcs, columns, steps = {}, {}, {}
     for k, n in MODEL_SHAPES:
         for bucket in BUCKETS:
             sch = StreamingGEMV(bucket, prefetch=prefetch).apply(nt_matmul(k, n), H100, False)
@@ -53,6 +53,8 @@ def test_every_model_shape_streams_its_weights(tmp_path, prefetch):
             funcs[name] = sch.mod["main"].with_attr("global_symbol", name)
             blocks = re.search(r'thread_binding\(T.int64\((\d+)\), thread="blockIdx.x"', funcs[name].script())
             columns[name + "_kernel"] = n // int(blocks.group(1)) // 4  # a warp's output columns
+            narrow = bucket <= 2 and n <= ONE_COLUMN_N and k % (2 * UNROLL * 256) == 0
+            steps[name + "_kernel"] = 2 * UNROLL if narrow else UNROLL
     src = kernel_source(funcs, pipeline=PDL_TIR_PIPELINE)  # as the model builds them for sm_90+
     bodies = kernel_bodies(src)
     assert len(bodies) == len(funcs)
@@ -64,7 +66,7 @@ def test_every_model_shape_streams_its_weights(tmp_path, prefetch):
         statements = [line.strip() for line in head.splitlines()[1:] if line.strip()]
         assert wait and statements[0] == "tvm_builtin_ptx_griddepcontrol_launch_dependents();", name
         prefetches = [s for s in statements if s.startswith("tvm_builtin_ptx_prefetch_global_L2((&(w_ptr[")]
-        assert len(prefetches) == (UNROLL * columns[name] if prefetch else 0), name  # each column's first K step
+        assert len(prefetches) == (steps[name] * columns[name] if prefetch else 0), name  # each column's first K step
         assert set(statements[1:]) - set(prefetches) <= {s for s in statements if s.startswith("alignas(")}, name
         assert "prefetch" not in rest, name
     if shutil.which("nvcc"):
@@ -77,14 +79,18 @@ def test_every_model_shape_streams_its_weights(tmp_path, prefetch):
         assert "spill" in ptxas.stderr and not re.search(r"[1-9]\d* bytes spill", ptxas.stderr)
 
 
-def test_long_k_weight_loads_in_flight_together():
-    """Llama's down projection: UNROLL steps × 2 columns of 16-byte loads before the first multiply."""
-    sch = StreamingGEMV(2).apply(nt_matmul(14336, 4096), H100, False)
+@pytest.mark.parametrize("bucket, n, columns, steps", [(4, 4096, 2, UNROLL), (2, 28672, 2, UNROLL),
+                                                      (2, 4096, 1, 2 * UNROLL)])
+def test_long_k_weight_loads_in_flight_together(bucket, n, columns, steps):
+    """K = 14336 (Llama's down projection): `steps` K steps × `columns` columns of 16-byte loads before the
+    first multiply; the 2-row bucket up to ONE_COLUMN_N takes one column and twice the steps."""
+    sch = StreamingGEMV(bucket).apply(nt_matmul(14336, n), H100, False)
     src = kernel_source({"down": sch.mod["main"].with_attr("global_symbol", "down")})
     step = src[src.index("for (int64_t"):]
     step = step[:step.index("condval")]  # a K step up to its first load of x
     assert len(re.findall(r"= \*\(uint4\*\)\(w_ptr", step)) == 1  # one vectorized statement ...
-    assert re.search(rf"ax\d+ < {UNROLL}; \+\+ax", step)  # ... in a loop over the UNROLL steps
+    assert re.search(rf"ax\d+ < {steps}; \+\+ax", step)  # ... in a loop over the steps ...
+    assert (re.search(r"for \(int ax\d+ = 0; ax\d+ < 2; \+\+ax", step) is not None) == (columns == 2)  # ... and columns
 
 
 @pytest.mark.parametrize("target, k", [(tvm.target.Target("apple/m2-gpu"), 4096), (H100, 1000)])
@@ -106,7 +112,7 @@ def test_no_prefetch_without_pdl_or_when_off(target, rule):
 def test_bulk_prefetch_takes_each_column_in_one_instruction():
     """prefetch="bulk": lane c < columns prefetches column c's first K step (UNROLL × 512 bytes), or the whole
     row with prefetch_steps=0, with one cp.async.bulk.prefetch.L2 before the wait."""
-    funcs = {f"down_{steps}": StreamingGEMV(2, prefetch="bulk", prefetch_steps=steps).apply(
+    funcs = {f"down_{steps}": StreamingGEMV(4, prefetch="bulk", prefetch_steps=steps).apply(
         nt_matmul(14336, 4096), H100, False).mod["main"].with_attr("global_symbol", f"down_{steps}") for steps in (1, 0)}
     bodies = kernel_bodies(kernel_source(funcs, pipeline=PDL_TIR_PIPELINE))
     for steps, nbytes in ((1, UNROLL * 32 * 16), (0, 14336 * 2)):
