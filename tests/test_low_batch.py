@@ -24,7 +24,7 @@ from tvm.s_tir import dlight as dl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from schedules.low_batch import LIMITS_AND_BUCKETS, ONE_COLUMN_N, UNROLL, StreamingGEMV  # noqa: E402
+from schedules.low_batch import LIMITS_AND_BUCKETS, ONE_COLUMN_MIN_K, ONE_COLUMN_N, UNROLL, StreamingGEMV  # noqa: E402
 from schedules.matmul_tensorcore import TIR_PIPELINE  # noqa: E402
 from schedules.pdl import PDL_TIR_PIPELINE  # noqa: E402
 from tests.test_gemm_schedule import H100, MODEL_SHAPES, nt_matmul  # noqa: E402
@@ -53,8 +53,9 @@ def test_every_model_shape_streams_its_weights(tmp_path, prefetch):
             funcs[name] = sch.mod["main"].with_attr("global_symbol", name)
             blocks = re.search(r'thread_binding\(T.int64\((\d+)\), thread="blockIdx.x"', funcs[name].script())
             columns[name + "_kernel"] = n // int(blocks.group(1)) // 4  # a warp's output columns
-            narrow = bucket <= 2 and n <= ONE_COLUMN_N and k % (2 * UNROLL * 256) == 0
-            steps[name + "_kernel"] = 2 * UNROLL if narrow else UNROLL
+            narrow = bucket <= 2 and n <= ONE_COLUMN_N and k >= ONE_COLUMN_MIN_K
+            assert (columns[name + "_kernel"] == 1) >= narrow, name
+            steps[name + "_kernel"] = 2 * UNROLL if narrow and k % (2 * UNROLL * 256) == 0 else UNROLL
     src = kernel_source(funcs, pipeline=PDL_TIR_PIPELINE)  # as the model builds them for sm_90+
     bodies = kernel_bodies(src)
     assert len(bodies) == len(funcs)
@@ -79,18 +80,27 @@ def test_every_model_shape_streams_its_weights(tmp_path, prefetch):
         assert "spill" in ptxas.stderr and not re.search(r"[1-9]\d* bytes spill", ptxas.stderr)
 
 
-@pytest.mark.parametrize("bucket, n, columns, steps", [(4, 4096, 2, UNROLL), (2, 28672, 2, UNROLL),
-                                                      (2, 4096, 1, 2 * UNROLL)])
-def test_long_k_weight_loads_in_flight_together(bucket, n, columns, steps):
-    """K = 14336 (Llama's down projection): `steps` K steps × `columns` columns of 16-byte loads before the
-    first multiply; the 2-row bucket up to ONE_COLUMN_N takes one column and twice the steps."""
-    sch = StreamingGEMV(bucket).apply(nt_matmul(14336, n), H100, False)
+@pytest.mark.parametrize("bucket, k, n, columns, steps", [(4, 14336, 4096, 2, UNROLL), (2, 4096, 28672, 2, UNROLL),
+                                                         (2, 14336, 4096, 1, 2 * UNROLL)])
+def test_long_k_weight_loads_in_flight_together(bucket, k, n, columns, steps):
+    """Llama's down projection (K = 14336): `steps` K steps × `columns` columns of 16-byte loads before the first
+    multiply; the 2-row bucket (N ≤ ONE_COLUMN_N, K ≥ ONE_COLUMN_MIN_K) takes one column and twice the steps."""
+    sch = StreamingGEMV(bucket).apply(nt_matmul(k, n), H100, False)
     src = kernel_source({"down": sch.mod["main"].with_attr("global_symbol", "down")})
     step = src[src.index("for (int64_t"):]
     step = step[:step.index("condval")]  # a K step up to its first load of x
     assert len(re.findall(r"= \*\(uint4\*\)\(w_ptr", step)) == 1  # one vectorized statement ...
     assert re.search(rf"ax\d+ < {steps}; \+\+ax", step)  # ... in a loop over the steps ...
     assert (re.search(r"for \(int ax\d+ = 0; ax\d+ < 2; \+\+ax", step) is not None) == (columns == 2)  # ... and columns
+
+
+@pytest.mark.parametrize("k, n, columns", [(1024, 6144, 1), (512, 4096, 2), (1024, 8192, 2)])
+def test_one_column_only_where_measured(k, n, columns):
+    """The 2-row bucket's one-column tiling stays within the measured shapes (K ≥ ONE_COLUMN_MIN_K, N ≤
+    ONE_COLUMN_N); elsewhere (the tiny test models' K = 256–512, wide N) the default two columns."""
+    script = StreamingGEMV(2).apply(nt_matmul(k, n), H100, False).mod["main"].script()
+    blocks = int(re.search(r'thread_binding\(T.int64\((\d+)\), thread="blockIdx.x"', script).group(1))
+    assert n // blocks // 4 == columns
 
 
 @pytest.mark.parametrize("target, k", [(tvm.target.Target("apple/m2-gpu"), 4096), (H100, 1000)])
