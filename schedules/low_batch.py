@@ -53,8 +53,9 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
     kernel still runs: "l2", every lane issues `prefetch.global.L2` for the 16-byte pieces it will load;
     "bulk", one lane per column one `cp.async.bulk.prefetch.L2` over the column's run (`prefetch_steps=0`:
     the whole row of K). Off by default: on an H100 both made the GEMVs slower (QKV 81 → 71%, O 75 → 67%
-    of copy at M = 1, Llama-8B decode 165 → 160 tok/s; bench/RESULTS.md, "Weight prefetch before the PDL
-    wait"); bench/gemm.py's pf_* variants keep measuring it.
+    of copy at M = 1, Llama-8B decode 165 → 160 tok/s), and gpu_parity's hidden-256 tiny models failed with
+    the L2 form, cause not found (bench/RESULTS.md, "Weight prefetch before the PDL wait"); bench/gemm.py's
+    pf_* variants keep measuring it.
     """
 
     def __init__(self, bucket: int = 4, warps: int = 4, columns: int | None = None, unroll: int | None = None,
