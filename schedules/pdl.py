@@ -18,7 +18,9 @@ declarations only, not in a loop or branch); the kernel then runs `launch_depend
 mark, the mark, `wait`, the rest. Everything before the wait may read global memory only from the named
 buffers and write none (checked here: a mark that breaks it is a compile error). Kernels without a mark
 start with `launch_dependents; wait` as before; off sm_90 (or with `--no-pdl`) a mark is left in place and
-codegen ignores it, so the marked statement simply runs first.
+codegen ignores it, so the marked statement simply runs first. Measured on an H100 (bench/RESULTS.md,
+"Weight prefetch before the PDL wait"): StreamingGEMV's L2 weight prefetch here was slower and gpu_parity
+failed with it (cause not found), so it is off; check both before relying on a pre-wait section.
 
 The pass runs on the device functions after SplitHostDevice, where `tirx.kernel_launch_params` exists.
 """
