@@ -64,14 +64,8 @@ VARIANTS = {
     "gemv_c4": ("RowChain(partial(StreamingGEMV, columns=4))", "bfloat16", "llama", "cast"),
     "gemv_w8c4": ("RowChain(partial(StreamingGEMV, warps=8, columns=4))", "bfloat16", "llama", "cast"),
     # Decode GEMV alone (M > 8 by dlight's plain Matmul, checked but not timed: --decode-ms 1,2,4,8):
-    # the weight prefetch before the PDL wait (build --pdl), then tilings for the short-K projections.
-    "pf_none": ("RowChain(partial(StreamingGEMV, prefetch=None), large=[Matmul()])", "bfloat16", "all", "cast"),
-    "pf_l2": ("RowChain(partial(StreamingGEMV, prefetch='l2'), large=[Matmul()])", "bfloat16", "all", "cast"),
-    "pf_l2x2": ("RowChain(partial(StreamingGEMV, prefetch='l2', prefetch_steps=2), large=[Matmul()])",
-                "bfloat16", "all", "cast"),
-    "pf_bulk": ("RowChain(partial(StreamingGEMV, prefetch='bulk'), large=[Matmul()])", "bfloat16", "all", "cast"),
-    "pf_bulk_all": ("RowChain(partial(StreamingGEMV, prefetch='bulk', prefetch_steps=0), large=[Matmul()])",
-                    "bfloat16", "all", "cast"),
+    # the default, then tilings for the projections below copy speed (build --pdl).
+    "decode": ("RowChain(large=[Matmul()])", "bfloat16", "all", "cast"),
     "tile_c1": ("RowChain(partial(StreamingGEMV, columns=1), large=[Matmul()])", "bfloat16", "mid", "cast"),
     "tile_c1u8": ("RowChain(partial(StreamingGEMV, columns=1, unroll=8), large=[Matmul()])", "bfloat16", "mid", "cast"),
     "tile_c1w8": ("RowChain(partial(StreamingGEMV, columns=1, warps=8), large=[Matmul()])", "bfloat16", "mid", "cast"),

@@ -20,9 +20,6 @@ from tvm import s_tir, tirx
 from tvm.ir import IRModule
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
-from tvm.script import tirx as T
-
-from .pdl import pre_wait_mark, supports_pdl
 
 LIMITS_AND_BUCKETS = ((2, 2), (4, 4), (8, 8))  # M <= 2 → bucket 2, ...; M > 8: the GEMM rules
 LOAD_BYTES = 16  # one 128-bit load per thread and step
@@ -31,7 +28,6 @@ UNROLL = 4  # K steps whose weight loads are issued together
 MIN_BLOCKS = 264  # two blocks per SM on an H100 before a warp takes two output columns
 ONE_COLUMN_N = 6144  # the 2-row bucket gives a warp one column and 2 × UNROLL steps up to this N ...
 ONE_COLUMN_MIN_K = 1024  # ... from this K (the shapes measured: bench/RESULTS.md)
-PREFETCH = (None, "l2", "bulk")  # StreamingGEMV's weight prefetch before the PDL wait
 
 
 class StreamingGEMV(dl.gpu.LowBatchGEMV):
@@ -42,31 +38,17 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
     (one contiguous 512-byte run per load instruction), `unroll` (UNROLL) steps unrolled so their loads are in
     flight together, partial sums in registers, one shuffle reduction at the end. In the 2-row bucket
     (decode at batch 1–2) with N ≤ ONE_COLUMN_N and K ≥ ONE_COLUMN_MIN_K, a warp takes 1 column and 2 × UNROLL
-    steps by default:
-    the same 8 loads in flight per thread over twice the warps (H100: 3–10 points more of copy bandwidth
+    steps by default: the same 8 loads in flight per thread over twice the warps (H100: 3–10 points more of copy bandwidth
     at M = 1–2 on Llama's QKV and O and Qwen3's gate/up, fewer at M = 4; bench/RESULTS.md). `warps` per block
     (128 threads) keeps blocks small so that N = 1024–4096 still gives several per SM. What CUDA
     declines here (dequantizing prologues, K not a multiple of 32 × 16 bytes) goes to dlight's.
-
-    `prefetch` (sm_90+, programmatic dependent launch, schedules/pdl.py): each warp starts pulling its
-    first `prefetch_steps` steps of weights into L2 before `griddepcontrol.wait`, i.e. while the previous
-    kernel still runs: "l2", every lane issues `prefetch.global.L2` for the 16-byte pieces it will load;
-    "bulk", one lane per column one `cp.async.bulk.prefetch.L2` over the column's run (`prefetch_steps=0`:
-    the whole row of K). Off by default: on an H100 both made the GEMVs slower (QKV 81 → 71%, O 75 → 67%
-    of copy at M = 1, Llama-8B decode 165 → 160 tok/s), and gpu_parity's hidden-256 tiny models failed with
-    the L2 form, cause not found (bench/RESULTS.md, "Weight prefetch before the PDL wait"); bench/gemm.py's
-    pf_* variants keep measuring it.
     """
 
-    def __init__(self, bucket: int = 4, warps: int = 4, columns: int | None = None, unroll: int | None = None,
-                 prefetch: str | None = None, prefetch_steps: int = 1):
+    def __init__(self, bucket: int = 4, warps: int = 4, columns: int | None = None, unroll: int | None = None):
         super().__init__(bucket)
-        assert prefetch in PREFETCH and (prefetch == "bulk" or prefetch_steps > 0), (prefetch, prefetch_steps)
         self.warps = warps
         self.columns = columns
         self.unroll = unroll
-        self.prefetch = prefetch
-        self.prefetch_steps = prefetch_steps
 
     def sch_inner_reduction(self, sch, target, block, dequantize_block, pad_input_block,
                             vector_input_buffers, epilogue_info, batch_pad):
@@ -115,32 +97,7 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
         if epilogue:  # the unpadding block, with any cast / bias / residual fused into it
             sch.set_scope(block, 0, "local")
             sch.reverse_compute_at(epilogue[0], ty, preserve_unit_loops=True)
-        if self.prefetch and supports_pdl(target):
-            self._prefetch_before_wait(sch, partial, weight, tile_s, vec, unroll * WARP * vec, k)
         return sch
-
-    def _prefetch_before_wait(self, sch, partial, weight, columns: int, vec: int, step_k: int, k: int) -> None:
-        """Put the warp's weight prefetch first in each thread's work, marked as the kernel's pre-wait
-        section (schedules/pdl.py): it reads only `weight`, which no kernel of the step writes."""
-        bx, ty, tx = (sch.get(loop) for loop in sch.get_loops(partial)[1:4])
-        col = bx.loop_var * (self.warps * columns) + ty.loop_var * columns
-        lane, dt = tx.loop_var, str(tx.loop_var.ty.dtype)
-        ramp = min(self.prefetch_steps * step_k or k, k)  # K elements prefetched per column
-        if self.prefetch == "bulk":
-            nbytes = tirx.IntImm("uint32", ramp * tvm.DataType(weight.dtype).bits // 8)
-            start = tirx.BufferLoad(weight, [col + lane, tirx.IntImm(dt, 0)])
-            body = tirx.IfThenElse(lane < columns, tirx.Evaluate(
-                T.ptx.cp.async_.bulk.prefetch.L2.global_(tirx.address_of(start), nbytes)), None)
-        else:  # lane tx's 16-byte piece of every WARP-wide run of the first steps, every column
-            j, c = tirx.Var("pf_run", dt), tirx.Var("pf_col", dt)
-            start = tirx.BufferLoad(weight, [col + c, j * (WARP * vec) + lane * vec])
-            body = tirx.For(c, tirx.IntImm(dt, 0), tirx.IntImm(dt, columns), tirx.ForKind.UNROLLED,
-                            tirx.For(j, tirx.IntImm(dt, 0), tirx.IntImm(dt, ramp // (WARP * vec)),
-                                     tirx.ForKind.UNROLLED, tirx.Evaluate(
-                                         T.ptx.prefetch.global_.L2(tirx.address_of(start)))))
-        first = tirx.SeqStmt([pre_wait_mark(body, [weight.name]), tx.body])
-        sch.state.replace(sch.get_sref(sch.get_loops(partial)[3]),
-                          tirx.For(tx.loop_var, tx.min, tx.extent, tx.kind, first, tx.thread_binding, tx.annotations))
 
 
 def _schedule(func: tirx.PrimFunc, rules: list) -> tirx.PrimFunc:

@@ -2,11 +2,9 @@
 
 Every model shape, at each row bucket the dispatch uses, must get Kiln's schedule: 128-thread blocks,
 16-byte weight loads, all of a step's weight loads issued before its multiplies, a warp-shuffle
-reduction and no local-memory spill; with `prefetch` on sm_90+ (built as the model is, with programmatic
-dependent launch) each thread's first step of weights prefetched into L2 before `griddepcontrol.wait`, and
-nothing else before it; what the schedule does not cover (Metal, K off the 16-byte lane grid) must get
-dlight's LowBatchGEMV unchanged. bench/gemm.py checks the numbers on a GPU (every M from 1 to 8 against torch)
-and times them against the copy bandwidth.
+reduction and no local-memory spill; what the schedule does not cover (Metal, K off the 16-byte
+lane grid) must get dlight's LowBatchGEMV unchanged. bench/gemm.py checks the numbers on a GPU
+(every M from 1 to 8 against torch) and times them against the copy bandwidth.
 """
 
 from __future__ import annotations
@@ -26,50 +24,35 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from schedules.low_batch import LIMITS_AND_BUCKETS, ONE_COLUMN_MIN_K, ONE_COLUMN_N, UNROLL, StreamingGEMV  # noqa: E402
 from schedules.matmul_tensorcore import TIR_PIPELINE  # noqa: E402
-from schedules.pdl import PDL_TIR_PIPELINE  # noqa: E402
 from tests.test_gemm_schedule import H100, MODEL_SHAPES, nt_matmul  # noqa: E402
 
 BUCKETS = [bucket for _, bucket in LIMITS_AND_BUCKETS]
 
 
-def kernel_source(funcs: dict, target=H100, pipeline=TIR_PIPELINE) -> str:
-    with target:
-        lib = tvm.tirx.build(tvm.IRModule(funcs), target=target, pipeline=pipeline)
+def kernel_source(funcs: dict) -> str:
+    with H100:
+        lib = tvm.tirx.build(tvm.IRModule(funcs), target=H100, pipeline=TIR_PIPELINE)
     return lib.imports[0].inspect_source()
 
 
-def kernel_bodies(src: str) -> dict:
-    kernels = re.split(r'extern "C" __global__ void ', src)[1:]
-    return {re.match(r"(?:__launch_bounds__\(\d+\) )?(\w+)", k).group(1): k for k in kernels if "{" in k}
-
-
-@pytest.mark.parametrize("prefetch", [None, "l2"])
-def test_every_model_shape_streams_its_weights(tmp_path, prefetch):
-    funcs, columns, steps = {}, {}, {}
+def test_every_model_shape_streams_its_weights(tmp_path):
+    funcs = {}
     for k, n in MODEL_SHAPES:
         for bucket in BUCKETS:
-            sch = StreamingGEMV(bucket, prefetch=prefetch).apply(nt_matmul(k, n), H100, False)
+            sch = StreamingGEMV(bucket).apply(nt_matmul(k, n), H100, False)
             name = f"gemv_{k}_{n}_{bucket}"
             funcs[name] = sch.mod["main"].with_attr("global_symbol", name)
             blocks = re.search(r'thread_binding\(T.int64\((\d+)\), thread="blockIdx.x"', funcs[name].script())
-            columns[name + "_kernel"] = n // int(blocks.group(1)) // 4  # a warp's output columns
             narrow = bucket <= 2 and n <= ONE_COLUMN_N and k >= ONE_COLUMN_MIN_K
-            assert (columns[name + "_kernel"] == 1) >= narrow, name
-            steps[name + "_kernel"] = 2 * UNROLL if narrow and k % (2 * UNROLL * 256) == 0 else UNROLL
-    src = kernel_source(funcs, pipeline=PDL_TIR_PIPELINE)  # as the model builds them for sm_90+
-    bodies = kernel_bodies(src)
+            assert (n // int(blocks.group(1)) // 4 == 1) >= narrow, name  # a warp's output columns
+    src = kernel_source(funcs)
+    kernels = re.split(r'extern "C" __global__ void ', src)[1:]
+    bodies = {re.match(r"(?:__launch_bounds__\(\d+\) )?(\w+)", k).group(1): k for k in kernels if "{" in k}
     assert len(bodies) == len(funcs)
     for name, body in bodies.items():
         assert body.startswith("__launch_bounds__(128)"), name
         assert "__shfl_down_sync" in body, name
         assert 0 <= body.find("= *(uint4*)(w_ptr") < body.find("= *(uint4*)(x_ptr"), name  # weights first
-        head, wait, rest = body.partition("tvm_builtin_ptx_griddepcontrol_wait();")
-        statements = [line.strip() for line in head.splitlines()[1:] if line.strip()]
-        assert wait and statements[0] == "tvm_builtin_ptx_griddepcontrol_launch_dependents();", name
-        prefetches = [s for s in statements if s.startswith("tvm_builtin_ptx_prefetch_global_L2((&(w_ptr[")]
-        assert len(prefetches) == (steps[name] * columns[name] if prefetch else 0), name  # each column's first K step
-        assert set(statements[1:]) - set(prefetches) <= {s for s in statements if s.startswith("alignas(")}, name
-        assert "prefetch" not in rest, name
     if shutil.which("nvcc"):
         cu = tmp_path / "gemv.cu"
         cu.write_text(src)
@@ -108,24 +91,3 @@ def test_declines_to_dlight_where_it_does_not_apply(target, k):
     ours = StreamingGEMV(4).apply(nt_matmul(k, 1024), target, False)
     theirs = dl.gpu.LowBatchGEMV(4).apply(nt_matmul(k, 1024), target, False)
     assert tvm_ffi.structural_equal(ours.mod, theirs.mod)
-
-
-@pytest.mark.parametrize("target, rule", [(tvm.target.Target("nvidia/nvidia-a100"), StreamingGEMV(2, prefetch="l2")),
-                                          (H100, StreamingGEMV(2))])
-def test_no_prefetch_without_pdl_or_when_off(target, rule):
-    """Before sm_90 no kernel waits on its predecessor, so a prefetch would only precede its own loads."""
-    sch = rule.apply(nt_matmul(4096, 4096), target, False)
-    src = kernel_source({"o": sch.mod["main"].with_attr("global_symbol", "o")}, target)
-    assert "= *(uint4*)(w_ptr" in src and "prefetch" not in src
-
-
-def test_bulk_prefetch_takes_each_column_in_one_instruction():
-    """prefetch="bulk": lane c < columns prefetches column c's first K step (UNROLL × 512 bytes), or the whole
-    row with prefetch_steps=0, with one cp.async.bulk.prefetch.L2 before the wait."""
-    funcs = {f"down_{steps}": StreamingGEMV(4, prefetch="bulk", prefetch_steps=steps).apply(
-        nt_matmul(14336, 4096), H100, False).mod["main"].with_attr("global_symbol", f"down_{steps}") for steps in (1, 0)}
-    bodies = kernel_bodies(kernel_source(funcs, pipeline=PDL_TIR_PIPELINE))
-    for steps, nbytes in ((1, UNROLL * 32 * 16), (0, 14336 * 2)):
-        head = bodies[f"down_{steps}_kernel"].split("tvm_builtin_ptx_griddepcontrol_wait();")[0]
-        calls = re.findall(r"bulk_prefetch_L2_global\(\(&\(w_ptr\[.*\]\)\), \(uint\)(\d+)\)", head)
-        assert calls == [str(nbytes)] and "threadIdx.x) < (int64_t)2)" in head
