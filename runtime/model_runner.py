@@ -22,7 +22,7 @@ from formats.errors import KilnError
 _TARGET_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "metal"}
 FUSED_ROWS = 8  # a quantized artifact's decode/logits run their dequant-fused GEMV up to this many rows
 _KDL_CUDA = 2  # DLPack's device type of a CUDA GPU
-_KV_SCAN_BYTES = 4096  # where kv_copy_stream looks: the object is 1.8 KB in TVM 0.27, its streams at the end
+_KV_DEVICE_AT = 1768  # byte offset of the KV cache object's device_ field in TVM 0.27 (tests/test_overlap.py pins it)
 
 
 def parse_device(device: str | None, target: str) -> tuple[str, int]:
@@ -302,18 +302,18 @@ class ModelRunner:
 def kv_copy_stream(kv, device_id: int, compute_stream: int) -> int | None:
     """The stream on which TVM's paged KV cache copies each forward's page tables, private in TVM 0.27: the
     cache object holds `Device device_; compute_stream_; copy_stream_; kv_transfer_stream_` in this order
-    (src/runtime/vm/paged_kv_cache.cc), the last two streams created cudaStreamNonBlocking by the cache.
-    Found by that pattern in the object's memory and checked with the CUDA runtime; None if not found."""
-    data = object_bytes(kv, _KV_SCAN_BYTES)
-    head = struct.pack("<iiQ", _KDL_CUDA, device_id, compute_stream)
-    at = data.find(head)
-    while 0 <= at <= len(data) - 32:
-        copy, transfer = struct.unpack_from("<QQ", data, at + 16)
-        pointers = all(p % 8 == 0 and 1 << 16 < p < 1 << 47 for p in (copy, transfer))  # user-space, aligned
-        if at % 8 == 0 and pointers and copy != transfer and is_nonblocking_stream(copy) \
-                and is_nonblocking_stream(transfer):
-            return copy
-        at = data.find(head, at + 1)
+    (src/runtime/vm/paged_kv_cache.cc) at _KV_DEVICE_AT, the last two streams created cudaStreamNonBlocking
+    by the cache. Read there, and asked to the CUDA runtime only if the device and compute stream match and
+    both handles look like user-space pointers; None otherwise (then the runner waits on the host). Not a
+    search of the object: a false match elsewhere (e.g. {2, 0, 0} with the default stream) handed arbitrary
+    words to cudaStreamGetFlags, which dereferences them (a segfault on an H100, 2026-12-06)."""
+    data = object_bytes(kv, _KV_DEVICE_AT + 32)
+    if data[_KV_DEVICE_AT:_KV_DEVICE_AT + 16] != struct.pack("<iiQ", _KDL_CUDA, device_id, compute_stream):
+        return None
+    copy, transfer = struct.unpack_from("<QQ", data, _KV_DEVICE_AT + 16)
+    pointers = all(p % 8 == 0 and 1 << 16 < p < 1 << 47 for p in (copy, transfer))  # user-space, aligned
+    if pointers and copy != transfer and is_nonblocking_stream(copy) and is_nonblocking_stream(transfer):
+        return copy
     return None
 
 

@@ -117,13 +117,14 @@ def test_overlap_draws_the_same_seeded_samples(stories_artifact):
 def test_kv_cache_streams_sit_where_the_runner_looks(stories_artifact):
     """ModelRunner orders the KV cache's page-table copies on the GPU through the cache's private copy
     stream, found in the object's memory (model_runner.kv_copy_stream): the pinned TVM's object must hold
-    its device followed by its three stream handles (null on the CPU), inside the object (1.8 KB in TVM 0.27)."""
+    its device followed by its three stream handles (null on the CPU) at _KV_DEVICE_AT, where the runner reads
+    them (a TVM upgrade that moves them fails here, not silently on the GPU)."""
     import struct
 
-    from runtime.model_runner import _KV_SCAN_BYTES, ModelRunner, object_bytes
+    from runtime.model_runner import _KV_DEVICE_AT, ModelRunner, object_bytes
 
     runner = ModelRunner(stories_artifact, kv_tokens=1024)
-    data = object_bytes(runner.kv, _KV_SCAN_BYTES)
     fields = struct.pack("<iiQQQ", 1, 0, 0, 0, 0)  # Device{kDLCPU, 0}, compute, copy and transfer streams
+    data = object_bytes(runner.kv, _KV_DEVICE_AT + len(fields))  # the streams are the object's last fields
     found = [at for at in range(0, len(data) - len(fields) + 1, 8) if data[at:at + len(fields)] == fields]
-    assert len(data) == _KV_SCAN_BYTES and found and found[0] < 2048, found
+    assert found == [_KV_DEVICE_AT], found
