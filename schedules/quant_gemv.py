@@ -41,14 +41,22 @@ CHUNK = 32  # K elements per thread per step: one 32-element scale group
 
 @dataclass(frozen=True)
 class QuantGemvConfig:
-    """One tiling; `m_tiles` (ascending) are the M tiles of the run-time chain: M <= m_tiles[0] runs
-    the first, ..., any larger M the last."""
+    """One tiling for every shape; `m_tiles` (ascending) are the M tiles of the run-time chain: M <=
+    m_tiles[0] runs the first, ..., any larger M the last."""
 
     m_tiles: tuple = (1, 4, 8)
     lanes: int = 32
     row_threads: int = 4
     rows_per_thread: int = 2
     unroll: int = 1  # chunks per lane per loop step (unrolled: their loads can be in flight together)
+
+
+M_TILES = (1, 4, 8)  # the run-time chain of the per-shape rule
+
+
+def tiling(n: int, k: int, qtype: str, m_tile: int) -> QuantGemvConfig:
+    """The tiling of one M tile's kernel for an [N, K] weight of `qtype` (the rule QuantGemv() uses)."""
+    return QuantGemvConfig(m_tiles=(m_tile,))
 
 
 def vector_lanes(target) -> int:
@@ -61,9 +69,10 @@ def is_packed(buf: tirx.Buffer) -> bool:
 
 
 class QuantGemv:
-    """The schedule in the module docstring; `config` picks the tile sizes."""
+    """The schedule in the module docstring; `config` fixes the tile sizes for every shape, None (the
+    default) takes them per shape and M tile from `tiling`."""
 
-    def __init__(self, config: QuantGemvConfig = QuantGemvConfig()):
+    def __init__(self, config: QuantGemvConfig | None = None):
         self.config = config
 
     def kernel(self, func: tirx.PrimFunc, target=None) -> tirx.PrimFunc | None:
@@ -71,7 +80,8 @@ class QuantGemv:
         if not any(is_packed(p) for p in func.params if hasattr(p, "shape")):
             return None
         dims = {d for p in func.params if hasattr(p, "shape") for d in p.shape if isinstance(d, tirx.Var)}
-        tiles = self.config.m_tiles if len(dims) == 1 else self.config.m_tiles[-1:]
+        m_tiles = M_TILES if self.config is None else self.config.m_tiles
+        tiles = m_tiles if len(dims) == 1 else m_tiles[-1:]
         if "group_dot" not in _named_blocks(s_tir.Schedule(func)):
             return None
         try:
@@ -84,7 +94,6 @@ class QuantGemv:
         return chained
 
     def _schedule(self, func, m_tile: int, lanes16: int):
-        cfg = self.config
         sch = s_tir.Schedule(func)
         named = _named_blocks(sch)
         if "NT_matmul" not in named:
@@ -97,9 +106,12 @@ class QuantGemv:
         ivs = sch.get(mm).iter_vars
         group = int(sch.get(dot).iter_vars[-1].dom.extent)
         n_ext, groups = ivs[-2].dom.extent, ivs[-1].dom.extent
+        if not isinstance(n_ext, tirx.IntImm) or not isinstance(groups, tirx.IntImm):
+            raise _Decline
+        qtype = sch.get(codes).name_hint.removeprefix("dequantize_").removesuffix("_codes")
+        cfg = self.config or tiling(int(n_ext), int(groups) * group, qtype, m_tile)
         row_tile = cfg.row_threads * cfg.rows_per_thread
-        if (not isinstance(n_ext, tirx.IntImm) or not isinstance(groups, tirx.IntImm) or CHUNK % group
-                or int(groups) * group % CHUNK or int(n_ext) % row_tile):
+        if CHUNK % group or int(groups) * group % CHUNK or int(n_ext) % row_tile:
             raise _Decline
         # pad M to the tile: group_dot and group_sum read as 0 past M (computed only below it), NT_matmul
         # computed for the whole tile, so that every per-thread buffer has a static size
