@@ -49,41 +49,34 @@ def _byte_code(words: te.Tensor, n, k, bits: int, offset: int = 0):
     return tirx.reinterpret("float32", made) - tirx.const(float(2**23 + offset), "float32")
 
 
-def _fraction_code(v, byte):
-    """A code as a fraction, with no subtraction per code: byte `byte` of uint32 `v` (bit 7 clear) put by one
-    byte permute next to the sign and exponent of 0.5f (0x3F000000), as the top 7 bits of its mantissa,
-    makes exactly 0.5 + byte / 256. The caller's group scale and min absorb the affine map back to the code
-    (`parts`), so that per weight only the permute and the FMA with x remain: `_byte_code`'s subtraction of
-    2^23 was a third of Q4_K's instructions a weight."""
-    made = tirx.call_pure_extern("uint32", "__byte_perm", v, tirx.const(0x3F000000, "uint32"),
-                                 (byte * 256 + 0x7054).astype("uint32"))
-    return tirx.reinterpret("float32", made)
-
-
-def _q4_fraction_code(words: te.Tensor, n, k):
-    """`_fraction_code` of a 4-bit code q, held as 8q (0.5 + q/32: the fraction's rounding in a sum stays
-    near the direct one's): nibbles 2j and 2j + 1 of a word are byte j of (word << 3) & 0x78787878 and of
-    (word >> 1) & 0x78787878, which every 4 codes share."""
-    word = words[n, k // 8]
-    v = ((word >> ((k % 2) * 4).astype("uint32")) << tirx.const(3, "uint32")) & tirx.const(0x78787878, "uint32")
-    return _fraction_code(v, (k % 8) // 2)
-
-
-def _q6_fraction_code(q: te.Tensor, qh: te.Tensor, n, k):
-    """`_fraction_code` of a Q6_K code c = low nibble | high 2 bits << 4 (0..63): 0.5 + c/256. The high bits
-    of the 4 codes that share a word (bits 4j + 2h of qh's half, j = 0..3) are spread to bits 8j + 4 by one
+def _q6_byte_code(q: te.Tensor, qh: te.Tensor, n, k):
+    """`_byte_code` of a Q6_K code (low nibble | high 2 bits << 4) minus 32: the high bits of the 4 codes
+    that share a byte-permuted word (bits 4j + 2h of qh's half, j = 0..3) are spread to bits 8j + 4 by one
     byte permute, a shift and two masks, then merged into the nibbles' bytes, so that per code only the
-    final permute remains."""
+    final permute remains (instead of two shifts, two masks and two ORs)."""
     u32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
     h = (k % 2).astype("uint32")
     hi = qh[n, k // 16] >> (((k // 8) % 2).astype("uint32") * u32(16) + h * u32(2))
     doubled = tirx.call_pure_extern("uint32", "__byte_perm", hi, u32(0), u32(0x1100))  # bytes 0, 0, 1, 1
     spread = (doubled & u32(0x30003000)) | ((doubled << u32(4)) & u32(0x00300030))
     v = ((q[n, k // 8] >> (h * u32(4))) & u32(0x0F0F0F0F)) | spread
-    return _fraction_code(v, (k % 8) // 2)
+    made = tirx.call_pure_extern("uint32", "__byte_perm", v, u32(0x4B000000), ((k % 8) // 2 + 0x7650).astype("uint32"))
+    return tirx.reinterpret("float32", made) - tirx.const(float(2**23 + 32), "float32")
 
 
-FRACTION_CODES = {"q4_k": 32, "q6_k": 256}  # CUDA's codes by `_fraction_code`: c = 0.5 + code / unit
+def _q4_fraction_code(words: te.Tensor, n, k):
+    """A 4-bit code q as the fraction 0.5 + q/32 for CUDA, with no subtraction per code: nibbles 2j and 2j + 1
+    of a word, as 8q, are byte j of (word << 3) & 0x78787878 and of (word >> 1) & 0x78787878 (which every 4
+    codes share); one byte permute puts that byte next to the sign and exponent of 0.5f (0x3F000000), as the
+    top of its mantissa. The group scale and min absorb the map back to q (`parts`), so that per weight only
+    the permute and the FMA with x remain: `_byte_code`'s subtraction of 2^23 was a seventh of Q4_K's GEMV
+    instructions. (The same for Q6_K's codes measured slower on the H100: bench/RESULTS.md.)"""
+    u32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
+    v = ((words[n, k // 8] >> ((k % 2) * 4).astype("uint32")) << u32(3)) & u32(0x78787878)
+    made = tirx.call_pure_extern("uint32", "__byte_perm", v, u32(0x3F000000), ((k % 8) // 2 * 256 + 0x7054).astype("uint32"))
+    return tirx.reinterpret("float32", made)
+
+
 WITH_MIN = ("q4_k", "q5_k", "q2_k")  # types whose value subtracts a min
 GROUP = {"q8_0": 32, "q4_0": 32, "q4_k": 32, "q5_k": 32, "q6_k": 16, "q2_k": 16, "q3_k": 16}  # elements a scale
 
@@ -91,10 +84,10 @@ GROUP = {"q8_0": 32, "q4_0": 32, "q4_k": 32, "q5_k": 32, "q6_k": 16, "q2_k": 16,
 def parts(qtype: str, c: dict, n, k, byte_perm: bool = False):
     """(scale, code, min) of element (n, k) in fp32, its value scale · code − min (min None: 0); scale and
     min are constant over k's group of GROUP[qtype] elements. Every product is exact in fp32. `byte_perm`
-    (CUDA only, for the GEMV): Q8_0 and Q4_0 codes by byte permutes (`_byte_code`), the same values; Q4_K
-    and Q6_K codes as fractions c = 0.5 + q / u (`_fraction_code`, u = FRACTION_CODES[qtype]), so q = u·c −
-    u/2, the scale becomes u · scale and the min min + (u/2 + offset) · scale: the same value within one
-    fp32 rounding of the min, which a matmul's fp32 sum has anyway."""
+    (CUDA only, for the GEMV): Q8_0, Q4_0 and Q6_K codes by byte permutes (`_byte_code`), the same values;
+    Q4_K codes as fractions c = 0.5 + q/32 (`_q4_fraction_code`): q = 32·c − 16, so the scale becomes
+    32 · scale and the min min + 16 · scale: the same value within one fp32 rounding of the min, which a
+    matmul's fp32 sum has anyway."""
     def f32(x):
         return x.astype("float32")
 
@@ -107,21 +100,16 @@ def parts(qtype: str, c: dict, n, k, byte_perm: bool = False):
     if qtype == "q4_0":
         return f32(c["d"][n, k // 32]), _byte_code(c["q"], n, k, 4, 8) if byte_perm else _code(_bits(c["q"], n, k, 4), 8), None
     d = f32(c["d"][n, k // 256])
-    if byte_perm and qtype in FRACTION_CODES:
-        unit = FRACTION_CODES[qtype]
-        if qtype == "q4_k":
-            scale, code, offset = d * f32(c["sc"][n, k // 32]), _q4_fraction_code(c["q"], n, k), 0
-            low = f32(c["dmin"][n, k // 256]) * f32(c["m"][n, k // 32])
-        else:
-            scale, code, offset = d * f32(c["sc"][n, k // 16]), _q6_fraction_code(c["q"], c["qh"], n, k), 32
-            low = tirx.const(0.0, "float32")
-        return scale * float(unit), code, low + scale * float(unit // 2 + offset)
     if qtype in ("q4_k", "q5_k"):
+        scale, low = d * f32(c["sc"][n, k // 32]), f32(c["dmin"][n, k // 256]) * f32(c["m"][n, k // 32])
+        if qtype == "q4_k" and byte_perm:  # q = 32·c − 16
+            return scale * 32.0, _q4_fraction_code(c["q"], n, k), low + scale * 16.0
         q = _bits(c["q"], n, k, 4)
-        code = _code(q | (_bits(c["qh"], n, k, 1) << u32(4))) if qtype == "q5_k" else _code(q)
-        return d * f32(c["sc"][n, k // 32]), code, f32(c["dmin"][n, k // 256]) * f32(c["m"][n, k // 32])
+        return scale, _code(q | (_bits(c["qh"], n, k, 1) << u32(4))) if qtype == "q5_k" else _code(q), low
     if qtype == "q6_k":
-        return d * f32(c["sc"][n, k // 16]), _code(_bits(c["q"], n, k, 4) | (_bits(c["qh"], n, k, 2) << u32(4)), 32), None
+        code = (_q6_byte_code(c["q"], c["qh"], n, k) if byte_perm else
+                _code(_bits(c["q"], n, k, 4) | (_bits(c["qh"], n, k, 2) << u32(4)), 32))
+        return d * f32(c["sc"][n, k // 16]), code, None
     if qtype == "q2_k":
         sc = c["sc"][n, k // 16]
         return (d * f32(sc & tirx.const(15, "uint8")), _code(_bits(c["q"], n, k, 2)),
@@ -153,7 +141,7 @@ def dequantize_matmul_te(qtype: str, x: te.Tensor, components: list[te.Tensor], 
         x[(*i[:-2], i[-1] * group + t)].astype("float32") * codes[i[-2], i[-1] * group + t], axis=t),
         name="group_dot")
     g = te.reduce_axis((index(0), ngroups), "g")
-    if qtype not in WITH_MIN and not (byte_perm and qtype in FRACTION_CODES):
+    if qtype not in WITH_MIN:
         return te.compute((*x.shape[:-1], rows), lambda *i: te.sum(
             scale[i[-1], g] * dot[(*i, g)], axis=g), name="NT_matmul")
     low = te.compute((rows, ngroups), lambda n, g: parts(qtype, c, n, g * group, byte_perm)[2], name="group_min")

@@ -24,12 +24,13 @@ static size. K must be whole chunks and N whole row tiles; anything else is decl
 other rules. `unroll` > 1 takes that many chunks per loop step, their code words loaded before the first
 is used.
 
-Measured on an H100: bench/RESULTS.md, "Quantized GEMV: group scales factored out".
+The tile sizes depend on the shape (`tiling`, measured on an H100: bench/RESULTS.md, "Quantized GEMV: a tiling
+per shape"); `lanes` > 32 split a row's K over several warps, whose partial sums meet in the reduction.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import get_root_block
@@ -52,11 +53,35 @@ class QuantGemvConfig:
 
 
 M_TILES = (1, 4, 8)  # the run-time chain of the per-shape rule
+MANY_ROWS = 16384  # N from which the M = 1 kernel has thousands of blocks (gate/up, LM heads)
 
 
 def tiling(n: int, k: int, qtype: str, m_tile: int) -> QuantGemvConfig:
-    """The tiling of one M tile's kernel for an [N, K] weight of `qtype` (the rule QuantGemv() uses)."""
-    return QuantGemvConfig(m_tiles=(m_tile,))
+    """The tiling of one M tile's kernel for an [N, K] weight of `qtype`, the rule QuantGemv() uses, from
+    an H100 sweep of 22 tilings at M = 1 on Llama-3.1-8B's shapes (bench/RESULTS.md, "Quantized GEMV:
+    a tiling per shape"):
+
+    - M tile 1, N < MANY_ROWS (QKV, O, down: 512–768 blocks of 8 rows, bound by the loads in flight):
+      64 lanes × 1 row thread × 2 rows, unroll 2: each row's K split over two warps (twice the warps of
+      32 lanes), two chunks' loads in flight a lane; 2 rows a block of 64 threads.
+    - M tile 1, N ≥ MANY_ROWS (thousands of blocks, bound by instructions): 32 lanes × 4 row threads,
+      Q4_K with 4 rows a thread (x's conversion and Σx shared by 4 rows), the others 2 rows, unroll 4.
+    - M tiles 4 and 8: 32 lanes × 4 row threads × 2 rows (a tile re-uses each code for 4–8 rows of x;
+      the sweep found none better by more than 3%).
+
+    Lanes shrink to divide K's chunks and rows to divide N (QuantGemv), so any shape gets a kernel."""
+    if m_tile > 1:
+        cfg = QuantGemvConfig(m_tiles=(m_tile,))
+    elif n < MANY_ROWS:
+        cfg = QuantGemvConfig(m_tiles=(1,), lanes=64, row_threads=1, rows_per_thread=2, unroll=2)
+    elif qtype == "q4_k":
+        cfg = QuantGemvConfig(m_tiles=(1,), rows_per_thread=4)
+    else:
+        cfg = QuantGemvConfig(m_tiles=(1,), unroll=4)
+    while n % (cfg.row_threads * cfg.rows_per_thread):
+        cfg = replace(cfg, rows_per_thread=cfg.rows_per_thread // 2) if cfg.rows_per_thread > 1 else \
+            replace(cfg, row_threads=cfg.row_threads // 2)
+    return cfg
 
 
 def vector_lanes(target) -> int:
