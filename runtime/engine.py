@@ -395,7 +395,7 @@ class Engine:
     def step(self) -> None:
         """One batch: schedule, forward, sample the sequences whose pending tokens are all computed.
 
-        Overlapped (EngineConfig.overlap): a step whose rows all get a greedy token
+        Overlapped (EngineConfig.overlap): a step whose rows all get a token, all greedy or all drawn
         (no penalties, no logprobs), is left running with its tokens on the device. The next step then,
         if the scheduler would repeat the batch (Scheduler.repeat), is launched on those tokens before
         the host reads them, so the host's work (stop checks, detokenization, streaming, the next step's
@@ -408,7 +408,7 @@ class Engine:
                 logits = self.runner.decode_next([s.seq_id for s in seqs], tokens)
                 for seq in seqs:
                     self.scheduler.computed(seq, 1)
-                self._inflight = (seqs, self.runner.greedy(logits))
+                self._inflight = (seqs, self._device_tokens(logits, seqs))
             for seq, token in zip(seqs, tokens.host().tolist()):
                 if seq.finish_reason is None:  # else it ended (stop, length, abort) after this step launched
                     self._append(seq, token, None)
@@ -424,7 +424,7 @@ class Engine:
         for seq, n in batch:
             self.scheduler.computed(seq, n)
         if self._overlap and len(rows) == len(batch) and _overlappable([s.request.params for s in seqs]):
-            self._inflight = (seqs, self.runner.greedy(logits))
+            self._inflight = (seqs, self._device_tokens(logits, seqs))
         elif rows:
             tokens, logprobs = self._sample(logits, np.array(rows), seqs)
             for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs):
@@ -444,6 +444,12 @@ class Engine:
         return tokens, [TokenLogprob(int(tokens[j]), float(lp[j]), dict(zip(top_ids[j, :p.top_logprobs].tolist(),
                                                                             top_lp[j, :p.top_logprobs].tolist())))
                         if p.logprobs else None for j, p in enumerate(params)]
+
+    def _device_tokens(self, logits, seqs: list[Sequence]):
+        """Every row's token left on the device (overlapped loop): all argmax, or all drawn."""
+        if seqs[0].request.params.greedy:
+            return self.runner.greedy(logits)
+        return self.runner.draw(logits, *_sampling_arrays(seqs))
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         req, params = seq.request, seq.request.params
@@ -504,11 +510,10 @@ def _sampling_arrays(seqs: list[Sequence]) -> tuple[np.ndarray, ...]:
 
 
 def _overlappable(params: list[SamplingParams]) -> bool:
-    """Whether a step's rows can leave their tokens on the device (an overlapped step): all greedy, no
-    penalties (they need the tokens on the host) or logprobs. Drawn rows take the synchronous step: on
-    the H100, seeded draws of the overlapped loop parted from the synchronous loop's
-    (tests/gpu/test_engine.py, 2026-12-06; greedy tokens matched), cause not yet found."""
-    return all(p.greedy and not p.penalized and not p.logprobs for p in params)
+    """Whether a step's rows can leave their tokens on the device (an overlapped step): no penalties
+    (they need the tokens on the host) or logprobs, and all greedy or all drawn (one kernel picks them)."""
+    return (all(not p.penalized and not p.logprobs for p in params)
+            and len({p.greedy for p in params}) == 1)
 
 
 def _penalty_pairs(rows: np.ndarray, seqs: list[Sequence]) -> tuple[np.ndarray, ...]:

@@ -2,8 +2,8 @@
 
 Everything above this file thinks in sequences and token ids; nothing above it touches TVM.
 `forward` appends tokens to any mix of sequences (prefills, chunks of prefills, decodes) and
-returns the logits of each sequence's last new token. For the engine's overlapped loop, `greedy`
-leaves a step's tokens on the device (DeviceTokens) and `decode_next` feeds them to the next step,
+returns the logits of each sequence's last new token. For the engine's overlapped loop, `greedy` and
+`draw` leave a step's tokens on the device (DeviceTokens) and `decode_next` feeds them to the next step,
 so the host can read them while that next step runs.
 """
 
@@ -158,6 +158,12 @@ class ModelRunner:
     def greedy(self, logits) -> DeviceTokens:
         """The argmax of every row of device `logits`, left on the device (DeviceTokens)."""
         return self._device_tokens(self.vm["argmax"](logits))
+
+    def draw(self, logits, temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray, min_p: np.ndarray,
+             uniform: np.ndarray) -> DeviceTokens:
+        """As sample() for every row of device `logits`, each drawn (temperature > 0), left on the device."""
+        drawn = self._draw(logits, np.arange(logits.shape[0]), temperature, top_p, top_k, min_p, uniform)
+        return self._device_tokens(drawn._create_view((logits.shape[0],), "int32"))  # [b, 1] → [b]
 
     def _device_tokens(self, tokens) -> DeviceTokens:
         """On CUDA the copy to the host is queued behind the kernels that make `tokens`, so

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import json
@@ -88,10 +89,11 @@ class _Call:
         self._pumps = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(streams)]
 
     async def _pump(self, i: int, stream) -> None:
-        async for delta in stream:
-            if delta.output is not None:
-                self.server.metrics.observe(delta.output)
-            self._queue.put_nowait((i, delta))
+        async with contextlib.aclosing(stream):  # closed here, not by the GC on whatever thread collects it
+            async for delta in stream:
+                if delta.output is not None:
+                    self.server.metrics.observe(delta.output)
+                self._queue.put_nowait((i, delta))
 
     async def deltas(self):
         """Every Delta until all requests are done (aborted ones included)."""
@@ -259,8 +261,9 @@ class Server:
                                      background=BackgroundTask(call.close))
         watcher = asyncio.create_task(self._abort_when_gone(request, call))
         try:
-            async for _ in call.deltas():
-                pass
+            async with contextlib.aclosing(call.deltas()) as deltas:
+                async for _ in deltas:
+                    pass
         finally:
             call.close()
             watcher.cancel()
@@ -295,29 +298,30 @@ class Server:
                 yield _sse(dict(head, choices=[{"index": k, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}
                                                for k in range(len(call.outputs) * params.n)]))
-            async for i, delta in call.deltas():
-                if delta.finish_reason == "error":
-                    yield _sse(api.error_body(delta.output.error or "internal error", "server_error"))
-                    break
-                if delta.finish_reason == "abort" and self.closing:
-                    yield _sse(api.error_body(SHUTTING_DOWN, "server_error", code="shutting_down"))
-                    break
-                if not (delta.text or delta.token_ids or delta.finish_reason):
-                    continue
-                k = i * params.n + delta.index
-                lp = None
-                if params.logprobs and chat:
-                    lp = self.logprobs.chat(delta.logprobs)
-                elif params.logprobs:
-                    lp = self.logprobs.completion(delta.logprobs, offsets.get(k, 0))
-                    offsets[k] = sum(map(len, lp["tokens"]), offsets.get(k, 0))
-                content = ({"content": delta.text} if delta.text else {}) if chat else {"text": delta.text}
-                choice = dict({"index": k}, **({"delta": content} if chat else content),
-                              logprobs=lp, finish_reason=delta.finish_reason)
-                yield _sse(dict(head, choices=[choice]))
-            else:
-                if body.include_usage:
-                    yield _sse(dict(head, choices=[], usage=api.usage(call.outputs)))
+            async with contextlib.aclosing(call.deltas()) as deltas:  # closed when the client leaves, not by the GC
+                async for i, delta in deltas:
+                    if delta.finish_reason == "error":
+                        yield _sse(api.error_body(delta.output.error or "internal error", "server_error"))
+                        break
+                    if delta.finish_reason == "abort" and self.closing:
+                        yield _sse(api.error_body(SHUTTING_DOWN, "server_error", code="shutting_down"))
+                        break
+                    if not (delta.text or delta.token_ids or delta.finish_reason):
+                        continue
+                    k = i * params.n + delta.index
+                    lp = None
+                    if params.logprobs and chat:
+                        lp = self.logprobs.chat(delta.logprobs)
+                    elif params.logprobs:
+                        lp = self.logprobs.completion(delta.logprobs, offsets.get(k, 0))
+                        offsets[k] = sum(map(len, lp["tokens"]), offsets.get(k, 0))
+                    content = ({"content": delta.text} if delta.text else {}) if chat else {"text": delta.text}
+                    choice = dict({"index": k}, **({"delta": content} if chat else content),
+                                  logprobs=lp, finish_reason=delta.finish_reason)
+                    yield _sse(dict(head, choices=[choice]))
+                else:
+                    if body.include_usage:
+                        yield _sse(dict(head, choices=[], usage=api.usage(call.outputs)))
             yield "data: [DONE]\n\n"
         finally:
             call.close()

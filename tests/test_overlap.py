@@ -97,10 +97,10 @@ def test_overlap_stops_at_max_model_len_and_serves_sampled_rows_in_step(stories_
     assert mixed == want
 
 
-def test_sampled_rows_take_the_synchronous_step(stories_artifact):
-    """Rows that sample (temperature, top-p, top-k, min-p) are not overlapped (engine._overlappable: on the
-    GPU the overlapped loop's seeded draws parted from the synchronous loop's): nothing is launched ahead,
-    and seeded outputs equal the synchronous loop's."""
+def test_overlap_draws_the_same_seeded_samples(stories_artifact):
+    """Rows that all sample (temperature, top-p, top-k, min-p) leave their drawn tokens on the device too:
+    each sequence takes one random number a step in both loops, so seeded outputs are identical (on the
+    CPU, whose kernels give a row the same logits at any batch size; tests/gpu/test_engine.py for CUDA)."""
     kinds = [dict(temperature=0.8), dict(temperature=1.0, top_p=0.9), dict(temperature=0.7, top_k=20),
              dict(temperature=1.2, min_p=0.05)]
     requests = [(OPENINGS[i % len(OPENINGS)],
@@ -110,7 +110,7 @@ def test_sampled_rows_take_the_synchronous_step(stories_artifact):
     cfg = dict(model_path=str(stories_artifact), max_num_seqs=16)
     want_deltas, want, _ = run(EngineConfig(**cfg, overlap=False), requests)
     got_deltas, got, launched = run(EngineConfig(**cfg, overlap=True), requests)
-    assert launched == 0
+    assert launched > 0
     assert got == want and got_deltas == want_deltas
 
 
