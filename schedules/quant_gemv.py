@@ -58,12 +58,13 @@ MANY_ROWS = 16384  # N from which the M = 1 kernel has thousands of blocks (gate
 
 def tiling(n: int, k: int, qtype: str, m_tile: int) -> QuantGemvConfig:
     """The tiling of one M tile's kernel for an [N, K] weight of `qtype`, the rule QuantGemv() uses, from
-    an H100 sweep of 22 tilings at M = 1 on Llama-3.1-8B's shapes (bench/RESULTS.md, "Quantized GEMV:
-    a tiling per shape"):
+    an H100 sweep of 22 tilings at M = 1 on Llama-3.1-8B's shapes, PDL kernels back to back (bench/RESULTS.md,
+    "Quantized GEMV: a tiling per shape"):
 
     - M tile 1, N < MANY_ROWS (QKV, O, down: 512–768 blocks of 8 rows, bound by the loads in flight):
       64 lanes × 1 row thread × 2 rows, unroll 2: each row's K split over two warps (twice the warps of
-      32 lanes), two chunks' loads in flight a lane; 2 rows a block of 64 threads.
+      32 lanes), two chunks' loads in flight a lane; 2 rows a block of 64 threads. Q8_0 (twice the bytes a
+      chunk): 64 lanes × 2 row threads × 2 rows, no unroll.
     - M tile 1, N ≥ MANY_ROWS (thousands of blocks, bound by instructions): 32 lanes × 4 row threads,
       Q4_K with 4 rows a thread (x's conversion and Σx shared by 4 rows), the others 2 rows, unroll 4.
     - M tiles 4 and 8: 32 lanes × 4 row threads × 2 rows (a tile re-uses each code for 4–8 rows of x;
@@ -73,7 +74,8 @@ def tiling(n: int, k: int, qtype: str, m_tile: int) -> QuantGemvConfig:
     if m_tile > 1:
         cfg = QuantGemvConfig(m_tiles=(m_tile,))
     elif n < MANY_ROWS:
-        cfg = QuantGemvConfig(m_tiles=(1,), lanes=64, row_threads=1, rows_per_thread=2, unroll=2)
+        cfg = QuantGemvConfig(m_tiles=(1,), lanes=64, row_threads=2 if qtype == "q8_0" else 1, rows_per_thread=2,
+                              unroll=1 if qtype == "q8_0" else 2)
     elif qtype == "q4_k":
         cfg = QuantGemvConfig(m_tiles=(1,), rows_per_thread=4)
     else:

@@ -72,7 +72,8 @@ def _launches(func) -> list[tuple[int, int, int]]:
 @pytest.mark.parametrize("qtype", ["q4_k", "q6_k", "q8_0"])
 def test_gemv_tiling_per_shape(qtype):
     """The rule of schedules/quant_gemv.py's `tiling`, as its docstring says: at M tile 1, 64 lanes × 1 row
-    thread × 2 rows, unroll 2, below MANY_ROWS rows (Llama-3.1-8B's QKV, O, down); from MANY_ROWS on 32 lanes
+    thread × 2 rows, unroll 2 (Q8_0: 2 row threads, no unroll), below MANY_ROWS rows (Llama-3.1-8B's QKV, O,
+    down); from MANY_ROWS on 32 lanes
     × 4 row threads, Q4_K 4 rows a thread, the others 2 rows and unroll 4 (gate/up, LM head); M tiles 4 and
     8: 32 × 4 × 2. Lanes shrink to divide K's 32-element chunks (Qwen3-0.6B's K = 1024 has 32), and the
     kernels QuantGemv builds launch those threads."""
@@ -80,7 +81,8 @@ def test_gemv_tiling_per_shape(qtype):
 
     for k, n in [(4096, 6144), (4096, 4096), (14336, 4096), (4096, 28672), (4096, 128256), (1024, 151936)]:
         few = n < MANY_ROWS
-        want = (64, 1, 2, 2) if few else (32, 4, 4, 1) if qtype == "q4_k" else (32, 4, 2, 4)
+        want = ((64, 2, 2, 1) if qtype == "q8_0" else (64, 1, 2, 2)) if few else \
+            (32, 4, 4, 1) if qtype == "q4_k" else (32, 4, 2, 4)
         got = tiling(n, k, qtype, 1)
         assert (got.lanes, got.row_threads, got.rows_per_thread, got.unroll) == want, (k, n)
         for tile in (4, 8):
