@@ -22,6 +22,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import sys
 
 QTYPES = ["q4_k", "q6_k", "q8_0"]
@@ -215,23 +216,24 @@ def _queued_ms(fn, sets, iters: int = 200, repeats: int = 3) -> float:
     """GPU time per call of `iters` calls launched back to back behind a spin kernel (so the host is ahead
     and the launch queue full, as in a decode step), from CUDA events on the stream TVM and torch share:
     median over `repeats`. Unlike CUPTI's per-kernel sum it counts what programmatic dependent launch
-    overlaps (a kernel's launch and ramp under the previous one's tail) once."""
+    overlaps (a kernel's launch and ramp under the previous one's tail) once. (bench/gemm.py's `_time_ms`
+    without the spin.)"""
     import torch
 
-    for i in range(3):
-        fn(*sets[i % len(sets)])
-    per = []
-    for _ in range(repeats):
+    def queued() -> float:
         torch.cuda.synchronize()
         torch.cuda._sleep(5_000_000)  # ~2.5 ms: the host queues the calls meanwhile
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for i in range(iters):
-            fn(*sets[i % len(sets)])
-        end.record()
-        end.synchronize()
-        per.append(start.elapsed_time(end) / iters)
-    return sorted(per)[len(per) // 2]
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        events[0].record()
+        for call in range(iters):
+            fn(*sets[call % len(sets)])
+        events[1].record()
+        events[1].synchronize()
+        return events[0].elapsed_time(events[1]) / iters
+
+    for warm in sets[:3]:
+        fn(*warm)
+    return statistics.median(queued() for _ in range(repeats))
 
 
 def _as_dtype(w, dtype: str):
