@@ -134,8 +134,7 @@ def build(out: str, variants: dict, gemv_only: bool = False, nvcc: bool = True, 
             if not gemv_only:
                 funcs[f"deq_{qtype}_k{k}_n{n}"] = QuantDequantize().kernel(dequantize_func(qtype, k, n))
             for name, cfg in variants.items():
-                tiles = {key: v for key, v in cfg.items() if key != "prefetch"}
-                f = QuantGemv(QuantGemvConfig(**tiles) if tiles else None, cfg.get("prefetch", False)).kernel(
+                f = QuantGemv(QuantGemvConfig(**cfg) if cfg else None).kernel(
                     dequant_matmul(qtype, k, n, "bfloat16", epilogue, byte_perm=True))
                 assert f is not None, (name, qtype, k, n)
                 funcs[f"{name}_{qtype}_k{k}_n{n}"] = f
@@ -470,10 +469,9 @@ def _table(rows, card, copy_gbs, stamp, command) -> str:
     return "\n".join(lines) + "\n"
 
 
-VARIANTS = {  # name -> QuantGemvConfig fields (none: the per-shape rule, QuantGemv()) and QuantGemv's prefetch
+VARIANTS = {  # name -> QuantGemvConfig fields (none: the per-shape rule, QuantGemv())
     "gemv": {},
     "gemv_one": {"m_tiles": (1, 4, 8)},  # the one tiling every shape had before the rule (main up to 2026-12-06)
-    "gemv_pf": {"prefetch": True},  # the rule, each thread's first code words prefetched before the PDL wait
     "gemv_u2": {"unroll": 2},
     "gemv_u2_m1": {"unroll": 2, "m_tiles": (1,)},  # M = 1's kernel only (every M runs it): a small build
     "gemv_t8r1": {"row_threads": 8, "rows_per_thread": 1},

@@ -34,10 +34,8 @@ from dataclasses import dataclass, replace
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import get_root_block
-from tvm.script import tirx as T
 
 from .low_batch import branch_on_rows
-from .pdl import pre_wait_mark
 
 CHUNK = 32  # K elements per thread per step: one 32-element scale group
 
@@ -99,13 +97,10 @@ def is_packed(buf: tirx.Buffer) -> bool:
 
 class QuantGemv:
     """The schedule in the module docstring; `config` fixes the tile sizes for every shape, None (the
-    default) takes them per shape and M tile from `tiling`. `prefetch` (CUDA, off by default: not yet
-    measured): each thread's first loop step of code words is prefetched into L2 as the kernel's PDL
-    pre-wait section (schedules/pdl.py), i.e. while the previous kernel still runs."""
+    default) takes them per shape and M tile from `tiling`."""
 
-    def __init__(self, config: QuantGemvConfig | None = None, prefetch: bool = False):
+    def __init__(self, config: QuantGemvConfig | None = None):
         self.config = config
-        self.prefetch = prefetch
 
     def kernel(self, func: tirx.PrimFunc, target=None) -> tirx.PrimFunc | None:
         """`func` scheduled (with a dynamic M, a run-time chain over `m_tiles`), or None if not ours."""
@@ -117,8 +112,7 @@ class QuantGemv:
         if "group_dot" not in _named_blocks(s_tir.Schedule(func)):
             return None
         try:
-            prefetch = self.prefetch and (target is None or target.kind.name == "cuda")
-            kernels = [self._schedule(func, tile, vector_lanes(target), prefetch) for tile in tiles]
+            kernels = [self._schedule(func, tile, vector_lanes(target)) for tile in tiles]
         except (s_tir.ScheduleError, _Decline):
             return None
         chained = kernels[-1].mod["main"]
@@ -126,7 +120,7 @@ class QuantGemv:
             chained = branch_on_rows(small.mod["main"], chained, next(iter(dims)), tile)
         return chained
 
-    def _schedule(self, func, m_tile: int, lanes16: int, prefetch: bool = False):
+    def _schedule(self, func, m_tile: int, lanes16: int):
         sch = s_tir.Schedule(func)
         named = _named_blocks(sch)
         if "NT_matmul" not in named:
@@ -233,29 +227,7 @@ class QuantGemv:
             sch.compute_inline(epi)
         if after:
             sch.reverse_compute_at(after[-1], j_y, preserve_unit_loops=True)
-        if prefetch:
-            _prefetch_before_wait(sch, rf, [b for b in deq_reads if is_packed(b)], cfg.row_threads,
-                                  cfg.rows_per_thread, unroll, k_chunks)
         return sch
-
-
-def _prefetch_before_wait(sch, rf, packed: list, row_threads: int, rows: int, unroll: int, k_chunks: int) -> None:
-    """The code words of each thread's first loop step (its rows × `unroll` chunks) prefetched into L2 first in
-    its work, marked as the kernel's pre-wait section: it reads only the packed words, which no kernel writes."""
-    bx, _, ty, tx = (sch.get(loop) for loop in sch.get_loops(rf)[:4])
-    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
-    lane, lanes = tx.loop_var.astype("int64"), int(tx.extent)
-    prefetches = []
-    for buf in packed:
-        per_chunk = int(buf.shape[1]) // k_chunks  # words
-        for r in range(rows):
-            row = (bx.loop_var.astype("int64") * i64(row_threads) + ty.loop_var.astype("int64")) * i64(rows) + i64(r)
-            for u in range(unroll):
-                word = (i64(u * lanes) + lane) * i64(per_chunk)
-                prefetches.append(tirx.Evaluate(T.ptx.prefetch.global_.L2(tirx.address_of(tirx.BufferLoad(buf, [row, word])))))
-    first = tirx.SeqStmt([pre_wait_mark(tirx.SeqStmt(prefetches), [b.name for b in packed]), tx.body])
-    sch.state.replace(sch.get_sref(sch.get_loops(rf)[3]),
-                      tirx.For(tx.loop_var, tx.min, tx.extent, tx.kind, first, tx.thread_binding, tx.annotations))
 
 
 def _named_blocks(sch: s_tir.Schedule) -> dict:

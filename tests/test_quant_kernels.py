@@ -29,7 +29,7 @@ from model_defs.quant import QuantLinear  # noqa: E402
 from schedules.pipeline import _passes  # noqa: E402
 from schedules.quant_dequantize import QuantDequantize  # noqa: E402
 from schedules.quant_dispatch import QuantKernels  # noqa: E402
-from schedules.quant_gemv import QuantGemv, tiling  # noqa: E402
+from schedules.quant_gemv import QuantGemv  # noqa: E402
 
 CUDA = tvm.target.Target("nvidia/nvidia-h100", host="llvm")
 METAL = tvm.target.Target("apple/m2-gpu", host="llvm")
@@ -77,7 +77,7 @@ def test_gemv_tiling_per_shape(qtype):
     × 4 row threads, Q4_K 4 rows a thread, the others 2 rows and unroll 4 (gate/up, LM head); M tiles 4 and
     8: 32 × 4 × 2. Lanes shrink to divide K's 32-element chunks (Qwen3-0.6B's K = 1024 has 32), and the
     kernels QuantGemv builds launch those threads."""
-    from schedules.quant_gemv import MANY_ROWS
+    from schedules.quant_gemv import MANY_ROWS, tiling
 
     for k, n in [(4096, 6144), (4096, 4096), (14336, 4096), (4096, 28672), (4096, 128256), (1024, 151936)]:
         few = n < MANY_ROWS
@@ -92,36 +92,6 @@ def test_gemv_tiling_per_shape(qtype):
         kernels = _launches(QuantGemv().kernel(dequant_matmul(qtype, k, n, "bfloat16", "cast", byte_perm=True)))
         assert kernels == [(lanes, want[1], n // (want[1] * want[2])), (32, 4, n // 8), (32, 4, n // 8)], (k, n)
     assert tiling(12, 4096, qtype, 1).rows_per_thread == 2 and tiling(12, 4096, qtype, 8).rows_per_thread == 1
-
-
-def test_gemv_prefetch_before_the_pdl_wait():
-    """QuantGemv(prefetch=True) on sm_90 with PDL: each thread's first step of code words (its rows × the
-    unrolled chunks, every packed component) is prefetched into L2 between launch_dependents and
-    griddepcontrol.wait, and nothing but those words is read before the wait (schedules/pdl.py checks the
-    pre-wait section; x, which the previous kernel writes, comes after). The default has no prefetch."""
-    from compile import targets
-    from schedules.pdl import PDL_TIR_PIPELINE
-
-    target = targets.tvm_target("cuda", "sm_90a")
-    for qtype, packed in (("q4_k", ["w_q"]), ("q6_k", ["w_q", "w_qh"])):
-        funcs = {"pf": QuantGemv(prefetch=True).kernel(dequant_matmul(qtype, 4096, 4096, "bfloat16", "cast", True), target),
-                 "plain": QuantGemv().kernel(dequant_matmul(qtype, 4096, 4096, "bfloat16", "cast", True), target)}
-        with target:
-            lib = tvm.tirx.build(tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()}),
-                                 target=target, pipeline=PDL_TIR_PIPELINE)
-        bodies = dict(re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\([^;{]*\) \{\n(.*?)\n\}',
-                                 lib.imports[0].inspect_source(), re.S))
-        assert len(bodies) == 6 and not any("prefetch" in b for k, b in bodies.items() if k.startswith("plain"))
-        m1, checked = tiling(4096, 4096, qtype, 1), 0
-        for name, body in bodies.items():
-            if name.startswith("pf"):
-                before, after = body.split("griddepcontrol_wait();")
-                fetched = re.findall(r"prefetch_global_L2\(\(&\((\w+)_ptr\[", before)
-                assert "prefetch" not in after and "x_ptr" not in before and set(fetched) == set(packed)
-                if "blockIdx.x)) * (int64_t)1024)" in before:  # the M = 1 kernel: 2 rows of 512 words a block
-                    assert len(fetched) == len(packed) * m1.rows_per_thread * m1.unroll
-                    checked += 1
-        assert checked == 1
 
 
 def test_rules_decline_plain_matmuls():
