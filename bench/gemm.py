@@ -63,17 +63,29 @@ VARIANTS = {
     "gemv16": ("RowChain(StreamingGEMV, ((2, 2), (4, 4), (8, 8), (32, 16)))", "bfloat16", "all", "cast"),
     "gemv_c4": ("RowChain(partial(StreamingGEMV, columns=4))", "bfloat16", "llama", "cast"),
     "gemv_w8c4": ("RowChain(partial(StreamingGEMV, warps=8, columns=4))", "bfloat16", "llama", "cast"),
+    # Decode GEMV alone (M > 8 by dlight's plain Matmul, checked but not timed: --decode-ms 1,2,4,8):
+    # the default, then tilings for the projections below copy speed (build --pdl).
+    "decode": ("RowChain(large=[Matmul()])", "bfloat16", "all", "cast"),
+    "tile_c1": ("RowChain(partial(StreamingGEMV, columns=1), large=[Matmul()])", "bfloat16", "mid", "cast"),
+    "tile_c1u8": ("RowChain(partial(StreamingGEMV, columns=1, unroll=8), large=[Matmul()])", "bfloat16", "mid", "cast"),
+    "tile_c1w8": ("RowChain(partial(StreamingGEMV, columns=1, warps=8), large=[Matmul()])", "bfloat16", "mid", "cast"),
+    "tile_u8": ("RowChain(partial(StreamingGEMV, unroll=8), large=[Matmul()])", "bfloat16", "mid", "cast"),
+    "tile_w8": ("RowChain(partial(StreamingGEMV, warps=8), large=[Matmul()])", "bfloat16", "mid", "cast"),
+    "tile_c2u2": ("RowChain(partial(StreamingGEMV, columns=2, unroll=2), large=[Matmul()])", "bfloat16", "mid", "cast"),
 }
+MID_SHAPES = [(4096, 6144), (4096, 4096), (14336, 4096), (1024, 4096), (1024, 6144)]  # below copy speed at M = 1
 
 
 class RowChain:
-    """A rule-like view of `schedules.low_batch.dispatch_on_rows`, so `build` can treat it as one."""
+    """A rule-like view of `schedules.low_batch.dispatch_on_rows`, so `build` can treat it as one; `large`:
+    the rules above the GEMV buckets (default: the model's)."""
 
-    def __init__(self, gemv=None, limits_and_buckets=None):
+    def __init__(self, gemv=None, limits_and_buckets=None, large=None):
         from schedules.low_batch import LIMITS_AND_BUCKETS, StreamingGEMV
 
         self.gemv = gemv or StreamingGEMV
         self.limits = limits_and_buckets or LIMITS_AND_BUCKETS
+        self.large = large
 
     def apply(self, func, target, _tunable):
         import tvm
@@ -81,7 +93,7 @@ class RowChain:
         from schedules.pipeline import gpu_rules
 
         with target:
-            chained = dispatch_on_rows(func, gpu_rules(target), self.gemv, self.limits)
+            chained = dispatch_on_rows(func, self.large or gpu_rules(target), self.gemv, self.limits)
         return None if chained is None else type("Scheduled", (), {"mod": tvm.IRModule({"main": chained})})
 
 
@@ -90,7 +102,11 @@ def kernel_name(variant: str, k: int, n: int) -> str:
 
 
 def _shapes_for(which: str):
-    """"all", a model prefix ("llama"), "two" (Llama 4096→4096 and 14336→4096) or "lm_head" (Llama's)."""
+    """"all", a model prefix ("llama"), "two" (Llama 4096→4096 and 14336→4096), "lm_head" (Llama's) or "mid"
+    (MID_SHAPES)."""
+    if which == "mid":
+        yield from MID_SHAPES
+        return
     if which in ("two", "lm_head"):
         yield from [(4096, 4096), (14336, 4096)] if which == "two" else [(4096, 128256)]
         return
@@ -143,7 +159,8 @@ def build(out: str, variants: list[str], pdl: bool = False) -> None:
         rule = eval(cfg, {"MatmulWgmma": MatmulWgmma, "WgmmaConfig": WgmmaConfig,  # noqa: S307 (our table)
                           "MIDDLE": MIDDLE, "replace": replace,
                           "MatmulTensorCore": MatmulTensorCore, "LowBatchGEMV": dl.gpu.LowBatchGEMV,
-                          "RowChain": RowChain, "StreamingGEMV": StreamingGEMV, "partial": functools.partial})
+                          "RowChain": RowChain, "StreamingGEMV": StreamingGEMV, "partial": functools.partial,
+                          "Matmul": dl.gpu.Matmul})
         for k, n in _shapes_for(which):
             sch = rule.apply(_prim_func(k, n, dtype, epilogue), target, False)
             assert sch is not None, f"{variant} rejected K={k} N={n}"
@@ -251,7 +268,7 @@ def _copy_bandwidth() -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
-def run(out: str, ms: list[int], results: str | None, command: str) -> None:
+def run(out: str, ms: list[int], results: str | None, command: str, decode_ms: list[int] = DECODE_MS) -> None:
     import numpy as np
     import torch
     import tvm
@@ -274,7 +291,7 @@ def run(out: str, ms: list[int], results: str | None, command: str) -> None:
             # The GEMV-style rule is only a contender (and only tolerably fast) for few rows; the
             # row-dispatch chains are timed at decode sizes.
             rule_src = meta["variants"][variant][0]
-            vms = (DECODE_MS if rule_src.startswith("RowChain") else
+            vms = (decode_ms if rule_src.startswith("RowChain") else
                    [m for m in ms if m <= 128] if "LowBatchGEMV" in rule_src else ms)
             for m in [*RAGGED_MS, *vms]:
                 # Correctness on fresh inputs, poisoned output.
@@ -359,12 +376,14 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("dir")
     r.add_argument("--ms", default=",".join(map(str, MS)))
+    r.add_argument("--decode-ms", default=",".join(map(str, DECODE_MS)), help="the Ms timed for row-dispatch variants")
     r.add_argument("--results")
     a = p.parse_args()
     if a.cmd == "build":
         build(a.out, a.variants.split(","), a.pdl)
     else:
-        run(a.dir, [int(x) for x in a.ms.split(",")], a.results, " ".join(sys.argv))
+        run(a.dir, [int(x) for x in a.ms.split(",")], a.results, " ".join(sys.argv),
+            [int(x) for x in a.decode_ms.split(",")])
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ LOAD_BYTES = 16  # one 128-bit load per thread and step
 WARP = 32
 UNROLL = 4  # K steps whose weight loads are issued together
 MIN_BLOCKS = 264  # two blocks per SM on an H100 before a warp takes two output columns
+ONE_COLUMN_N = 6144  # the 2-row bucket gives a warp one column and 2 × UNROLL steps up to this N ...
+ONE_COLUMN_MIN_K = 1024  # ... from this K (the shapes measured: bench/RESULTS.md)
 
 
 class StreamingGEMV(dl.gpu.LowBatchGEMV):
@@ -33,16 +35,20 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
 
     Each warp owns `columns` output columns (by default 2, or 1 where N is too small to leave
     MIN_BLOCKS blocks; bench/gemm.py's gemv_c4 / gemv_w8c4 measured 4); its 32 lanes stride over K with 16-byte loads
-    (one contiguous 512-byte run per load instruction), UNROLL steps unrolled so their loads are in
-    flight together, partial sums in registers, one shuffle reduction at the end. `warps` per block
+    (one contiguous 512-byte run per load instruction), `unroll` (UNROLL) steps unrolled so their loads are in
+    flight together, partial sums in registers, one shuffle reduction at the end. In the 2-row bucket
+    (decode at batch 1–2) with N ≤ ONE_COLUMN_N and K ≥ ONE_COLUMN_MIN_K, a warp takes 1 column and 2 × UNROLL
+    steps by default: the same 8 loads in flight per thread over twice the warps (H100: 3–10 points more of copy bandwidth
+    at M = 1–2 on Llama's QKV and O and Qwen3's gate/up, fewer at M = 4; bench/RESULTS.md). `warps` per block
     (128 threads) keeps blocks small so that N = 1024–4096 still gives several per SM. What CUDA
     declines here (dequantizing prologues, K not a multiple of 32 × 16 bytes) goes to dlight's.
     """
 
-    def __init__(self, bucket: int = 4, warps: int = 4, columns: int | None = None):
+    def __init__(self, bucket: int = 4, warps: int = 4, columns: int | None = None, unroll: int | None = None):
         super().__init__(bucket)
         self.warps = warps
         self.columns = columns
+        self.unroll = unroll
 
     def sch_inner_reduction(self, sch, target, block, dequantize_block, pad_input_block,
                             vector_input_buffers, epilogue_info, batch_pad):
@@ -56,8 +62,12 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
             return super().sch_inner_reduction(sch, target, block, dequantize_block, pad_input_block,
                                                vector_input_buffers, epilogue_info, batch_pad)
         n, k = int(n), int(k)
-        unroll = next(u for u in (UNROLL, 2, 1) if k % (u * WARP * vec) == 0)
-        tile_s = self.columns or (2 if n % (2 * self.warps) == 0 and n // (2 * self.warps) >= MIN_BLOCKS else 1)
+        narrow = (self.columns is None and self.unroll is None and self.bucket <= 2 and n <= ONE_COLUMN_N
+                  and k >= ONE_COLUMN_MIN_K)
+        unroll = next(u for u in (self.unroll or (2 * UNROLL if narrow else UNROLL), UNROLL, 2, 1)
+                      if k % (u * WARP * vec) == 0)
+        tile_s = self.columns or (1 if narrow else 2 if n % (2 * self.warps) == 0
+                                  and n // (2 * self.warps) >= MIN_BLOCKS else 1)
         if n % (tile_s * self.warps):
             tile_s = 1
         by, bi = sch.split(rows, [None, batch_pad])

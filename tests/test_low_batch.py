@@ -22,7 +22,7 @@ from tvm.s_tir import dlight as dl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from schedules.low_batch import LIMITS_AND_BUCKETS, UNROLL, StreamingGEMV  # noqa: E402
+from schedules.low_batch import LIMITS_AND_BUCKETS, ONE_COLUMN_MIN_K, ONE_COLUMN_N, UNROLL, StreamingGEMV  # noqa: E402
 from schedules.matmul_tensorcore import TIR_PIPELINE  # noqa: E402
 from tests.test_gemm_schedule import H100, MODEL_SHAPES, nt_matmul  # noqa: E402
 
@@ -42,6 +42,9 @@ def test_every_model_shape_streams_its_weights(tmp_path):
             sch = StreamingGEMV(bucket).apply(nt_matmul(k, n), H100, False)
             name = f"gemv_{k}_{n}_{bucket}"
             funcs[name] = sch.mod["main"].with_attr("global_symbol", name)
+            blocks = re.search(r'thread_binding\(T.int64\((\d+)\), thread="blockIdx.x"', funcs[name].script())
+            narrow = bucket <= 2 and n <= ONE_COLUMN_N and k >= ONE_COLUMN_MIN_K
+            assert (n // int(blocks.group(1)) // 4 == 1) >= narrow, name  # a warp's output columns
     src = kernel_source(funcs)
     kernels = re.split(r'extern "C" __global__ void ', src)[1:]
     bodies = {re.match(r"(?:__launch_bounds__\(\d+\) )?(\w+)", k).group(1): k for k in kernels if "{" in k}
@@ -60,14 +63,27 @@ def test_every_model_shape_streams_its_weights(tmp_path):
         assert "spill" in ptxas.stderr and not re.search(r"[1-9]\d* bytes spill", ptxas.stderr)
 
 
-def test_long_k_weight_loads_in_flight_together():
-    """Llama's down projection: UNROLL steps × 2 columns of 16-byte loads before the first multiply."""
-    sch = StreamingGEMV(2).apply(nt_matmul(14336, 4096), H100, False)
+@pytest.mark.parametrize("bucket, k, n, columns, steps", [(4, 14336, 4096, 2, UNROLL), (2, 4096, 28672, 2, UNROLL),
+                                                         (2, 14336, 4096, 1, 2 * UNROLL)])
+def test_long_k_weight_loads_in_flight_together(bucket, k, n, columns, steps):
+    """Llama's down projection (K = 14336): `steps` K steps × `columns` columns of 16-byte loads before the first
+    multiply; the 2-row bucket (N ≤ ONE_COLUMN_N, K ≥ ONE_COLUMN_MIN_K) takes one column and twice the steps."""
+    sch = StreamingGEMV(bucket).apply(nt_matmul(k, n), H100, False)
     src = kernel_source({"down": sch.mod["main"].with_attr("global_symbol", "down")})
     step = src[src.index("for (int64_t"):]
     step = step[:step.index("condval")]  # a K step up to its first load of x
     assert len(re.findall(r"= \*\(uint4\*\)\(w_ptr", step)) == 1  # one vectorized statement ...
-    assert re.search(rf"ax\d+ < {UNROLL}; \+\+ax", step)  # ... in a loop over the UNROLL steps
+    assert re.search(rf"ax\d+ < {steps}; \+\+ax", step)  # ... in a loop over the steps ...
+    assert (re.search(r"for \(int ax\d+ = 0; ax\d+ < 2; \+\+ax", step) is not None) == (columns == 2)  # ... and columns
+
+
+@pytest.mark.parametrize("k, n, columns", [(1024, 6144, 1), (512, 4096, 2), (1024, 8192, 2)])
+def test_one_column_only_where_measured(k, n, columns):
+    """The 2-row bucket's one-column tiling stays within the measured shapes (K ≥ ONE_COLUMN_MIN_K, N ≤
+    ONE_COLUMN_N); elsewhere (the tiny test models' K = 256–512, wide N) the default two columns."""
+    script = StreamingGEMV(2).apply(nt_matmul(k, n), H100, False).mod["main"].script()
+    blocks = int(re.search(r'thread_binding\(T.int64\((\d+)\), thread="blockIdx.x"', script).group(1))
+    assert n // blocks // 4 == columns
 
 
 @pytest.mark.parametrize("target, k", [(tvm.target.Target("apple/m2-gpu"), 4096), (H100, 1000)])

@@ -4,8 +4,7 @@ A kernel launched with PDL's launch attribute may start before the previous kern
 that lacks `griddepcontrol.wait` before its first global access would race; and a kernel with the wait
 but no launch tag gains nothing. The model is compiled for CUDA without nvcc (the generated source is
 what is checked); the device modules are caught as they reach codegen, where their launch parameters
-become the runtime's launch configuration. A kernel's marked pre-wait section (weight prefetch) may
-precede the wait, and then reads no global buffer but the weights it names and writes none.
+become the runtime's launch configuration.
 """
 
 import re
@@ -18,7 +17,7 @@ from tvm.script import tirx as T
 
 from compile import driver, targets
 from conftest import STORIES_HF
-from schedules.pdl import LAUNCH_TAG, PDL_TIR_PIPELINE, PRE_WAIT
+from schedules.pdl import LAUNCH_TAG
 from schedules.pipeline import tir_pipeline
 
 _TRIGGER = "tvm_builtin_ptx_griddepcontrol_launch_dependents();"
@@ -96,80 +95,3 @@ def test_pdl_only_for_sm90_and_later(target, pipeline):
 
 def test_pdl_pipeline_is_registered():
     assert tvm.tirx.get_tir_pipeline(tir_pipeline(targets.tvm_target("cuda", "sm_90a")))
-
-
-@T.prim_func
-def _prefetched_add(w: T.Buffer((256,), "float32"), x: T.Buffer((256,), "float32"), y: T.Buffer((256,), "float32")):
-    T.func_attr({"global_symbol": "prefetched_add", "tirx.noalias": True})
-    for bx in T.thread_binding(2, thread="blockIdx.x"):
-        for tx in T.thread_binding(128, thread="threadIdx.x"):
-            for i in T.unroll(2, annotations={PRE_WAIT: "w"}):  # what a schedule's sch.annotate(loop, ...) gives
-                T.evaluate(T.ptx.prefetch.global_.L2(T.address_of(w[bx * 128 + i * 64 + tx % 64])))
-            y[bx * 128 + tx] = x[bx * 128 + tx] + w[bx * 128 + tx]
-
-
-def _kernel_lines(func, pipeline) -> tuple[list[str], list[str]]:
-    """(statements of the kernel's CUDA body, its pointer parameters) built with `pipeline` for sm_90a."""
-    target = targets.tvm_target("cuda", "sm_90a")
-    with target:
-        lib = tvm.tirx.build(tvm.IRModule({"k": func}), target=target, pipeline=pipeline)
-    source = lib.imports[0].inspect_source()
-    (params, body), = re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?\w+\(([^;{]*)\) \{\n'
-                                 r'(.*?)\n\}', source, re.S)
-    return [line.strip() for line in body.splitlines()], re.findall(r"\* __restrict__ (\w+)", params)
-
-
-def test_pre_wait_section_runs_between_trigger_and_wait():
-    lines, params = _kernel_lines(_prefetched_add, PDL_TIR_PIPELINE)
-    assert lines[0] == _TRIGGER and lines.count(_WAIT) == 1 and lines.count(_TRIGGER) == 1
-    wait = lines.index(_WAIT)
-    before, after = " ".join(lines[1:wait]), " ".join(lines[wait:])
-    assert before.count("prefetch_global_L2") == 2 and "prefetch" not in after
-    assert set(params) == {"w_ptr", "x_ptr", "y_ptr"}
-    assert [p for p in params if p in before] == ["w_ptr"]  # no activation read, no output written
-    assert "x_ptr" in after and "y_ptr[" in after
-
-
-def test_pre_wait_mark_without_pdl_is_just_the_first_statement():
-    lines, _ = _kernel_lines(_prefetched_add, tir_pipeline(targets.tvm_target("cuda", "sm_90a"), pdl=False))
-    assert "griddepcontrol" not in " ".join(lines) and "prefetch_global_L2" in lines[0]
-
-
-@T.prim_func
-def _reads_activation_early(w: T.Buffer((256,), "float32"), x: T.Buffer((256,), "float32"),
-                            y: T.Buffer((256,), "float32")):
-    T.func_attr({"global_symbol": "early_x", "tirx.noalias": True})
-    for bx in T.thread_binding(2, thread="blockIdx.x"):
-        for tx in T.thread_binding(128, thread="threadIdx.x"):
-            for i in T.unroll(2, annotations={PRE_WAIT: "w"}):
-                T.evaluate(T.ptx.prefetch.global_.L2(T.address_of(x[bx * 128 + i * 64 + tx % 64])))
-            y[bx * 128 + tx] = x[bx * 128 + tx] + w[bx * 128 + tx]
-
-
-@T.prim_func
-def _writes_early(w: T.Buffer((256,), "float32"), x: T.Buffer((256,), "float32"), y: T.Buffer((256,), "float32")):
-    T.func_attr({"global_symbol": "early_y", "tirx.noalias": True})
-    for bx in T.thread_binding(2, thread="blockIdx.x"):
-        for tx in T.thread_binding(128, thread="threadIdx.x"):
-            for i in T.unroll(2, annotations={PRE_WAIT: "w"}):
-                y[bx * 128 + i * 64 + tx % 64] = w[bx * 128 + i * 64 + tx % 64]
-            y[bx * 128 + tx] = x[bx * 128 + tx] + w[bx * 128 + tx]
-
-
-@T.prim_func
-def _mark_in_a_loop(w: T.Buffer((256,), "float32"), x: T.Buffer((256,), "float32"), y: T.Buffer((256,), "float32")):
-    T.func_attr({"global_symbol": "mark_in_loop", "tirx.noalias": True})
-    for bx in T.thread_binding(2, thread="blockIdx.x"):
-        for tx in T.thread_binding(64, thread="threadIdx.x"):
-            for j in range(2):
-                for i in T.unroll(2, annotations={PRE_WAIT: "w"}):
-                    T.evaluate(T.ptx.prefetch.global_.L2(T.address_of(w[bx * 128 + i * 64 + tx])))
-                y[bx * 128 + j * 64 + tx] = x[bx * 128 + j * 64 + tx] + w[bx * 128 + j * 64 + tx]
-
-
-@pytest.mark.parametrize("func,error", [(_reads_activation_early, "reads global buffer 'x'"),
-                                        (_writes_early, "writes global buffer 'y'"),
-                                        (_mark_in_a_loop, "top level")])
-def test_pre_wait_section_may_touch_only_the_named_weights(func, error):
-    with pytest.raises(ValueError, match=error):
-        _kernel_lines(func, PDL_TIR_PIPELINE)
