@@ -70,7 +70,8 @@ def tiling(n: int, k: int, qtype: str, m_tile: int) -> QuantGemvConfig:
     - M tiles 4 and 8: 32 lanes × 4 row threads × 2 rows (a tile re-uses each code for 4–8 rows of x;
       the sweep found none better by more than 3%).
 
-    Lanes shrink to divide K's chunks and rows to divide N (QuantGemv), so any shape gets a kernel."""
+    Rows a thread (then row threads) shrink here to divide N, lanes in QuantGemv to divide K's chunks, so any
+    shape gets a kernel."""
     if m_tile > 1:
         cfg = QuantGemvConfig(m_tiles=(m_tile,))
     elif n < MANY_ROWS:
