@@ -9,7 +9,8 @@ Two halves, as bench/gemm.py (the GPU box has only a runtime-only TVM):
       random packed components on the GPU (random code words, fp16 scales of realistic size); every
       GEMV variant checked at M = 1, 3, 8, 33 against a torch fp32 dequantize-then-matmul reference
       before any timing; then GEMV at M = 1, 2, 4, 8 as % of the measured copy bandwidth
-      counting the packed bytes, and
+      counting the packed bytes (CUPTI's kernel time and back to back behind a spin kernel; a --pdl
+      build back to back only), and
       dequantize + GEMM at M = 128, 512, 2048 as % of torch.matmul (cuBLAS, bf16) in the same run;
       rotating input sets of >= 3x L2.
 """
@@ -21,6 +22,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import sys
 
 QTYPES = ["q4_k", "q6_k", "q8_0"]
@@ -132,7 +134,7 @@ def build(out: str, variants: dict, gemv_only: bool = False, nvcc: bool = True, 
             if not gemv_only:
                 funcs[f"deq_{qtype}_k{k}_n{n}"] = QuantDequantize().kernel(dequantize_func(qtype, k, n))
             for name, cfg in variants.items():
-                f = QuantGemv(QuantGemvConfig(**cfg)).kernel(
+                f = QuantGemv(QuantGemvConfig(**cfg) if cfg else None).kernel(
                     dequant_matmul(qtype, k, n, "bfloat16", epilogue, byte_perm=True))
                 assert f is not None, (name, qtype, k, n)
                 funcs[f"{name}_{qtype}_k{k}_n{n}"] = f
@@ -210,6 +212,30 @@ def _kernel_ms(fn, sets, iters: int) -> float:
     return sum(e.self_device_time_total for e in prof.key_averages() if e.device_time_total > 0) / iters / 1e3
 
 
+def _queued_ms(fn, sets, iters: int = 200, repeats: int = 3) -> float:
+    """GPU time per call of `iters` calls launched back to back behind a spin kernel (so the host is ahead
+    and the launch queue full, as in a decode step), from CUDA events on the stream TVM and torch share:
+    median over `repeats`. Unlike CUPTI's per-kernel sum it counts what programmatic dependent launch
+    overlaps (a kernel's launch and ramp under the previous one's tail) once. (bench/gemm.py's `_time_ms`
+    without the spin.)"""
+    import torch
+
+    def queued() -> float:
+        torch.cuda.synchronize()
+        torch.cuda._sleep(5_000_000)  # ~2.5 ms: the host queues the calls meanwhile
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        events[0].record()
+        for call in range(iters):
+            fn(*sets[call % len(sets)])
+        events[1].record()
+        events[1].synchronize()
+        return events[0].elapsed_time(events[1]) / iters
+
+    for warm in sets[:3]:
+        fn(*warm)
+    return statistics.median(queued() for _ in range(repeats))
+
+
 def _as_dtype(w, dtype: str):
     """fp32 `w` rounded to `dtype` as the fused GEMV's dequantized weight is, back in fp32."""
     import torch
@@ -218,7 +244,8 @@ def _as_dtype(w, dtype: str):
 
 
 def _gemv_check(f, epilogue: str, x, args: list, w_model, n: int):
-    """One call of GEMV `f` on a NaN-poisoned output against torch: (y, call(x, args, y), rel.err, ok)."""
+    """One call of GEMV `f` on a NaN-poisoned output against torch: (y, args_of, rel.err, ok), where
+    `args_of(x, args, y)` is the call's TVM argument list (torch tensors converted)."""
     import torch
     import tvm
 
@@ -226,18 +253,18 @@ def _gemv_check(f, epilogue: str, x, args: list, w_model, n: int):
     ref = x.float() @ w_model.T
     if epilogue == "logits":
         y = torch.full((m, n), float("nan"), device=dev)
-        call = lambda xx, a, yy: f(dl(xx), *a, dl(yy))  # noqa: E731
+        args_of = lambda xx, a, yy: [dl(xx), *a, dl(yy)]  # noqa: E731
     elif epilogue == "residual":
         res = torch.randn(m, n, device=dev).to(torch.bfloat16)
         ref = res.float() + ref.to(torch.bfloat16).float()
         y = torch.full((m, n), float("nan"), device=dev, dtype=torch.bfloat16)
-        call = lambda xx, a, yy, r=res: f(dl(xx[None]), *a, dl(r[None]), dl(yy[None]))  # noqa: E731
+        args_of = lambda xx, a, yy, r=res: [dl(xx[None]), *a, dl(r[None]), dl(yy[None])]  # noqa: E731
     else:
         y = torch.full((m, n), float("nan"), device=dev, dtype=torch.bfloat16)
-        call = lambda xx, a, yy: f(dl(xx), *a, dl(yy))  # noqa: E731
-    call(x, args, y)
+        args_of = lambda xx, a, yy: [dl(xx), *a, dl(yy)]  # noqa: E731
+    f(*args_of(x, args, y))
     err = ((y.float() - ref).norm() / ref.norm()).item()
-    return y, call, err, bool(math.isfinite(err) and err <= (1e-4 if epilogue == "logits" else 1e-2))
+    return y, args_of, err, bool(math.isfinite(err) and err <= (1e-4 if epilogue == "logits" else 1e-2))
 
 
 def _load(out: str):
@@ -274,6 +301,7 @@ def run(out: str, results: str | None, command: str, models: str = "", ms: tuple
     gen.manual_seed(0)
     rows, log = [], []
     full = not meta.get("gemv_only")  # else no dequantize / GEMM kernels in this build
+    pdl = bool(meta.get("pdl"))  # kernels built with programmatic dependent launch: timed back to back only
     weight_dtype = meta.get("weight_dtype", "bfloat16")  # the fused GEMV's dequantized weight
     failed = 0
     for model, k, n, epilogue in _cases(models):  # every GEMV checked before any is timed
@@ -309,16 +337,19 @@ def run(out: str, results: str | None, command: str, models: str = "", ms: tuple
                 f = lib[f"{variant}_{qtype}_k{k}_n{n}"]
                 for m in ms:
                     x = torch.randn(m, k, device=dev).to(torch.bfloat16)
-                    y, call, err, ok = _gemv_check(f, epilogue, x, args, w_model, n)
+                    y, args_of, err, ok = _gemv_check(f, epilogue, x, args, w_model, n)
                     xs = [torch.randn(m, k, device=dev).to(torch.bfloat16) for _ in range(nsets)]
                     ys = [torch.empty_like(y) for _ in range(nsets)]
-                    t_k = _kernel_ms(call, list(zip(xs, set_args, ys)), 100)
+                    calls = [args_of(*a) for a in zip(xs, set_args, ys)]  # converted once, outside the timing
+                    t_q = _queued_ms(f, calls)
+                    t_k = t_q if pdl else _kernel_ms(f, calls, 100)  # CUPTI would count PDL's overlap twice
                     rows.append(dict(kind="gemv", variant=variant, qtype=qtype, model=model, k=k, n=n, m=m,
                                      err=err, ok=ok, ms=t_k, gbs=packed / t_k / 1e6,
-                                     pct=packed / t_k / 1e6 / copy_gbs))
+                                     pct=packed / t_k / 1e6 / copy_gbs, ms_b2b=t_q, pct_b2b=packed / t_q / 1e6 / copy_gbs,
+                                     pdl=pdl))
                     log.append(json.dumps(rows[-1]))
-                    print(f"{variant} {qtype} {k}->{n} M={m} {t_k * 1e3:.1f} us "
-                          f"{100 * rows[-1]['pct']:.0f}% copy BW relerr={err:.1e}", flush=True)
+                    print(f"{variant} {qtype} {k}->{n} M={m} {t_k * 1e3:.1f} us {100 * rows[-1]['pct']:.0f}% copy BW, "
+                          f"back to back {t_q * 1e3:.1f} us {100 * rows[-1]['pct_b2b']:.0f}% relerr={err:.1e}", flush=True)
             if full:  # dequantize kernel (bit-exact bf16 of the fp32 reference), then the GEMM
                 deq, gemm = lib[f"deq_{qtype}_k{k}_n{n}"], lib[f"gemm_k{k}_n{n}"]
                 wb = torch.full((n, k), float("nan"), device=dev, dtype=torch.bfloat16)
@@ -388,11 +419,12 @@ def _mix_step(rows, variant: str, m: int):
 def _table(rows, card, copy_gbs, stamp, command) -> str:
     lines = [f"### Quantized GEMV / GEMM {stamp}, {card}, copy {copy_gbs:.0f} GB/s", "", f"`{command}`", "",
              "GEMV (dequant fused), % of copy bandwidth counting the packed bytes read:", "",
-             "| variant | type | model | K→N | M | µs | GB/s | % copy | rel.err |", "|---|---|---|---|---|---|---|---|---|"]
+             "| variant | type | model | K→N | M | µs | GB/s | % copy | back to back µs | % | rel.err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in (r for r in rows if r["kind"] == "gemv"):
         lines.append(f"| {r['variant']} | {r['qtype']} | {r['model']} | {r['k']}→{r['n']} | {r['m']} | "
-                     f"{r['ms'] * 1e3:.1f} | {r['gbs']:.0f} | {100 * r['pct']:.0f} | {r['err']:.1e}"
-                     f"{'' if r['ok'] else ' FAIL'} |")
+                     f"{r['ms'] * 1e3:.1f} | {r['gbs']:.0f} | {100 * r['pct']:.0f} | {r['ms_b2b'] * 1e3:.1f} | "
+                     f"{100 * r['pct_b2b']:.0f} | {r['err']:.1e}{'' if r['ok'] else ' FAIL'} |")
     lines += ["", "Prefill: dequantize (bf16) + wgmma GEMM vs cuBLAS bf16 on the same weights:", "",
               "| type | model | K→N | M | dequant µs (% copy) | GEMM µs | cuBLAS µs | % cuBLAS | rel.err |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -414,6 +446,20 @@ def _table(rows, card, copy_gbs, stamp, command) -> str:
                and r["model"].startswith("llama") and r["m"] >= 512]
         if sel:
             lines.append(f"- {qtype} GEMM: {100 * math.exp(sum(map(math.log, sel)) / len(sel)):.0f}%")
+    gemv = [r for r in rows if r["kind"] == "gemv"]
+    if len({r["variant"] for r in gemv}) > 2:
+        lines += ["", "Best variant per shape (back-to-back % copy; the first variant's beside it):", "",
+                  "| type | K→N | M | best | % | runner-up | % | first | % |", "|---|---|---|---|---|---|---|---|---|"]
+        first = gemv[0]["variant"]
+        for key in dict.fromkeys((r["qtype"], r["k"], r["n"], r["m"]) for r in gemv):
+            sel = sorted((r for r in gemv if (r["qtype"], r["k"], r["n"], r["m"]) == key and r["ok"]),
+                         key=lambda r: -r["pct_b2b"])
+            own = [f"{100 * r['pct_b2b']:.0f}" for r in sel if r["variant"] == first] or ["–"]
+            if sel:
+                two = sel[1] if len(sel) > 1 else sel[0]
+                lines.append(f"| {key[0]} | {key[1]}→{key[2]} | {key[3]} | {sel[0]['variant']} | "
+                             f"{100 * sel[0]['pct_b2b']:.0f} | {two['variant']} | {100 * two['pct_b2b']:.0f} | {first} | "
+                             f"{own[0]} |")
     for v in dict.fromkeys(r["variant"] for r in rows if r["kind"] == "gemv"):
         for m in sorted({r["m"] for r in rows if r["kind"] == "gemv"}):
             step = _mix_step(rows, v, m)
@@ -423,8 +469,9 @@ def _table(rows, card, copy_gbs, stamp, command) -> str:
     return "\n".join(lines) + "\n"
 
 
-VARIANTS = {  # name -> QuantGemvConfig fields; the first is the rule's default
+VARIANTS = {  # name -> QuantGemvConfig fields (none: the per-shape rule, QuantGemv())
     "gemv": {},
+    "gemv_one": {"m_tiles": (1, 4, 8)},  # the one tiling every shape had before the rule (main up to 2026-12-06)
     "gemv_u2": {"unroll": 2},
     "gemv_u2_m1": {"unroll": 2, "m_tiles": (1,)},  # M = 1's kernel only (every M runs it): a small build
     "gemv_t8r1": {"row_threads": 8, "rows_per_thread": 1},
@@ -432,6 +479,15 @@ VARIANTS = {  # name -> QuantGemvConfig fields; the first is the rule's default
     "gemv_r4u2_m1": {"rows_per_thread": 4, "unroll": 2, "m_tiles": (1,)},
     "gemv_l64_m1": {"lanes": 64, "m_tiles": (1,)},  # split-K over two warps: twice the loads in flight
 }
+# The tiling sweep: one M tile's kernel alone (every M runs it), lanes × row threads × rows a thread × unroll,
+# named l<lanes>t<row_threads>r<rows_per_thread>u<unroll>_m<tile>
+SWEEP_TILINGS = [(32, 4, 2, 1), (32, 4, 2, 2), (32, 4, 2, 4), (32, 2, 2, 1), (32, 2, 2, 2), (32, 2, 2, 4),
+                 (32, 4, 1, 1), (32, 4, 1, 2), (32, 4, 1, 4), (32, 8, 1, 2), (32, 4, 4, 1), (32, 2, 4, 1),
+                 (32, 1, 4, 1), (32, 2, 4, 2), (32, 2, 8, 1), (64, 2, 2, 1), (64, 1, 2, 2), (64, 2, 1, 1),
+                 (64, 2, 4, 1), (128, 1, 2, 1), (128, 1, 4, 1), (128, 1, 1, 2)]
+for _tile in (1, 4, 8):
+    VARIANTS.update({f"l{l}t{t}r{r}u{u}_m{_tile}": {"lanes": l, "row_threads": t, "rows_per_thread": r, "unroll": u,
+                                                   "m_tiles": (_tile,)} for l, t, r, u in SWEEP_TILINGS})
 
 
 def main() -> None:
@@ -439,7 +495,8 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build")
     b.add_argument("--out", required=True)
-    b.add_argument("--variants", default=",".join(VARIANTS))
+    b.add_argument("--variants", default=",".join(v for v in VARIANTS if v.startswith("gemv")),
+                   help="comma-separated names of VARIANTS (the sweep's too: l32t4r2u1_m1, ...)")
     b.add_argument("--gemv-only", action="store_true", help="only the GEMV variants (no dequantize / GEMM)")
     b.add_argument("--no-nvcc", action="store_true", help="leave nvcc to `run` (on the GPU box, all its cores)")
     b.add_argument("--models", default="", help="only the shapes of models whose name starts with this")

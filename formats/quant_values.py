@@ -64,6 +64,19 @@ def _q6_byte_code(q: te.Tensor, qh: te.Tensor, n, k):
     return tirx.reinterpret("float32", made) - tirx.const(float(2**23 + 32), "float32")
 
 
+def _q4_fraction_code(words: te.Tensor, n, k):
+    """A 4-bit code q as the fraction 0.5 + q/32 for CUDA, with no subtraction per code: nibbles 2j and 2j + 1
+    of a word, as 8q, are byte j of (word << 3) & 0x78787878 and of (word >> 1) & 0x78787878 (which every 4
+    codes share); one byte permute puts that byte next to the sign and exponent of 0.5f (0x3F000000), as the
+    top of its mantissa. The group scale and min absorb the map back to q (`parts`), so that per weight only
+    the permute and the FMA with x remain: `_byte_code`'s subtraction of 2^23 was a seventh of Q4_K's GEMV
+    instructions. (The same for Q6_K's codes measured slower on the H100: bench/RESULTS.md.)"""
+    u32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
+    v = ((words[n, k // 8] >> ((k % 2) * 4).astype("uint32")) << u32(3)) & u32(0x78787878)
+    made = tirx.call_pure_extern("uint32", "__byte_perm", v, u32(0x3F000000), ((k % 8) // 2 * 256 + 0x7054).astype("uint32"))
+    return tirx.reinterpret("float32", made)
+
+
 WITH_MIN = ("q4_k", "q5_k", "q2_k")  # types whose value subtracts a min
 GROUP = {"q8_0": 32, "q4_0": 32, "q4_k": 32, "q5_k": 32, "q6_k": 16, "q2_k": 16, "q3_k": 16}  # elements a scale
 
@@ -71,7 +84,10 @@ GROUP = {"q8_0": 32, "q4_0": 32, "q4_k": 32, "q5_k": 32, "q6_k": 16, "q2_k": 16,
 def parts(qtype: str, c: dict, n, k, byte_perm: bool = False):
     """(scale, code, min) of element (n, k) in fp32, its value scale · code − min (min None: 0); scale and
     min are constant over k's group of GROUP[qtype] elements. Every product is exact in fp32. `byte_perm`
-    (CUDA only): Q8_0, Q4_0, Q4_K and Q6_K codes by byte permutes (`_byte_code`), the same values."""
+    (CUDA only, for the GEMV): Q8_0, Q4_0 and Q6_K codes by byte permutes (`_byte_code`), the same values;
+    Q4_K codes as fractions c = 0.5 + q/32 (`_q4_fraction_code`): q = 32·c − 16, so the scale becomes
+    32 · scale and the min min + 16 · scale: the same value within one fp32 rounding of the min, which a
+    matmul's fp32 sum has anyway."""
     def f32(x):
         return x.astype("float32")
 
@@ -85,12 +101,11 @@ def parts(qtype: str, c: dict, n, k, byte_perm: bool = False):
         return f32(c["d"][n, k // 32]), _byte_code(c["q"], n, k, 4, 8) if byte_perm else _code(_bits(c["q"], n, k, 4), 8), None
     d = f32(c["d"][n, k // 256])
     if qtype in ("q4_k", "q5_k"):
+        scale, low = d * f32(c["sc"][n, k // 32]), f32(c["dmin"][n, k // 256]) * f32(c["m"][n, k // 32])
+        if qtype == "q4_k" and byte_perm:  # q = 32·c − 16
+            return scale * 32.0, _q4_fraction_code(c["q"], n, k), low + scale * 16.0
         q = _bits(c["q"], n, k, 4)
-        if qtype == "q5_k":
-            code = _code(q | (_bits(c["qh"], n, k, 1) << u32(4)))
-        else:
-            code = _byte_code(c["q"], n, k, 4) if byte_perm else _code(q)
-        return d * f32(c["sc"][n, k // 32]), code, f32(c["dmin"][n, k // 256]) * f32(c["m"][n, k // 32])
+        return scale, _code(q | (_bits(c["qh"], n, k, 1) << u32(4))) if qtype == "q5_k" else _code(q), low
     if qtype == "q6_k":
         code = (_q6_byte_code(c["q"], c["qh"], n, k) if byte_perm else
                 _code(_bits(c["q"], n, k, 4) | (_bits(c["qh"], n, k, 2) << u32(4)), 32))
@@ -120,7 +135,7 @@ def dequantize_matmul_te(qtype: str, x: te.Tensor, components: list[te.Tensor], 
     index = lambda v: tirx.IntImm(str(x.shape[-1].ty), v)  # noqa: E731  (x's index type: int64 from Relax)
     ngroups = cols // group
     codes = te.compute((rows, cols), lambda n, k: parts(qtype, c, n, k, byte_perm)[1], name=f"dequantize_{qtype}_codes")
-    scale = te.compute((rows, ngroups), lambda n, g: parts(qtype, c, n, g * group)[0], name="group_scale")
+    scale = te.compute((rows, ngroups), lambda n, g: parts(qtype, c, n, g * group, byte_perm)[0], name="group_scale")
     t = te.reduce_axis((index(0), index(group)), "t")
     dot = te.compute((*x.shape[:-1], rows, ngroups), lambda *i: te.sum(
         x[(*i[:-2], i[-1] * group + t)].astype("float32") * codes[i[-2], i[-1] * group + t], axis=t),
@@ -129,7 +144,7 @@ def dequantize_matmul_te(qtype: str, x: te.Tensor, components: list[te.Tensor], 
     if qtype not in WITH_MIN:
         return te.compute((*x.shape[:-1], rows), lambda *i: te.sum(
             scale[i[-1], g] * dot[(*i, g)], axis=g), name="NT_matmul")
-    low = te.compute((rows, ngroups), lambda n, g: parts(qtype, c, n, g * group)[2], name="group_min")
+    low = te.compute((rows, ngroups), lambda n, g: parts(qtype, c, n, g * group, byte_perm)[2], name="group_min")
     s = te.reduce_axis((index(0), index(group)), "s")
     xsum = te.compute((*x.shape[:-1], ngroups), lambda *i: te.sum(
         x[(*i[:-1], i[-1] * group + s)].astype("float32"), axis=s), name="group_sum")

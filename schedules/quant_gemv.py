@@ -24,12 +24,13 @@ static size. K must be whole chunks and N whole row tiles; anything else is decl
 other rules. `unroll` > 1 takes that many chunks per loop step, their code words loaded before the first
 is used.
 
-Measured on an H100: bench/RESULTS.md, "Quantized GEMV: group scales factored out".
+The tile sizes depend on the shape (`tiling`, measured on an H100: bench/RESULTS.md, "Quantized GEMV: a tiling
+per shape"); `lanes` > 32 split a row's K over several warps, whose partial sums meet in the reduction.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import get_root_block
@@ -41,14 +42,49 @@ CHUNK = 32  # K elements per thread per step: one 32-element scale group
 
 @dataclass(frozen=True)
 class QuantGemvConfig:
-    """One tiling; `m_tiles` (ascending) are the M tiles of the run-time chain: M <= m_tiles[0] runs
-    the first, ..., any larger M the last."""
+    """One tiling for every shape; `m_tiles` (ascending) are the M tiles of the run-time chain: M <=
+    m_tiles[0] runs the first, ..., any larger M the last."""
 
     m_tiles: tuple = (1, 4, 8)
     lanes: int = 32
     row_threads: int = 4
     rows_per_thread: int = 2
     unroll: int = 1  # chunks per lane per loop step (unrolled: their loads can be in flight together)
+
+
+M_TILES = (1, 4, 8)  # the run-time chain of the per-shape rule
+MANY_ROWS = 16384  # N from which the M = 1 kernel has thousands of blocks (gate/up, LM heads)
+
+
+def tiling(n: int, k: int, qtype: str, m_tile: int) -> QuantGemvConfig:
+    """The tiling of one M tile's kernel for an [N, K] weight of `qtype`, the rule QuantGemv() uses, from
+    an H100 sweep of 22 tilings at M = 1 on Llama-3.1-8B's shapes, PDL kernels back to back (bench/RESULTS.md,
+    "Quantized GEMV: a tiling per shape"):
+
+    - M tile 1, N < MANY_ROWS (QKV, O, down: 512–768 blocks of 8 rows, bound by the loads in flight):
+      64 lanes × 1 row thread × 2 rows, unroll 2: each row's K split over two warps (twice the warps of
+      32 lanes), two chunks' loads in flight a lane; 2 rows a block of 64 threads. Q8_0 (twice the bytes a
+      chunk): 64 lanes × 2 row threads × 2 rows, no unroll.
+    - M tile 1, N ≥ MANY_ROWS (thousands of blocks, bound by instructions): 32 lanes × 4 row threads,
+      Q4_K with 4 rows a thread (x's conversion and Σx shared by 4 rows), the others 2 rows, unroll 4.
+    - M tiles 4 and 8: 32 lanes × 4 row threads × 2 rows (a tile re-uses each code for 4–8 rows of x;
+      the sweep found none better by more than 3%).
+
+    Rows a thread (then row threads) shrink here to divide N, lanes in QuantGemv to divide K's chunks, so any
+    shape gets a kernel."""
+    if m_tile > 1:
+        cfg = QuantGemvConfig(m_tiles=(m_tile,))
+    elif n < MANY_ROWS:
+        cfg = QuantGemvConfig(m_tiles=(1,), lanes=64, row_threads=2 if qtype == "q8_0" else 1, rows_per_thread=2,
+                              unroll=1 if qtype == "q8_0" else 2)
+    elif qtype == "q4_k":
+        cfg = QuantGemvConfig(m_tiles=(1,), rows_per_thread=4)
+    else:
+        cfg = QuantGemvConfig(m_tiles=(1,), unroll=4)
+    while n % (cfg.row_threads * cfg.rows_per_thread):
+        cfg = replace(cfg, rows_per_thread=cfg.rows_per_thread // 2) if cfg.rows_per_thread > 1 else \
+            replace(cfg, row_threads=cfg.row_threads // 2)
+    return cfg
 
 
 def vector_lanes(target) -> int:
@@ -61,9 +97,10 @@ def is_packed(buf: tirx.Buffer) -> bool:
 
 
 class QuantGemv:
-    """The schedule in the module docstring; `config` picks the tile sizes."""
+    """The schedule in the module docstring; `config` fixes the tile sizes for every shape, None (the
+    default) takes them per shape and M tile from `tiling`."""
 
-    def __init__(self, config: QuantGemvConfig = QuantGemvConfig()):
+    def __init__(self, config: QuantGemvConfig | None = None):
         self.config = config
 
     def kernel(self, func: tirx.PrimFunc, target=None) -> tirx.PrimFunc | None:
@@ -71,7 +108,8 @@ class QuantGemv:
         if not any(is_packed(p) for p in func.params if hasattr(p, "shape")):
             return None
         dims = {d for p in func.params if hasattr(p, "shape") for d in p.shape if isinstance(d, tirx.Var)}
-        tiles = self.config.m_tiles if len(dims) == 1 else self.config.m_tiles[-1:]
+        m_tiles = M_TILES if self.config is None else self.config.m_tiles
+        tiles = m_tiles if len(dims) == 1 else m_tiles[-1:]
         if "group_dot" not in _named_blocks(s_tir.Schedule(func)):
             return None
         try:
@@ -84,7 +122,6 @@ class QuantGemv:
         return chained
 
     def _schedule(self, func, m_tile: int, lanes16: int):
-        cfg = self.config
         sch = s_tir.Schedule(func)
         named = _named_blocks(sch)
         if "NT_matmul" not in named:
@@ -97,9 +134,12 @@ class QuantGemv:
         ivs = sch.get(mm).iter_vars
         group = int(sch.get(dot).iter_vars[-1].dom.extent)
         n_ext, groups = ivs[-2].dom.extent, ivs[-1].dom.extent
+        if not isinstance(n_ext, tirx.IntImm) or not isinstance(groups, tirx.IntImm):
+            raise _Decline
+        qtype = sch.get(codes).name_hint.removeprefix("dequantize_").removesuffix("_codes")
+        cfg = self.config or tiling(int(n_ext), int(groups) * group, qtype, m_tile)
         row_tile = cfg.row_threads * cfg.rows_per_thread
-        if (not isinstance(n_ext, tirx.IntImm) or not isinstance(groups, tirx.IntImm) or CHUNK % group
-                or int(groups) * group % CHUNK or int(n_ext) % row_tile):
+        if CHUNK % group or int(groups) * group % CHUNK or int(n_ext) % row_tile:
             raise _Decline
         # pad M to the tile: group_dot and group_sum read as 0 past M (computed only below it), NT_matmul
         # computed for the whole tile, so that every per-thread buffer has a static size

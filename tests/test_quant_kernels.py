@@ -58,6 +58,42 @@ def test_gemv_cuda_every_type_and_epilogue(qtype):
     assert ("*(uint2*)(w_q_local" if qtype in ("q2_k", "q3_k") else "*(uint4*)(w_q_local") in src
 
 
+def _launches(func) -> list[tuple[int, int, int]]:
+    """(lanes, row threads, rows a block) of each kernel of a scheduled chain, in the order of its M tiles."""
+    binds = re.findall(r'T\.thread_binding\((?:T\.int64\()?(\w+)\)?, thread="(blockIdx\.x|threadIdx\.[xy])"\)', func.script())
+    kernels = []
+    for extent, tag in binds:
+        if tag == "blockIdx.x":
+            kernels.append({})
+        kernels[-1].setdefault(tag, int(extent))
+    return [(k["threadIdx.x"], k["threadIdx.y"], k["blockIdx.x"]) for k in kernels]
+
+
+@pytest.mark.parametrize("qtype", ["q4_k", "q6_k", "q8_0"])
+def test_gemv_tiling_per_shape(qtype):
+    """The rule of schedules/quant_gemv.py's `tiling`, as its docstring says: at M tile 1, 64 lanes × 1 row
+    thread × 2 rows, unroll 2 (Q8_0: 2 row threads, no unroll), below MANY_ROWS rows (Llama-3.1-8B's QKV, O,
+    down); from MANY_ROWS on 32 lanes
+    × 4 row threads, Q4_K 4 rows a thread, the others 2 rows and unroll 4 (gate/up, LM head); M tiles 4 and
+    8: 32 × 4 × 2. Lanes shrink to divide K's 32-element chunks (Qwen3-0.6B's K = 1024 has 32), and the
+    kernels QuantGemv builds launch those threads."""
+    from schedules.quant_gemv import MANY_ROWS, tiling
+
+    for k, n in [(4096, 6144), (4096, 4096), (14336, 4096), (4096, 28672), (4096, 128256), (1024, 151936)]:
+        few = n < MANY_ROWS
+        want = ((64, 2, 2, 1) if qtype == "q8_0" else (64, 1, 2, 2)) if few else \
+            (32, 4, 4, 1) if qtype == "q4_k" else (32, 4, 2, 4)
+        got = tiling(n, k, qtype, 1)
+        assert (got.lanes, got.row_threads, got.rows_per_thread, got.unroll) == want, (k, n)
+        for tile in (4, 8):
+            got = tiling(n, k, qtype, tile)
+            assert (got.lanes, got.row_threads, got.rows_per_thread, got.unroll) == (32, 4, 2, 1), (k, n, tile)
+        lanes = min(want[0], k // 32)
+        kernels = _launches(QuantGemv().kernel(dequant_matmul(qtype, k, n, "bfloat16", "cast", byte_perm=True)))
+        assert kernels == [(lanes, want[1], n // (want[1] * want[2])), (32, 4, n // 8), (32, 4, n // 8)], (k, n)
+    assert tiling(12, 4096, qtype, 1).rows_per_thread == 2 and tiling(12, 4096, qtype, 8).rows_per_thread == 1
+
+
 def test_rules_decline_plain_matmuls():
     """No packed operand: not ours (the bf16 model's Linears keep their rules)."""
     from tests.test_gemm_schedule import nt_matmul
@@ -82,8 +118,9 @@ def test_gemv_and_dequantize_nvcc_no_spills(tmp_path):
 
 @pytest.mark.parametrize("qtype", ["q4_k", "q6_k", "q8_0", "q3_k"])
 def test_metal_forms_build(qtype):
-    """Plain TIR (no simdgroups): the fused GEMV and the dequantize kernel lower to Metal."""
-    gemv = QuantGemv().kernel(dequant_matmul(qtype, 1024, 64, "float16", "residual"), METAL)
+    """Plain TIR (no simdgroups): the fused GEMV (K = 4096: 64 lanes at M = 1, a row's K over two
+    simdgroups) and the dequantize kernel lower to Metal."""
+    gemv = QuantGemv().kernel(dequant_matmul(qtype, 4096, 64, "float16", "residual"), METAL)
     deq = QuantDequantize().kernel(dequantize_func(qtype, 1024, 64, "float16"), METAL)
     with METAL:
         lib = tvm.tirx.build(tvm.IRModule({"gemv": gemv.with_attr("global_symbol", "gemv"),
