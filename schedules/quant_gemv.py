@@ -38,6 +38,7 @@ from tvm.s_tir.dlight.analysis import get_root_block
 from .low_batch import branch_on_rows
 
 CHUNK = 32  # K elements per thread per step: one 32-element scale group
+M_TILES = (1, 4, 8)  # the run-time chain over M (each tile's kernel from `tiling`, unless a config is given)
 
 
 @dataclass(frozen=True)
@@ -45,19 +46,18 @@ class QuantGemvConfig:
     """One tiling for every shape; `m_tiles` (ascending) are the M tiles of the run-time chain: M <=
     m_tiles[0] runs the first, ..., any larger M the last."""
 
-    m_tiles: tuple = (1, 4, 8)
+    m_tiles: tuple = M_TILES
     lanes: int = 32
     row_threads: int = 4
     rows_per_thread: int = 2
     unroll: int = 1  # chunks per lane per loop step (unrolled: their loads can be in flight together)
 
 
-M_TILES = (1, 4, 8)  # the run-time chain of the per-shape rule
 MANY_ROWS = 16384  # N from which the M = 1 kernel has thousands of blocks (gate/up, LM heads)
 
 
-def tiling(n: int, k: int, qtype: str, m_tile: int) -> QuantGemvConfig:
-    """The tiling of one M tile's kernel for an [N, K] weight of `qtype`, the rule QuantGemv() uses, from
+def tiling(n: int, qtype: str, m_tile: int) -> QuantGemvConfig:
+    """The tiling of one M tile's kernel for a weight of N rows of `qtype` (any K), the rule QuantGemv() uses, from
     an H100 sweep of 22 tilings at M = 1 on Llama-3.1-8B's shapes, PDL kernels back to back (bench/RESULTS.md,
     "Quantized GEMV: a tiling per shape"):
 
@@ -137,7 +137,7 @@ class QuantGemv:
         if not isinstance(n_ext, tirx.IntImm) or not isinstance(groups, tirx.IntImm):
             raise _Decline
         qtype = sch.get(codes).name_hint.removeprefix("dequantize_").removesuffix("_codes")
-        cfg = self.config or tiling(int(n_ext), int(groups) * group, qtype, m_tile)
+        cfg = self.config or tiling(int(n_ext), qtype, m_tile)
         row_tile = cfg.row_threads * cfg.rows_per_thread
         if CHUNK % group or int(groups) * group % CHUNK or int(n_ext) % row_tile:
             raise _Decline

@@ -83,15 +83,15 @@ def test_gemv_tiling_per_shape(qtype):
         few = n < MANY_ROWS
         want = ((64, 2, 2, 1) if qtype == "q8_0" else (64, 1, 2, 2)) if few else \
             (32, 4, 4, 1) if qtype == "q4_k" else (32, 4, 2, 4)
-        got = tiling(n, k, qtype, 1)
+        got = tiling(n, qtype, 1)
         assert (got.lanes, got.row_threads, got.rows_per_thread, got.unroll) == want, (k, n)
         for tile in (4, 8):
-            got = tiling(n, k, qtype, tile)
+            got = tiling(n, qtype, tile)
             assert (got.lanes, got.row_threads, got.rows_per_thread, got.unroll) == (32, 4, 2, 1), (k, n, tile)
         lanes = min(want[0], k // 32)
         kernels = _launches(QuantGemv().kernel(dequant_matmul(qtype, k, n, "bfloat16", "cast", byte_perm=True)))
         assert kernels == [(lanes, want[1], n // (want[1] * want[2])), (32, 4, n // 8), (32, 4, n // 8)], (k, n)
-    assert tiling(12, 4096, qtype, 1).rows_per_thread == 2 and tiling(12, 4096, qtype, 8).rows_per_thread == 1
+    assert tiling(12, qtype, 1).rows_per_thread == 2 and tiling(12, qtype, 8).rows_per_thread == 1
 
 
 def test_rules_decline_plain_matmuls():
