@@ -239,23 +239,28 @@ def write_results(table: str, log: list, results: str | None, jsonl: str) -> Non
             f.write(table + "\n")
 
 
-def _time_ms(fn, sets, iters: int) -> float:
-    """Median over 5 repeats of the mean time per call, cycling through the input sets."""
+def _time_ms(fn, sets, iters: int, repeats: int = 5, spin: bool = False) -> float:
+    """Median over `repeats` of the mean time per call, cycling through the input sets. `spin`: each repeat's
+    calls queued behind a ~2.5 ms spin kernel, so the host is ahead and the launch queue full as in a decode
+    step (bench/quant_gemm.py's --pdl timing: overlapped launches counted once, unlike CUPTI's kernel sum)."""
     import torch
 
     for i in range(3):
         fn(*sets[i % len(sets)])
     torch.cuda.synchronize()
     per = []
-    for _ in range(5):
+    for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if spin:
+            torch.cuda.synchronize()
+            torch.cuda._sleep(5_000_000)
         start.record()
         for i in range(iters):
             fn(*sets[i % len(sets)])
         end.record()
         end.synchronize()
         per.append(start.elapsed_time(end) / iters)
-    return sorted(per)[2]
+    return sorted(per)[repeats // 2]
 
 
 def _copy_bandwidth() -> float:

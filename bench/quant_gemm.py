@@ -22,7 +22,6 @@ import datetime
 import json
 import math
 import os
-import statistics
 import sys
 
 QTYPES = ["q4_k", "q6_k", "q8_0"]
@@ -212,30 +211,6 @@ def _kernel_ms(fn, sets, iters: int) -> float:
     return sum(e.self_device_time_total for e in prof.key_averages() if e.device_time_total > 0) / iters / 1e3
 
 
-def _queued_ms(fn, sets, iters: int = 200, repeats: int = 3) -> float:
-    """GPU time per call of `iters` calls launched back to back behind a spin kernel (so the host is ahead
-    and the launch queue full, as in a decode step), from CUDA events on the stream TVM and torch share:
-    median over `repeats`. Unlike CUPTI's per-kernel sum it counts what programmatic dependent launch
-    overlaps (a kernel's launch and ramp under the previous one's tail) once. (bench/gemm.py's `_time_ms`
-    without the spin.)"""
-    import torch
-
-    def queued() -> float:
-        torch.cuda.synchronize()
-        torch.cuda._sleep(5_000_000)  # ~2.5 ms: the host queues the calls meanwhile
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-        events[0].record()
-        for call in range(iters):
-            fn(*sets[call % len(sets)])
-        events[1].record()
-        events[1].synchronize()
-        return events[0].elapsed_time(events[1]) / iters
-
-    for warm in sets[:3]:
-        fn(*warm)
-    return statistics.median(queued() for _ in range(repeats))
-
-
 def _as_dtype(w, dtype: str):
     """fp32 `w` rounded to `dtype` as the fused GEMV's dequantized weight is, back in fp32."""
     import torch
@@ -341,7 +316,7 @@ def run(out: str, results: str | None, command: str, models: str = "", ms: tuple
                     xs = [torch.randn(m, k, device=dev).to(torch.bfloat16) for _ in range(nsets)]
                     ys = [torch.empty_like(y) for _ in range(nsets)]
                     calls = [args_of(*a) for a in zip(xs, set_args, ys)]  # converted once, outside the timing
-                    t_q = _queued_ms(f, calls)
+                    t_q = _time_ms(f, calls, 200, repeats=3, spin=True)  # back to back, as in a step
                     t_k = t_q if pdl else _kernel_ms(f, calls, 100)  # CUPTI would count PDL's overlap twice
                     rows.append(dict(kind="gemv", variant=variant, qtype=qtype, model=model, k=k, n=n, m=m,
                                      err=err, ok=ok, ms=t_k, gbs=packed / t_k / 1e6,
