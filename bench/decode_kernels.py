@@ -31,7 +31,7 @@ from model_defs.spec import build_model, export  # noqa: E402
 from schedules.attention.choice import paged_kv_kernels  # noqa: E402
 from schedules.pipeline import _passes  # noqa: E402
 
-SCHEDULING = ("KilnLowBatchDispatch", "ApplyDefaultSchedule")  # schedule PrimFuncs, never change the calls: skipped
+SCHEDULING = ("KilnScheduleNormGEMV", "KilnLowBatchDispatch", "ApplyDefaultSchedule")  # schedule PrimFuncs, never change the calls: skipped
 ATTENTION_CALL = "vm.builtin.attention_kv_cache_attention_with_fused_qkv"
 # What paged_kv_cache.cc launches for one decode attention call (Kiln's split-KV decode is two kernels)
 ATTENTION_KERNELS = ("rope (tir_split_rotary)", "kv append (kv_cache_transpose_append)",

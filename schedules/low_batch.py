@@ -61,15 +61,7 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
                 or int(k) % (WARP * vec) or int(n) % self.warps):
             return super().sch_inner_reduction(sch, target, block, dequantize_block, pad_input_block,
                                                vector_input_buffers, epilogue_info, batch_pad)
-        n, k = int(n), int(k)
-        narrow = (self.columns is None and self.unroll is None and self.bucket <= 2 and n <= ONE_COLUMN_N
-                  and k >= ONE_COLUMN_MIN_K)
-        unroll = next(u for u in (self.unroll or (2 * UNROLL if narrow else UNROLL), UNROLL, 2, 1)
-                      if k % (u * WARP * vec) == 0)
-        tile_s = self.columns or (1 if narrow else 2 if n % (2 * self.warps) == 0
-                                  and n // (2 * self.warps) >= MIN_BLOCKS else 1)
-        if n % (tile_s * self.warps):
-            tile_s = 1
+        unroll, tile_s = gemv_tiling(int(n), int(k), self.bucket, self.warps, vec, self.columns, self.unroll)
         by, bi = sch.split(rows, [None, batch_pad])
         bx, ty, ts = sch.split(cols, [None, self.warps, tile_s])
         ro, u, tx, vc = sch.split(red, [None, unroll, WARP, vec])  # lane tx reads k = .. + 8 tx + vc
@@ -98,6 +90,16 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
             sch.set_scope(block, 0, "local")
             sch.reverse_compute_at(epilogue[0], ty, preserve_unit_loops=True)
         return sch
+
+
+def gemv_tiling(n: int, k: int, bucket: int, warps: int, vec: int, columns: int | None = None,
+                unroll: int | None = None) -> tuple[int, int]:
+    """(K steps unrolled, output columns a warp) for an N×K weight at `bucket` rows, `vec` elements a load:
+    `columns` / `unroll` where given, else the measured defaults (StreamingGEMV's docstring)."""
+    narrow = columns is None and unroll is None and bucket <= 2 and n <= ONE_COLUMN_N and k >= ONE_COLUMN_MIN_K
+    steps = next(u for u in (unroll or (2 * UNROLL if narrow else UNROLL), UNROLL, 2, 1) if k % (u * WARP * vec) == 0)
+    tile_s = columns or (1 if narrow else 2 if n % (2 * warps) == 0 and n // (2 * warps) >= MIN_BLOCKS else 1)
+    return steps, tile_s if n % (tile_s * warps) == 0 else 1
 
 
 def _schedule(func: tirx.PrimFunc, rules: list) -> tirx.PrimFunc:
@@ -151,7 +153,7 @@ class RowDispatchGemmRule(GPUScheduleRule):
         return result
 
 
-def _single_dynamic_dim(func: tirx.PrimFunc):
+def single_dynamic_dim(func: tirx.PrimFunc):
     buffers = [p for p in func.params if hasattr(p, "shape")]  # params that are buffers, not scalars
     dims = {d for buf in buffers for d in buf.shape if isinstance(d, tirx.Var)}
     return dims.pop() if len(dims) == 1 else None
@@ -161,7 +163,7 @@ def dispatch_on_rows(func: tirx.PrimFunc, large_rules: list, gemv=StreamingGEMV,
                      limits_and_buckets=LIMITS_AND_BUCKETS) -> tirx.PrimFunc | None:
     """`func` scheduled as the chain of `gemv(bucket)` kernels below each limit and `large_rules`
     above the last; None when `func` has no single dynamic dimension or is no GEMV."""
-    rows = _single_dynamic_dim(func)
+    rows = single_dynamic_dim(func)
     if rows is None:
         return None
     small = [_schedule(func, [gemv(bucket)]) for _, bucket in limits_and_buckets]

@@ -19,6 +19,7 @@ from .low_batch import LowBatchDispatch
 from .matmul_tensorcore import TIR_PIPELINE, MatmulTensorCore
 from .matmul_wgmma import MatmulWgmma
 from .metal_matmul import MatmulNoSimdgroup
+from .norm_gemv import FuseNormMatmul, ScheduleNormGEMV
 from .pdl import PDL_TIR_PIPELINE, supports_pdl
 from .quant_dispatch import QuantKernels
 from .quant_fusion import FewRowFactoredMatmuls, FuseDequantizeMatmul
@@ -62,7 +63,7 @@ def _passes(target: tvm.target.Target) -> list:
         QuantKernels(),  # packed quantized weights first: no generic rule reads them well
     ]
     if kind == "cuda":
-        legalize.append(LowBatchDispatch(gpu_rules(target)))
+        legalize += [ScheduleNormGEMV(), LowBatchDispatch(gpu_rules(target))]
     if kind != "llvm":
         legalize.append(dl.ApplyDefaultSchedule(*gpu_rules(target)))
     dataflow_lower = [
@@ -72,7 +73,8 @@ def _passes(target: tvm.target.Target) -> list:
         relax.transform.CallTIRRewrite(),
     ]
     # decode/logits for > 8 rows (unfused, model-dtype weights): copied before the few-row rewrites
-    return ([AddWideFunctions(), FewRowFactoredMatmuls(), relax.transform.FuseTransposeMatmul()] + backend.library_dispatch_passes(target)
+    return ([AddWideFunctions(), FewRowFactoredMatmuls(), FuseNormMatmul(), relax.transform.FuseTransposeMatmul()]
+            + backend.library_dispatch_passes(target)
             + legalize + dataflow_lower + backend.finalize_passes(target))
 
 

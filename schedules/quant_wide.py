@@ -19,6 +19,7 @@ from tvm import relax
 from tvm.ir import IRModule
 from tvm.relax.utils import copy_with_new_vars
 
+from .norm_gemv import fuses_norm
 from .quant_fusion import FEW_ROW_FUNCTIONS
 
 
@@ -37,15 +38,17 @@ def _dequantizes(func: relax.Function) -> bool:
 
 @tvm.transform.module_pass(opt_level=0, name="AddWideFunctions")
 class AddWideFunctions:
-    """Adds `<name>_wide`, an exported copy of each function of `functions` that dequantizes a weight."""
+    """Adds `<name>_wide`, an exported copy of each function of `functions` that dequantizes a weight or whose
+    RMSNorms fold into their GEMVs (schedules/norm_gemv.py: bf16 models on CUDA)."""
 
     def __init__(self, functions: tuple[str, ...] = FEW_ROW_FUNCTIONS):
         self.functions = functions
 
     def transform_module(self, mod: IRModule, _ctx) -> IRModule:
+        target = tvm.target.Target.current(allow_none=True)
         out = IRModule(dict(mod.functions), attrs=mod.attrs)
         for gv, func in mod.functions.items():
-            if gv.name_hint in self.functions and _dequantizes(func):
+            if gv.name_hint in self.functions and (_dequantizes(func) or fuses_norm(func, target)):
                 wide = f"{gv.name_hint}_wide"
                 out[wide] = copy_with_new_vars(func).with_attr("global_symbol", wide)  # vars: one binding each
         return out
