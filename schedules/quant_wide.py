@@ -9,7 +9,8 @@ few-row rewrites (quant_fusion.py: fp32 weights, dequantize fused into the GEMV)
 kernels that equal the original's (attention, norms, RoPE, the dequantize kernels of prefill where shapes
 match) are one PrimFunc after FuseOps/FuseTIR (Relax's BlockBuilder deduplicates structurally equal
 functions); only the unfused matmuls are added. The runner picks by the number of sequences
-(runtime/model_runner.py); bf16 artifacts have no wide functions.
+(runtime/model_runner.py). A float model on CUDA gets `decode_wide` too: its `decode` folds each RMSNorm into
+the following GEMV (norm_gemv.py), whose few-row kernels would re-read the weights per 8 rows.
 """
 
 from __future__ import annotations
