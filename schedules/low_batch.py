@@ -62,29 +62,9 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
             return super().sch_inner_reduction(sch, target, block, dequantize_block, pad_input_block,
                                                vector_input_buffers, epilogue_info, batch_pad)
         unroll, tile_s = gemv_tiling(int(n), int(k), self.bucket, self.warps, vec, self.columns, self.unroll)
-        by, bi = sch.split(rows, [None, batch_pad])
-        bx, ty, ts = sch.split(cols, [None, self.warps, tile_s])
-        ro, u, tx, vc = sch.split(red, [None, unroll, WARP, vec])  # lane tx reads k = .. + 8 tx + vc
-        sch.reorder(by, bx, ty, tx, ro, u, bi, ts, vc)
-        partial = sch.rfactor(tx, 0)  # per-lane sums, then a cross-lane reduction in `block`
-        by, bx, ty, tx, ro, u, bi, ts, vc = sch.get_loops(partial)
-        for loop, axis in ((by, "blockIdx.y"), (bx, "blockIdx.x"), (ty, "threadIdx.y"), (tx, "threadIdx.x")):
-            sch.bind(loop, axis)
-        # The weight's UNROLL steps into registers first (read 1; 0 is the padded rows), laid out by
-        # loop index: cache_read would take the bounding box of the strided steps.
-        w_local = sch.reindex_cache_read(partial, 1, "local", lambda lane, b, s, o, i, v: (lane, s, o, i, v))
-        sch.compute_at(w_local, ro, preserve_unit_loops=True)
-        sch.vectorize(sch.get_loops(w_local)[-1])
-        sch.compute_at(pad_input_block, u, preserve_unit_loops=True)  # x, zero past the real rows
-        sch.set_scope(pad_input_block, 0, "local")
-        sch.vectorize(sch.get_loops(pad_input_block)[-1])
-        sch.decompose_reduction(partial, ro)
-        sch.set_scope(partial, 0, "local")
-        sch.unroll(u)
-        sch.reverse_compute_at(block, ty, preserve_unit_loops=True)
-        lane, bi, ts = sch.get_loops(block)[-3:]
-        sch.reorder(bi, ts, lane)
-        sch.bind(lane, "threadIdx.x")
+        # The weight's steps into registers first (read 1; 0 is the padded rows)
+        ty = stream_over_k(sch, block, pad_input_block, batch_pad, self.warps, tile_s, unroll, vec,
+                           {1: lambda lane, b, s, o, i, v: (lane, s, o, i, v)})
         epilogue = sch.get_consumers(block)
         if epilogue:  # the unpadding block, with any cast / bias / residual fused into it
             sch.set_scope(block, 0, "local")
@@ -100,6 +80,44 @@ def gemv_tiling(n: int, k: int, bucket: int, warps: int, vec: int, columns: int 
     steps = next(u for u in (unroll or (2 * UNROLL if narrow else UNROLL), UNROLL, 2, 1) if k % (u * WARP * vec) == 0)
     tile_s = columns or (1 if narrow else 2 if n % (2 * warps) == 0 and n // (2 * warps) >= MIN_BLOCKS else 1)
     return steps, tile_s if n % (tile_s * warps) == 0 else 1
+
+
+def stream_over_k(sch, block, pad_input_block, batch_pad: int, warps: int, tile_s: int, unroll: int, vec: int,
+                  register_reads: dict, outputs: int = 1):
+    """StreamingGEMV's loops on `block` (rows, columns, K; its row count padded to `batch_pad` by
+    `pad_input_block`): blocks of `batch_pad` rows × `warps` × `tile_s` columns, lanes striding K with `vec`
+    elements a load, `unroll` steps a loop trip; per-lane partial sums (`outputs` of them: a tuple reduction
+    has several) in registers, reduced across lanes in `block`, which is left under the warp loop (returned).
+
+    `register_reads` {read index: index map from the per-lane block's (lane, row, column, step, unrolled
+    step, element)}: operands whose `unroll` steps are loaded into registers together at the top of a trip,
+    laid out by loop index (cache_read would take the bounding box of the strided steps); x (the padded
+    rows) is loaded per step."""
+    rows, cols, red = sch.get_loops(block)
+    by, bi = sch.split(rows, [None, batch_pad])
+    bx, ty, ts = sch.split(cols, [None, warps, tile_s])
+    ro, u, tx, vc = sch.split(red, [None, unroll, WARP, vec])  # lane tx reads k = .. + vec · tx + vc
+    sch.reorder(by, bx, ty, tx, ro, u, bi, ts, vc)
+    partial = sch.rfactor(tx, 0)  # per-lane sums, then a cross-lane reduction in `block`
+    by, bx, ty, tx, ro, u, bi, ts, vc = sch.get_loops(partial)
+    for loop, axis in ((by, "blockIdx.y"), (bx, "blockIdx.x"), (ty, "threadIdx.y"), (tx, "threadIdx.x")):
+        sch.bind(loop, axis)
+    for read, index_map in register_reads.items():
+        local = sch.reindex_cache_read(partial, read, "local", index_map)
+        sch.compute_at(local, ro, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(local)[-1])
+    sch.compute_at(pad_input_block, u, preserve_unit_loops=True)  # x, zero past the real rows
+    sch.set_scope(pad_input_block, 0, "local")
+    sch.vectorize(sch.get_loops(pad_input_block)[-1])
+    sch.decompose_reduction(partial, ro)
+    for i in range(outputs):
+        sch.set_scope(partial, i, "local")
+    sch.unroll(u)
+    sch.reverse_compute_at(block, ty, preserve_unit_loops=True)
+    lane, bi, ts = sch.get_loops(block)[-3:]
+    sch.reorder(bi, ts, lane)
+    sch.bind(lane, "threadIdx.x")
+    return ty
 
 
 def _schedule(func: tirx.PrimFunc, rules: list) -> tirx.PrimFunc:

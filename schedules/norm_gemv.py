@@ -36,7 +36,8 @@ from tvm.ir import IRModule
 from tvm.relax.dpl import rewrite_call
 from tvm.relax.dpl.pattern import is_op, wildcard
 
-from .low_batch import LIMITS_AND_BUCKETS, LOAD_BYTES, WARP, branch_on_rows, gemv_tiling, single_dynamic_dim
+from .low_batch import (LIMITS_AND_BUCKETS, LOAD_BYTES, WARP, branch_on_rows, gemv_tiling, single_dynamic_dim,
+                        stream_over_k)
 
 FUSED_FUNCTIONS = ("decode",)  # prefill (many rows) keeps the norm kernel and the tensor-core GEMM
 BLOCK = "rms_norm_matmul"  # the tuple-reduction block the schedule looks for
@@ -136,40 +137,17 @@ def norm_gemv(func: tirx.PrimFunc, bucket: int) -> tirx.PrimFunc | None:
         return None
     sch = s_tir.Schedule(func)
     block, epilogue = sch.get_sblock(BLOCK), sch.get_sblock("rstd_cast")
-    rows, cols, red = sch.get_loops(block)
+    _, cols, red = sch.get_loops(block)
     n, k = int(sch.get(cols).extent), int(sch.get(red).extent)
     vec = LOAD_BYTES * 8 // tvm.DataType(sch.get(block).reads[0].source.dtype).bits
     unroll, tile_s = gemv_tiling(n, k, bucket, WARPS, vec)
     sch.pad_einsum(block, [bucket, n, k])  # x read as zero past the real rows: no predicate in the K loop
     for name in (f"{BLOCK}.v0_pad", f"{BLOCK}.v1_pad"):
         sch.compute_inline(sch.get_sblock(name))
-    pad_input = sch.get_sblock("x_pad")
-    by, bi = sch.split(rows, [None, bucket])
-    bx, ty, ts = sch.split(cols, [None, WARPS, tile_s])
-    ro, u, tx, vc = sch.split(red, [None, unroll, WARP, vec])  # lane tx reads k = .. + 8 tx + vc
-    sch.reorder(by, bx, ty, tx, ro, u, bi, ts, vc)
-    partial = sch.rfactor(tx, 0)  # per-lane (dot, Σx²), then one cross-lane reduction of both
-    by, bx, ty, tx, ro, u, bi, ts, vc = sch.get_loops(partial)
-    for loop, axis in ((by, "blockIdx.y"), (bx, "blockIdx.x"), (ty, "threadIdx.y"), (tx, "threadIdx.x")):
-        sch.bind(loop, axis)
-    # W's and γ's `unroll` steps into registers first (W is read 0, γ read 1), laid out by loop index
-    w_local = sch.reindex_cache_read(partial, 0, "local", lambda lane, b, c, o, i, v: (lane, c, o, i, v))
-    sch.compute_at(w_local, ro, preserve_unit_loops=True)
-    sch.vectorize(sch.get_loops(w_local)[-1])
-    g_local = sch.reindex_cache_read(partial, 1, "local", lambda lane, b, c, o, i, v: (lane, o, i, v))
-    sch.compute_at(g_local, ro, preserve_unit_loops=True)
-    sch.vectorize(sch.get_loops(g_local)[-1])
-    sch.compute_at(pad_input, u, preserve_unit_loops=True)  # x, zero past the real rows
-    sch.set_scope(pad_input, 0, "local")
-    sch.vectorize(sch.get_loops(pad_input)[-1])
-    sch.decompose_reduction(partial, ro)
-    sch.set_scope(partial, 0, "local")
-    sch.set_scope(partial, 1, "local")
-    sch.unroll(u)
-    sch.reverse_compute_at(block, ty, preserve_unit_loops=True)
-    lane, bi, ts = sch.get_loops(block)[-3:]
-    sch.reorder(bi, ts, lane)
-    sch.bind(lane, "threadIdx.x")
+    # W's and γ's steps into registers first (W is read 0, γ read 1, the padded x read 2); two sums a lane
+    ty = stream_over_k(sch, block, sch.get_sblock("x_pad"), bucket, WARPS, tile_s, unroll, vec,
+                       {0: lambda lane, b, c, o, i, v: (lane, c, o, i, v), 1: lambda lane, b, c, o, i, v: (lane, o, i, v)},
+                       outputs=2)
     sch.set_scope(block, 0, "local")
     sch.set_scope(block, 1, "local")
     sch.reverse_compute_at(epilogue, ty, preserve_unit_loops=True)
