@@ -52,7 +52,7 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
 
     def sch_inner_reduction(self, sch, target, block, dequantize_block, pad_input_block,
                             vector_input_buffers, epilogue_info, batch_pad):
-        rows, cols, red = sch.get_loops(block)
+        _, cols, red = sch.get_loops(block)
         n, k = sch.get(cols).extent, sch.get(red).extent
         weight = next(r.source for r in sch.get(block).reads if r.source not in vector_input_buffers)
         vec = LOAD_BYTES * 8 // tvm.DataType(weight.dtype).bits

@@ -36,8 +36,15 @@ from tvm.ir import IRModule
 from tvm.relax.dpl import rewrite_call
 from tvm.relax.dpl.pattern import is_op, wildcard
 
-from .low_batch import (LIMITS_AND_BUCKETS, LOAD_BYTES, WARP, branch_on_rows, gemv_tiling, single_dynamic_dim,
-                        stream_over_k)
+from .low_batch import (
+    LIMITS_AND_BUCKETS,
+    LOAD_BYTES,
+    WARP,
+    branch_on_rows,
+    gemv_tiling,
+    single_dynamic_dim,
+    stream_over_k,
+)
 
 FUSED_FUNCTIONS = ("decode",)  # prefill (many rows) keeps the norm kernel and the tensor-core GEMM
 BLOCK = "rms_norm_matmul"  # the tuple-reduction block the schedule looks for
