@@ -83,16 +83,16 @@ def gemv_tiling(n: int, k: int, bucket: int, warps: int, vec: int, columns: int 
 
 
 def stream_over_k(sch, block, pad_input_block, batch_pad: int, warps: int, tile_s: int, unroll: int, vec: int,
-                  register_reads: dict, outputs: int = 1):
+                  register_reads: dict, step_reads: dict | None = None, outputs: int = 1):
     """StreamingGEMV's loops on `block` (rows, columns, K; its row count padded to `batch_pad` by
-    `pad_input_block`): blocks of `batch_pad` rows × `warps` × `tile_s` columns, lanes striding K with `vec`
+    `pad_input_block`, None for one row, whose x is then one of `step_reads`): blocks of `batch_pad` rows × `warps` × `tile_s` columns, lanes striding K with `vec`
     elements a load, `unroll` steps a loop trip; per-lane partial sums (`outputs` of them: a tuple reduction
     has several) in registers, reduced across lanes in `block`, which is left under the warp loop (returned).
 
     `register_reads` {read index: index map from the per-lane block's (lane, row, column, step, unrolled
     step, element)}: operands whose `unroll` steps are loaded into registers together at the top of a trip,
-    laid out by loop index (cache_read would take the bounding box of the strided steps); x (the padded
-    rows) is loaded per step."""
+    laid out by loop index (cache_read would take the bounding box of the strided steps); `step_reads`
+    (the same form) and x (the padded rows) are loaded per step, which keeps fewer registers live."""
     rows, cols, red = sch.get_loops(block)
     by, bi = sch.split(rows, [None, batch_pad])
     bx, ty, ts = sch.split(cols, [None, warps, tile_s])
@@ -102,13 +102,15 @@ def stream_over_k(sch, block, pad_input_block, batch_pad: int, warps: int, tile_
     by, bx, ty, tx, ro, u, bi, ts, vc = sch.get_loops(partial)
     for loop, axis in ((by, "blockIdx.y"), (bx, "blockIdx.x"), (ty, "threadIdx.y"), (tx, "threadIdx.x")):
         sch.bind(loop, axis)
-    for read, index_map in register_reads.items():
-        local = sch.reindex_cache_read(partial, read, "local", index_map)
-        sch.compute_at(local, ro, preserve_unit_loops=True)
-        sch.vectorize(sch.get_loops(local)[-1])
-    sch.compute_at(pad_input_block, u, preserve_unit_loops=True)  # x, zero past the real rows
-    sch.set_scope(pad_input_block, 0, "local")
-    sch.vectorize(sch.get_loops(pad_input_block)[-1])
+    for loop, reads in ((ro, register_reads), (u, step_reads or {})):
+        for read, index_map in reads.items():
+            local = sch.reindex_cache_read(partial, read, "local", index_map)
+            sch.compute_at(local, loop, preserve_unit_loops=True)
+            sch.vectorize(sch.get_loops(local)[-1])
+    if pad_input_block is not None:
+        sch.compute_at(pad_input_block, u, preserve_unit_loops=True)  # x, zero past the real rows
+        sch.set_scope(pad_input_block, 0, "local")
+        sch.vectorize(sch.get_loops(pad_input_block)[-1])
     sch.decompose_reduction(partial, ro)
     for i in range(outputs):
         sch.set_scope(partial, i, "local")

@@ -12,7 +12,7 @@ reducing the pair (dot, Σx²) with a tuple reducer, then the epilogue multiply 
 `ScheduleNormGEMV` (before LowBatchDispatch) schedules it as StreamingGEMV does a plain GEMV: warps own
 output columns, lanes stride K with 16-byte loads of W, γ and x, UNROLL steps in flight; each lane adds
 x² to a second register from the x it already loaded (no extra global reads), and both partial sums are
-reduced across the lanes at the end. The row count is dynamic: buckets 2 / 4 / 8 chosen at run time
+reduced across the lanes at the end. The row count is dynamic: buckets 1 / 2 / 4 / 8 chosen at run time
 (branch_on_rows), the last one looping over row groups, so the kernel is right for any row count; the
 runner calls `decode` for ≤ 8 rows only (more rows run `decode_wide`, the unfused copy with the tensor-core
 GEMM: schedules/quant_wide.py).
@@ -49,6 +49,9 @@ from .low_batch import (
 FUSED_FUNCTIONS = ("decode",)  # prefill (many rows) keeps the norm kernel and the tensor-core GEMM
 BLOCK = "rms_norm_matmul"  # the tuple-reduction block the schedule looks for
 WARPS = 4  # warps a block, as StreamingGEMV
+# StreamingGEMV's row buckets plus one of a single row: the fused kernel's per-row arithmetic (γ·x, x², the
+# conversions) is twice the plain GEMV's, so batch 1 does not pay for bucket 2's zero row
+ROW_BUCKETS = ((1, 1), *LIMITS_AND_BUCKETS)
 
 
 def rms_norm_matmul_te(x: te.Tensor, gamma: te.Tensor, w: te.Tensor, eps: float, out_dtype: str) -> te.Tensor:
@@ -148,13 +151,19 @@ def norm_gemv(func: tirx.PrimFunc, bucket: int) -> tirx.PrimFunc | None:
     n, k = int(sch.get(cols).extent), int(sch.get(red).extent)
     vec = LOAD_BYTES * 8 // tvm.DataType(sch.get(block).reads[0].source.dtype).bits
     unroll, tile_s = gemv_tiling(n, k, bucket, WARPS, vec)
-    sch.pad_einsum(block, [bucket, n, k])  # x read as zero past the real rows: no predicate in the K loop
-    for name in (f"{BLOCK}.v0_pad", f"{BLOCK}.v1_pad"):
-        sch.compute_inline(sch.get_sblock(name))
-    # W's and γ's steps into registers first (W is read 0, γ read 1, the padded x read 2); two sums a lane
-    ty = stream_over_k(sch, block, sch.get_sblock("x_pad"), bucket, WARPS, tile_s, unroll, vec,
-                       {0: lambda lane, b, c, o, i, v: (lane, c, o, i, v), 1: lambda lane, b, c, o, i, v: (lane, o, i, v)},
-                       outputs=2)
+    step_reads = {1: lambda lane, b, c, o, i, v: (lane, o, i, v)}
+    pad_input = None
+    if bucket > 1:  # x read as zero past the real rows: no predicate in the K loop
+        sch.pad_einsum(block, [bucket, n, k])
+        for name in (f"{BLOCK}.v0_pad", f"{BLOCK}.v1_pad"):
+            sch.compute_inline(sch.get_sblock(name))
+        pad_input = sch.get_sblock("x_pad")
+    else:  # one row a block: x (read 2) straight into registers
+        step_reads[2] = lambda lane, b, c, o, i, v: (lane, b, o, i, v)
+    # W's steps into registers first (read 0); γ (read 1) per step with x: a trip's γ held in registers
+    # ahead would cost 4 registers a step (50 → 56 a thread at Llama's QKV, fewer blocks an SM)
+    ty = stream_over_k(sch, block, pad_input, bucket, WARPS, tile_s, unroll, vec,
+                       {0: lambda lane, b, c, o, i, v: (lane, c, o, i, v)}, step_reads, outputs=2)
     sch.set_scope(block, 0, "local")
     sch.set_scope(block, 1, "local")
     sch.reverse_compute_at(epilogue, ty, preserve_unit_loops=True)
@@ -172,7 +181,7 @@ def _is_norm_matmul(func: tirx.PrimFunc) -> bool:
 
 @tvm.transform.module_pass(opt_level=0, name="KilnScheduleNormGEMV")
 class ScheduleNormGEMV:
-    """Schedules every rms_norm_matmul PrimFunc as the run-time chain of its 2 / 4 / 8-row kernels and marks it
+    """Schedules every rms_norm_matmul PrimFunc as the run-time chain of its 1 / 2 / 4 / 8-row kernels and marks it
     `tirx.is_scheduled` (LowBatchGEMV's analysis does not know a tuple reduction)."""
 
     def transform_module(self, mod: IRModule, _ctx) -> IRModule:
@@ -181,9 +190,8 @@ class ScheduleNormGEMV:
                     or not _is_norm_matmul(func)):
                 continue
             rows = single_dynamic_dim(func)
-            buckets = [bucket for _, bucket in LIMITS_AND_BUCKETS]
-            chained = norm_gemv(func, buckets[-1])  # the last bucket takes any number of rows
-            for limit, bucket in reversed(LIMITS_AND_BUCKETS[:-1]):
+            chained = norm_gemv(func, ROW_BUCKETS[-1][1])  # the last bucket takes any number of rows
+            for limit, bucket in reversed(ROW_BUCKETS[:-1]):
                 chained = branch_on_rows(norm_gemv(func, bucket), chained, rows, limit)
             mod.update_func(gvar, chained.with_attr("tirx.is_scheduled", True))
         return mod

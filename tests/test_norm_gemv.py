@@ -24,8 +24,7 @@ from compile.presets import resolve  # noqa: E402
 from model_defs.config import ModelConfig  # noqa: E402
 from model_defs.spec import export  # noqa: E402
 from schedules.attention.choice import paged_kv_kernels  # noqa: E402
-from schedules.low_batch import LIMITS_AND_BUCKETS  # noqa: E402
-from schedules.norm_gemv import BLOCK, FuseNormMatmul, norm_gemv, rms_norm_matmul_te  # noqa: E402
+from schedules.norm_gemv import BLOCK, ROW_BUCKETS, FuseNormMatmul, norm_gemv, rms_norm_matmul_te  # noqa: E402
 from schedules.quant_wide import AddWideFunctions  # noqa: E402
 from tests.test_low_batch import check_streaming_kernels  # noqa: E402
 
@@ -104,7 +103,7 @@ def test_every_bucket_compiles_to_the_streaming_shape(tmp_path):
     warp shuffles, no spill, at each bucket of Qwen3-0.6B's and Llama-3.1-8B's QKV and gate/up."""
     funcs = {}
     for k, n in ((1024, 4096), (1024, 6144), (4096, 6144), (4096, 28672)):
-        for _, bucket in LIMITS_AND_BUCKETS:
+        for _, bucket in ROW_BUCKETS:
             name = f"norm_gemv_{k}_{n}_{bucket}"
             funcs[name] = norm_gemv(fused_func(k, n), bucket).with_attr("global_symbol", name)
     check_streaming_kernels(funcs, tmp_path)
