@@ -6,7 +6,9 @@ step on an H100 with PDL). Its reduction runs over the same K the GEMV walks, so
 
     y[b, n] = rstd[b] · Σ_k W[n, k] · (γ[k] · x[b, k]),   rstd[b] = rsqrt(Σ_k x[b, k]² / K + eps)
 
-`FuseNormMatmul` (a Relax pass, first in the pipeline, in `decode` only) replaces
+Opt-in (`python -m compile --fuse_norms`): on an H100 it measured no faster end to end (bench/RESULTS.md,
+"RMSNorm folded into the following GEMV"). `FuseNormMatmul` (a Relax pass, early in the pipeline, in
+`decode` only) replaces
 astype(matmul(rms_norm(x, γ), permute_dims(W))) by one PrimFunc, `rms_norm_matmul_te`: a single block
 reducing the pair (dot, Σx²) with a tuple reducer, then the epilogue multiply by rstd and the cast.
 `ScheduleNormGEMV` (before LowBatchDispatch) schedules it as StreamingGEMV does a plain GEMV: warps own

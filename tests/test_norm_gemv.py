@@ -74,7 +74,7 @@ def _decode_passes(model: str, target: tvm.target.Target, hidden: int | None = N
     kv = paged_kv_kernels(target, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim, "bfloat16")
     mod, _ = export(cfg, "bfloat16", target, 256, 1024, kv, None)
     with target:
-        return tvm.transform.Sequential([AddWideFunctions(), FuseNormMatmul()])(mod)
+        return tvm.transform.Sequential([AddWideFunctions(fuse_norms=True), FuseNormMatmul()])(mod)
 
 
 def _fused_calls(func: relax.Function) -> int:
