@@ -8,9 +8,9 @@ step on an H100 with PDL). Its reduction runs over the same K the GEMV walks, so
 
 Opt-in (`python -m compile --fuse_norms`): on an H100 it measured no faster end to end (bench/RESULTS.md,
 "RMSNorm folded into the following GEMV"). `FuseNormMatmul` (a Relax pass, early in the pipeline, in
-`decode` only) replaces
-astype(matmul(rms_norm(x, γ), permute_dims(W))) by one PrimFunc, `rms_norm_matmul_te`: a single block
-reducing the pair (dot, Σx²) with a tuple reducer, then the epilogue multiply by rstd and the cast.
+`decode` only) replaces astype(matmul(rms_norm(x, γ), permute_dims(W))) by one PrimFunc, `rms_norm_matmul_te`:
+a single block reducing the pair (dot, Σx²) with a tuple reducer, then the epilogue multiply by rstd and the
+cast.
 `ScheduleNormGEMV` (before LowBatchDispatch) schedules it as StreamingGEMV does a plain GEMV: warps own
 output columns, lanes stride K with 16-byte loads of W, γ and x, UNROLL steps in flight; each lane adds
 x² to a second register from the x it already loaded (no extra global reads), and both partial sums are
@@ -23,9 +23,12 @@ Numerics: the unfused graph rounds the normed x to bf16 before the matmul; here 
 multiplies the fp32 sum, so the result is the exact expression rounded once (tests/test_norm_gemv.py
 bounds the difference against numpy float64). Σx² is accumulated in fp32 as the norm does.
 
-A quantized weight's GEMV (formats/quant_values.py's dequantize_matmul_te) can take the same prologue:
-its `NT_matmul` block would reduce the same pair (group dots scaled, and Σx²), with x scaled by γ where
-it is loaded; not done here (bf16 and fp32 weights only).
+A quantized weight's GEMV (formats/quant_values.py's dequantize_matmul_te) can take the same prologue more
+cheaply: it already reduces per-row values over K apart from the weight (`group_sum` [rows, K/G], Σ_k x_k per
+scale group, computed once per M tile by QuantGemv). With x replaced by γ·x in `group_dot` and `group_sum`,
+Σx² is one more such per-row block ([rows, K/G], then summed over groups), and `NT_matmul`'s epilogue
+multiplies by rstd: no per-column repeat of the norm's arithmetic, unlike the tuple reduction here. Not done
+(bf16 and fp32 weights only; quant_gemv.py is issue 11's).
 """
 
 from __future__ import annotations
