@@ -63,7 +63,7 @@ def _passes(target: tvm.target.Target, fuse_norms: bool = False) -> list:
         QuantKernels(),  # packed quantized weights first: no generic rule reads them well
     ]
     if kind == "cuda":
-        legalize += [ScheduleNormGEMV()] * fuse_norms + [LowBatchDispatch(gpu_rules(target))]
+        legalize += ([ScheduleNormGEMV()] if fuse_norms else []) + [LowBatchDispatch(gpu_rules(target))]
     if kind != "llvm":
         legalize.append(dl.ApplyDefaultSchedule(*gpu_rules(target)))
     dataflow_lower = [
