@@ -1,6 +1,6 @@
 """The kernels one decoder layer launches per decode step, counted statically from the compiled Relax (no GPU).
 
-    python bench/decode_kernels.py [--model qwen3] [--target cuda] [--quant q4k]
+    python bench/decode_kernels.py [--model qwen3] [--target cuda] [--quant q4k] [--fuse-norms]
 
 Runs Kiln's Relax pipeline (schedules/pipeline.py) on the model's `decode` with one and with two layers,
 up to the point where kernels are still `call_tir`s (less the scheduling passes, which take most of the
@@ -31,15 +31,17 @@ from model_defs.spec import build_model, export  # noqa: E402
 from schedules.attention.choice import paged_kv_kernels  # noqa: E402
 from schedules.pipeline import _passes  # noqa: E402
 
-SCHEDULING = ("KilnLowBatchDispatch", "ApplyDefaultSchedule")  # schedule PrimFuncs, never change the calls: skipped
+SCHEDULING = ("KilnScheduleNormGEMV", "KilnLowBatchDispatch", "ApplyDefaultSchedule")  # schedule PrimFuncs, never change the calls: skipped
 ATTENTION_CALL = "vm.builtin.attention_kv_cache_attention_with_fused_qkv"
 # What paged_kv_cache.cc launches for one decode attention call (Kiln's split-KV decode is two kernels)
 ATTENTION_KERNELS = ("rope (tir_split_rotary)", "kv append (kv_cache_transpose_append)",
                      "attention decode (split KV)", "attention decode (merge)")
 
 
-def decode_kernels(config: dict, target: str = "cuda", dtype: str = "bfloat16", quant: str | None = None) -> list[str]:
-    """Names of the kernels `decode` launches over the whole model described by `config`, in order."""
+def decode_kernels(config: dict, target: str = "cuda", dtype: str = "bfloat16", quant: str | None = None,
+                   fuse_norms: bool = False) -> list[str]:
+    """Names of the kernels `decode` launches over the whole model described by `config`, in order
+    (`fuse_norms`: compiled with `python -m compile --fuse_norms`)."""
     cfg = ModelConfig.from_dict(config, "decode_kernels")
     tvm_target = targets.tvm_target(target, targets.DEFAULT_CUDA_ARCH)
     kv = paged_kv_kernels(tvm_target, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim, dtype)
@@ -48,7 +50,7 @@ def decode_kernels(config: dict, target: str = "cuda", dtype: str = "bfloat16", 
         float_params = [(n, tuple(int(d) for d in p.shape)) for n, p in build_model(cfg, dtype, None).named_parameters()]
         plan = plan_quantize(quant_type_of(quant), float_params)
     mod, _ = export(cfg, dtype, tvm_target, 256, 1024, kv, plan.types if plan else None)
-    passes = _passes(tvm_target)
+    passes = _passes(tvm_target, fuse_norms)
     up_to = next(i for i, p in enumerate(passes) if p.info.name == "ToNonDataflow")  # views rewritten, still call_tir
     passes = [p for p in passes[:up_to] if p.info.name not in SCHEDULING]
     config = {"relax.backend.use_cuda_graph": target == "cuda", "tirx.disable_cse_tir": target != "cpu"}
@@ -69,12 +71,13 @@ def decode_kernels(config: dict, target: str = "cuda", dtype: str = "bfloat16", 
     return names
 
 
-def layer_kernels(config: dict, target: str = "cuda", dtype: str = "bfloat16", quant: str | None = None) -> list[str]:
+def layer_kernels(config: dict, target: str = "cuda", dtype: str = "bfloat16", quant: str | None = None,
+                  fuse_norms: bool = False) -> list[str]:
     """The kernels one decoder layer adds to `decode`, in launch order: the stretch of the two-layer model's
     list where it departs from the one-layer model's (a layer, possibly rotated by a kernel it shares
     with what follows the stack, such as the final RMSNorm)."""
-    one = decode_kernels({**config, "num_hidden_layers": 1}, target, dtype, quant)
-    two = decode_kernels({**config, "num_hidden_layers": 2}, target, dtype, quant)
+    one = decode_kernels({**config, "num_hidden_layers": 1}, target, dtype, quant, fuse_norms)
+    two = decode_kernels({**config, "num_hidden_layers": 2}, target, dtype, quant, fuse_norms)
     per_layer = len(two) - len(one)
     same = next((i for i, (a, b) in enumerate(zip(one, two)) if a != b), len(one))
     start = min(same, len(two) - per_layer)
@@ -87,9 +90,10 @@ def main() -> None:
     ap.add_argument("--target", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quant", default=None)
+    ap.add_argument("--fuse-norms", action="store_true", help="each RMSNorm folded into the GEMV after it")
     a = ap.parse_args()
     _, config, _ = resolve(a.model)
-    kernels = layer_kernels(config, a.target, a.dtype, a.quant)
+    kernels = layer_kernels(config, a.target, a.dtype, a.quant, a.fuse_norms)
     print(f"{a.model} on {a.target}: {len(kernels)} kernels a decoder layer per decode step")
     for name in kernels:
         print(f"    {name}")

@@ -61,11 +61,12 @@ def _context(raw_config: dict, config_name: str, asked: int | None, max_position
 def compile_artifact(model: str, target: str, dtype: str, out: str | None, weights: str | None,
                      cuda_arch: str | None, context: int | None, page_size: int, prefill_chunk: int,
                      max_batch: int = 256, quant: str | None = None, dequantize: bool = False,
-                     tp: int | None = None, pdl: bool = True) -> Path:
+                     tp: int | None = None, pdl: bool = True, fuse_norms: bool = False) -> Path:
     """`quant`: quantize a safetensors model's 2-D weights into this type (compile/quant_plan.py); a GGUF
     keeps its quantized tensors packed unless `dequantize`, which gives every weight the model dtype.
     `tp`: shard the model over that many devices (tensor parallelism). `pdl`: CUDA kernels for sm_90+
-    overlap their launch with the previous kernel's tail (programmatic dependent launch, schedules/pdl.py)."""
+    overlap their launch with the previous kernel's tail (programmatic dependent launch, schedules/pdl.py).
+    `fuse_norms`: `decode` folds each RMSNorm into the GEMV after it on CUDA (schedules/norm_gemv.py)."""
     if target not in targets.TARGETS:
         raise KilnError(f"unknown target '{target}'; choose one of {', '.join(targets.TARGETS)}")
     if dtype not in DTYPES:
@@ -117,7 +118,7 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
         # scaling (head_dim 128) on GPU targets; the device compilers eliminate common subexpressions anyway.
         config = {"relax.backend.use_cuda_graph": target == "cuda", "tirx.disable_cse_tir": target != "cpu"}
         with tvm.transform.PassContext(opt_level=3, config=config, instruments=[_PassProgress(bar)]), tvm_target:
-            executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(tvm_target),
+            executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(tvm_target, fuse_norms),
                                      tir_pipeline=tir_pipeline(tvm_target, pdl))
         bar.set_postfix_str("linking")
         executable.export_library(str(out_dir / library))

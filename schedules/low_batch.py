@@ -52,7 +52,7 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
 
     def sch_inner_reduction(self, sch, target, block, dequantize_block, pad_input_block,
                             vector_input_buffers, epilogue_info, batch_pad):
-        rows, cols, red = sch.get_loops(block)
+        _, cols, red = sch.get_loops(block)
         n, k = sch.get(cols).extent, sch.get(red).extent
         weight = next(r.source for r in sch.get(block).reads if r.source not in vector_input_buffers)
         vec = LOAD_BYTES * 8 // tvm.DataType(weight.dtype).bits
@@ -61,43 +61,65 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
                 or int(k) % (WARP * vec) or int(n) % self.warps):
             return super().sch_inner_reduction(sch, target, block, dequantize_block, pad_input_block,
                                                vector_input_buffers, epilogue_info, batch_pad)
-        n, k = int(n), int(k)
-        narrow = (self.columns is None and self.unroll is None and self.bucket <= 2 and n <= ONE_COLUMN_N
-                  and k >= ONE_COLUMN_MIN_K)
-        unroll = next(u for u in (self.unroll or (2 * UNROLL if narrow else UNROLL), UNROLL, 2, 1)
-                      if k % (u * WARP * vec) == 0)
-        tile_s = self.columns or (1 if narrow else 2 if n % (2 * self.warps) == 0
-                                  and n // (2 * self.warps) >= MIN_BLOCKS else 1)
-        if n % (tile_s * self.warps):
-            tile_s = 1
-        by, bi = sch.split(rows, [None, batch_pad])
-        bx, ty, ts = sch.split(cols, [None, self.warps, tile_s])
-        ro, u, tx, vc = sch.split(red, [None, unroll, WARP, vec])  # lane tx reads k = .. + 8 tx + vc
-        sch.reorder(by, bx, ty, tx, ro, u, bi, ts, vc)
-        partial = sch.rfactor(tx, 0)  # per-lane sums, then a cross-lane reduction in `block`
-        by, bx, ty, tx, ro, u, bi, ts, vc = sch.get_loops(partial)
-        for loop, axis in ((by, "blockIdx.y"), (bx, "blockIdx.x"), (ty, "threadIdx.y"), (tx, "threadIdx.x")):
-            sch.bind(loop, axis)
-        # The weight's UNROLL steps into registers first (read 1; 0 is the padded rows), laid out by
-        # loop index: cache_read would take the bounding box of the strided steps.
-        w_local = sch.reindex_cache_read(partial, 1, "local", lambda lane, b, s, o, i, v: (lane, s, o, i, v))
-        sch.compute_at(w_local, ro, preserve_unit_loops=True)
-        sch.vectorize(sch.get_loops(w_local)[-1])
-        sch.compute_at(pad_input_block, u, preserve_unit_loops=True)  # x, zero past the real rows
-        sch.set_scope(pad_input_block, 0, "local")
-        sch.vectorize(sch.get_loops(pad_input_block)[-1])
-        sch.decompose_reduction(partial, ro)
-        sch.set_scope(partial, 0, "local")
-        sch.unroll(u)
-        sch.reverse_compute_at(block, ty, preserve_unit_loops=True)
-        lane, bi, ts = sch.get_loops(block)[-3:]
-        sch.reorder(bi, ts, lane)
-        sch.bind(lane, "threadIdx.x")
+        unroll, tile_s = gemv_tiling(int(n), int(k), self.bucket, self.warps, vec, self.columns, self.unroll)
+        # The weight's steps into registers first (read 1; 0 is the padded rows)
+        ty = stream_over_k(sch, block, pad_input_block, batch_pad, self.warps, tile_s, unroll, vec,
+                           {1: lambda lane, b, s, o, i, v: (lane, s, o, i, v)})
         epilogue = sch.get_consumers(block)
         if epilogue:  # the unpadding block, with any cast / bias / residual fused into it
             sch.set_scope(block, 0, "local")
             sch.reverse_compute_at(epilogue[0], ty, preserve_unit_loops=True)
         return sch
+
+
+def gemv_tiling(n: int, k: int, bucket: int, warps: int, vec: int, columns: int | None = None,
+                unroll: int | None = None) -> tuple[int, int]:
+    """(K steps unrolled, output columns a warp) for an N×K weight at `bucket` rows, `vec` elements a load:
+    `columns` / `unroll` where given, else the measured defaults (StreamingGEMV's docstring)."""
+    narrow = columns is None and unroll is None and bucket <= 2 and n <= ONE_COLUMN_N and k >= ONE_COLUMN_MIN_K
+    steps = next(u for u in (unroll or (2 * UNROLL if narrow else UNROLL), UNROLL, 2, 1) if k % (u * WARP * vec) == 0)
+    tile_s = columns or (1 if narrow else 2 if n % (2 * warps) == 0 and n // (2 * warps) >= MIN_BLOCKS else 1)
+    return steps, tile_s if n % (tile_s * warps) == 0 else 1
+
+
+def stream_over_k(sch, block, pad_input_block, batch_pad: int, warps: int, tile_s: int, unroll: int, vec: int,
+                  register_reads: dict, step_reads: dict | None = None, outputs: int = 1):
+    """StreamingGEMV's loops on `block` (rows, columns, K; its row count padded to `batch_pad` by
+    `pad_input_block`, None for one row, whose x is then one of `step_reads`): blocks of `batch_pad` rows × `warps` × `tile_s` columns, lanes striding K with `vec`
+    elements a load, `unroll` steps a loop trip; per-lane partial sums (`outputs` of them: a tuple reduction
+    has several) in registers, reduced across lanes in `block`, which is left under the warp loop (returned).
+
+    `register_reads` {read index: index map from the per-lane block's (lane, row, column, step, unrolled
+    step, element)}: operands whose `unroll` steps are loaded into registers together at the top of a trip,
+    laid out by loop index (cache_read would take the bounding box of the strided steps); `step_reads`
+    (the same form) and x (the padded rows) are loaded per step, which keeps fewer registers live."""
+    rows, cols, red = sch.get_loops(block)
+    by, bi = sch.split(rows, [None, batch_pad])
+    bx, ty, ts = sch.split(cols, [None, warps, tile_s])
+    ro, u, tx, vc = sch.split(red, [None, unroll, WARP, vec])  # lane tx reads k = .. + vec · tx + vc
+    sch.reorder(by, bx, ty, tx, ro, u, bi, ts, vc)
+    partial = sch.rfactor(tx, 0)  # per-lane sums, then a cross-lane reduction in `block`
+    by, bx, ty, tx, ro, u, bi, ts, vc = sch.get_loops(partial)
+    for loop, axis in ((by, "blockIdx.y"), (bx, "blockIdx.x"), (ty, "threadIdx.y"), (tx, "threadIdx.x")):
+        sch.bind(loop, axis)
+    for loop, reads in ((ro, register_reads), (u, step_reads or {})):
+        for read, index_map in reads.items():
+            local = sch.reindex_cache_read(partial, read, "local", index_map)
+            sch.compute_at(local, loop, preserve_unit_loops=True)
+            sch.vectorize(sch.get_loops(local)[-1])
+    if pad_input_block is not None:
+        sch.compute_at(pad_input_block, u, preserve_unit_loops=True)  # x, zero past the real rows
+        sch.set_scope(pad_input_block, 0, "local")
+        sch.vectorize(sch.get_loops(pad_input_block)[-1])
+    sch.decompose_reduction(partial, ro)
+    for i in range(outputs):
+        sch.set_scope(partial, i, "local")
+    sch.unroll(u)
+    sch.reverse_compute_at(block, ty, preserve_unit_loops=True)
+    lane, bi, ts = sch.get_loops(block)[-3:]
+    sch.reorder(bi, ts, lane)
+    sch.bind(lane, "threadIdx.x")
+    return ty
 
 
 def _schedule(func: tirx.PrimFunc, rules: list) -> tirx.PrimFunc:
@@ -151,7 +173,7 @@ class RowDispatchGemmRule(GPUScheduleRule):
         return result
 
 
-def _single_dynamic_dim(func: tirx.PrimFunc):
+def single_dynamic_dim(func: tirx.PrimFunc):
     buffers = [p for p in func.params if hasattr(p, "shape")]  # params that are buffers, not scalars
     dims = {d for buf in buffers for d in buf.shape if isinstance(d, tirx.Var)}
     return dims.pop() if len(dims) == 1 else None
@@ -161,7 +183,7 @@ def dispatch_on_rows(func: tirx.PrimFunc, large_rules: list, gemv=StreamingGEMV,
                      limits_and_buckets=LIMITS_AND_BUCKETS) -> tirx.PrimFunc | None:
     """`func` scheduled as the chain of `gemv(bucket)` kernels below each limit and `large_rules`
     above the last; None when `func` has no single dynamic dimension or is no GEMV."""
-    rows = _single_dynamic_dim(func)
+    rows = single_dynamic_dim(func)
     if rows is None:
         return None
     small = [_schedule(func, [gemv(bucket)]) for _, bucket in limits_and_buckets]

@@ -19,6 +19,7 @@ from .low_batch import LowBatchDispatch
 from .matmul_tensorcore import TIR_PIPELINE, MatmulTensorCore
 from .matmul_wgmma import MatmulWgmma
 from .metal_matmul import MatmulNoSimdgroup
+from .norm_gemv import FuseNormMatmul, ScheduleNormGEMV
 from .pdl import PDL_TIR_PIPELINE, supports_pdl
 from .quant_dispatch import QuantKernels
 from .quant_fusion import FewRowFactoredMatmuls, FuseDequantizeMatmul
@@ -49,7 +50,7 @@ def gpu_rules(target: tvm.target.Target) -> list:
             dl.gpu.GeneralReduction(), RowReduction(), dl.gpu.Fallback()]
 
 
-def _passes(target: tvm.target.Target) -> list:
+def _passes(target: tvm.target.Target, fuse_norms: bool = False) -> list:
     kind = target.kind.name
     backend = {"llvm": cpu_passes, "cuda": cuda_passes, "metal": gpu_passes}[kind]
     legalize = [
@@ -62,7 +63,7 @@ def _passes(target: tvm.target.Target) -> list:
         QuantKernels(),  # packed quantized weights first: no generic rule reads them well
     ]
     if kind == "cuda":
-        legalize.append(LowBatchDispatch(gpu_rules(target)))
+        legalize += ([ScheduleNormGEMV()] if fuse_norms else []) + [LowBatchDispatch(gpu_rules(target))]
     if kind != "llvm":
         legalize.append(dl.ApplyDefaultSchedule(*gpu_rules(target)))
     dataflow_lower = [
@@ -71,14 +72,18 @@ def _passes(target: tvm.target.Target) -> list:
         relax.transform.RemovePurityChecking(),
         relax.transform.CallTIRRewrite(),
     ]
-    # decode/logits for > 8 rows (unfused, model-dtype weights): copied before the few-row rewrites
-    return ([AddWideFunctions(), FewRowFactoredMatmuls(), relax.transform.FuseTransposeMatmul()] + backend.library_dispatch_passes(target)
+    # decode/logits for > 8 rows (unfused, model-dtype weights): copied before the few-row rewrites.
+    # The RMSNorm fold (norm_gemv.py) is opt-in: on an H100 it measured no faster (bench/RESULTS.md)
+    few_rows = [FewRowFactoredMatmuls()] + ([FuseNormMatmul()] if fuse_norms else [])
+    return ([AddWideFunctions(fuse_norms=fuse_norms), *few_rows, relax.transform.FuseTransposeMatmul()]
+            + backend.library_dispatch_passes(target)
             + legalize + dataflow_lower + backend.finalize_passes(target))
 
 
-def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """The whole Relax → VM pipeline for `target` (pass it to `tvm.compile(relax_pipeline=...)`)."""
-    passes = _passes(target)
+def relax_pipeline(target: tvm.target.Target, fuse_norms: bool = False) -> tvm.transform.Pass:
+    """The whole Relax → VM pipeline for `target` (pass it to `tvm.compile(relax_pipeline=...)`); `fuse_norms`:
+    fold each RMSNorm into the GEMV after it in `decode` on CUDA (schedules/norm_gemv.py)."""
+    passes = _passes(target, fuse_norms)
 
     @tvm.transform.module_pass(opt_level=0, name="KilnPipeline")
     def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:

@@ -18,16 +18,20 @@ from bench.decode_kernels import ATTENTION_KERNELS, layer_kernels  # noqa: E402
 from compile.presets import resolve  # noqa: E402
 
 # the layer: QKV GEMV (+ for Qwen3 one q/k-norm kernel), the attention call's four kernels, O + residual,
-# RMSNorm, gate/up GEMV, silu(gate)·up, down + residual, the next layer's RMSNorm
+# RMSNorm, gate/up GEMV, silu(gate)·up, down + residual, the next layer's RMSNorm; with `--fuse_norms`
+# (schedules/norm_gemv.py) each RMSNorm is folded into the GEMV after it: two fewer
 MOST = {"qwen3": 12, "llama3": 11}
 
 
+@pytest.mark.parametrize("fuse_norms", [False, True])
 @pytest.mark.parametrize("model", sorted(MOST))
-def test_decode_layer_kernels(model):
+def test_decode_layer_kernels(model, fuse_norms):
     _, config, _ = resolve(model)
-    kernels = layer_kernels(config, "cuda")
-    assert len(kernels) <= MOST[model], kernels
+    kernels = layer_kernels(config, "cuda", fuse_norms=fuse_norms)
+    assert len(kernels) <= MOST[model] - 2 * fuse_norms, kernels
     assert kernels.count(ATTENTION_KERNELS[0]) == 1, kernels  # exactly one layer counted
     assert not any(k.startswith(("split", "fused_concatenate")) for k in kernels), kernels
     if model == "qwen3":  # q_norm and k_norm: one kernel over the fused QKV, no split / concat around it
         assert sum(k.startswith("qk_norm") for k in kernels) == 1, kernels
+    norms = [k for k in kernels if "rms_norm" in k]
+    assert len(norms) == 2 and all(k.startswith("rms_norm_matmul") == fuse_norms for k in norms), kernels

@@ -1,0 +1,202 @@
+"""RMSNorm folded into the GEMV it feeds, at decode on CUDA: one kernel where the norm and the matmul were two.
+
+In a decoder layer each RMSNorm (input_layernorm before QKV, post_attention_layernorm before gate/up)
+feeds exactly one matmul, and at decode (a few rows) the norm is a tiny kernel of its own (~2–3 µs of a
+step on an H100 with PDL). Its reduction runs over the same K the GEMV walks, so the GEMV can carry it:
+
+    y[b, n] = rstd[b] · Σ_k W[n, k] · (γ[k] · x[b, k]),   rstd[b] = rsqrt(Σ_k x[b, k]² / K + eps)
+
+Opt-in (`python -m compile --fuse_norms`): on an H100 it measured no faster end to end (bench/RESULTS.md,
+"RMSNorm folded into the following GEMV"). `FuseNormMatmul` (a Relax pass, early in the pipeline, in
+`decode` only) replaces astype(matmul(rms_norm(x, γ), permute_dims(W))) by one PrimFunc, `rms_norm_matmul_te`:
+a single block reducing the pair (dot, Σx²) with a tuple reducer, then the epilogue multiply by rstd and the
+cast.
+`ScheduleNormGEMV` (before LowBatchDispatch) schedules it as StreamingGEMV does a plain GEMV: warps own
+output columns, lanes stride K with 16-byte loads of W, γ and x, UNROLL steps in flight; each lane adds
+x² to a second register from the x it already loaded (no extra global reads), and both partial sums are
+reduced across the lanes at the end. The row count is dynamic: buckets 1 / 2 / 4 / 8 chosen at run time
+(branch_on_rows), the last one looping over row groups, so the kernel is right for any row count; the
+runner calls `decode` for ≤ 8 rows only (more rows run `decode_wide`, the unfused copy with the tensor-core
+GEMM: schedules/quant_wide.py).
+
+Numerics: the unfused graph rounds the normed x to bf16 before the matmul; here γ·x stays fp32 and rstd
+multiplies the fp32 sum, so the result is the exact expression rounded once (tests/test_norm_gemv.py
+bounds the difference against numpy float64). Σx² is accumulated in fp32 as the norm does.
+
+A quantized weight's GEMV (formats/quant_values.py's dequantize_matmul_te) can take the same prologue more
+cheaply: it already reduces per-row values over K apart from the weight (`group_sum` [rows, K/G], Σ_k x_k per
+scale group, computed once per M tile by QuantGemv). With x replaced by γ·x in `group_dot` and `group_sum`,
+Σx² is one more such per-row block ([rows, K/G], then summed over groups), and `NT_matmul`'s epilogue
+multiplies by rstd: no per-column repeat of the norm's arithmetic, unlike the tuple reduction here. Not done
+(bf16 and fp32 weights only; quant_gemv.py is issue 11's).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import tvm
+from tvm import relax, s_tir, te, tirx
+from tvm.ir import IRModule
+from tvm.relax.dpl import rewrite_call
+from tvm.relax.dpl.pattern import is_op, wildcard
+
+from .low_batch import (
+    LIMITS_AND_BUCKETS,
+    LOAD_BYTES,
+    WARP,
+    branch_on_rows,
+    gemv_tiling,
+    single_dynamic_dim,
+    stream_over_k,
+)
+
+FUSED_FUNCTIONS = ("decode",)  # prefill (many rows) keeps the norm kernel and the tensor-core GEMM
+BLOCK = "rms_norm_matmul"  # the tuple-reduction block the schedule looks for
+WARPS = 4  # warps a block, as StreamingGEMV
+# StreamingGEMV's row buckets plus one of a single row: the fused kernel's per-row arithmetic (γ·x, x², the
+# conversions) is twice the plain GEMV's, so batch 1 does not pay for bucket 2's zero row
+ROW_BUCKETS = ((1, 1), *LIMITS_AND_BUCKETS)
+
+
+def rms_norm_matmul_te(x: te.Tensor, gamma: te.Tensor, w: te.Tensor, eps: float, out_dtype: str) -> te.Tensor:
+    """(rms_norm(x, γ) · Wᵀ) for x [b, K], γ [K], W [N, K]: Σx² and the γ-scaled dot in one reduction, both
+    fp32, rstd applied to the sum; cast to `out_dtype`."""
+    rows, k = x.shape
+    n = w.shape[0]
+    r = te.reduce_axis((tirx.IntImm("int64", 0), k), name="k")
+    pair_sum = te.comm_reducer(lambda a, b: (a[0] + b[0], a[1] + b[1]),
+                               lambda t0, t1: (tirx.const(0, t0), tirx.const(0, t1)), name="pair_sum")
+
+    def dot_and_square(i, j):
+        xv = x[i, r].astype("float32")
+        return pair_sum((w[j, r].astype("float32") * (gamma[r].astype("float32") * xv), xv * xv), axis=r)
+
+    dot, square = te.compute((rows, n), dot_and_square, name=BLOCK)
+    rstd = lambda i, j: tirx.rsqrt(square[i, j] / tirx.Cast("float32", k) + tirx.const(eps, "float32"))  # noqa: E731
+    return te.compute((rows, n), lambda i, j: (dot[i, j] * rstd(i, j)).astype(out_dtype), name="rstd_cast")
+
+
+def _fusable(target, x_shape, w_shape, dtype: str) -> bool:
+    """Where the schedule applies: CUDA, static N and K, K a whole number of 32 lanes × 16-byte loads."""
+    if target is None or target.kind.name != "cuda" or len(w_shape) != 2:
+        return False
+    n, k = w_shape
+    if not all(isinstance(d, tirx.IntImm) for d in (n, k, x_shape[-1])):
+        return False
+    return int(k) % (WARP * LOAD_BYTES * 8 // tvm.DataType(dtype).bits) == 0 and int(n) % WARPS == 0
+
+
+def fuse_norm_matmuls(func: relax.Function, builder: relax.BlockBuilder, target) -> relax.Function:
+    """`func` with each astype(matmul(rms_norm(x, γ), permute_dims(W))) over a stored weight W (a parameter,
+    not a computed tensor such as a dequantized one) replaced by the fused call, its PrimFunc added to
+    `builder`'s module; `func` itself where nothing applies."""
+    norm = is_op("relax.nn.rms_norm")(wildcard(), wildcard())
+    weight = is_op("relax.permute_dims")(wildcard())
+    cast = is_op("relax.astype")(is_op("relax.matmul")(norm, weight))
+    bound = relax.analysis.get_var2val(func)
+    fused_calls = []
+
+    def rewrite(call, matches):
+        x, gamma = matches[norm].args
+        w, attrs = matches[weight].args[0], matches[norm].attrs
+        x_shape, w_shape = list(x.ty.shape.values), list(w.ty.shape.values)
+        if (isinstance(bound.get(w), relax.Call) or w.ty.dtype != x.ty.dtype
+                or not _fusable(target, x_shape, w_shape, w.ty.dtype)
+                or [int(a) % len(x_shape) for a in attrs.axes] != [len(x_shape) - 1]
+                or [int(a) for a in matches[weight].attrs.axes or [1, 0]] != [1, 0]):
+            return call
+        k, n = x_shape[-1], w_shape[0]
+        rows = tvm.sym.Analyzer().simplify(functools.reduce(lambda a, b: a * b, x_shape[:-1]))
+        xp = te.placeholder((rows, k), x.ty.dtype, name="x")
+        gp = te.placeholder(list(gamma.ty.shape.values), gamma.ty.dtype, name="gamma")
+        wp = te.placeholder(w_shape, w.ty.dtype, name="w")
+        y = rms_norm_matmul_te(xp, gp, wp, float(attrs.epsilon), call.attrs.dtype)
+        fused = builder.add_func(te.create_prim_func([xp, gp, wp, y]).without_attr("global_symbol"), BLOCK)
+        fused_calls.append(fused)
+        y = relax.call_tir(fused, relax.Tuple([relax.op.reshape(x, relax.ShapeExpr([rows, k])), gamma, w]),
+                           relax.TensorType([rows, n], call.attrs.dtype))
+        return relax.op.reshape(y, call.ty.shape)
+
+    new = rewrite_call(cast, rewrite, func)  # a new function even where every match was declined
+    return relax.analysis.remove_all_unused(new) if fused_calls else func
+
+
+def fuses_norm(func: relax.Function, target) -> bool:
+    """Whether FuseNormMatmul changes `func` (AddWideFunctions then keeps an unfused copy for many rows)."""
+    return not fuse_norm_matmuls(func, relax.BlockBuilder(), target).same_as(func)
+
+
+@tvm.transform.module_pass(opt_level=0, name="FuseNormMatmul")
+class FuseNormMatmul:
+    """fuse_norm_matmuls in the Relax functions `functions`, on CUDA (before legalization)."""
+
+    def __init__(self, functions: tuple[str, ...] = FUSED_FUNCTIONS):
+        self.functions = functions
+
+    def transform_module(self, mod: IRModule, _ctx) -> IRModule:
+        target = tvm.target.Target.current(allow_none=True)
+        builder = relax.BlockBuilder(IRModule(dict(mod.functions), attrs=mod.attrs))
+        rewritten = {gv.name_hint: fuse_norm_matmuls(func, builder, target) for gv, func in mod.functions.items()
+                     if gv.name_hint in self.functions and isinstance(func, relax.Function)}
+        out = builder.get()
+        for name, func in rewritten.items():
+            out.update_func(out.get_global_var(name), func)
+        return out
+
+
+def norm_gemv(func: tirx.PrimFunc, bucket: int) -> tirx.PrimFunc | None:
+    """`func` (rms_norm_matmul_te's PrimFunc) scheduled for `bucket` rows a block (rows padded with zeros),
+    or None when it is not that PrimFunc."""
+    if not _is_norm_matmul(func):
+        return None
+    sch = s_tir.Schedule(func)
+    block, epilogue = sch.get_sblock(BLOCK), sch.get_sblock("rstd_cast")
+    _, cols, red = sch.get_loops(block)
+    n, k = int(sch.get(cols).extent), int(sch.get(red).extent)
+    vec = LOAD_BYTES * 8 // tvm.DataType(sch.get(block).reads[0].source.dtype).bits
+    unroll, tile_s = gemv_tiling(n, k, bucket, WARPS, vec)
+    step_reads = {1: lambda lane, b, c, o, i, v: (lane, o, i, v)}
+    pad_input = None
+    if bucket > 1:  # x read as zero past the real rows: no predicate in the K loop
+        sch.pad_einsum(block, [bucket, n, k])
+        for name in (f"{BLOCK}.v0_pad", f"{BLOCK}.v1_pad"):
+            sch.compute_inline(sch.get_sblock(name))
+        pad_input = sch.get_sblock("x_pad")
+    else:  # one row a block: x (read 2) straight into registers
+        step_reads[2] = lambda lane, b, c, o, i, v: (lane, b, o, i, v)
+    # W's steps into registers first (read 0); γ (read 1) per step with x: a trip's γ held in registers
+    # ahead would cost 4 registers a step (50 → 56 a thread at Llama's QKV, fewer blocks an SM)
+    ty = stream_over_k(sch, block, pad_input, bucket, WARPS, tile_s, unroll, vec,
+                       {0: lambda lane, b, c, o, i, v: (lane, c, o, i, v)}, step_reads, outputs=2)
+    sch.set_scope(block, 0, "local")
+    sch.set_scope(block, 1, "local")
+    sch.reverse_compute_at(epilogue, ty, preserve_unit_loops=True)
+    return sch.mod["main"]
+
+
+def _is_norm_matmul(func: tirx.PrimFunc) -> bool:
+    """Whether `func` holds rms_norm_matmul_te's reduction block (FuseOps leaves the opaque call alone)."""
+    try:
+        s_tir.Schedule(func).get_sblock(BLOCK)
+        return True
+    except s_tir.schedule.ScheduleError:
+        return False
+
+
+@tvm.transform.module_pass(opt_level=0, name="KilnScheduleNormGEMV")
+class ScheduleNormGEMV:
+    """Schedules every rms_norm_matmul PrimFunc as the run-time chain of its 1 / 2 / 4 / 8-row kernels and marks it
+    `tirx.is_scheduled` (LowBatchGEMV's analysis does not know a tuple reduction)."""
+
+    def transform_module(self, mod: IRModule, _ctx) -> IRModule:
+        for gvar, func in mod.functions_items():
+            if (not isinstance(func, tirx.PrimFunc) or func.attrs and "tirx.is_scheduled" in func.attrs
+                    or not _is_norm_matmul(func)):
+                continue
+            rows = single_dynamic_dim(func)
+            chained = norm_gemv(func, ROW_BUCKETS[-1][1])  # the last bucket takes any number of rows
+            for limit, bucket in reversed(ROW_BUCKETS[:-1]):
+                chained = branch_on_rows(norm_gemv(func, bucket), chained, rows, limit)
+            mod.update_func(gvar, chained.with_attr("tirx.is_scheduled", True))
+        return mod

@@ -1,0 +1,109 @@
+"""RMSNorm folded into the following GEMV at decode (schedules/norm_gemv.py).
+
+The fused PrimFunc must compute norm-then-matmul (numpy float64 as the reference, within bf16 rounding);
+the Relax pass must apply on CUDA in `decode` only, leave `decode_wide` (more than 8 rows) and prefill
+unfused, and decline elsewhere (Metal, K off the 16-byte lane grid); the CUDA schedule must compile to
+the StreamingGEMV shape (128 threads, 16-byte loads, a shuffle reduction, no spill) at every bucket.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, te, tirx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from compile import targets  # noqa: E402
+from compile.presets import resolve  # noqa: E402
+from model_defs.config import ModelConfig  # noqa: E402
+from model_defs.spec import export  # noqa: E402
+from schedules.attention.choice import paged_kv_kernels  # noqa: E402
+from schedules.norm_gemv import BLOCK, ROW_BUCKETS, FuseNormMatmul, norm_gemv, rms_norm_matmul_te  # noqa: E402
+from schedules.quant_wide import AddWideFunctions  # noqa: E402
+from tests.test_low_batch import check_streaming_kernels  # noqa: E402
+
+EPS = 1e-6
+
+
+def fused_func(k: int, n: int, dtype: str = "bfloat16", rows=None) -> tirx.PrimFunc:
+    m = tirx.Var("m", "int64") if rows is None else tirx.IntImm("int64", rows)
+    x = te.placeholder((m, tirx.IntImm("int64", k)), dtype, name="x")
+    g = te.placeholder((tirx.IntImm("int64", k),), dtype, name="gamma")
+    w = te.placeholder((tirx.IntImm("int64", n), tirx.IntImm("int64", k)), dtype, name="w")
+    return te.create_prim_func([x, g, w, rms_norm_matmul_te(x, g, w, EPS, dtype)])
+
+
+@pytest.mark.parametrize("rows, k, n", [(1, 256, 64), (3, 1024, 32)])
+def test_fused_equals_norm_then_matmul(rows, k, n):
+    """bf16 values in, bf16 out: within the output's bf16 rounding of float64's norm-then-matmul, and no
+    further from it than the unfused graph (which also rounds the normed x to bf16). The inputs are held
+    in fp32 here: LLVM's bf16 legalization miscompiles a tuple reduction over bf16 loads (CUDA reads bf16
+    natively; bench/gpu_parity.py checks the bf16 kernels there); every product is fp32 either way."""
+    rng = np.random.default_rng(rows)
+    bf = ml_dtypes.bfloat16
+    x = (rng.standard_normal((rows, k)) * 3).astype(bf).astype(np.float32)
+    g = (1 + 0.5 * rng.standard_normal(k)).astype(bf).astype(np.float32)
+    w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(bf).astype(np.float32)
+    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
+    xp, gp, wp = (te.placeholder(tuple(i64(d) for d in a.shape), "float32", name=nm)
+                  for a, nm in ((x, "x"), (g, "gamma"), (w, "w")))
+    lib = tvm.tirx.build(te.create_prim_func([xp, gp, wp, rms_norm_matmul_te(xp, gp, wp, EPS, "bfloat16")]),
+                         target="llvm")
+    dev = tvm.cpu()
+    out = tvm.runtime.empty((rows, n), "bfloat16", dev)
+    lib(*(tvm.runtime.tensor(a, dev) for a in (x, g, w)), out)
+    x64, g64, w64 = (a.astype(np.float64) for a in (x, g, w))
+    normed = x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + EPS) * g64
+    want = normed @ w64.T
+    err = np.abs(out.numpy().astype(np.float64) - want)
+    assert (err <= 2**-8 * np.abs(want) + 1e-6 * np.abs(want).max()).all()  # bf16's half-ulp (+ fp32 sums)
+    unfused = (normed.astype(bf).astype(np.float64) @ w64.T).astype(bf).astype(np.float64)
+    assert err.max() <= np.abs(unfused - want).max()
+
+
+def _decode_passes(model: str, target: tvm.target.Target, hidden: int | None = None) -> tvm.IRModule:
+    _, config, _ = resolve(model)
+    config = {**config, "num_hidden_layers": 1, **({"hidden_size": hidden} if hidden else {})}
+    cfg = ModelConfig.from_dict(config, "test")
+    kv = paged_kv_kernels(target, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim, "bfloat16")
+    mod, _ = export(cfg, "bfloat16", target, 256, 1024, kv, None)
+    with target:
+        return tvm.transform.Sequential([AddWideFunctions(fuse_norms=True), FuseNormMatmul()])(mod)
+
+
+def _fused_calls(func: relax.Function) -> int:
+    calls = []
+    relax.analysis.post_order_visit(func, lambda e: calls.append(e) if isinstance(e, relax.Call) and isinstance(
+        e.args[0] if e.args else None, relax.GlobalVar) and e.args[0].name_hint.startswith(BLOCK) else None)
+    return len(calls)
+
+
+def test_pass_fuses_decode_only_on_cuda():
+    mod = _decode_passes("qwen3", targets.tvm_target("cuda", targets.DEFAULT_CUDA_ARCH))
+    assert _fused_calls(mod["decode"]) == 2  # input_layernorm → QKV, post_attention_layernorm → gate/up
+    assert _fused_calls(mod["decode_wide"]) == 0 and _fused_calls(mod["prefill"]) == 0
+    metal = _decode_passes("qwen3", tvm.target.Target("apple/m2-gpu"))
+    assert _fused_calls(metal["decode"]) == 0 and "decode_wide" not in [g.name_hint for g in metal.get_global_vars()]
+
+
+def test_pass_declines_off_the_lane_grid():
+    """K = 1000 is no whole number of 32 lanes × 8 bf16: the norm and the GEMV stay two kernels."""
+    mod = _decode_passes("qwen3", targets.tvm_target("cuda", targets.DEFAULT_CUDA_ARCH), hidden=1000)
+    assert _fused_calls(mod["decode"]) == 0
+
+
+def test_every_bucket_compiles_to_the_streaming_shape(tmp_path):
+    """StreamingGEMV's kernel shape (tests/test_low_batch.py): 128 threads, W before x, both sums reduced by
+    warp shuffles, no spill, at each bucket of Qwen3-0.6B's and Llama-3.1-8B's QKV and gate/up."""
+    funcs = {}
+    for k, n in ((1024, 4096), (1024, 6144), (4096, 6144), (4096, 28672)):
+        for _, bucket in ROW_BUCKETS:
+            name = f"norm_gemv_{k}_{n}_{bucket}"
+            funcs[name] = norm_gemv(fused_func(k, n), bucket).with_attr("global_symbol", name)
+    check_streaming_kernels(funcs, tmp_path)
