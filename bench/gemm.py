@@ -177,21 +177,23 @@ def nvcc_fatbin(out: str, threads: int = 1) -> None:
                    check=True, stderr=open(os.path.join(out, "ptxas.log"), "w"))
 
 
-def export_kernels(funcs: dict, out: str, meta: dict, nvcc: bool = True, pdl: bool = False) -> None:
+def export_kernels(funcs: dict, out: str, meta: dict, nvcc: bool = True, pdl: bool | str = False) -> None:
     """Scheduled PrimFuncs (name → func) → `out`/gemm.so (carrying the CUDA source), its gemm.fatbin
     unless `nvcc` is False (then `run` compiles it on the GPU box) and meta.json. `pdl`: the kernels
-    as the model builds them for sm_90+ (schedules/pdl.py), so back-to-back launches overlap a kernel's
-    launch and ramp with the previous one's tail as they do in a decode step."""
+    as the model builds them for sm_90+ (schedules/pdl.py; a string: `launch_dependents` at that trigger),
+    so back-to-back launches overlap a kernel's launch and ramp with the previous one's tail as they do in
+    a decode step."""
     import tvm
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from schedules.matmul_tensorcore import TIR_PIPELINE
-    from schedules.pdl import PDL_TIR_PIPELINE
+    from schedules.pdl import pdl_tir_pipeline
 
     target = tvm.target.Target("nvidia/nvidia-h100")
     funcs = {name: f.with_attr("global_symbol", name) for name, f in funcs.items()}
+    pipeline = TIR_PIPELINE if not pdl else pdl_tir_pipeline(pdl) if isinstance(pdl, str) else pdl_tir_pipeline()
     with target:
-        lib = tvm.tirx.build(tvm.IRModule(funcs), target=target, pipeline=PDL_TIR_PIPELINE if pdl else TIR_PIPELINE)
+        lib = tvm.tirx.build(tvm.IRModule(funcs), target=target, pipeline=pipeline)
     os.makedirs(out, exist_ok=True)
     lib.export_library(os.path.join(out, "gemm.so"))
     subprocess.run(["strip", "--strip-unneeded", os.path.join(out, "gemm.so")], check=True)

@@ -114,13 +114,14 @@ def _cases(models: str = ""):
 
 # ------------------------------------------------------------------------------------ build
 def build(out: str, variants: dict, gemv_only: bool = False, nvcc: bool = True, models: str = "",
-          pdl: bool = False) -> None:
+          pdl: str | None = None) -> None:
     import tvm
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from bench.gemm import _prim_func, export_kernels
     from schedules.matmul_wgmma import MatmulWgmma
     from schedules.quant_dequantize import QuantDequantize
+    from schedules.pdl import DEFAULT_TRIGGER
     from schedules.quant_gemv import QuantGemv, QuantGemvConfig
 
     target = tvm.target.Target("nvidia/nvidia-h100")
@@ -137,7 +138,8 @@ def build(out: str, variants: dict, gemv_only: bool = False, nvcc: bool = True, 
                     dequant_matmul(qtype, k, n, "bfloat16", epilogue, byte_perm=True))
                 assert f is not None, (name, qtype, k, n)
                 funcs[f"{name}_{qtype}_k{k}_n{n}"] = f
-    export_kernels(funcs, out, {"variants": variants, "gemv_only": gemv_only, "weight_dtype": "float32"}, nvcc, pdl)
+    export_kernels(funcs, out, {"variants": variants, "gemv_only": gemv_only, "weight_dtype": "float32"}, nvcc,
+                   DEFAULT_TRIGGER if pdl == "default" else pdl)
 
 
 # ------------------------------------------------------------------------------------ run
@@ -475,7 +477,8 @@ def main() -> None:
     b.add_argument("--gemv-only", action="store_true", help="only the GEMV variants (no dequantize / GEMM)")
     b.add_argument("--no-nvcc", action="store_true", help="leave nvcc to `run` (on the GPU box, all its cores)")
     b.add_argument("--models", default="", help="only the shapes of models whose name starts with this")
-    b.add_argument("--pdl", action="store_true", help="build the kernels with programmatic dependent launch")
+    b.add_argument("--pdl", nargs="?", const="default", help="build the kernels with programmatic dependent "
+                   "launch, `launch_dependents` where given (schedules/pdl.py's TRIGGERS)")
     r = sub.add_parser("run")
     r.add_argument("dir")
     r.add_argument("--results")

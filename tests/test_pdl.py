@@ -7,6 +7,7 @@ what is checked); the device modules are caught as they reach codegen, where the
 become the runtime's launch configuration.
 """
 
+import os
 import re
 import sys
 
@@ -17,7 +18,7 @@ from tvm.script import tirx as T
 
 from compile import driver, targets
 from conftest import STORIES_HF
-from schedules.pdl import LAUNCH_TAG
+from schedules.pdl import DEFAULT_TRIGGER, LAUNCH_TAG, TRIGGERS, pdl_tir_pipeline
 from schedules.pipeline import tir_pipeline
 
 _TRIGGER = "tvm_builtin_ptx_griddepcontrol_launch_dependents();"
@@ -40,14 +41,18 @@ def _record_device_modules(monkeypatch) -> list:
 
 
 def _kernels(device: list) -> tuple[dict, dict, str]:
-    """({kernel: launch tags}, {kernel: first two statements of its CUDA body}, CUDA source)."""
+    """({kernel: launch tags}, {kernel: its CUDA body}, CUDA source)."""
     (mod, built), = device
     tags = {gv.name_hint: [str(t) for t in f.attrs["tirx.kernel_launch_params"]]
             for gv, f in mod.functions.items() if int(f.attrs.get("calling_conv", 0)) == 2}
     source = built.inspect_source("cuda")
     bodies = dict(re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\([^;{]*\) \{\n'
-                             r'((?:[^\n]*\n){2})', source))
+                             r'(.*?)\n\}\n', source, re.S))
     return tags, bodies, source
+
+
+def _statements(body: str) -> list[str]:
+    return [line.strip() for line in body.splitlines() if line.strip() and line.strip() != "}"]
 
 
 def test_every_kernel_waits_and_is_launched_with_pdl(tmp_path, monkeypatch):
@@ -62,7 +67,10 @@ def test_every_kernel_waits_and_is_launched_with_pdl(tmp_path, monkeypatch):
     for name, kernel_tags in tags.items():
         assert LAUNCH_TAG in kernel_tags, name
         assert "tirx.use_dyn_shared_memory" not in kernel_tags[:-1], name  # the runtime reads it last
-        assert bodies[name].split() == [_TRIGGER, _WAIT], name  # before any other statement
+        first = _statements(bodies[name])
+        # the wait before any statement but the trigger; the trigger exactly once
+        assert first[:2] == [_TRIGGER, _WAIT] or first[0] == _WAIT, name
+        assert bodies[name].count(_TRIGGER) == 1, name
 
 
 @T.prim_func
@@ -95,3 +103,50 @@ def test_pdl_only_for_sm90_and_later(target, pipeline):
 
 def test_pdl_pipeline_is_registered():
     assert tvm.tirx.get_tir_pipeline(tir_pipeline(targets.tvm_target("cuda", "sm_90a")))
+
+
+def _built_kernel(func, trigger: str, monkeypatch) -> str:
+    """The CUDA body of `func`'s kernel built for sm_90a with `launch_dependents` at `trigger`."""
+    device = _record_device_modules(monkeypatch)
+    tvm.tirx.build(tvm.IRModule({"main": func}), target=targets.tvm_target("cuda", "sm_90a"),
+                   pipeline=pdl_tir_pipeline(trigger))
+    _, bodies, _ = _kernels(device)
+    return next(iter(bodies.values()))
+
+
+@pytest.mark.parametrize("trigger,expected", [("start", [_TRIGGER, _WAIT]), ("before_store", [_WAIT, _TRIGGER])])
+def test_trigger_first_in_a_one_statement_kernel(trigger, expected, monkeypatch):
+    """An elementwise kernel stores from its first statement: "before_store" triggers at its start, as "start"."""
+    assert _statements(_built_kernel(_add_one, trigger, monkeypatch))[:2] == expected
+
+
+def test_trigger_last_at_end(monkeypatch):
+    statements = _statements(_built_kernel(_add_one, "end", monkeypatch))
+    assert statements[0] == _WAIT and statements[-1] == _TRIGGER and statements.count(_TRIGGER) == 1
+
+
+def test_trigger_after_the_gemv_loop(monkeypatch):
+    """A GEMV's "before_store" trigger comes after its K loop (every weight and x load) and the cross-thread
+    reduction, before the epilogue's global store; the wait stays first."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench.quant_gemm import dequant_matmul
+    from schedules.quant_gemv import QuantGemv, QuantGemvConfig
+
+    func = QuantGemv(QuantGemvConfig(m_tiles=(1,), lanes=64, row_threads=1, rows_per_thread=2)).kernel(
+        dequant_matmul("q4_k", 4096, 64, "bfloat16", "residual", byte_perm=True))
+    body = _built_kernel(func.with_attr("global_symbol", "gemv"), "before_store", monkeypatch)
+    statements = _statements(body)
+    assert statements[0] == _WAIT and body.count(_TRIGGER) == 1
+    trigger = body.index(_TRIGGER)
+    loads = [m.start() for m in re.finditer(r"(w_q|x)_ptr \+|(w_q|x|w_sc|w_d)_ptr\[", body)]
+    stores = [m.start() for m in re.finditer(r"T_add_ptr\[[^\]]*\] =", body)]
+    assert loads and stores and max(loads) < trigger < min(stores)
+    assert body.rindex("__syncthreads()", 0, min(stores)) < trigger  # after the reduction too
+
+
+def test_every_trigger_has_a_pipeline():
+    assert {pdl_tir_pipeline(t) for t in TRIGGERS} == {f"kiln-pdl{'' if t == DEFAULT_TRIGGER else '-' + t}"
+                                                       for t in TRIGGERS}
+    assert all(tvm.tirx.get_tir_pipeline(pdl_tir_pipeline(t)) for t in TRIGGERS)
+    with pytest.raises(ValueError, match="before_store"):
+        pdl_tir_pipeline("middle")
