@@ -39,8 +39,10 @@ compile: $(VENV)/.kiln-base
 demo: $(VENV)/.kiln-base
 	$(PY) -m runtime.generate --w model_defs/stories260K --prompt "Once upon a time" --max 200
 
+## the suite on JOBS processes (pytest-xdist; whole files per worker: DEVELOPERS.md, "Running the tests")
+JOBS    ?= 2
 test: $(VENV)/.kiln-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile
 
 ## the GPU suite (tests/gpu): build its kernels and tiny models here (TVM + nvcc, no GPU needed) ...
 GPU_BUILD ?= .gpu/test-gpu

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -92,23 +94,34 @@ def compile_cpu(model: str | Path, out: Path, dtype: str = "float32", tp: int | 
                             cuda_arch=None, context=512, page_size=16, prefill_chunk=64, tp=tp)
 
 
-_TINY = {}  # (family, tp) → (HF folder, artifact), shared by the test modules of one session
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder `name`, filled by `build(folder)` once per run: under pytest-xdist the first worker to
+    ask builds it while holding a file lock and the others wait for it, so a model is compiled once, not
+    once per worker. Its users must not change it (copy it first). The folder is alone in its parent,
+    which a test may pass as a folder of artifacts (tests/test_cli.py)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: <run>/gw0, <run>/gw1
+    out, done = shared / f"{name}-built" / name, shared / f"{name}.built"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            build(out)
+            done.touch()
+    return out
 
 
 def tiny_artifact(family: str, tmp_path_factory, tp: int | None = None) -> tuple[Path, Path]:
-    """(HF folder, CPU fp32 artifact) of make_tiny_hf(family), compiled once per session (with --tp `tp`)."""
-    if (family, None) not in _TINY:
-        hf = make_tiny_hf(family, tmp_path_factory.mktemp(f"hf-{family}"))
-        _TINY[family, None] = hf, compile_cpu(hf, tmp_path_factory.mktemp(f"art-{family}"))
-    if (family, tp) not in _TINY:
-        hf = _TINY[family, None][0]
-        _TINY[family, tp] = hf, compile_cpu(hf, tmp_path_factory.mktemp(f"art-{family}-tp{tp}"), tp=tp)
-    return _TINY[family, tp]
+    """(HF folder, CPU fp32 artifact) of make_tiny_hf(family), compiled once per run (with --tp `tp`)."""
+    hf = built_once(tmp_path_factory, f"hf-{family}", lambda out: make_tiny_hf(family, out))
+    art = built_once(tmp_path_factory, f"art-{family}" + (f"-tp{tp}" if tp else ""),
+                     lambda out: compile_cpu(hf, out, tp=tp))
+    return hf, art
 
 
 @pytest.fixture(scope="session")
 def stories_artifact(tmp_path_factory) -> Path:
-    return compile_cpu(STORIES_HF, tmp_path_factory.mktemp("stories"))
+    return built_once(tmp_path_factory, "stories", lambda out: compile_cpu(STORIES_HF, out))
 
 
 @pytest.fixture(scope="session")

@@ -56,7 +56,15 @@ def set_path(manifest: dict, dotted: str, value) -> None:
         manifest[last] = value
 
 
-_DELETE = object()
+class _Deleted:
+    """The field is removed; its repr names the test case the same way in every process (pytest-xdist
+    requires its workers to collect the same test IDs; object()'s repr holds an address)."""
+
+    def __repr__(self) -> str:
+        return "<deleted>"
+
+
+_DELETE = _Deleted()
 CRAFTED = [  # (kiln.yaml field, value, words of the error)
     ("config.vocab_size", 100000, "vocab_size is 100000 but model.embed_tokens.weight has 512 rows"),
     ("config.vocab_size", 0, "vocab_size"),
