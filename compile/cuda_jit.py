@@ -47,7 +47,7 @@ def cached_fatbin(code: str, arch: str) -> bytes:
           file=sys.stderr, flush=True)
     binary = nvcc_fatbin(code, arch)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two processes filling the cache at once never share it
     tmp.write_bytes(binary)
     tmp.replace(path)
     return binary
