@@ -30,6 +30,7 @@ from __future__ import annotations
 import re
 
 import tvm
+import tvm_ffi
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -60,14 +61,9 @@ def pdl_tir_pipeline(trigger: str = DEFAULT_TRIGGER) -> str:
 
 def _stores_global(stmt: tirx.Stmt) -> bool:
     """Whether `stmt` holds a BufferStore to a global buffer (stores by intrinsic calls are not seen)."""
-    if isinstance(stmt, tirx.BufferStore):
-        return stmt.buffer.scope() == "global"
-    if isinstance(stmt, tirx.SeqStmt):
-        return any(_stores_global(s) for s in stmt.seq)
-    if isinstance(stmt, tirx.IfThenElse):
-        return _stores_global(stmt.then_case) or (stmt.else_case is not None and _stores_global(stmt.else_case))
-    body = getattr(stmt, "body", None)
-    return isinstance(body, tirx.Stmt) and _stores_global(body)
+    found = []
+    tvm_ffi.structural_walk(stmt, [(tirx.BufferStore, lambda s: found.append(s) if s.buffer.scope() == "global" else None)])
+    return bool(found)
 
 
 def _before_first_store(stmt: tirx.Stmt, trigger: tirx.Stmt) -> tirx.Stmt:
