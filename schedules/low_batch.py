@@ -38,8 +38,8 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
     (one contiguous 512-byte run per load instruction), `unroll` (UNROLL) steps unrolled so their loads are in
     flight together, partial sums in registers, one shuffle reduction at the end. In the 2-row bucket
     (decode at batch 1–2) with N ≤ ONE_COLUMN_N and K ≥ ONE_COLUMN_MIN_K, a warp takes 1 column and 2 × UNROLL
-    steps by default: the same 8 loads in flight per thread over twice the warps (H100: 3–10 points more of copy
-    bandwidth at M = 1–2 on Llama's QKV and O and Qwen3's gate/up, fewer at M = 4; bench/RESULTS.md). `warps` per block
+    steps by default: the same 8 loads in flight per thread over twice the warps (H100: 3–10 points more of
+    copy bandwidth at M = 1–2 on Llama's QKV and O and Qwen3's gate/up, fewer at M = 4; bench/RESULTS.md). `warps` per block
     (128 threads) keeps blocks small so that N = 1024–4096 still gives several per SM. What CUDA
     declines here (dequantizing prologues, K not a multiple of 32 × 16 bytes) goes to dlight's.
     """
@@ -86,8 +86,9 @@ def stream_over_k(sch, block, pad_input_block, batch_pad: int, warps: int, tile_
                   register_reads: dict, step_reads: dict | None = None, outputs: int = 1):
     """StreamingGEMV's loops on `block` (rows, columns, K; its row count padded to `batch_pad` by
     `pad_input_block`, None for one row, whose x is then one of `step_reads`): blocks of `batch_pad` rows ×
-    `warps` × `tile_s` columns, lanes striding K with `vec` elements a load, `unroll` steps a loop trip; per-lane partial sums (`outputs` of them: a tuple reduction
-    has several) in registers, reduced across lanes in `block`, which is left under the warp loop (returned).
+    `warps` × `tile_s` columns, lanes striding K with `vec` elements a load, `unroll` steps a loop trip;
+    per-lane partial sums (`outputs` of them: a tuple reduction has several) in registers, reduced across
+    lanes in `block`, which is left under the warp loop (returned).
 
     `register_reads` {read index: index map from the per-lane block's (lane, row, column, step, unrolled
     step, element)}: operands whose `unroll` steps are loaded into registers together at the top of a trip,
