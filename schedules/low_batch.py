@@ -39,9 +39,9 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
     flight together, partial sums in registers, one shuffle reduction at the end. In the 2-row bucket
     (decode at batch 1–2) with N ≤ ONE_COLUMN_N and K ≥ ONE_COLUMN_MIN_K, a warp takes 1 column and 2 × UNROLL
     steps by default: the same 8 loads in flight per thread over twice the warps (H100: 3–10 points more of
-    copy bandwidth at M = 1–2 on Llama's QKV and O and Qwen3's gate/up, fewer at M = 4; bench/RESULTS.md). `warps` per block
-    (128 threads) keeps blocks small so that N = 1024–4096 still gives several per SM. What CUDA
-    declines here (dequantizing prologues, K not a multiple of 32 × 16 bytes) goes to dlight's.
+    copy bandwidth at M = 1–2 on Llama's QKV and O and Qwen3's gate/up, fewer at M = 4; bench/RESULTS.md).
+    `warps` per block (128 threads) keeps blocks small so that N = 1024–4096 still gives several per SM. What
+    CUDA declines here (dequantizing prologues, K not a multiple of 32 × 16 bytes) goes to dlight's.
     """
 
     def __init__(self, bucket: int = 4, warps: int = 4, columns: int | None = None, unroll: int | None = None):
