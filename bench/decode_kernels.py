@@ -48,7 +48,7 @@ def decode_kernels(config: dict, target: str = "cuda", dtype: str = "bfloat16", 
     plan = None
     if quant:
         float_params = [(n, tuple(int(d) for d in p.shape)) for n, p in build_model(cfg, dtype, None).named_parameters()]
-        plan = plan_quantize(quant_type_of(quant), float_params)
+        plan = plan_quantize(quant_type_of(quant), float_params, cfg)
     mod, _ = export(cfg, dtype, tvm_target, 256, 1024, kv, plan.types if plan else None)
     passes = _passes(tvm_target, fuse_norms)
     up_to = next(i for i, p in enumerate(passes) if p.info.name == "ToNonDataflow")  # views rewritten, still call_tir

@@ -29,6 +29,9 @@ from schedules.quant_wide import AddWideFunctions  # noqa: E402
 from tests.test_low_batch import check_streaming_kernels  # noqa: E402
 
 EPS = 1e-6
+QUANT_VECTORS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "ggml-quant-vectors",
+                             "ggml-quant-vectors.gguf")
+QN, QK = 8, 512  # the vectors' weight shape
 
 
 def fused_func(k: int, n: int, dtype: str = "bfloat16", rows=None) -> tirx.PrimFunc:
@@ -107,3 +110,47 @@ def test_every_bucket_compiles_to_the_streaming_shape(tmp_path):
             name = f"norm_gemv_{k}_{n}_{bucket}"
             funcs[name] = norm_gemv(fused_func(k, n), bucket).with_attr("global_symbol", name)
     check_streaming_kernels(funcs, tmp_path)
+
+
+def _quant_weight(qtype: str):
+    """(Kiln's components, gguf's float64 dequantization) of ggml's own blocks of `qtype` (8 x 512)."""
+    import gguf
+
+    from compile.repack import repack
+    from formats.gguf import GGUFFile
+
+    f = GGUFFile(QUANT_VECTORS)
+    name = f"{qtype}.q"
+    ref = gguf.quants.dequantize(f.blocks(name), f.tensors[name][0]).reshape(QN, QK)
+    return repack(qtype, f.blocks(name), QK), ref.astype(np.float64)
+
+
+@pytest.mark.parametrize("qtype", ["q4_k", "q6_k", "q8_0", "q4_0"])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_quantized_fused_equals_norm_then_dequantize_matmul(qtype, rows):
+    """dequantize_matmul_te with `norm` (the PrimFunc FuseNormMatmul gives a packed weight) computes
+    rms_norm(x, γ) · gguf.quants.dequantize(W)ᵀ: against float64 numpy within fp32 accumulation (the normed x is
+    never rounded), with a dynamic row count as in `decode` (x [M, 1, K])."""
+    from formats.quant_values import dequantize_matmul_te
+    from model_defs.quant import component_shapes
+
+    comps, w64 = _quant_weight(qtype)
+    shapes = component_shapes(qtype, QN, QK)
+    m = tirx.Var("m", "int64")
+    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
+    cp = [te.placeholder(tuple(i64(d) for d in s), dt, c) for c, (s, dt) in shapes.items()]
+    xp = te.placeholder((m, i64(1), i64(QK)), "float32", name="x")
+    gp = te.placeholder((i64(QK),), "float32", name="gamma")
+    y = dequantize_matmul_te(qtype, xp, cp, norm=(gp, EPS))
+    lib = tvm.compile(te.create_prim_func([xp, gp, *cp, y]), target="llvm")
+    rng = np.random.default_rng(rows)
+    x = (rng.standard_normal((rows, 1, QK)) * 3).astype(np.float32)
+    g = (1 + 0.5 * rng.standard_normal(QK)).astype(np.float32)
+    out = tvm.runtime.empty((rows, 1, QN), "float32")
+    lib(tvm.runtime.tensor(x), tvm.runtime.tensor(g), *(tvm.runtime.tensor(comps[c]) for c in shapes), out)
+    x64 = x.reshape(rows, QK).astype(np.float64)
+    normed = x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + EPS) * g
+    want = normed @ w64.T
+    bound = QK * 2.0**-23 * (np.abs(normed) @ np.abs(w64).T)  # fp32 sums and products, rstd to a few ulp
+    err = np.abs(out.numpy().reshape(rows, QN).astype(np.float64) - want)
+    assert (err <= bound).all(), f"max error {err.max()}, bound {bound.min()}"
