@@ -23,12 +23,14 @@ Numerics: the unfused graph rounds the normed x to bf16 before the matmul; here 
 multiplies the fp32 sum, so the result is the exact expression rounded once (tests/test_norm_gemv.py
 bounds the difference against numpy float64). Σx² is accumulated in fp32 as the norm does.
 
-A quantized weight's GEMV (formats/quant_values.py's dequantize_matmul_te) can take the same prologue more
-cheaply: it already reduces per-row values over K apart from the weight (`group_sum` [rows, K/G], Σ_k x_k per
-scale group, computed once per M tile by QuantGemv). With x replaced by γ·x in `group_dot` and `group_sum`,
-Σx² is one more such per-row block ([rows, K/G], then summed over groups), and `NT_matmul`'s epilogue
-multiplies by rstd: no per-column repeat of the norm's arithmetic, unlike the tuple reduction here. Not done
-(bf16 and fp32 weights only; quant_gemv.py is issue 11's).
+A packed (quantized) weight's GEMV takes the same prologue more cheaply (`_fuse_norm_factored_matmuls`, after
+quant_fusion.py's FewRowFactoredMatmuls, whose factored call it rebuilds: the norm and the packed weight meet
+only there): formats/quant_values.py's dequantize_matmul_te with `norm` reads γ·x (fp32, made once a group per
+row of x, shared by the thread's output rows) where `group_dot` and `group_sum` read x, adds `group_square`
+(Σx² a group, beside `group_sum`), reduces (sum, Σx²) over groups as a pair (one add a group and output) and
+multiplies by rstd in `norm_rstd` before the cast; QuantGemv (quant_gemv.py) schedules it unchanged otherwise.
+Unlike the tuple reduction here, nothing of the norm is repeated per weight. It applies on CUDA and the CPU,
+not Metal; more than 8 rows run `decode_wide` (unfused) as for every quantized model.
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ static size. K must be whole chunks and N whole row tiles; anything else is decl
 other rules. `unroll` > 1 takes that many chunks per loop step, their code words loaded before the first
 is used.
 
+With the RMSNorm before it folded in (schedules/norm_gemv.py: blocks `norm_scaled`, `group_square`, NT_matmul a
+(sum, Σx²) pair, `norm_rstd`), x and γ are both loaded per group by 16-byte loads, γ·x and Σx² made there once
+for the thread's rows beside Σx, and both sums reduced across the lanes.
+
 The tile sizes depend on the shape (`tiling`, measured on an H100: bench/RESULTS.md, "Quantized GEMV: a tiling
 per shape"); `lanes` > 32 split a row's K over several warps, whose partial sums meet in the reduction.
 """

@@ -35,3 +35,16 @@ def test_decode_layer_kernels(model, fuse_norms):
         assert sum(k.startswith("qk_norm") for k in kernels) == 1, kernels
     norms = [k for k in kernels if "rms_norm" in k]
     assert len(norms) == 2 and all(k.startswith("rms_norm_matmul") == fuse_norms for k in norms), kernels
+
+
+@pytest.mark.parametrize("fuse_norms", [False, True])
+def test_quantized_decode_layer_kernels(fuse_norms):
+    """Llama-3.1-8B Q4_K_M (--quant q4_k_m): the same 11 kernels a layer, each quantized Linear one dequant-fused
+    GEMV; with `--fuse_norms` both RMSNorms ride in the QKV and gate/up GEMVs (schedules/norm_gemv.py): 9."""
+    _, config, _ = resolve("llama3")
+    kernels = layer_kernels(config, "cuda", quant="q4_k_m", fuse_norms=fuse_norms)
+    assert len(kernels) <= MOST["llama3"] - 2 * fuse_norms, kernels
+    gemvs = [k for k in kernels if "dequantize_q" in k and "NT_matmul" in k]
+    assert len(gemvs) == 4, kernels  # QKV, O, gate/up, down
+    assert sum(k.startswith("rms_norm") for k in kernels) == 2 * (not fuse_norms), kernels
+    assert sum(k.startswith("fused_rms_norm_dequantize_q") for k in gemvs) == 2 * fuse_norms, kernels

@@ -22,7 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from compile import targets  # noqa: E402
 from compile.presets import resolve  # noqa: E402
 from model_defs.config import ModelConfig  # noqa: E402
-from model_defs.spec import export  # noqa: E402
+from compile.quant_plan import plan_quantize, quant_type_of  # noqa: E402
+from model_defs.spec import build_model, export  # noqa: E402
+from schedules.quant_fusion import FewRowFactoredMatmuls  # noqa: E402
 from schedules.attention.choice import paged_kv_kernels  # noqa: E402
 from schedules.norm_gemv import BLOCK, ROW_BUCKETS, FuseNormMatmul, norm_gemv, rms_norm_matmul_te  # noqa: E402
 from schedules.quant_wide import AddWideFunctions  # noqa: E402
@@ -70,21 +72,53 @@ def test_fused_equals_norm_then_matmul(rows, k, n):
     assert err.max() <= np.abs(unfused - want).max()
 
 
-def _decode_passes(model: str, target: tvm.target.Target, hidden: int | None = None) -> tvm.IRModule:
+def _decode_passes(model: str, target: tvm.target.Target, hidden: int | None = None,
+                   quant: str | None = None) -> tvm.IRModule:
+    """`model`'s one-layer module after the passes up to FuseNormMatmul (`quant`: --quant's types, whose
+    matmuls FewRowFactoredMatmuls makes factored first)."""
     _, config, _ = resolve(model)
     config = {**config, "num_hidden_layers": 1, **({"hidden_size": hidden} if hidden else {})}
     cfg = ModelConfig.from_dict(config, "test")
     kv = paged_kv_kernels(target, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim, "bfloat16")
-    mod, _ = export(cfg, "bfloat16", target, 256, 1024, kv, None)
+    types = None
+    if quant:
+        params = [(n, tuple(int(d) for d in p.shape)) for n, p in build_model(cfg, "bfloat16", None).named_parameters()]
+        types = plan_quantize(quant_type_of(quant), params, cfg).types
+    mod, _ = export(cfg, "bfloat16", target, 256, 1024, kv, types)
     with target:
-        return tvm.transform.Sequential([AddWideFunctions(fuse_norms=True), FuseNormMatmul()])(mod)
+        return tvm.transform.Sequential([AddWideFunctions(fuse_norms=True), FewRowFactoredMatmuls(),
+                                         FuseNormMatmul()])(mod)
 
 
-def _fused_calls(func: relax.Function) -> int:
+def _fused_calls(func: relax.Function, prefix: str = BLOCK) -> int:
     calls = []
     relax.analysis.post_order_visit(func, lambda e: calls.append(e) if isinstance(e, relax.Call) and isinstance(
-        e.args[0] if e.args else None, relax.GlobalVar) and e.args[0].name_hint.startswith(BLOCK) else None)
+        e.args[0] if e.args else None, relax.GlobalVar) and e.args[0].name_hint.startswith(prefix) else None)
     return len(calls)
+
+
+def _norm_ops(func: relax.Function) -> int:
+    ops = []
+    relax.analysis.post_order_visit(func, lambda e: ops.append(e) if isinstance(e, relax.Call) and isinstance(
+        e.op, tvm.ir.Op) and e.op.name == "relax.nn.rms_norm" else None)
+    return len(ops)
+
+
+QUANT_FUSED = "rms_norm_dequantize_"  # FuseNormMatmul's PrimFunc for a packed weight
+
+
+@pytest.mark.parametrize("quant, fused", [("q4k", 2), ("q8_0", 2), ("q4_k_m", 4)])
+def test_pass_fuses_quantized_decode_on_cuda_and_cpu(quant, fused):
+    """A packed weight's factored matmul takes the norm before it: QKV and gate/up (Q4_K_M's one-layer Llama has
+    its v in Q6_K: q, k and v apart, each carrying the norm), so decode keeps only the final RMSNorm;
+    decode_wide and prefill keep theirs. On the CPU too (the tests run it there); Metal declines."""
+    for target in (targets.tvm_target("cuda", targets.DEFAULT_CUDA_ARCH), tvm.target.Target("llvm")):
+        mod = _decode_passes("llama3", target, quant=quant)
+        assert _fused_calls(mod["decode"], QUANT_FUSED) == fused and _norm_ops(mod["decode"]) == 1, target
+        assert _fused_calls(mod["decode_wide"], QUANT_FUSED) == 0 and _norm_ops(mod["decode_wide"]) == 3
+        assert _fused_calls(mod["prefill"], QUANT_FUSED) == 0
+    metal = _decode_passes("llama3", tvm.target.Target("apple/m2-gpu"), quant=quant)
+    assert _fused_calls(metal["decode"], QUANT_FUSED) == 0 and _norm_ops(metal["decode"]) == 3
 
 
 def test_pass_fuses_decode_only_on_cuda():
