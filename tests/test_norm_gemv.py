@@ -159,12 +159,14 @@ def _quant_weight(qtype: str):
     return repack(qtype, f.blocks(name), QK), ref.astype(np.float64)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("qtype", ["q4_k", "q6_k", "q8_0", "q4_0"])
 @pytest.mark.parametrize("rows", [1, 3, 8])
-def test_quantized_fused_equals_norm_then_dequantize_matmul(qtype, rows):
+def test_quantized_fused_equals_norm_then_dequantize_matmul(qtype, rows, dtype):
     """dequantize_matmul_te with `norm` (the PrimFunc FuseNormMatmul gives a packed weight) computes
     rms_norm(x, γ) · gguf.quants.dequantize(W)ᵀ: against float64 numpy within fp32 accumulation (the normed x is
-    never rounded), with a dynamic row count as in `decode` (x [M, 1, K])."""
+    never rounded), with a dynamic row count as in `decode` (x [M, 1, K]). bf16 x and γ too: unlike the bf16
+    weights' tuple reduction, LLVM computes this one right over bf16 loads (its tuple sums fp32 values only)."""
     from formats.quant_values import dequantize_matmul_te
     from model_defs.quant import component_shapes
 
@@ -173,17 +175,18 @@ def test_quantized_fused_equals_norm_then_dequantize_matmul(qtype, rows):
     m = tirx.Var("m", "int64")
     i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
     cp = [te.placeholder(tuple(i64(d) for d in s), dt, c) for c, (s, dt) in shapes.items()]
-    xp = te.placeholder((m, i64(1), i64(QK)), "float32", name="x")
-    gp = te.placeholder((i64(QK),), "float32", name="gamma")
+    xp = te.placeholder((m, i64(1), i64(QK)), dtype, name="x")
+    gp = te.placeholder((i64(QK),), dtype, name="gamma")
     y = dequantize_matmul_te(qtype, xp, cp, norm=(gp, EPS))
     lib = tvm.compile(te.create_prim_func([xp, gp, *cp, y]), target="llvm")
     rng = np.random.default_rng(rows)
-    x = (rng.standard_normal((rows, 1, QK)) * 3).astype(np.float32)
-    g = (1 + 0.5 * rng.standard_normal(QK)).astype(np.float32)
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    x = (rng.standard_normal((rows, 1, QK)) * 3).astype(np_dtype)
+    g = (1 + 0.5 * rng.standard_normal(QK)).astype(np_dtype)
     out = tvm.runtime.empty((rows, 1, QN), "float32")
     lib(tvm.runtime.tensor(x), tvm.runtime.tensor(g), *(tvm.runtime.tensor(comps[c]) for c in shapes), out)
     x64 = x.reshape(rows, QK).astype(np.float64)
-    normed = x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + EPS) * g
+    normed = x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + EPS) * g.astype(np.float64)
     want = normed @ w64.T
     bound = QK * 2.0**-23 * (np.abs(normed) @ np.abs(w64).T)  # fp32 sums and products, rstd to a few ulp
     err = np.abs(out.numpy().reshape(rows, QN).astype(np.float64) - want)
