@@ -21,7 +21,8 @@ DTYPE = "bfloat16"
 DECODE_SHAPES = [(b, c) for b in (1, 16, 64) for c in (1024, 8192, 32768)]
 PREFILL_LENS = (1024, 4096, 16384)
 PAGED_TIMING = (1024, 15360)  # (new tokens, cached tokens) of the timed paged prefill
-DECODE_KERNELS = ("kiln_decode_paged_kv", "kiln_decode_paged_kv_v3", "kiln_decode_paged_kv_s5", "tvm_decode")
+DECODE_KERNELS = ("kiln_decode_paged_kv", "kiln_decode_paged_kv_v3", "kiln_decode_paged_kv_s5", "kiln_decode_paged_kv_m8",
+                  "kiln_decode_paged_kv_m32", "tvm_decode")
 METAL_DECODE = "kiln_metal_decode_paged_kv"  # Metal-form kernels, compiled for CUDA: checked, timed for reference
 
 
@@ -229,7 +230,9 @@ class Bench:
         del pages, calls
         return ok, (ms, ms_stream)
 
-    DECODE_CHECKS = ([1, 17, 300, 4111], [5000], [16, 15, 33], [0, 40, 0], [8192] * 2, [3000] * 16)
+    # the last three, at 8 KV heads: 3 sequences of 11 splits; 1, 2, 3 and 6 splits in one batch; 64 of one split
+    DECODE_CHECKS = ([1, 17, 300, 4111], [5000], [16, 15, 33], [0, 40, 0], [8192] * 2, [3000] * 16, [9000] * 3,
+                     [700, 64, 65, 129, 700], [100] * 64)
 
     def run_decode(self, bw):
         for lens in self.DECODE_CHECKS:
