@@ -92,6 +92,7 @@ class Bench:
         self.dev = torch.device("cuda")
         self.flush_buf = torch.empty(512 << 20, dtype=torch.int8, device=self.dev)
         self.rows, self.checks = [], []
+        self.decode_kernels = DECODE_KERNELS
         self.gen = torch.Generator(device=self.dev).manual_seed(0)
 
     def tv(self, t):
@@ -236,11 +237,11 @@ class Bench:
 
     def run_decode(self, bw):
         for lens in self.DECODE_CHECKS:
-            for fname in [n for n in DECODE_KERNELS[:-1] if self.has(n)]:
+            for fname in [n for n in self.decode_kernels if n != "tvm_decode" and self.has(n)]:
                 self.decode_case(fname, lens, check_only=True)
         for b, c in DECODE_SHAPES:
             nbytes = b * c * self.h_kv * self.d * 2 * 2
-            for fname in [n for n in DECODE_KERNELS if self.has(n)]:
+            for fname in [n for n in self.decode_kernels if self.has(n)]:
                 if fname == "tvm_decode" and (b, c) not in ((1, 8192), (16, 8192)):
                     continue  # the baseline: two points are enough to compare
                 ok, (ms, ms_s) = self.decode_case(fname, [c] * b, iters=10 if b * c >= 64 * 8192 else 20)
@@ -377,12 +378,15 @@ class Bench:
         return (ok, self.time_ms(call, iters)) if iters else ok
 
 
-def run(lib, out_dir, what):
+def run(lib, out_dir, what, kernels=None):
+    """`kernels`: comma-separated decode kernels to check and time (default: every one in DECODE_KERNELS)."""
     import torch
 
     with open(os.path.join(os.path.dirname(lib), "kernels.json")) as f:
         built = json.load(f)
     bench = Bench(_load(lib), out_dir, built)
+    if kernels:
+        bench.decode_kernels = tuple(kernels.split(","))
     name = torch.cuda.get_device_name()
     bw = bench.copy_bandwidth()
     print(f"device {name}; copy bandwidth {bw:.0f} GB/s", flush=True)
@@ -507,6 +511,7 @@ if __name__ == "__main__":
     r.add_argument("--lib", required=True)
     r.add_argument("--out", default=os.environ.get("OUT", "."))
     r.add_argument("--what", default="decode,prefill,metal")
+    r.add_argument("--kernels", default=None, help="comma-separated decode kernels to check and time (default: all)")
     eb = sub.add_parser("e2e-build")
     eb.add_argument("--out", default=".gpu/attn/e2e")
     er = sub.add_parser("e2e-run")
@@ -516,7 +521,7 @@ if __name__ == "__main__":
     if a.cmd == "build":
         build(a.out, a.only)
     elif a.cmd == "run":
-        run(a.lib, a.out, a.what)
+        run(a.lib, a.out, a.what, a.kernels)
     elif a.cmd == "e2e-build":
         e2e_build(a.out)
     else:

@@ -3,10 +3,12 @@
 Why: TVM's fallback decode kernel runs one thread block per (sequence, KV head), so at batch 1 it
 occupies 8 of 132 SMs and reaches ~1% of HBM bandwidth. Here each sequence's pages are split over
 ``num_splits`` blocks (chosen from the batch size so that batch x KV heads x splits fills one wave of
-resident blocks), each block writes a partial softmax state (o, lse) and a second kernel in the same
-PrimFunc merges the states. Each block reads its KV head once for the whole GQA group, on CUDA by
+resident blocks), each block writes a partial softmax state (o, lse), and on CUDA the last of a
+(sequence, KV head)'s split blocks to finish merges them (an atomic arrival counter, as split-K "fixup"
+GEMMs do): one kernel a call. Each block reads its KV head once for the whole GQA group, on CUDA by
 16-byte cp.async copies in a 4-stage pipeline (docs/attention.md has the measurements). The Metal
-form is the same algorithm in plain TIR: loads straight to registers, SIMD shuffles by lane.
+form is the same algorithm in plain TIR (loads straight to registers, SIMD shuffles by lane) with the
+merge as a second kernel in the same PrimFunc.
 
 Calling convention = TVM's ``TIRPagedDecodeFunc`` (runtime/vm/attn_backend.h):
 ``(q, pages, page_indptr, page_values, length_info, k_rope_pos_offset, q_rope_position,
@@ -67,7 +69,7 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
     PAGES_PER_TILE = ROWS // ROWS_PER_PAGE
     NTHREADS = ROWS * LANES
     EPT = (G * D + NTHREADS - 1) // NTHREADS  # outputs each thread finalizes
-    MVEC = 4  # dims per thread in the split-merge kernel
+    MVEC = 4  # dims per thread in the Metal form's split-merge kernel
     MCOLS = (G * D // 4 + NTHREADS - 1) // NTHREADS  # CUDA merge: float4 columns per thread
     # a sequence has more than one split only while B x H_kv <= resident_blocks / 2: its arrival slot exists
     assert resident_blocks // 2 <= SPLIT_ARRIVAL_SLOTS, resident_blocks
