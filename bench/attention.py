@@ -3,6 +3,8 @@
 Two steps, because the GPU machine has no TVM compiler:
   python bench/attention.py build --out .gpu/attn          # here: kernels -> kernels.so (CUDA source)
   python attention.py run --lib .gpu/attn/kernels.so --out $OUT   # GPU: nvcc at load, check, time
+  (run --what decode --kernels A,B: only those decode kernels; a library built from another commit
+  runs under this script too, e.g. main's kernel against a branch's in one call)
 
 One Llama-3.1-8B attention layer: 32 query heads, 8 KV heads, head_dim 128, bf16, page size 16.
 Decode is timed against the measured device-to-device copy bandwidth (bytes of K and V read),
