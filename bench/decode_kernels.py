@@ -31,7 +31,7 @@ from model_defs.spec import build_model, export  # noqa: E402
 from schedules.attention.choice import paged_kv_kernels  # noqa: E402
 from schedules.pipeline import _passes  # noqa: E402
 
-SCHEDULING = ("KilnScheduleNormGEMV", "KilnLowBatchDispatch", "ApplyDefaultSchedule")  # schedule PrimFuncs, never change the calls: skipped
+SCHEDULING = ("KilnScheduleNormGEMV", "KilnScheduleSwiGLUGEMV", "KilnLowBatchDispatch", "ApplyDefaultSchedule")  # schedule PrimFuncs, never change the calls: skipped
 ATTENTION_CALL = "vm.builtin.attention_kv_cache_attention_with_fused_qkv"
 # What paged_kv_cache.cc launches for one decode attention call (Kiln's split-KV decode is two kernels)
 ATTENTION_KERNELS = ("rope (tir_split_rotary)", "kv append (kv_cache_transpose_append)",
@@ -48,7 +48,7 @@ def decode_kernels(config: dict, target: str = "cuda", dtype: str = "bfloat16", 
     plan = None
     if quant:
         float_params = [(n, tuple(int(d) for d in p.shape)) for n, p in build_model(cfg, dtype, None).named_parameters()]
-        plan = plan_quantize(quant_type_of(quant), float_params)
+        plan = plan_quantize(quant_type_of(quant), float_params, cfg)
     mod, _ = export(cfg, dtype, tvm_target, 256, 1024, kv, plan.types if plan else None)
     passes = _passes(tvm_target, fuse_norms)
     up_to = next(i for i, p in enumerate(passes) if p.info.name == "ToNonDataflow")  # views rewritten, still call_tir

@@ -119,6 +119,17 @@ def parts(qtype: str, c: dict, n, k, byte_perm: bool = False):
     raise ValueError(qtype)
 
 
+class _OneOfStack:
+    """A component of one matrix of a stack (components [S, N, ...]): `[n, j]` reads `[*which, n, j]`, so that
+    `parts` indexes it as an [N, ...] component."""
+
+    def __init__(self, tensor: te.Tensor, which: tuple):
+        self.tensor, self.which = tensor, which
+
+    def __getitem__(self, index: tuple):
+        return self.tensor[(*self.which, *index)]
+
+
 def dequantize_matmul_te(qtype: str, x: te.Tensor, components: list[te.Tensor], byte_perm: bool = False) -> te.Tensor:
     """x · dequantize(W)ᵀ in fp32 ([..., K] x [N, K] -> [..., N]), the group scale factored out of the
     inner sum: per group g of GROUP[qtype] elements Σ_k (a·q_k − b)·x_k = a·Σ_k q_k·x_k − b·Σ_k x_k, with
@@ -128,25 +139,35 @@ def dequantize_matmul_te(qtype: str, x: te.Tensor, components: list[te.Tensor], 
     Blocks (named for the rules): `dequantize_<qtype>_codes` [N, K] (the codes as floats), `group_scale`
     and `group_min` [N, K/G], `group_dot` [..., N, K/G] and `group_sum` [..., K/G] (reductions over a
     group), then `NT_matmul` [..., N] (the reduction over groups, its reads all plain iterators, so that a
-    schedule can pad its row count)."""
-    c = dict(zip(_names(qtype), components))
-    rows, cols = components[0].shape[0], x.shape[-1]
+    schedule can pad its row count). Components with one more leading axis, [S, N, ...] (S matrices one
+    after the other viewed apart: gate and up as [2, I, ...], schedules/swiglu_gemv.py), give every weight
+    block that axis before N and `NT_matmul` [..., S, N]."""
+    stack = tuple(components[0].shape[:-2])  # () or (S,)
+    rows, cols = components[0].shape[-2], x.shape[-1]
+    lead = len(x.shape) - 1  # x's row axes
+
+    def c(which):
+        return {name: _OneOfStack(t, tuple(which)) for name, t in zip(_names(qtype), components)}
+
     group = GROUP[qtype]
     index = lambda v: tirx.IntImm(str(x.shape[-1].ty), v)  # noqa: E731  (x's index type: int64 from Relax)
     ngroups = cols // group
-    codes = te.compute((rows, cols), lambda n, k: parts(qtype, c, n, k, byte_perm)[1], name=f"dequantize_{qtype}_codes")
-    scale = te.compute((rows, ngroups), lambda n, g: parts(qtype, c, n, g * group, byte_perm)[0], name="group_scale")
+    codes = te.compute((*stack, rows, cols), lambda *w: parts(qtype, c(w[:-2]), w[-2], w[-1], byte_perm)[1],
+                       name=f"dequantize_{qtype}_codes")
+    scale = te.compute((*stack, rows, ngroups), lambda *w: parts(qtype, c(w[:-2]), w[-2], w[-1] * group, byte_perm)[0],
+                       name="group_scale")
     t = te.reduce_axis((index(0), index(group)), "t")
-    dot = te.compute((*x.shape[:-1], rows, ngroups), lambda *i: te.sum(
-        x[(*i[:-2], i[-1] * group + t)].astype("float32") * codes[i[-2], i[-1] * group + t], axis=t),
+    dot = te.compute((*x.shape[:-1], *stack, rows, ngroups), lambda *i: te.sum(
+        x[(*i[:lead], i[-1] * group + t)].astype("float32") * codes[(*i[lead:-1], i[-1] * group + t)], axis=t),
         name="group_dot")
     g = te.reduce_axis((index(0), ngroups), "g")
     if qtype not in WITH_MIN:
-        return te.compute((*x.shape[:-1], rows), lambda *i: te.sum(
-            scale[i[-1], g] * dot[(*i, g)], axis=g), name="NT_matmul")
-    low = te.compute((rows, ngroups), lambda n, g: parts(qtype, c, n, g * group, byte_perm)[2], name="group_min")
+        return te.compute((*x.shape[:-1], *stack, rows), lambda *i: te.sum(
+            scale[(*i[lead:], g)] * dot[(*i, g)], axis=g), name="NT_matmul")
+    low = te.compute((*stack, rows, ngroups), lambda *w: parts(qtype, c(w[:-2]), w[-2], w[-1] * group, byte_perm)[2],
+                     name="group_min")
     s = te.reduce_axis((index(0), index(group)), "s")
     xsum = te.compute((*x.shape[:-1], ngroups), lambda *i: te.sum(
         x[(*i[:-1], i[-1] * group + s)].astype("float32"), axis=s), name="group_sum")
-    return te.compute((*x.shape[:-1], rows), lambda *i: te.sum(
-        scale[i[-1], g] * dot[(*i, g)] - low[i[-1], g] * xsum[(*i[:-1], g)], axis=g), name="NT_matmul")
+    return te.compute((*x.shape[:-1], *stack, rows), lambda *i: te.sum(
+        scale[(*i[lead:], g)] * dot[(*i, g)] - low[(*i[lead:], g)] * xsum[(*i[:lead], g)], axis=g), name="NT_matmul")

@@ -117,8 +117,8 @@ def stream_over_k(sch, block, pad_input_block, batch_pad: int, warps: int, tile_
         sch.set_scope(partial, i, "local")
     sch.unroll(u)
     sch.reverse_compute_at(block, ty, preserve_unit_loops=True)
-    lane, bi, ts = sch.get_loops(block)[-3:]
-    sch.reorder(bi, ts, lane)
+    lane, *spatial = sch.get_loops(block)[-len(sch.get(block).iter_vars):]  # the lanes, rows, columns (maybe 2-D)
+    sch.reorder(*spatial, lane)
     sch.bind(lane, "threadIdx.x")
     return ty
 

@@ -16,11 +16,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.decode_kernels import ATTENTION_KERNELS, layer_kernels  # noqa: E402
 from compile.presets import resolve  # noqa: E402
+from schedules.swiglu_gemv import BLOCK as SWIGLU_BLOCK  # noqa: E402
 
 # the layer: QKV GEMV (+ for Qwen3 one q/k-norm kernel), the attention call's four kernels, O + residual,
-# RMSNorm, gate/up GEMV, silu(gate)·up, down + residual, the next layer's RMSNorm; with `--fuse_norms`
-# (schedules/norm_gemv.py) each RMSNorm is folded into the GEMV after it: two fewer
-MOST = {"qwen3": 12, "llama3": 11}
+# RMSNorm, gate/up GEMV with silu(gate)·up in its epilogue (schedules/swiglu_gemv.py), down + residual, the
+# next layer's RMSNorm; with `--fuse_norms` (schedules/norm_gemv.py) the RMSNorm before QKV is folded into
+# it: one fewer (the one before gate/up stays: that GEMV carries the SwiGLU instead)
+MOST = {"qwen3": 11, "llama3": 10}
 
 
 @pytest.mark.parametrize("fuse_norms", [False, True])
@@ -28,10 +30,20 @@ MOST = {"qwen3": 12, "llama3": 11}
 def test_decode_layer_kernels(model, fuse_norms):
     _, config, _ = resolve(model)
     kernels = layer_kernels(config, "cuda", fuse_norms=fuse_norms)
-    assert len(kernels) <= MOST[model] - 2 * fuse_norms, kernels
+    assert len(kernels) <= MOST[model] - fuse_norms, kernels
     assert kernels.count(ATTENTION_KERNELS[0]) == 1, kernels  # exactly one layer counted
-    assert not any(k.startswith(("split", "fused_concatenate")) for k in kernels), kernels
+    assert not any(k.startswith(("split", "fused_split", "fused_concatenate")) for k in kernels), kernels
+    assert sum(k.startswith(SWIGLU_BLOCK) for k in kernels) == 1, kernels
     if model == "qwen3":  # q_norm and k_norm: one kernel over the fused QKV, no split / concat around it
         assert sum(k.startswith("qk_norm") for k in kernels) == 1, kernels
     norms = [k for k in kernels if "rms_norm" in k]
-    assert len(norms) == 2 and all(k.startswith("rms_norm_matmul") == fuse_norms for k in norms), kernels
+    assert len(norms) == 2 and sum(k.startswith("rms_norm_matmul") for k in norms) == fuse_norms, kernels
+
+
+def test_quantized_decode_layer_kernels():
+    """Llama-3.1-8B in a Q4_K_M-like mix: the same layer, the gate/up GEMV dequantizing and carrying silu·up."""
+    _, config, _ = resolve("llama3")
+    kernels = layer_kernels(config, "cuda", quant="q4_k_m")
+    assert len(kernels) <= MOST["llama3"], kernels
+    assert not any(k.startswith(("split", "fused_split")) for k in kernels), kernels
+    assert sum(k.endswith("_silu_multiply") and k.startswith("dequantize_") for k in kernels) == 1, kernels
