@@ -37,7 +37,15 @@ from tvm.relax.dpl.pattern import is_op, is_tuple_get_item, wildcard
 from formats.quant_layout import STORED_FLOATS
 from formats.quant_values import dequantize_matmul_te
 
-from .low_batch import LIMITS_AND_BUCKETS, LOAD_BYTES, WARP, branch_on_rows, gemv_tiling, single_dynamic_dim, stream_over_k
+from .low_batch import (
+    LIMITS_AND_BUCKETS,
+    LOAD_BYTES,
+    WARP,
+    branch_on_rows,
+    gemv_tiling,
+    single_dynamic_dim,
+    stream_over_k,
+)
 
 FUSED_FUNCTIONS = ("decode",)  # prefill (many rows) keeps the GEMM and the silu·mul kernel
 BLOCK = "swiglu_matmul"  # the bf16 reduction block [rows, 2, I] the schedule looks for
@@ -110,7 +118,6 @@ def fuse_swiglu(func: relax.Function, builder: relax.BlockBuilder, mod: IRModule
                 or [int(a) for a in axes or [1, 0]] != [1, 0] or target is None or target.kind.name != "cuda"):
             return call
         k, size = x_shape[-1], call.ty.shape.values[-1]
-        xp = te.placeholder(x_shape, x.ty.dtype, name="x")
         value = bound.get(w)
         if isinstance(value, relax.Call) and value.op.name == "relax.astype":
             value = bound.get(value.args[0], value.args[0])
@@ -133,6 +140,7 @@ def fuse_swiglu(func: relax.Function, builder: relax.BlockBuilder, mod: IRModule
         if qtype in STORED_FLOATS:
             return call
         components = list(value.args[1].fields)
+        xp = te.placeholder(x_shape, x.ty.dtype, name="x")
         views = [te.placeholder((HALVES, size, *list(c.ty.shape.values)[1:]), c.ty.dtype, name=f"w{j}")
                  for j, c in enumerate(components)]
         out = silu_multiply_te(dequantize_matmul_te(qtype, xp, views, byte_perm=True), out_dtype)
@@ -177,13 +185,12 @@ def swiglu_gemv(func: tirx.PrimFunc, bucket: int) -> tirx.PrimFunc | None:
         return None
     sch = s_tir.Schedule(func)
     block, epilogue = sch.get_sblock(BLOCK), sch.get_sblock(EPILOGUE)
-    _, halves, cols, red = sch.get_loops(block)
+    _, _, cols, red = sch.get_loops(block)
     size, k = int(sch.get(cols).extent), int(sch.get(red).extent)
     vec = LOAD_BYTES * 8 // tvm.DataType(sch.get(block).reads[1].source.dtype).bits
     unroll, tile_s = gemv_tiling(2 * size, k, bucket, WARPS, vec, columns=2)
     sch.pad_einsum(block, [bucket, 1, 1, 1])  # x read as zero past the real rows: no predicate in the K loop
-    for name in (f"{BLOCK}_pad",):
-        sch.compute_inline(sch.get_sblock(name))
+    sch.compute_inline(sch.get_sblock(f"{BLOCK}_pad"))  # the unpadding copy: the epilogue reads the padded sums
     rows, halves, cols, red = sch.get_loops(block)
     sch.reorder(rows, cols, halves, red)
     sch.fuse(cols, halves)

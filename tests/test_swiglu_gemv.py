@@ -37,7 +37,14 @@ from schedules.attention.choice import paged_kv_kernels  # noqa: E402
 from schedules.low_batch import LIMITS_AND_BUCKETS  # noqa: E402
 from schedules.quant_gemv import QuantGemv  # noqa: E402
 from schedules.quant_wide import AddWideFunctions  # noqa: E402
-from schedules.swiglu_gemv import BLOCK, EPILOGUE, FuseSwiGLU, silu_multiply_te, swiglu_gemv, swiglu_matmul_te  # noqa: E402
+from schedules.swiglu_gemv import (  # noqa: E402
+    BLOCK,
+    EPILOGUE,
+    FuseSwiGLU,
+    silu_multiply_te,
+    swiglu_gemv,
+    swiglu_matmul_te,
+)
 from tests.test_low_batch import H100, check_streaming_kernels, kernel_source  # noqa: E402
 
 VECTORS = DATA / "ggml-quant-vectors" / "ggml-quant-vectors.gguf"  # 8 × 512 a type: gate rows 0-3, up 4-7
