@@ -28,15 +28,17 @@ QTYPES = ["q4_k", "q6_k", "q8_0"]
 GEMV_MS = [1, 2, 4, 8]
 GEMM_MS = [128, 512, 2048]
 CHECK_MS = [1, 3, 8, 33]  # checked before any timing: each branch of the M chain, rows past a tile
+NORM_EPS = 1e-5  # the norm-carrying variants' RMSNorm epsilon (Llama-3.1-8B's)
 
 
 def dequant_matmul(qtype: str, k: int, n: int, dtype: str = "bfloat16", epilogue: str = "cast",
-                   byte_perm: bool = False):
+                   byte_perm: bool = False, norm: bool = False):
     """The PrimFunc a quantized Linear becomes in decode: y = x · Wᵀ accumulated in fp32 over a dynamic row
     count with the group scales factored out (formats/quant_values.py's dequantize_matmul_te, as
     schedules/quant_fusion.py makes it; `byte_perm` as it does for CUDA), then the epilogue: "cast"
     (y.astype(dtype)), "residual" (r + cast, 3-D x), "cast_residual" (the decode model's own form of it:
-    x [M, 1, K], the cast a block of its own before the add) or "logits" (fp32 out)."""
+    x [M, 1, K], the cast a block of its own before the add) or "logits" (fp32 out). `norm` ("cast" and
+    "logits"): rms_norm(x, γ) · Wᵀ, the RMSNorm carried by the GEMV (schedules/norm_gemv.py), γ after x."""
     from tvm import te, tirx
 
     from formats.quant_values import dequantize_matmul_te
@@ -61,11 +63,12 @@ def dequant_matmul(qtype: str, k: int, n: int, dtype: str = "bfloat16", epilogue
         y = te.compute((rows, i64(1), i64(n)), lambda i, o, j: res[i, o, j] + cast[i, o, j], name="T_add")
         return te.create_prim_func([x, *comps, res, y])
     x = te.placeholder((rows, i64(k)), dtype, name="x")
-    acc = dequantize_matmul_te(qtype, x, comps, byte_perm)
+    gamma = [te.placeholder((i64(k),), dtype, name="gamma")] if norm else []
+    acc = dequantize_matmul_te(qtype, x, comps, byte_perm, (gamma[0], NORM_EPS) if norm else None)
     if epilogue == "logits":
-        return te.create_prim_func([x, *comps, acc])
+        return te.create_prim_func([x, *gamma, *comps, acc])
     y = te.compute((rows, i64(n)), lambda i, j: acc[i, j].astype(dtype), name="compute")
-    return te.create_prim_func([x, *comps, y])
+    return te.create_prim_func([x, *gamma, *comps, y])
 
 
 def dequantize_func(qtype: str, k: int, n: int, dtype: str = "bfloat16"):
@@ -134,8 +137,11 @@ def build(out: str, variants: dict, gemv_only: bool = False, nvcc: bool = True, 
             if not gemv_only:
                 funcs[f"deq_{qtype}_k{k}_n{n}"] = QuantDequantize().kernel(dequantize_func(qtype, k, n))
             for name, cfg in variants.items():
-                f = QuantGemv(QuantGemvConfig(**cfg) if cfg else None).kernel(
-                    dequant_matmul(qtype, k, n, "bfloat16", epilogue, byte_perm=True))
+                tiling = {f: v for f, v in cfg.items() if f != "norm"}
+                if cfg.get("norm") and epilogue != "cast":
+                    continue  # an RMSNorm feeds QKV, its parts and gate/up only
+                f = QuantGemv(QuantGemvConfig(**tiling) if tiling else None).kernel(
+                    dequant_matmul(qtype, k, n, "bfloat16", epilogue, byte_perm=True, norm=bool(cfg.get("norm"))))
                 assert f is not None, (name, qtype, k, n)
                 funcs[f"{name}_{qtype}_k{k}_n{n}"] = f
     export_kernels(funcs, out, {"variants": variants, "gemv_only": gemv_only, "weight_dtype": "float32"}, nvcc,
@@ -220,13 +226,22 @@ def _as_dtype(w, dtype: str):
     return w.to(getattr(torch, dtype)).float()
 
 
-def _gemv_check(f, epilogue: str, x, args: list, w_model, n: int):
+def _gemv_check(f, epilogue: str, x, args: list, w_model, n: int, gamma=None):
     """One call of GEMV `f` on a NaN-poisoned output against torch: (y, args_of, rel.err, ok), where
-    `args_of(x, args, y)` is the call's TVM argument list (torch tensors converted)."""
+    `args_of(x, args, y)` is the call's TVM argument list (torch tensors converted). With `gamma` (a
+    norm-carrying variant, "cast" epilogue) the reference is rms_norm(x, γ) in fp32 times Wᵀ, γ passed after x."""
     import torch
     import tvm
 
     dl, dev, m = tvm.runtime.from_dlpack, x.device, x.shape[0]
+    if gamma is not None:
+        xf = x.float()
+        ref = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + NORM_EPS) * gamma.float()) @ w_model.T
+        y = torch.full((m, n), float("nan"), device=dev, dtype=torch.bfloat16)
+        args_of = lambda xx, a, yy, g=gamma: [dl(xx), dl(g), *a, dl(yy)]  # noqa: E731
+        f(*args_of(x, args, y))
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        return y, args_of, err, bool(math.isfinite(err) and err <= 1e-2)
     ref = x.float() @ w_model.T
     if epilogue == "logits":
         y = torch.full((m, n), float("nan"), device=dev)
@@ -264,6 +279,7 @@ def run(out: str, results: str | None, command: str, models: str = "", ms: tuple
     from bench.gemm import _time_ms, write_results
 
     lib, meta = _load(out)
+    norms = {v for v, cfg in meta["variants"].items() if cfg.get("norm")}  # variants that carry an RMSNorm
     meta["variants"] = [v for v in meta["variants"] if not variants or v in variants]  # those asked for
     dl = tvm.runtime.from_dlpack
     dev = torch.device("cuda")
@@ -288,10 +304,14 @@ def run(out: str, results: str | None, command: str, models: str = "", ms: tuple
             comps = random_components(qtype, n, k, gen)
             w_model = _as_dtype(torch_dequantize(qtype, comps, n, k), weight_dtype)
             args = _tvm_args(comps)
+            gamma = (1 + 0.2 * torch.randn(k, device=dev, generator=gen)).to(torch.bfloat16)
             for variant in meta["variants"]:
+                if f"{variant}_{qtype}_k{k}_n{n}" not in meta["kernels"]:
+                    continue  # a norm variant at a shape no norm feeds
                 for m in CHECK_MS:
                     x = torch.randn(m, k, device=dev).to(torch.bfloat16)
-                    *_, err, ok = _gemv_check(lib[f"{variant}_{qtype}_k{k}_n{n}"], epilogue, x, args, w_model, n)
+                    *_, err, ok = _gemv_check(lib[f"{variant}_{qtype}_k{k}_n{n}"], epilogue, x, args, w_model, n,
+                                              gamma if variant in norms else None)
                     failed += not ok
                     log.append(f"check {variant} {qtype} {k}->{n} M={m} relerr={err:.1e} ok={ok}")
                     print(log[-1], flush=True)
@@ -310,11 +330,15 @@ def run(out: str, results: str | None, command: str, models: str = "", ms: tuple
             nsets = max(2, min(16, math.ceil(3 * l2 / per_set)))
             sets = [comps] + [random_components(qtype, n, k, gen) for _ in range(nsets - 1)]
             set_args = [_tvm_args(s) for s in sets]
+            gamma = (1 + 0.2 * torch.randn(k, device=dev, generator=gen)).to(torch.bfloat16)
             for variant in meta["variants"]:
+                if f"{variant}_{qtype}_k{k}_n{n}" not in meta["kernels"]:
+                    continue
                 f = lib[f"{variant}_{qtype}_k{k}_n{n}"]
                 for m in ms:
                     x = torch.randn(m, k, device=dev).to(torch.bfloat16)
-                    y, args_of, err, ok = _gemv_check(f, epilogue, x, args, w_model, n)
+                    y, args_of, err, ok = _gemv_check(f, epilogue, x, args, w_model, n,
+                                                      gamma if variant in norms else None)
                     xs = [torch.randn(m, k, device=dev).to(torch.bfloat16) for _ in range(nsets)]
                     ys = [torch.empty_like(y) for _ in range(nsets)]
                     calls = [args_of(*a) for a in zip(xs, set_args, ys)]  # converted once, outside the timing
@@ -455,6 +479,7 @@ VARIANTS = {  # name -> QuantGemvConfig fields (none: the per-shape rule, QuantG
     "gemv_r4": {"rows_per_thread": 4},  # 4 rows a thread share x and Σx
     "gemv_r4u2_m1": {"rows_per_thread": 4, "unroll": 2, "m_tiles": (1,)},
     "gemv_l64_m1": {"lanes": 64, "m_tiles": (1,)},  # split-K over two warps: twice the loads in flight
+    "gemv_norm": {"norm": True},  # the per-shape rule carrying the RMSNorm before it (QKV, gate/up): --fuse_norms
 }
 # The tiling sweep: one M tile's kernel alone (every M runs it), lanes × row threads × rows a thread × unroll,
 # named l<lanes>t<row_threads>r<rows_per_thread>u<unroll>_m<tile>

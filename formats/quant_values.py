@@ -130,7 +130,8 @@ class _OneOfStack:
         return self.tensor[(*self.which, *index)]
 
 
-def dequantize_matmul_te(qtype: str, x: te.Tensor, components: list[te.Tensor], byte_perm: bool = False) -> te.Tensor:
+def dequantize_matmul_te(qtype: str, x: te.Tensor, components: list[te.Tensor], byte_perm: bool = False,
+                         norm: tuple[te.Tensor, float] | None = None) -> te.Tensor:
     """x · dequantize(W)ᵀ in fp32 ([..., K] x [N, K] -> [..., N]), the group scale factored out of the
     inner sum: per group g of GROUP[qtype] elements Σ_k (a·q_k − b)·x_k = a·Σ_k q_k·x_k − b·Σ_k x_k, with
     Σ_k x_k shared by every row of W. A GEMV then does per weight only the code's int→float and one FMA
@@ -141,7 +142,12 @@ def dequantize_matmul_te(qtype: str, x: te.Tensor, components: list[te.Tensor], 
     group), then `NT_matmul` [..., N] (the reduction over groups, its reads all plain iterators, so that a
     schedule can pad its row count). Components with one more leading axis, [S, N, ...] (S matrices one
     after the other viewed apart: gate and up as [2, I, ...], schedules/swiglu_gemv.py), give every weight
-    block that axis before N and `NT_matmul` [..., S, N]."""
+    block that axis before N and `NT_matmul` [..., S, N].
+
+    `norm` (γ [K], eps): rms_norm(x, γ) · dequantize(W)ᵀ instead (schedules/norm_gemv.py), the RMSNorm carried
+    by the matmul: `norm_scaled` [..., K] = γ·x in fp32 is what `group_dot` and `group_sum` read, `group_square`
+    [..., K/G] = Σ x² per group (per row of x, like `group_sum`), `NT_matmul` a pair (the sum, Σx²) reduced
+    over groups, and `norm_rstd` multiplies the sum by rsqrt(Σx²/K + eps): no rounding of the normed x."""
     stack = tuple(components[0].shape[:-2])  # () or (S,)
     rows, cols = components[0].shape[-2], x.shape[-1]
     lead = len(x.shape) - 1  # x's row axes
@@ -152,22 +158,36 @@ def dequantize_matmul_te(qtype: str, x: te.Tensor, components: list[te.Tensor], 
     group = GROUP[qtype]
     index = lambda v: tirx.IntImm(str(x.shape[-1].ty), v)  # noqa: E731  (x's index type: int64 from Relax)
     ngroups = cols // group
+    f32 = lambda v: v.astype("float32")  # noqa: E731
+    xs = x if norm is None else te.compute(x.shape, lambda *i: f32(x[i]) * f32(norm[0][i[-1]]), name="norm_scaled")
     codes = te.compute((*stack, rows, cols), lambda *w: parts(qtype, c(w[:-2]), w[-2], w[-1], byte_perm)[1],
                        name=f"dequantize_{qtype}_codes")
     scale = te.compute((*stack, rows, ngroups), lambda *w: parts(qtype, c(w[:-2]), w[-2], w[-1] * group, byte_perm)[0],
                        name="group_scale")
     t = te.reduce_axis((index(0), index(group)), "t")
     dot = te.compute((*x.shape[:-1], *stack, rows, ngroups), lambda *i: te.sum(
-        x[(*i[:lead], i[-1] * group + t)].astype("float32") * codes[(*i[lead:-1], i[-1] * group + t)], axis=t),
-        name="group_dot")
+        f32(xs[(*i[:lead], i[-1] * group + t)]) * codes[(*i[lead:-1], i[-1] * group + t)], axis=t), name="group_dot")
     g = te.reduce_axis((index(0), ngroups), "g")
-    if qtype not in WITH_MIN:
-        return te.compute((*x.shape[:-1], *stack, rows), lambda *i: te.sum(
-            scale[(*i[lead:], g)] * dot[(*i, g)], axis=g), name="NT_matmul")
-    low = te.compute((*stack, rows, ngroups), lambda *w: parts(qtype, c(w[:-2]), w[-2], w[-1] * group, byte_perm)[2],
-                     name="group_min")
-    s = te.reduce_axis((index(0), index(group)), "s")
-    xsum = te.compute((*x.shape[:-1], ngroups), lambda *i: te.sum(
-        x[(*i[:-1], i[-1] * group + s)].astype("float32"), axis=s), name="group_sum")
-    return te.compute((*x.shape[:-1], *stack, rows), lambda *i: te.sum(
-        scale[(*i[lead:], g)] * dot[(*i, g)] - low[(*i[lead:], g)] * xsum[(*i[:lead], g)], axis=g), name="NT_matmul")
+
+    def per_group(name, value):  # [..., K/G]: Σ value(x index) over each group, once per row of x
+        s = te.reduce_axis((index(0), index(group)), "s")
+        return te.compute((*x.shape[:-1], ngroups), lambda *i: te.sum(value((*i[:-1], i[-1] * group + s)), axis=s),
+                          name=name)
+
+    if qtype in WITH_MIN:
+        low = te.compute((*stack, rows, ngroups), lambda *w: parts(qtype, c(w[:-2]), w[-2], w[-1] * group, byte_perm)[2],
+                         name="group_min")
+        xsum = per_group("group_sum", lambda i: f32(xs[i]))
+        term = lambda *i: scale[(*i[lead:], g)] * dot[(*i, g)] - low[(*i[lead:], g)] * xsum[(*i[:lead], g)]  # noqa: E731
+    else:
+        term = lambda *i: scale[(*i[lead:], g)] * dot[(*i, g)]  # noqa: E731
+    out_shape = (*x.shape[:-1], *stack, rows)
+    if norm is None:
+        return te.compute(out_shape, lambda *i: te.sum(term(*i), axis=g), name="NT_matmul")
+    square = per_group("group_square", lambda i: f32(x[i]) * f32(x[i]))
+    pair_sum = te.comm_reducer(lambda a, b: (a[0] + b[0], a[1] + b[1]),
+                               lambda t0, t1: (tirx.const(0, t0), tirx.const(0, t1)), name="pair_sum")
+    total, squares = te.compute(out_shape, lambda *i: pair_sum((term(*i), square[(*i[:lead], g)]), axis=g),
+                                name="NT_matmul")
+    eps = tirx.const(norm[1], "float32")
+    return te.compute(total.shape, lambda *i: total[i] * tirx.rsqrt(squares[i] / tirx.Cast("float32", cols) + eps), name="norm_rstd")

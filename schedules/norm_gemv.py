@@ -23,12 +23,14 @@ Numerics: the unfused graph rounds the normed x to bf16 before the matmul; here 
 multiplies the fp32 sum, so the result is the exact expression rounded once (tests/test_norm_gemv.py
 bounds the difference against numpy float64). Σx² is accumulated in fp32 as the norm does.
 
-A quantized weight's GEMV (formats/quant_values.py's dequantize_matmul_te) can take the same prologue more
-cheaply: it already reduces per-row values over K apart from the weight (`group_sum` [rows, K/G], Σ_k x_k per
-scale group, computed once per M tile by QuantGemv). With x replaced by γ·x in `group_dot` and `group_sum`,
-Σx² is one more such per-row block ([rows, K/G], then summed over groups), and `NT_matmul`'s epilogue
-multiplies by rstd: no per-column repeat of the norm's arithmetic, unlike the tuple reduction here. Not done
-(bf16 and fp32 weights only; quant_gemv.py is issue 11's).
+A packed (quantized) weight's GEMV takes the same prologue more cheaply (`_fuse_norm_factored_matmuls`, after
+quant_fusion.py's FewRowFactoredMatmuls, whose factored call it rebuilds: the norm and the packed weight meet
+only there): formats/quant_values.py's dequantize_matmul_te with `norm` reads γ·x (fp32, made once a group per
+row of x, shared by the thread's output rows) where `group_dot` and `group_sum` read x, adds `group_square`
+(Σx² a group, beside `group_sum`), reduces (sum, Σx²) over groups as a pair (one add a group and output) and
+multiplies by rstd in `norm_rstd` before the cast; QuantGemv (quant_gemv.py) schedules it unchanged otherwise.
+Unlike the tuple reduction here, nothing of the norm is repeated per weight. It applies on CUDA and the CPU,
+not Metal; more than 8 rows run `decode_wide` (unfused) as for every quantized model.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import tvm
 from tvm import relax, s_tir, te, tirx
 from tvm.ir import IRModule
 from tvm.relax.dpl import rewrite_call
-from tvm.relax.dpl.pattern import is_op, wildcard
+from tvm.relax.dpl.pattern import GlobalVarPattern, is_op, wildcard
 
 from .low_batch import (
     LIMITS_AND_BUCKETS,
@@ -50,10 +52,12 @@ from .low_batch import (
     single_dynamic_dim,
     stream_over_k,
 )
+from .quant_fusion import QTYPE_ATTR, factored_matmul, uses_byte_perm
 
 FUSED_FUNCTIONS = ("decode",)  # prefill (many rows) keeps the norm kernel and the tensor-core GEMM
 BLOCK = "rms_norm_matmul"  # the tuple-reduction block the schedule looks for
 WARPS = 4  # warps a block, as StreamingGEMV
+QUANT_FUSED_TARGETS = ("cuda", "llvm")  # where a packed weight's factored matmul takes the norm
 # StreamingGEMV's row buckets plus one of a single row: the fused kernel's per-row arithmetic (γ·x, x², the
 # conversions) is twice the plain GEMV's, so batch 1 does not pay for bucket 2's zero row
 ROW_BUCKETS = ((1, 1), *LIMITS_AND_BUCKETS)
@@ -119,7 +123,41 @@ def fuse_norm_matmuls(func: relax.Function, builder: relax.BlockBuilder, target)
         return relax.op.reshape(y, call.ty.shape)
 
     new = rewrite_call(cast, rewrite, func)  # a new function even where every match was declined
+    new = _fuse_norm_factored_matmuls(new, builder, target, fused_calls)
     return relax.analysis.remove_all_unused(new) if fused_calls else func
+
+
+def _fuse_norm_factored_matmuls(func: relax.Function, builder: relax.BlockBuilder, target,
+                                fused_calls: list) -> relax.Function:
+    """`func` with each call_tir(dequantize_<qtype>_NT_matmul, (rms_norm(x, γ), components...)), the factored
+    matmul of a packed weight (quant_fusion.py, which runs first), replaced by the same PrimFunc carrying the
+    norm (formats/quant_values.py's dequantize_matmul_te with `norm`), on CUDA (QuantGemv schedules it) and the
+    CPU (LLVM compiles any TIR; the tests run it there), not Metal. A fused projection split by type (q, k, v
+    apart) folds the norm into each part. Appends each new call to `fused_calls`."""
+    if target is None or target.kind.name not in QUANT_FUSED_TARGETS:
+        return func
+    factored = is_op("relax.call_tir")(GlobalVarPattern(), wildcard(), add_constraint=False)
+    bound = relax.analysis.get_var2val(func)
+    module = builder.get()
+
+    def rewrite(call, _matches):
+        callee = call.args[0]
+        attrs = module[callee].attrs if callee in module else None
+        if not attrs or QTYPE_ATTR not in attrs or not isinstance(call.args[1], relax.Tuple):
+            return call
+        x, *components = call.args[1].fields
+        norm = bound.get(x)
+        if not (isinstance(norm, relax.Call) and norm.op.same_as(tvm.ir.Op.get("relax.nn.rms_norm"))):
+            return call
+        x_shape = list(norm.args[0].ty.shape.values)
+        if [int(a) % len(x_shape) for a in norm.attrs.axes] != [len(x_shape) - 1]:
+            return call
+        fused = factored_matmul(builder, str(attrs[QTYPE_ATTR]), norm.args[0], components,
+                                uses_byte_perm(target), (norm.args[1], float(norm.attrs.epsilon)))
+        fused_calls.append(fused)
+        return fused
+
+    return rewrite_call(factored, rewrite, func)
 
 
 def fuses_norm(func: relax.Function, target) -> bool:

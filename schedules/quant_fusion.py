@@ -59,6 +59,27 @@ def _patterns() -> list:
 
 
 _OUT_EWISE_FUSABLE = 4  # Relax's OpPatternKind: the cast / residual add after the matmul fuse into it
+QTYPE_ATTR = "kiln.qtype"  # on a factored PrimFunc: its weight's type (FuseNormMatmul rebuilds it with the norm)
+
+
+def uses_byte_perm(target) -> bool:
+    """Whether the factored matmul makes its codes by byte permutes (`__byte_perm` is CUDA's)."""
+    return target is not None and target.kind.name == "cuda"
+
+
+def factored_matmul(builder: relax.BlockBuilder, qtype: str, x: relax.Expr, components: list, byte_perm: bool,
+                    norm: tuple | None = None) -> relax.Call:
+    """call_tir of formats/quant_values.py's dequantize_matmul_te (its PrimFunc added to `builder`, tagged with
+    QTYPE_ATTR): x · dequantize(W)ᵀ in fp32, or with `norm` (γ, eps) rms_norm(x, γ) · dequantize(W)ᵀ."""
+    def te_func(x, *operands):
+        if norm is None:
+            return dequantize_matmul_te(qtype, x, list(operands), byte_perm)
+        return dequantize_matmul_te(qtype, x, list(operands[1:]), byte_perm, (operands[0], norm[1]))
+
+    func, args, out = gen_call_tir_inputs(te_func, x, *([norm[0]] if norm else []), *components,
+                                          primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE, QTYPE_ATTR: qtype})
+    name = f"{'rms_norm_' if norm else ''}dequantize_{qtype}_NT_matmul"
+    return relax.call_tir(builder.add_func(func, name), args, out)
 
 
 @tvm.transform.module_pass(opt_level=0, name="FewRowFactoredMatmuls")
@@ -75,23 +96,19 @@ class FewRowFactoredMatmuls:
         values = is_op("relax.call_tir")(GlobalVarPattern(), wildcard(), add_constraint=False)
         weight = is_op("relax.permute_dims")(is_op("relax.astype")(values) | values)  # fp32 models: no cast
         matmul = is_op("relax.matmul")(wildcard(), weight)
-        target = tvm.target.Target.current(allow_none=True)
-        byte_perm = target is not None and target.kind.name == "cuda"  # __byte_perm is CUDA's
+        byte_perm = uses_byte_perm(tvm.target.Target.current(allow_none=True))
         builder = relax.BlockBuilder(IRModule(dict(mod.functions), attrs=mod.attrs))  # adds the PrimFuncs once
 
         def rewrite(call, matches):
             deq = matches[values]
             if not _callee(deq).startswith("dequantize"):
                 return call
-            qtype = mod[deq.args[0]].attrs["kiln.qtype"]
+            qtype = mod[deq.args[0]].attrs[QTYPE_ATTR]
             x, components = call.args[0], list(deq.args[1].fields)
             if qtype in STORED_FLOATS:
                 transposed = relax.op.permute_dims(deq, matches[weight].attrs.axes)
                 return relax.op.matmul(x, transposed, out_dtype=call.attrs.out_dtype)
-            func, args, out = gen_call_tir_inputs(
-                lambda x, *c: dequantize_matmul_te(qtype, x, list(c), byte_perm), x, *components,
-                primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE})
-            return relax.call_tir(builder.add_func(func, f"dequantize_{qtype}_NT_matmul"), args, out)
+            return factored_matmul(builder, qtype, x, components, byte_perm)
 
         rewritten = {}
         for gv, func in mod.functions.items():

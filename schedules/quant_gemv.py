@@ -24,6 +24,10 @@ static size. K must be whole chunks and N whole row tiles; anything else is decl
 other rules. `unroll` > 1 takes that many chunks per loop step, their code words loaded before the first
 is used.
 
+With the RMSNorm before it folded in (schedules/norm_gemv.py: blocks `norm_scaled`, `group_square`, NT_matmul a
+(sum, Σx²) pair, `norm_rstd`), x and γ are both loaded per group by 16-byte loads, γ·x and Σx² made there once
+for the thread's rows beside Σx, and both sums reduced across the lanes.
+
 The tile sizes depend on the shape (`tiling`, measured on an H100: bench/RESULTS.md, "Quantized GEMV: a tiling
 per shape"); `lanes` > 32 split a row's K over several warps, whose partial sums meet in the reduction.
 """
@@ -126,7 +130,9 @@ class QuantGemv:
         named = _named_blocks(sch)
         if "NT_matmul" not in named:
             raise _Decline
-        mm, dot, xsum = named["NT_matmul"], named["group_dot"], named.get("group_sum")
+        mm, dot, scaled = named["NT_matmul"], named["group_dot"], named.get("norm_scaled")
+        per_row = [named[b] for b in ("group_sum", "group_square") if b in named]  # Σ x, Σ x² a group
+        outputs = len(sch.get(mm).writes)  # 2 with a norm: (the sum, Σx²)
         codes = [b for b in sch.get_producers(dot) if any(is_packed(r.source) for r in sch.get(b).reads)]
         if len(codes) != 1:
             raise _Decline
@@ -149,7 +155,7 @@ class QuantGemv:
         # computed for the whole tile, so that every per-thread buffer has a static size
         sch.pad_einsum(mm, [1 if isinstance(iv.dom.extent, tirx.IntImm) else m_tile for iv in ivs[:-2]] + [1, 1])
         for block in sch.get_producers(mm):
-            if not sch.get(block).same_as(sch.get(dot)) and not (xsum and sch.get(block).same_as(sch.get(xsum))):
+            if not any(sch.get(block).same_as(sch.get(b)) for b in (dot, *per_row)):
                 sch.compute_inline(block)  # the padded copies, the group scales and mins
         consumers = sch.get_consumers(mm)
         if not consumers:
@@ -185,12 +191,11 @@ class QuantGemv:
 
         # per group and row: Σ x·code and Σ x in registers; the chunk's codes for the thread's rows
         sch.compute_at(dot, j_r, preserve_unit_loops=True)
-        if xsum is not None:
-            sch.compute_at(xsum, g_c, preserve_unit_loops=True)
+        for block in per_row:
+            sch.compute_at(block, g_c, preserve_unit_loops=True)
         sch.compute_at(codes, g_u, preserve_unit_loops=True)
-        for block in (dot, xsum, codes):
-            if block is not None:
-                sch.set_scope(block, 0, "local")
+        for block in (dot, *per_row, codes):
+            sch.set_scope(block, 0, "local")
         deq_reads = [r.source for r in sch.get(codes).reads]
         for idx, buf in enumerate(deq_reads):
             if not is_packed(buf):
@@ -205,30 +210,40 @@ class QuantGemv:
         for loop in sch.get_loops(codes)[-2 - len(stacked):]:
             sch.unroll(loop)
 
-        # x: a group's values by 16-byte loads, per row of the M tile, shared by the thread's rows
-        x_buf = [r.source for r in sch.get(dot).reads if not r.source.same_as(sch.get(codes).writes[0].source)]
-        if len(x_buf) != 1:
+        # x: a group's values by 16-byte loads, per row of the M tile, shared by the thread's rows; with a
+        # norm, γ the same way and γ·x (fp32) made once a group for the thread's rows, Σx² beside Σx
+        readers = [dot, *per_row]
+        if scaled is not None:
+            sch.compute_at(scaled, g_c, preserve_unit_loops=True)
+            sch.set_scope(scaled, 0, "local")
+            readers = [scaled, *[b for b in per_row if sch.get(b).name_hint == "group_square"]]
+        x_buf = [r.source for r in sch.get(readers[0]).reads if not r.source.same_as(sch.get(codes).writes[0].source)]
+        if len(x_buf) != (1 if scaled is None else 2):
             raise _Decline
-        x_idx = [r.source for r in sch.get(dot).reads].index(x_buf[0])
-        x_cache = sch.cache_read(dot, x_idx, "local", consumer_blocks=[b for b in (dot, xsum) if b is not None])
-        sch.compute_at(x_cache, g_c, preserve_unit_loops=True)
-        _, vec = sch.split(sch.get_loops(x_cache)[-1], [None, lanes16])
-        sch.vectorize(vec)
-        for block in (dot, xsum):
-            if block is not None:
-                t = sch.get_loops(block)[-1]
-                sch.decompose_reduction(block, t)
-                sch.unroll(t)
+        x_buf.sort(key=lambda buf: len(buf.shape) == 1)  # x first, then γ
+        for buf in x_buf:  # x, then γ (read by norm_scaled only)
+            idx = [r.source for r in sch.get(readers[0]).reads].index(buf)
+            cache = sch.cache_read(readers[0], idx, "local", consumer_blocks=readers if buf.same_as(x_buf[0])
+                                   else readers[:1])
+            sch.compute_at(cache, g_c, preserve_unit_loops=True)
+            _, vec = sch.split(sch.get_loops(cache)[-1], [None, lanes16])
+            sch.vectorize(vec)
+        for block in (dot, *per_row):
+            t = sch.get_loops(block)[-1]
+            sch.decompose_reduction(block, t)
+            sch.unroll(t)
         for loop in (g_u, i_i, g_c, *stacked, j_r):
             sch.unroll(loop)
         sch.decompose_reduction(rf, g_o)
-        sch.set_scope(rf, 0, "local")
+        for i in range(outputs):
+            sch.set_scope(rf, i, "local")
 
         sch.reverse_compute_at(mm, j_y, preserve_unit_loops=True)
         lane, *spatial = sch.get_loops(mm)[-len(ivs):]
         sch.reorder(*spatial, lane)
         sch.bind(lane, "threadIdx.x")
-        sch.set_scope(mm, 0, "local")
+        for i in range(outputs):
+            sch.set_scope(mm, i, "local")
         for epi in after[:-1]:
             sch.compute_inline(epi)
         if after:

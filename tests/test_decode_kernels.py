@@ -40,10 +40,17 @@ def test_decode_layer_kernels(model, fuse_norms):
     assert len(norms) == 2 and sum(k.startswith("rms_norm_matmul") for k in norms) == fuse_norms, kernels
 
 
-def test_quantized_decode_layer_kernels():
-    """Llama-3.1-8B in a Q4_K_M-like mix: the same layer, the gate/up GEMV dequantizing and carrying silu·up."""
+@pytest.mark.parametrize("fuse_norms", [False, True])
+def test_quantized_decode_layer_kernels(fuse_norms):
+    """Llama-3.1-8B Q4_K_M (--quant q4_k_m): the same 10 kernels a layer, each quantized Linear one dequant-fused
+    GEMV, gate/up's carrying silu·up (schedules/swiglu_gemv.py); with `--fuse_norms` the RMSNorm before QKV rides
+    in its GEMV (schedules/norm_gemv.py): 9."""
     _, config, _ = resolve("llama3")
-    kernels = layer_kernels(config, "cuda", quant="q4_k_m")
-    assert len(kernels) <= MOST["llama3"], kernels
+    kernels = layer_kernels(config, "cuda", quant="q4_k_m", fuse_norms=fuse_norms)
+    assert len(kernels) <= MOST["llama3"] - fuse_norms, kernels
     assert not any(k.startswith(("split", "fused_split")) for k in kernels), kernels
-    assert sum(k.endswith("_silu_multiply") and k.startswith("dequantize_") for k in kernels) == 1, kernels
+    gemvs = [k for k in kernels if "dequantize_q" in k and "NT_matmul" in k]
+    assert len(gemvs) == 3, kernels  # QKV, O, down
+    assert sum(k.startswith("dequantize_q") and k.endswith("_silu_multiply") for k in kernels) == 1, kernels
+    assert sum(k.startswith("rms_norm") for k in kernels) == 2 - fuse_norms, kernels
+    assert sum(k.startswith("fused_rms_norm_dequantize_q") for k in gemvs) == fuse_norms, kernels

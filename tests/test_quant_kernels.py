@@ -116,6 +116,34 @@ def test_gemv_and_dequantize_nvcc_no_spills(tmp_path):
     assert len(frames) == 3 * 3 + 2 and all(f == ("0", "0") for f in frames), frames
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("k, n", [(4096, 6144), (4096, 28672)], ids=["qkv", "gate_up"])
+def test_norm_carrying_gemv_nvcc_no_spills(k, n, tmp_path):
+    """The GEMV with the RMSNorm before it folded in (`--fuse_norms`, schedules/norm_gemv.py) at Llama-3.1-8B's
+    QKV and gate/up: its three M-tile kernels per type build with nvcc without spills, γ read with 16-byte loads
+    beside x, and the M = 1 kernel within 24 registers a thread of the plain GEMV's (ptxas -v; the M-tile 4 and 8
+    kernels take ~1.5x the plain ones' registers, bench/RESULTS.md)."""
+    funcs = {}
+    for q in ("q4_k", "q6_k", "q8_0"):
+        for norm in (False, True):
+            name = f"gemv_{q}{'_norm' if norm else ''}"
+            f = QuantGemv().kernel(dequant_matmul(q, k, n, "bfloat16", "cast", byte_perm=True, norm=norm))
+            funcs[name] = f.with_attr("global_symbol", name)
+    src = _cuda_source(funcs)
+    assert "*(uint4*)(gamma_local" in src
+    cu = tmp_path / "k.cu"
+    cu.write_text(src)
+    res = subprocess.run(["nvcc", "-cubin", "-w", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
+                          "-o", str(tmp_path / "k.cubin"), str(cu)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    used = {name: int(regs) for name, regs in
+            re.findall(r"Compiling entry function '(\w+)'.*?Used (\d+) registers", res.stderr, re.S)}
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
+    assert len(used) == len(frames) == 6 * 3 and all(f == ("0", "0") for f in frames), frames
+    for q in ("q4_k", "q6_k", "q8_0"):  # M = 1's kernel (the first of the chain): batch 1's
+        assert used[f"gemv_{q}_norm_kernel"] <= used[f"gemv_{q}_kernel"] + 24, used
+
+
 @pytest.mark.parametrize("qtype", ["q4_k", "q6_k", "q8_0", "q3_k"])
 def test_metal_forms_build(qtype):
     """Plain TIR (no simdgroups): the fused GEMV (K = 4096: 64 lanes at M = 1, a row's K over two

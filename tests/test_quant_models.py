@@ -6,6 +6,7 @@ weights. Each GGUF is compiled twice, packed (native) and with `--dequantize` (t
 their logits must agree within 1e-4 relative and their 32 greedy tokens be identical. Above 8
 sequences the runner switches to the unfused `decode_wide` / `logits_wide` (schedules/quant_wide.py):
 they must agree with the dequantize path too, and the engine's tokens must not depend on the batch.
+With `--fuse_norms` the fused GEMVs carry decode's RMSNorms: the same logits and tokens as without.
 """
 
 import numpy as np
@@ -53,8 +54,11 @@ def case(request, tmp_path_factory):
     # Qwen3's GGUF holds --quant's blocks: its artifact would be the same (checked on the weights), so the
     # --quant one runs as the native side and one compile is saved.
     native = quant if arch == "qwen3" else _compile(path, tmp / "native")
+    # decode's RMSNorms folded into the QKV and gate/up GEMVs (schedules/norm_gemv.py), from the native side's source
+    fused = _compile(hf, tmp / "fused", quant=flag, fuse_norms=True) if arch == "qwen3" else \
+        _compile(path, tmp / "fused", fuse_norms=True)
     return {"arch": arch, "cfg": cfg, "tensors": tensors, "types": types, "gguf": path, "quant": quant,
-            "native": native, "dequantized": _compile(path, tmp / "dequantized", dequantize=True)}
+            "native": native, "fused": fused, "dequantized": _compile(path, tmp / "dequantized", dequantize=True)}
 
 
 def _runner(artifact):
@@ -183,3 +187,18 @@ def test_random_weights_fill_a_quantized_artifact(case, tmp_path):
     for n in (2, WIDE):
         _, logits = _decode_logits(art, _wide_prompts(n))
         assert np.isfinite(logits).all() and np.abs(logits[0] - logits[1]).max() > 0
+
+
+def test_norms_folded_into_the_gemvs_decode_alike(case):
+    """`--fuse_norms`: decode's QKV and gate/up GEMVs carry their RMSNorm (no norm kernel; the Llama's layer 0
+    folds it into each of its q, k, v parts). Decode logits of 1 and 8 sequences equal the unfused native
+    artifact's within 1e-4 of their largest: both sum in fp32 and the fp32 model rounds the unfused normed x to
+    fp32 only (the differences are fp32 summation order, ~1e-6); 32 greedy tokens are identical."""
+    library = {k: (case[k] / _manifest(case[k])["library"]).read_bytes() for k in ("fused", "native")}
+    assert b"rms_norm_dequantize_q" in library["fused"] and b"rms_norm_dequantize_q" not in library["native"]
+    for n in (1, FUSED_ROWS):
+        _, fused = _decode_logits(case["fused"], _wide_prompts(n))
+        _, plain = _decode_logits(case["native"], _wide_prompts(n))
+        assert np.abs(fused - plain).max() <= 1e-4 * np.abs(plain).max(), n
+    tokens = [generate_ids(_runner(case[k]), PROMPTS, 32) for k in ("fused", "native")]
+    assert tokens[0] == tokens[1] and all(len(t) == 32 for t in tokens[0])
