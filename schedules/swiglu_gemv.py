@@ -41,9 +41,9 @@ from .low_batch import (
     LIMITS_AND_BUCKETS,
     LOAD_BYTES,
     WARP,
-    branch_on_rows,
     gemv_tiling,
-    single_dynamic_dim,
+    holds_block,
+    schedule_row_chains,
     stream_over_k,
 )
 
@@ -181,7 +181,7 @@ def swiglu_gemv(func: tirx.PrimFunc, bucket: int) -> tirx.PrimFunc | None:
     """`func` (swiglu_matmul_te's PrimFunc) scheduled for `bucket` rows a block (rows padded with zeros) as
     StreamingGEMV: a warp's columns are (i, t) pairs, t innermost, so that the warp holds gate and up of
     its outputs; None when it is not that PrimFunc."""
-    if not _is_swiglu_matmul(func):
+    if not holds_block(func, BLOCK):
         return None
     sch = s_tir.Schedule(func)
     block, epilogue = sch.get_sblock(BLOCK), sch.get_sblock(EPILOGUE)
@@ -202,27 +202,10 @@ def swiglu_gemv(func: tirx.PrimFunc, bucket: int) -> tirx.PrimFunc | None:
     return sch.mod["main"]
 
 
-def _is_swiglu_matmul(func: tirx.PrimFunc) -> bool:
-    try:
-        s_tir.Schedule(func).get_sblock(BLOCK)
-        return True
-    except s_tir.schedule.ScheduleError:
-        return False
-
-
 @tvm.transform.module_pass(opt_level=0, name="KilnScheduleSwiGLUGEMV")
 class ScheduleSwiGLUGEMV:
     """Schedules every swiglu_matmul PrimFunc as the run-time chain of its 2 / 4 / 8-row kernels (the last
     takes any number of rows) and marks it `tirx.is_scheduled`."""
 
     def transform_module(self, mod: IRModule, _ctx) -> IRModule:
-        for gvar, func in mod.functions_items():
-            if (not isinstance(func, tirx.PrimFunc) or func.attrs and "tirx.is_scheduled" in func.attrs
-                    or not _is_swiglu_matmul(func)):
-                continue
-            rows = single_dynamic_dim(func)
-            chained = swiglu_gemv(func, LIMITS_AND_BUCKETS[-1][1])
-            for limit, bucket in reversed(LIMITS_AND_BUCKETS[:-1]):
-                chained = branch_on_rows(swiglu_gemv(func, bucket), chained, rows, limit)
-            mod.update_func(gvar, chained.with_attr("tirx.is_scheduled", True))
-        return mod
+        return schedule_row_chains(mod, BLOCK, swiglu_gemv, LIMITS_AND_BUCKETS)
