@@ -32,7 +32,7 @@ from model_defs.spec import build_model, export  # noqa: E402
 from schedules.attention.choice import paged_kv_kernels  # noqa: E402
 from schedules.pipeline import _passes  # noqa: E402
 
-SCHEDULING = ("KilnScheduleNormGEMV", "KilnLowBatchDispatch", "ApplyDefaultSchedule")  # schedule PrimFuncs, never change the calls: skipped
+SCHEDULING = ("KilnScheduleNormGEMV", "KilnScheduleSwiGLUGEMV", "KilnLowBatchDispatch", "ApplyDefaultSchedule")  # schedule PrimFuncs, never change the calls: skipped
 ATTENTION_CALL = "vm.builtin.attention_kv_cache_attention_with_fused_qkv"
 # What paged_kv_cache.cc launches for one decode attention call: RoPE, the K/V append, then the decode
 # kernel's kernels (Kiln's split-KV decode: one on CUDA, whose last split block merges; two on Metal)
