@@ -37,6 +37,7 @@ from tvm.relax.dpl.pattern import is_op, is_tuple_get_item, wildcard
 from formats.quant_layout import STORED_FLOATS
 from formats.quant_values import dequantize_matmul_te
 
+from .function_rewrite import rewrite_functions
 from .low_batch import (
     LIMITS_AND_BUCKETS,
     LOAD_BYTES,
@@ -168,12 +169,7 @@ class FuseSwiGLU:
 
     def transform_module(self, mod: IRModule, _ctx) -> IRModule:
         target = tvm.target.Target.current(allow_none=True)
-        builder = relax.BlockBuilder(IRModule(dict(mod.functions), attrs=mod.attrs))
-        rewritten = {gv.name_hint: fuse_swiglu(func, builder, mod, target) for gv, func in mod.functions.items()
-                     if gv.name_hint in self.functions and isinstance(func, relax.Function)}
-        out = builder.get()
-        for name, func in rewritten.items():
-            out.update_func(out.get_global_var(name), func)
+        out = rewrite_functions(mod, self.functions, lambda func, builder: fuse_swiglu(func, builder, mod, target))
         return relax.transform.DeadCodeElimination()(out)
 
 
