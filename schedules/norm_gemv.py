@@ -43,6 +43,7 @@ from tvm.ir import IRModule
 from tvm.relax.dpl import rewrite_call
 from tvm.relax.dpl.pattern import GlobalVarPattern, is_op, wildcard
 
+from .function_rewrite import rewrite_functions
 from .low_batch import (
     LIMITS_AND_BUCKETS,
     LOAD_BYTES,
@@ -174,13 +175,7 @@ class FuseNormMatmul:
 
     def transform_module(self, mod: IRModule, _ctx) -> IRModule:
         target = tvm.target.Target.current(allow_none=True)
-        builder = relax.BlockBuilder(IRModule(dict(mod.functions), attrs=mod.attrs))
-        rewritten = {gv.name_hint: fuse_norm_matmuls(func, builder, target) for gv, func in mod.functions.items()
-                     if gv.name_hint in self.functions and isinstance(func, relax.Function)}
-        out = builder.get()
-        for name, func in rewritten.items():
-            out.update_func(out.get_global_var(name), func)
-        return out
+        return rewrite_functions(mod, self.functions, lambda func, builder: fuse_norm_matmuls(func, builder, target))
 
 
 def norm_gemv(func: tirx.PrimFunc, bucket: int) -> tirx.PrimFunc | None:

@@ -31,6 +31,8 @@ from tvm.relax.utils import gen_call_tir_inputs
 from formats.quant_layout import STORED_FLOATS
 from formats.quant_values import dequantize_matmul_te
 
+from .function_rewrite import rewrite_functions
+
 FEW_ROW_FUNCTIONS = ("decode", "logits")
 _MAX_COMPONENTS, _MAX_EPILOGUE_ARGS = 1, 3  # a stored float weight is one component (packed ones are factored)
 
@@ -97,9 +99,8 @@ class FewRowFactoredMatmuls:
         weight = is_op("relax.permute_dims")(is_op("relax.astype")(values) | values)  # fp32 models: no cast
         matmul = is_op("relax.matmul")(wildcard(), weight)
         byte_perm = uses_byte_perm(tvm.target.Target.current(allow_none=True))
-        builder = relax.BlockBuilder(IRModule(dict(mod.functions), attrs=mod.attrs))  # adds the PrimFuncs once
 
-        def rewrite(call, matches):
+        def rewrite(call, matches, builder):
             deq = matches[values]
             if not _callee(deq).startswith("dequantize"):
                 return call
@@ -110,16 +111,12 @@ class FewRowFactoredMatmuls:
                 return relax.op.matmul(x, transposed, out_dtype=call.attrs.out_dtype)
             return factored_matmul(builder, qtype, x, components, byte_perm)
 
-        rewritten = {}
-        for gv, func in mod.functions.items():
-            if gv.name_hint in self.functions and isinstance(func, relax.Function):
-                new = rewrite_call(matmul, rewrite, func)
-                if not new.same_as(func):  # the dequantize calls and casts no matmul reads any more go
-                    rewritten[gv.name_hint] = relax.analysis.remove_all_unused(new)
-        out = builder.get()
-        for name, func in rewritten.items():
-            out.update_func(out.get_global_var(name), func)
-        return relax.transform.DeadCodeElimination()(out)
+        def rewrite_function(func, builder):
+            new = rewrite_call(matmul, lambda call, matches: rewrite(call, matches, builder), func)
+            # the dequantize calls and casts no matmul reads any more go
+            return func if new.same_as(func) else relax.analysis.remove_all_unused(new)
+
+        return relax.transform.DeadCodeElimination()(rewrite_functions(mod, self.functions, rewrite_function))
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseDequantizeMatmul")
