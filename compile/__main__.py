@@ -27,7 +27,8 @@ def build(model: str = "stories260k", target: str = "cpu", dtype: str | None = N
     the model over N devices (tensor parallelism; served with --d 0,1,...). CONTEXT (tokens per sequence)
     defaults to the model's max_position_embeddings. CUDA kernels for sm_90+ use programmatic dependent
     launch (each one's launch overlaps the previous one's tail); --no-pdl builds them without it. --fuse_norms
-    (CUDA, experimental; a quantized model's on the CPU too) folds each RMSNorm of `decode` into the GEMV after it (schedules/norm_gemv.py)."""
+    (CUDA, experimental; a quantized model's on the CPU too) folds each RMSNorm of `decode` into the GEMV
+    after it (schedules/norm_gemv.py)."""
     with torch_hidden():
         from .driver import compile_artifact
     with harmless_warnings_dropped():
