@@ -1,6 +1,6 @@
 """GPU check of the core (issue 2): Kiln CUDA artifacts vs transformers on the same GPU.
 
-Build here (no GPU needed):  python bench/gpu_parity.py build .gpu/core
+Build here (no GPU needed):  python bench/gpu_parity.py build .gpu/core [--fuse_norms]
 Run on the GPU machine:      python bench/gpu_parity.py run .gpu/core
 
 For each tiny random model (Llama-3, Mistral, Qwen2, Qwen3) compiled for CUDA in bf16: prompt logits
@@ -26,7 +26,8 @@ PROMPT = [1, 17, 99, 3, 250, 42, 7, 11, 200, 5]
 BATCH = 12  # > 8 rows: past the low-batch GEMV path
 
 
-def build(out: Path) -> None:
+def build(out: Path, *compile_flags: str) -> None:
+    """The artifacts `run` checks; `compile_flags` (e.g. --fuse_norms) go to every tiny model's compile (art-*)."""
     from conftest import HEAD_DIM_64, HEAD_DIM_128, TINY_CONFIGS, make_tiny_hf
 
     models = [(f, f, {}) for f in sorted(TINY_CONFIGS)] + [(f"{f}-hd128", f, HEAD_DIM_128) for f in ("llama3", "qwen3")]
@@ -34,7 +35,7 @@ def build(out: Path) -> None:
     for name, family, overrides in models:
         hf = make_tiny_hf(family, out / f"hf-{name}", **overrides)
         subprocess.run([sys.executable, "-m", "compile", "--model", str(hf), "--target", "cuda", "--dtype",
-                        "bfloat16", "--out", str(out / f"art-{name}")], cwd=REPO, check=True)
+                        "bfloat16", "--out", str(out / f"art-{name}"), *compile_flags], cwd=REPO, check=True)
     # the bundled trained model (head_dim 8: TVM's attention kernels), fp32 on the GPU
     subprocess.run([sys.executable, "-m", "compile", "--model", "stories260k", "--target", "cuda", "--dtype",
                     "float32", "--out", str(out / "stories-cuda")], cwd=REPO, check=True)
@@ -147,4 +148,4 @@ def run(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    {"build": build, "run": run}[sys.argv[1]](Path(sys.argv[2]))
+    {"build": build, "run": run}[sys.argv[1]](Path(sys.argv[2]), *sys.argv[3:])

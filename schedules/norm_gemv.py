@@ -7,10 +7,12 @@ step on an H100 with PDL). Its reduction runs over the same K the GEMV walks, so
     y[b, n] = rstd[b] · Σ_k W[n, k] · (γ[k] · x[b, k]),   rstd[b] = rsqrt(Σ_k x[b, k]² / K + eps)
 
 Opt-in (`python -m compile --fuse_norms`): on an H100 it measured no faster end to end (bench/RESULTS.md,
-"RMSNorm folded into the following GEMV"). `FuseNormMatmul` (a Relax pass, early in the pipeline, in
-`decode` only) replaces astype(matmul(rms_norm(x, γ), permute_dims(W))) by one PrimFunc, `rms_norm_matmul_te`:
-a single block reducing the pair (dot, Σx²) with a tuple reducer, then the epilogue multiply by rstd and the
-cast.
+"RMSNorm folded into the following GEMV"). The norm before gate/up goes into the gate/up·SwiGLU GEMV, built by
+swiglu_gemv.py's FuseSwiGLU from `rms_norm_matmul_te` over the stacked [2, I, K] weight (or the quantized form
+below) and scheduled here (`norm_gemv`'s stacked case); what FuseNormMatmul finds is the norm before QKV.
+`FuseNormMatmul` (a Relax pass, early in the pipeline, in `decode` only) replaces
+astype(matmul(rms_norm(x, γ), permute_dims(W))) by one PrimFunc, `rms_norm_matmul_te`: a single block reducing
+the pair (dot, Σx²) with a tuple reducer, then the epilogue multiply by rstd and the cast.
 `ScheduleNormGEMV` (before LowBatchDispatch) schedules it as StreamingGEMV does a plain GEMV: warps own
 output columns, lanes stride K with 16-byte loads of W, γ and x, UNROLL steps in flight; each lane adds
 x² to a second register from the x it already loaded (no extra global reads), and both partial sums are
@@ -40,6 +42,7 @@ import functools
 import tvm
 from tvm import relax, s_tir, te, tirx
 from tvm.ir import IRModule
+from tvm.tirx import IndexMap
 from tvm.relax.dpl import rewrite_call
 from tvm.relax.dpl.pattern import GlobalVarPattern, is_op, wildcard
 
@@ -65,21 +68,21 @@ ROW_BUCKETS = ((1, 1), *LIMITS_AND_BUCKETS)
 
 
 def rms_norm_matmul_te(x: te.Tensor, gamma: te.Tensor, w: te.Tensor, eps: float, out_dtype: str) -> te.Tensor:
-    """(rms_norm(x, γ) · Wᵀ) for x [b, K], γ [K], W [N, K]: Σx² and the γ-scaled dot in one reduction, both
-    fp32, rstd applied to the sum; cast to `out_dtype`."""
+    """(rms_norm(x, γ) · Wᵀ) for x [b, K], γ [K], W [N, K] (out [b, N]) or matrices stacked [S, N, K] (gate and
+    up, swiglu_gemv.py: out [b, S, N]): Σx² and the γ-scaled dot in one reduction, both fp32, rstd applied to
+    the sum; cast to `out_dtype`."""
     rows, k = x.shape
-    n = w.shape[0]
     r = te.reduce_axis((tirx.IntImm("int64", 0), k), name="k")
     pair_sum = te.comm_reducer(lambda a, b: (a[0] + b[0], a[1] + b[1]),
                                lambda t0, t1: (tirx.const(0, t0), tirx.const(0, t1)), name="pair_sum")
 
-    def dot_and_square(i, j):
+    def dot_and_square(i, *j):
         xv = x[i, r].astype("float32")
-        return pair_sum((w[j, r].astype("float32") * (gamma[r].astype("float32") * xv), xv * xv), axis=r)
+        return pair_sum((w[(*j, r)].astype("float32") * (gamma[r].astype("float32") * xv), xv * xv), axis=r)
 
-    dot, square = te.compute((rows, n), dot_and_square, name=BLOCK)
-    rstd = lambda i, j: tirx.rsqrt(square[i, j] / tirx.Cast("float32", k) + tirx.const(eps, "float32"))  # noqa: E731
-    return te.compute((rows, n), lambda i, j: (dot[i, j] * rstd(i, j)).astype(out_dtype), name="rstd_cast")
+    dot, square = te.compute((rows, *w.shape[:-1]), dot_and_square, name=BLOCK)
+    rstd = lambda i: tirx.rsqrt(square[i] / tirx.Cast("float32", k) + tirx.const(eps, "float32"))  # noqa: E731
+    return te.compute(dot.shape, lambda *i: (dot[i] * rstd(i)).astype(out_dtype), name="rstd_cast")
 
 
 def _fusable(target, x_shape, w_shape, dtype: str) -> bool:
@@ -90,6 +93,14 @@ def _fusable(target, x_shape, w_shape, dtype: str) -> bool:
     if not all(isinstance(d, tirx.IntImm) for d in (n, k, x_shape[-1])):
         return False
     return int(k) % (WARP * LOAD_BYTES * 8 // tvm.DataType(dtype).bits) == 0 and int(n) % WARPS == 0
+
+
+def last_axis_norm(value) -> relax.Call | None:
+    """`value` if it is an RMSNorm over the last axis (the one a fused GEMV carries: its K), else None."""
+    if not (isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get("relax.nn.rms_norm"))):
+        return None
+    ndim = len(value.args[0].ty.shape.values)
+    return value if [int(a) % ndim for a in value.attrs.axes] == [ndim - 1] else None
 
 
 def fuse_norm_matmuls(func: relax.Function, builder: relax.BlockBuilder, target) -> relax.Function:
@@ -107,8 +118,7 @@ def fuse_norm_matmuls(func: relax.Function, builder: relax.BlockBuilder, target)
         w, attrs = matches[weight].args[0], matches[norm].attrs
         x_shape, w_shape = list(x.ty.shape.values), list(w.ty.shape.values)
         if (isinstance(bound.get(w), relax.Call) or w.ty.dtype != x.ty.dtype
-                or not _fusable(target, x_shape, w_shape, w.ty.dtype)
-                or [int(a) % len(x_shape) for a in attrs.axes] != [len(x_shape) - 1]
+                or not _fusable(target, x_shape, w_shape, w.ty.dtype) or last_axis_norm(matches[norm]) is None
                 or [int(a) for a in matches[weight].attrs.axes or [1, 0]] != [1, 0]):
             return call
         k, n = x_shape[-1], w_shape[0]
@@ -147,11 +157,8 @@ def _fuse_norm_factored_matmuls(func: relax.Function, builder: relax.BlockBuilde
         if not attrs or QTYPE_ATTR not in attrs or not isinstance(call.args[1], relax.Tuple):
             return call
         x, *components = call.args[1].fields
-        norm = bound.get(x)
-        if not (isinstance(norm, relax.Call) and norm.op.same_as(tvm.ir.Op.get("relax.nn.rms_norm"))):
-            return call
-        x_shape = list(norm.args[0].ty.shape.values)
-        if [int(a) % len(x_shape) for a in norm.attrs.axes] != [len(x_shape) - 1]:
+        norm = last_axis_norm(bound.get(x))
+        if norm is None:
             return call
         fused = factored_matmul(builder, str(attrs[QTYPE_ATTR]), norm.args[0], components,
                                 uses_byte_perm(target), (norm.args[1], float(norm.attrs.epsilon)))
@@ -179,29 +186,46 @@ class FuseNormMatmul:
 
 
 def norm_gemv(func: tirx.PrimFunc, bucket: int) -> tirx.PrimFunc | None:
-    """`func` (rms_norm_matmul_te's PrimFunc) scheduled for `bucket` rows a block (rows padded with zeros),
-    or None when it is not that PrimFunc."""
+    """`func` (rms_norm_matmul_te's PrimFunc, maybe with an epilogue after it) scheduled for `bucket` rows a
+    block (rows padded with zeros), or None when it is not that PrimFunc. Stacked matrices [S, N, K] (gate and
+    up under swiglu_gemv.py's silu·up) are tiled as swiglu_gemv tiles them: a warp's S columns are the S
+    matrices' rows n, so that the epilogue finds all of them in the warp's registers."""
     if not holds_block(func, BLOCK):
         return None
     sch = s_tir.Schedule(func)
     block, epilogue = sch.get_sblock(BLOCK), sch.get_sblock("rstd_cast")
-    _, cols, red = sch.get_loops(block)
-    n, k = int(sch.get(cols).extent), int(sch.get(red).extent)
+    after = sch.get_consumers(epilogue)
+    if after:  # rstd · sum read where the epilogue reads it
+        sch.compute_inline(epilogue)
+        epilogue = after[0]
+    _, *cols, red = sch.get_loops(block)
+    extents = [int(sch.get(loop).extent) for loop in (*cols, red)]
+    n, k = functools.reduce(lambda a, b: a * b, extents[:-1]), extents[-1]
     vec = LOAD_BYTES * 8 // tvm.DataType(sch.get(block).reads[0].source.dtype).bits
-    unroll, tile_s = gemv_tiling(n, k, bucket, WARPS, vec)
-    step_reads = {1: lambda lane, b, c, o, i, v: (lane, o, i, v)}
+    unroll, tile_s = gemv_tiling(n, k, bucket, WARPS, vec, columns=extents[0] if len(cols) > 1 else None)
+    dtype = str(sch.get(block).iter_vars[0].var.ty)  # the index maps apply to the per-lane block made from it
+
+    def per_lane(index):  # an index map over the per-lane block's (lane, row, columns..., step, unrolled, element)
+        return IndexMap.from_func(lambda lane, b, *rest: index(lane, b, rest[:-3], rest[-3:]), ndim=5 + len(cols),
+                                  index_dtype=dtype)
+
+    step_reads = {1: per_lane(lambda lane, b, c, step: (lane, *step))}
     pad_input = None
     if bucket > 1:  # x read as zero past the real rows: no predicate in the K loop
-        sch.pad_einsum(block, [bucket, n, k])
+        sch.pad_einsum(block, [bucket, *extents])
         for name in (f"{BLOCK}.v0_pad", f"{BLOCK}.v1_pad"):
             sch.compute_inline(sch.get_sblock(name))
         pad_input = sch.get_sblock("x_pad")
     else:  # one row a block: x (read 2) straight into registers
-        step_reads[2] = lambda lane, b, c, o, i, v: (lane, b, o, i, v)
+        step_reads[2] = per_lane(lambda lane, b, c, step: (lane, b, *step))
+    if len(cols) > 1:  # (n, s) with s innermost: a warp's columns
+        rows, stack, size, red = sch.get_loops(block)
+        sch.reorder(rows, size, stack, red)
+        sch.fuse(size, stack)
     # W's steps into registers first (read 0); γ (read 1) per step with x: a trip's γ held in registers
     # ahead would cost 4 registers a step (50 → 56 a thread at Llama's QKV, fewer blocks an SM)
     ty = stream_over_k(sch, block, pad_input, bucket, WARPS, tile_s, unroll, vec,
-                       {0: lambda lane, b, c, o, i, v: (lane, c, o, i, v)}, step_reads, outputs=2)
+                       {0: per_lane(lambda lane, b, c, step: (lane, *c, *step))}, step_reads, outputs=2)
     sch.set_scope(block, 0, "local")
     sch.set_scope(block, 1, "local")
     sch.reverse_compute_at(epilogue, ty, preserve_unit_loops=True)

@@ -74,8 +74,9 @@ def _passes(target: tvm.target.Target, fuse_norms: bool = False) -> list:
         relax.transform.CallTIRRewrite(),
     ]
     # decode/logits for > 8 rows (unfused, model-dtype weights): copied before the few-row rewrites.
-    # The RMSNorm fold (norm_gemv.py) is opt-in: on an H100 it measured no faster (bench/RESULTS.md)
-    few_rows = [FuseSwiGLU(), FewRowFactoredMatmuls()] + ([FuseNormMatmul()] if fuse_norms else [])  # swiglu_gemv.py
+    # The RMSNorm fold (norm_gemv.py; the one before gate/up in swiglu_gemv.py's call) is opt-in: on an H100 it
+    # measured no faster (bench/RESULTS.md)
+    few_rows = [FuseSwiGLU(fuse_norms=fuse_norms), FewRowFactoredMatmuls()] + ([FuseNormMatmul()] if fuse_norms else [])
     return ([AddWideFunctions(fuse_norms=fuse_norms), *few_rows, relax.transform.FuseTransposeMatmul()]
             + backend.library_dispatch_passes(target)
             + legalize + dataflow_lower + backend.finalize_passes(target))

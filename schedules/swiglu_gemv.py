@@ -22,6 +22,16 @@ the tensor-core GEMM: schedules/quant_wide.py) keep the unfused kernels.
 
 Numerics: the unfused graph rounds gate and up to the model dtype, then silu and the product; here both
 stay fp32 and the result is rounded once (tests/test_swiglu_gemv.py bounds it against numpy float64).
+
+With `--fuse_norms` (`FuseSwiGLU(fuse_norms=True)`) the RMSNorm before gate/up (post_attention_layernorm: it
+reads the residual stream that the O GEMV's epilogue wrote, and is read by gate/up only) rides in the same
+call, one kernel less a layer: norm_gemv.py's prologue composed with the epilogue above, no third copy of either.
+A bf16 weight: `rms_norm_matmul_te` over the stacked [2, I, K] weight (the (dot, Σx²) pair reduction, rstd on
+both sums) then `silu_multiply_te`, scheduled by norm_gemv.py's rule (its buckets 1 / 2 / 4 / 8, a warp's two
+columns gate and up of one i as here). A packed weight: `dequantize_matmul_te` with `norm` on the stacked
+components, then `silu_multiply_te`, scheduled by QuantGemv; on the CPU too (LLVM compiles any TIR; the tiny
+quantized models run it there), where the plain SwiGLU fusion does not apply. The normed x, gate and up are never
+rounded (tests/test_norm_swiglu_gemv.py).
 """
 
 from __future__ import annotations
@@ -47,6 +57,8 @@ from .low_batch import (
     schedule_row_chains,
     stream_over_k,
 )
+from .norm_gemv import QUANT_FUSED_TARGETS, last_axis_norm, rms_norm_matmul_te
+from .quant_fusion import uses_byte_perm
 
 FUSED_FUNCTIONS = ("decode",)  # prefill (many rows) keeps the GEMM and the silu·mul kernel
 BLOCK = "swiglu_matmul"  # the bf16 reduction block [rows, 2, I] the schedule looks for
@@ -97,10 +109,12 @@ def _stacked(expr: relax.Expr, size) -> relax.Expr:
     return relax.op.reshape(expr, relax.ShapeExpr([HALVES, size, *list(expr.ty.shape.values)[1:]]))
 
 
-def fuse_swiglu(func: relax.Function, builder: relax.BlockBuilder, mod: IRModule, target) -> relax.Function:
+def fuse_swiglu(func: relax.Function, builder: relax.BlockBuilder, mod: IRModule, target,
+                fuse_norms: bool = False) -> relax.Function:
     """`func` with each silu(gate)·up over a gate/up matmul of a stored float weight (CUDA) or a packed
     quantized one (CUDA, where __byte_perm exists) replaced by one call (module docstring), its PrimFunc
-    added to `builder`'s module; `func` itself where nothing applies."""
+    added to `builder`'s module; `func` itself where nothing applies. `fuse_norms`: an RMSNorm before the
+    matmul rides in the same call (norm_gemv.py's prologue), for a packed weight on the CPU too."""
     weight = is_op("relax.permute_dims")(wildcard())
     matmul = is_op("relax.matmul")(wildcard(), weight)
     halves = is_op("relax.split")(is_op("relax.astype")(matmul))
@@ -114,23 +128,32 @@ def fuse_swiglu(func: relax.Function, builder: relax.BlockBuilder, mod: IRModule
         split = matches[halves]
         sections, axes = split.attrs.indices_or_sections, matches[weight].attrs.axes
         x_shape, out_dtype = list(x.ty.shape.values), call.ty.dtype
+        norm = last_axis_norm(bound.get(x)) if fuse_norms else None
+        on_cuda = target is not None and target.kind.name == "cuda"
         if (not isinstance(sections, tirx.IntImm) or int(sections) != 2
                 or int(split.attrs.axis) % len(x_shape) != len(x_shape) - 1
-                or [int(a) for a in axes or [1, 0]] != [1, 0] or target is None or target.kind.name != "cuda"):
+                or [int(a) for a in axes or [1, 0]] != [1, 0]
+                or not (on_cuda or norm is not None and target.kind.name in QUANT_FUSED_TARGETS)):
             return call
+        # with the norm: its input and γ are the call's first operands, the PrimFunc's prologue applies it
+        x_in, prologue = (x, []) if norm is None else (norm.args[0], [norm.args[1]])
+        gamma = [te.placeholder(list(g.ty.shape.values), g.ty.dtype, name="gamma") for g in prologue]
+        eps, prefix = (None, "") if norm is None else (float(norm.attrs.epsilon), "rms_norm_")
         k, size = x_shape[-1], call.ty.shape.values[-1]
         value = bound.get(w)
         if isinstance(value, relax.Call) and value.op.name == "relax.astype":
             value = bound.get(value.args[0], value.args[0])
         if not isinstance(value, relax.Call):  # a stored weight of the model dtype (a parameter's tuple item)
-            if w.ty.dtype != x.ty.dtype or not _streams(target, k, size, w.ty.dtype):
+            if not on_cuda or w.ty.dtype != x.ty.dtype or not _streams(target, k, size, w.ty.dtype):
                 return call
             rows = tvm.sym.Analyzer().simplify(functools.reduce(lambda a, b: a * b, x_shape[:-1]))
             xp = te.placeholder((rows, k), x.ty.dtype, name="x")
             wp = te.placeholder((HALVES, size, k), w.ty.dtype, name="w")
-            out = swiglu_matmul_te(xp, wp, out_dtype)
-            gv = builder.add_func(_opaque(te.create_prim_func([xp, wp, out])), BLOCK)
-            y = relax.call_tir(gv, relax.Tuple([relax.op.reshape(x, relax.ShapeExpr([rows, k])), _stacked(w, size)]),
+            out = (swiglu_matmul_te(xp, wp, out_dtype) if norm is None
+                   else silu_multiply_te(rms_norm_matmul_te(xp, gamma[0], wp, eps, "float32"), out_dtype))
+            gv = builder.add_func(_opaque(te.create_prim_func([xp, *gamma, wp, out])), prefix + BLOCK)
+            y = relax.call_tir(gv, relax.Tuple([relax.op.reshape(x_in, relax.ShapeExpr([rows, k])), *prologue,
+                                                _stacked(w, size)]),
                                relax.TensorType(list(out.shape), out_dtype))
             fused.append(gv)
             return relax.op.reshape(y, call.ty.shape)
@@ -144,10 +167,13 @@ def fuse_swiglu(func: relax.Function, builder: relax.BlockBuilder, mod: IRModule
         xp = te.placeholder(x_shape, x.ty.dtype, name="x")
         views = [te.placeholder((HALVES, size, *list(c.ty.shape.values)[1:]), c.ty.dtype, name=f"w{j}")
                  for j, c in enumerate(components)]
-        out = silu_multiply_te(dequantize_matmul_te(qtype, xp, views, byte_perm=True), out_dtype)
-        gv = builder.add_func(_opaque(te.create_prim_func([xp, *views, out])), f"dequantize_{qtype}_{EPILOGUE}")
+        gate_up = dequantize_matmul_te(qtype, xp, views, byte_perm=uses_byte_perm(target),
+                                       norm=None if norm is None else (gamma[0], eps))
+        out = silu_multiply_te(gate_up, out_dtype)
+        gv = builder.add_func(_opaque(te.create_prim_func([xp, *gamma, *views, out])),
+                              f"{prefix}dequantize_{qtype}_{EPILOGUE}")
         fused.append(gv)
-        y = relax.call_tir(gv, relax.Tuple([x, *(_stacked(c, size) for c in components)]),
+        y = relax.call_tir(gv, relax.Tuple([x_in, *prologue, *(_stacked(c, size) for c in components)]),
                            relax.TensorType(list(out.shape), out_dtype))
         return relax.op.reshape(y, call.ty.shape)
 
@@ -162,14 +188,17 @@ def fuses_swiglu(func: relax.Function, mod: IRModule, target) -> bool:
 
 @tvm.transform.module_pass(opt_level=0, name="FuseSwiGLU")
 class FuseSwiGLU:
-    """fuse_swiglu in the Relax functions `functions`, on CUDA (before legalization and the quantized rewrites)."""
+    """fuse_swiglu in the Relax functions `functions`, on CUDA (before legalization and the quantized rewrites;
+    `fuse_norms`: also before FuseNormMatmul, which would otherwise take the RMSNorm before gate/up)."""
 
-    def __init__(self, functions: tuple[str, ...] = FUSED_FUNCTIONS):
+    def __init__(self, functions: tuple[str, ...] = FUSED_FUNCTIONS, fuse_norms: bool = False):
         self.functions = functions
+        self.fuse_norms = fuse_norms
 
     def transform_module(self, mod: IRModule, _ctx) -> IRModule:
         target = tvm.target.Target.current(allow_none=True)
-        out = rewrite_functions(mod, self.functions, lambda func, builder: fuse_swiglu(func, builder, mod, target))
+        out = rewrite_functions(mod, self.functions,
+                                lambda func, builder: fuse_swiglu(func, builder, mod, target, self.fuse_norms))
         return relax.transform.DeadCodeElimination()(out)
 
 

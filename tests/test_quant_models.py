@@ -9,6 +9,8 @@ they must agree with the dequantize path too, and the engine's tokens must not d
 With `--fuse_norms` the fused GEMVs carry decode's RMSNorms: the same logits and tokens as without.
 """
 
+import re
+
 import numpy as np
 import pytest
 import yaml
@@ -191,11 +193,14 @@ def test_random_weights_fill_a_quantized_artifact(case, tmp_path):
 
 def test_norms_folded_into_the_gemvs_decode_alike(case):
     """`--fuse_norms`: decode's QKV and gate/up GEMVs carry their RMSNorm (no norm kernel; the Llama's layer 0
-    folds it into each of its q, k, v parts). Decode logits of 1 and 8 sequences equal the unfused native
+    folds it into each of its q, k, v parts), the gate/up one silu·up too (schedules/swiglu_gemv.py, on the CPU
+    only with the norm). Decode logits of 1 and 8 sequences equal the unfused native
     artifact's within 1e-4 of their largest: both sum in fp32 and the fp32 model rounds the unfused normed x to
     fp32 only (the differences are fp32 summation order, ~1e-6); 32 greedy tokens are identical."""
     library = {k: (case[k] / _manifest(case[k])["library"]).read_bytes() for k in ("fused", "native")}
     assert b"rms_norm_dequantize_q" in library["fused"] and b"rms_norm_dequantize_q" not in library["native"]
+    assert re.search(rb"rms_norm_dequantize_q\w+_silu_multiply", library["fused"])
+    assert b"silu_multiply" not in library["native"]
     for n in (1, FUSED_ROWS):
         _, fused = _decode_logits(case["fused"], _wide_prompts(n))
         _, plain = _decode_logits(case["native"], _wide_prompts(n))

@@ -87,27 +87,36 @@ def test_bf16_fused_equals_gate_up_then_silu_mul(rows):
     assert err.max() <= np.abs(unfused - want).max()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8])
-@pytest.mark.parametrize("qtype", ["q4_k", "q8_0", "q6_k"])
-def test_quantized_fused_equals_dequantize_then_silu_mul(qtype, rows):
-    """ggml's blocks repacked and viewed [2, 4, ...] (gate, up): dequantize_matmul_te on the stacked components
-    plus the epilogue equals float64 numpy of gguf's dequantized weight, gate/up then silu·mul, within fp32."""
+def stacked_vectors(qtype: str) -> tuple[np.ndarray, dict]:
+    """ggml's own 8 × 512 blocks of `qtype`: gguf's float64 dequantization and Kiln's components viewed [2, 4, ...]
+    (gate rows 0-3, up rows 4-7)."""
     f = GGUFFile(VECTORS)
     name = f"{qtype}.q"
     n, k = 8, 512
     weight = gguf.quants.dequantize(f.blocks(name), f.tensors[name][0]).reshape(n, k).astype(np.float64)
     comps = repack(qtype, f.blocks(name), k)
-    stacked = [np.ascontiguousarray(c.reshape(2, n // 2, *c.shape[1:])) for c in comps.values()]
+    return weight, {nm: np.ascontiguousarray(c.reshape(2, n // 2, *c.shape[1:])) for nm, c in comps.items()}
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("qtype", ["q4_k", "q8_0", "q6_k"])
+def test_quantized_fused_equals_dequantize_then_silu_mul(qtype, rows):
+    """ggml's blocks repacked and viewed [2, 4, ...] (gate, up): dequantize_matmul_te on the stacked components
+    plus the epilogue equals float64 numpy of gguf's dequantized weight, gate/up then silu·mul, within fp32."""
+    weight, stacked = stacked_vectors(qtype)
+    n, k = weight.shape
     x = np.random.default_rng(rows).standard_normal((rows, k)).astype(np.float32)
     xp = te.placeholder((i64(rows), i64(k)), "float32", name="x")
-    views = [te.placeholder(tuple(i64(d) for d in c.shape), str(c.dtype), name=nm) for nm, c in zip(comps, stacked)]
+    views = [te.placeholder(tuple(i64(d) for d in c.shape), str(c.dtype), name=nm) for nm, c in stacked.items()]
     func = te.create_prim_func([xp, *views, silu_multiply_te(dequantize_matmul_te(qtype, xp, views), "float32")])
-    got = _run_llvm(func, [x, *stacked], (rows, 1, n // 2), "float32").reshape(rows, n // 2)
+    got = _run_llvm(func, [x, *stacked.values()], (rows, 1, n // 2), "float32").reshape(rows, n // 2)
     want = _silu_mul(x.astype(np.float64) @ weight.T)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
-def _decode_passes(model: str, target: tvm.target.Target, quant: str | None = None) -> tvm.IRModule:
+def _decode_passes(model: str, target: tvm.target.Target, quant: str | None = None,
+                   fuse_norms: bool = False) -> tvm.IRModule:
+    """`model`'s one-layer module after AddWideFunctions and FuseSwiGLU (`fuse_norms` as --fuse_norms gives)."""
     _, config, _ = resolve(model)
     cfg = ModelConfig.from_dict({**config, "num_hidden_layers": 1}, "test")
     kv = paged_kv_kernels(target, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim, "bfloat16")
@@ -117,14 +126,17 @@ def _decode_passes(model: str, target: tvm.target.Target, quant: str | None = No
         types = plan_quantize(quant_type_of(quant), params, cfg).types
     mod, _ = export(cfg, "bfloat16", target, 256, 1024, kv, types)
     with target:
-        return tvm.transform.Sequential([AddWideFunctions(), FuseSwiGLU()])(mod)
+        passes = [AddWideFunctions(fuse_norms=fuse_norms), FuseSwiGLU(fuse_norms=fuse_norms)]
+        return tvm.transform.Sequential(passes)(mod)
 
 
 def _fused_calls(func: relax.Function) -> int:
-    """Calls of the fused PrimFunc (bf16's swiglu_matmul or a quantized type's dequantize_<qtype>_silu_multiply)."""
+    """Calls of the fused PrimFunc (bf16's swiglu_matmul or a quantized type's dequantize_<qtype>_silu_multiply,
+    either with the RMSNorm before it: rms_norm_*)."""
     calls = []
     relax.analysis.post_order_visit(func, lambda e: calls.append(e) if isinstance(e, relax.Call) and isinstance(
-        e.args[0] if e.args else None, relax.GlobalVar) and e.args[0].name_hint.startswith((BLOCK, "dequantize_"))
+        e.args[0] if e.args else None, relax.GlobalVar)
+        and e.args[0].name_hint.removeprefix("rms_norm_").startswith((BLOCK, "dequantize_"))
         and e.args[0].name_hint.endswith((BLOCK, EPILOGUE)) else None)
     return len(calls)
 
