@@ -117,7 +117,8 @@ def fuse_swiglu(func: relax.Function, builder: relax.BlockBuilder, mod: IRModule
     matmul rides in the same call (norm_gemv.py's prologue), for a packed weight on the CPU too."""
     weight = is_op("relax.permute_dims")(wildcard())
     matmul = is_op("relax.matmul")(wildcard(), weight)
-    halves = is_op("relax.split")(is_op("relax.astype")(matmul))
+    cast = is_op("relax.astype")(matmul)
+    halves = is_op("relax.split")(cast | matmul)  # an fp32 model's matmul has no cast
     product = is_op("relax.multiply")(is_op("relax.nn.silu")(is_tuple_get_item(halves, 0)),
                                       is_tuple_get_item(halves, 1))
     bound = relax.analysis.get_var2val(func)
@@ -130,9 +131,10 @@ def fuse_swiglu(func: relax.Function, builder: relax.BlockBuilder, mod: IRModule
         x_shape, out_dtype = list(x.ty.shape.values), call.ty.dtype
         norm = last_axis_norm(bound.get(x)) if fuse_norms else None
         on_cuda = target is not None and target.kind.name == "cuda"
+        fp32_model = cast not in matches  # no cast after the matmul (the CPU's fp32): a packed weight with a norm only
         if (not isinstance(sections, tirx.IntImm) or int(sections) != 2
                 or int(split.attrs.axis) % len(x_shape) != len(x_shape) - 1
-                or [int(a) for a in axes or [1, 0]] != [1, 0]
+                or [int(a) for a in axes or [1, 0]] != [1, 0] or fp32_model and norm is None
                 or not (on_cuda or norm is not None and target.kind.name in QUANT_FUSED_TARGETS)):
             return call
         # with the norm: its input and γ are the call's first operands, the PrimFunc's prologue applies it
@@ -144,7 +146,7 @@ def fuse_swiglu(func: relax.Function, builder: relax.BlockBuilder, mod: IRModule
         if isinstance(value, relax.Call) and value.op.name == "relax.astype":
             value = bound.get(value.args[0], value.args[0])
         if not isinstance(value, relax.Call):  # a stored weight of the model dtype (a parameter's tuple item)
-            if not on_cuda or w.ty.dtype != x.ty.dtype or not _streams(target, k, size, w.ty.dtype):
+            if not on_cuda or fp32_model or w.ty.dtype != x.ty.dtype or not _streams(target, k, size, w.ty.dtype):
                 return call
             rows = tvm.sym.Analyzer().simplify(functools.reduce(lambda a, b: a * b, x_shape[:-1]))
             xp = te.placeholder((rows, k), x.ty.dtype, name="x")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
 import sys
 
 import ml_dtypes
@@ -126,12 +128,12 @@ def _norm_carrying_calls(func: relax.Function) -> int:
 def test_pass_folds_the_norm_into_decode_swiglu(quant):
     """One Qwen3 layer with --fuse_norms: decode's post-attention RMSNorm, gate/up, silu and multiply are one call
     (its input_layernorm and the final norm are left to FuseNormMatmul, which runs after), on CUDA and for packed
-    weights on the CPU; `decode_wide` and prefill keep all three norms; without --fuse_norms the norm stays apart;
-    Metal declines."""
+    weights on the CPU (bf16, and fp32, whose matmul has no cast after it); `decode_wide` and prefill keep all three
+    norms; without --fuse_norms the norm stays apart; Metal declines."""
     cuda = targets.tvm_target("cuda", targets.DEFAULT_CUDA_ARCH)
-    on = [cuda] + ([tvm.target.Target("llvm")] if quant else [])
-    for target in on:
-        mod = _decode_passes("qwen3", target, quant, fuse_norms=True)
+    on = [(cuda, "bfloat16")] + ([(tvm.target.Target("llvm"), d) for d in ("bfloat16", "float32")] if quant else [])
+    for target, dtype in on:
+        mod = _decode_passes("qwen3", target, quant, fuse_norms=True, dtype=dtype)
         assert _norm_carrying_calls(mod["decode"]) == 1 and _fused_calls(mod["decode"]) == 1, target
         assert _norm_ops(mod["decode"]) == 2 and _silu_ops(mod["decode"]) == 0, target
         for name in ("decode_wide", "prefill"):
@@ -158,19 +160,41 @@ def test_bf16_every_bucket_compiles_to_the_streaming_shape(tmp_path):
     assert kernel_source(funcs).count("expf(") == len(funcs)
 
 
-@pytest.mark.parametrize("qtype", list(QUANT_TYPES))
-def test_quantized_compiles_for_cuda(qtype):
-    """QuantGemv takes the norm-carrying stacked PrimFunc of every type: three kernels (M tiles 1, 4, 8), each
-    computing silu·up once per output from registers."""
-    k, size = 1024, 256
+def _quant_func(qtype: str, k: int, size: int) -> tirx.PrimFunc:
+    """The norm-carrying gate/up·SwiGLU PrimFunc FuseSwiGLU gives a packed [2·size, k] weight on CUDA."""
     x = te.placeholder((tirx.Var("b", "int64"), i64(1), i64(k)), "bfloat16", name="x")
     g = te.placeholder((i64(k),), "bfloat16", name="gamma")
     shapes = QUANT_TYPES[qtype].shapes(2 * size, k)
     views = [te.placeholder((i64(2), i64(size), i64(shapes[nm][1])), c.dtype, name=nm)
              for nm, c in QUANT_TYPES[qtype].components.items()]
     out = silu_multiply_te(dequantize_matmul_te(qtype, x, views, byte_perm=True, norm=(g, EPS)), "bfloat16")
-    kernel = QuantGemv().kernel(te.create_prim_func([x, g, *views, out]), H100)
+    return te.create_prim_func([x, g, *views, out])
+
+
+@pytest.mark.parametrize("qtype", list(QUANT_TYPES))
+def test_quantized_compiles_for_cuda(qtype):
+    """QuantGemv takes the norm-carrying stacked PrimFunc of every type: three kernels (M tiles 1, 4, 8), each
+    computing silu·up once per output from registers."""
+    kernel = QuantGemv().kernel(_quant_func(qtype, 1024, 256), H100)
     assert kernel is not None
     src = kernel_source({"nsw": kernel.with_attr("global_symbol", "nsw")})
     assert len(set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (nsw_kernel\w*)\(", src))) == 3
     assert src.count("expf(") == 3
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_quantized_nvcc_no_spills_at_model_shapes(tmp_path):
+    """Q4_K, Q6_K and Q8_0 at Llama-3.1-8B's and Qwen3-0.6B's gate/up (4096 → 2 × 14336, 1024 → 2 × 3072): every
+    M-tile kernel builds with nvcc for sm_90a without a spill (registers a thread: bench/RESULTS.md)."""
+    funcs = {}
+    for k, size in ((4096, 14336), (1024, 3072)):
+        for qtype in ("q4_k", "q6_k", "q8_0"):
+            name = f"nsw_{qtype}_{k}"
+            funcs[name] = QuantGemv().kernel(_quant_func(qtype, k, size), H100).with_attr("global_symbol", name)
+    cu = tmp_path / "k.cu"
+    cu.write_text(kernel_source(funcs))
+    res = subprocess.run(["nvcc", "-cubin", "-w", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
+                          "-o", str(tmp_path / "k.cubin"), str(cu)], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores", res.stderr)
+    assert len(frames) == 3 * len(funcs) and all(f == ("0", "0") for f in frames), frames

@@ -5,11 +5,13 @@ The CPU tests run the quantized PrimFuncs through LLVM only; on CUDA they take K
 kernel CUDA codegen cannot emit (a thread-local buffer sized by the run-time row count) fails the whole
 compile. The wide functions (`decode_wide`, `logits_wide`: unfused dequantize + the tensor-core GEMM, for
 more than 8 sequences) must be in the library too; with `--fuse_norms` decode's GEMVs carrying their RMSNorm
-(schedules/norm_gemv.py) compile as well. The tiny Llama's GGUF is the Q4_K_M-like mix of tests/test_quant_models.py: Q4_K, Q6_K for
-layer 0's v projection (split q/k/v matmuls), layer 1's down projection and the LM head, a Q3_K embedding.
+(schedules/norm_gemv.py; gate/up's with silu·up, schedules/swiglu_gemv.py) compile as well. The tiny Llama's
+GGUF is the Q4_K_M-like mix of tests/test_quant_models.py: Q4_K, Q6_K for layer 0's v projection (split q/k/v matmuls), layer 1's down projection and the LM head, a Q3_K embedding.
 nvcc is left out (it would more than double the test's time): the failures live in TVM's CUDA codegen, and
 tests/test_quant_kernels.py compiles the quantized kernels with nvcc.
 """
+
+import re
 
 import pytest
 import yaml
@@ -39,3 +41,6 @@ def test_mixed_gguf_compiles_for_cuda(tmp_path, monkeypatch, fuse_norms):
     vm_text = built[0].as_text()
     assert all(f"@{name}:" in vm_text for name in ("decode", "decode_wide", "logits", "logits_wide"))
     assert ("rms_norm_dequantize_q" in vm_text) == fuse_norms  # --fuse_norms: the norm-carrying GEMVs are called
+    # gate/up's carrying silu·up as well (schedules/swiglu_gemv.py), with the norm under --fuse_norms
+    assert [bool(re.search(rf"@{p}dequantize_q\w+_silu_multiply", vm_text)) for p in ("", "rms_norm_")] == \
+        [not fuse_norms, fuse_norms]

@@ -115,16 +115,16 @@ def test_quantized_fused_equals_dequantize_then_silu_mul(qtype, rows):
 
 
 def _decode_passes(model: str, target: tvm.target.Target, quant: str | None = None,
-                   fuse_norms: bool = False) -> tvm.IRModule:
+                   fuse_norms: bool = False, dtype: str = "bfloat16") -> tvm.IRModule:
     """`model`'s one-layer module after AddWideFunctions and FuseSwiGLU (`fuse_norms` as --fuse_norms gives)."""
     _, config, _ = resolve(model)
     cfg = ModelConfig.from_dict({**config, "num_hidden_layers": 1}, "test")
-    kv = paged_kv_kernels(target, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim, "bfloat16")
+    kv = paged_kv_kernels(target, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim, dtype)
     types = None
     if quant:
-        params = [(n, tuple(int(d) for d in p.shape)) for n, p in build_model(cfg, "bfloat16", None).named_parameters()]
+        params = [(n, tuple(int(d) for d in p.shape)) for n, p in build_model(cfg, dtype, None).named_parameters()]
         types = plan_quantize(quant_type_of(quant), params, cfg).types
-    mod, _ = export(cfg, "bfloat16", target, 256, 1024, kv, types)
+    mod, _ = export(cfg, dtype, target, 256, 1024, kv, types)
     with target:
         passes = [AddWideFunctions(fuse_norms=fuse_norms), FuseSwiGLU(fuse_norms=fuse_norms)]
         return tvm.transform.Sequential(passes)(mod)
