@@ -6,8 +6,8 @@ kernel CUDA codegen cannot emit (a thread-local buffer sized by the run-time row
 compile. The wide functions (`decode_wide`, `logits_wide`: unfused dequantize + the tensor-core GEMM, for
 more than 8 sequences) must be in the library too; with `--fuse_norms` decode's GEMVs carrying their RMSNorm
 (schedules/norm_gemv.py; gate/up's with silu·up, schedules/swiglu_gemv.py) compile as well. The tiny Llama's
-GGUF is the Q4_K_M-like mix of tests/test_quant_models.py: Q4_K, Q6_K for layer 0's v projection (split q/k/v matmuls), layer 1's down projection and the LM head, a Q3_K embedding.
-nvcc is left out (it would more than double the test's time): the failures live in TVM's CUDA codegen, and
+GGUF is the Q4_K_M-like mix of tests/test_quant_models.py: Q4_K, Q6_K for layer 0's v projection (split q/k/v
+matmuls), layer 1's down projection and the LM head, a Q3_K embedding. nvcc is left out (it would more than double the test's time): the failures live in TVM's CUDA codegen, and
 tests/test_quant_kernels.py compiles the quantized kernels with nvcc.
 """
 
