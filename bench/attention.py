@@ -3,6 +3,8 @@
 Two steps, because the GPU machine has no TVM compiler:
   python bench/attention.py build --out .gpu/attn          # here: kernels -> kernels.so (CUDA source)
   python attention.py run --lib .gpu/attn/kernels.so --out $OUT   # GPU: nvcc at load, check, time
+  (run --what decode --kernels A,B: only those decode kernels; a library built from another commit
+  runs under this script too, e.g. main's kernel against a branch's in one call)
 
 One Llama-3.1-8B attention layer: 32 query heads, 8 KV heads, head_dim 128, bf16, page size 16.
 Decode is timed against the measured device-to-device copy bandwidth (bytes of K and V read),
@@ -21,7 +23,8 @@ DTYPE = "bfloat16"
 DECODE_SHAPES = [(b, c) for b in (1, 16, 64) for c in (1024, 8192, 32768)]
 PREFILL_LENS = (1024, 4096, 16384)
 PAGED_TIMING = (1024, 15360)  # (new tokens, cached tokens) of the timed paged prefill
-DECODE_KERNELS = ("kiln_decode_paged_kv", "kiln_decode_paged_kv_v3", "kiln_decode_paged_kv_s5", "tvm_decode")
+DECODE_KERNELS = ("kiln_decode_paged_kv", "kiln_decode_paged_kv_v3", "kiln_decode_paged_kv_s5", "kiln_decode_paged_kv_m8",
+                  "kiln_decode_paged_kv_m32", "tvm_decode")
 METAL_DECODE = "kiln_metal_decode_paged_kv"  # Metal-form kernels, compiled for CUDA: checked, timed for reference
 
 
@@ -91,6 +94,7 @@ class Bench:
         self.dev = torch.device("cuda")
         self.flush_buf = torch.empty(512 << 20, dtype=torch.int8, device=self.dev)
         self.rows, self.checks = [], []
+        self.decode_kernels = DECODE_KERNELS
         self.gen = torch.Generator(device=self.dev).manual_seed(0)
 
     def tv(self, t):
@@ -229,15 +233,17 @@ class Bench:
         del pages, calls
         return ok, (ms, ms_stream)
 
-    DECODE_CHECKS = ([1, 17, 300, 4111], [5000], [16, 15, 33], [0, 40, 0], [8192] * 2, [3000] * 16)
+    # the last three, at 8 KV heads: 3 sequences of 11 splits; 1, 2, 3 and 6 splits in one batch; 64 of one split
+    DECODE_CHECKS = ([1, 17, 300, 4111], [5000], [16, 15, 33], [0, 40, 0], [8192] * 2, [3000] * 16, [9000] * 3,
+                     [700, 64, 65, 129, 700], [100] * 64)
 
     def run_decode(self, bw):
         for lens in self.DECODE_CHECKS:
-            for fname in [n for n in DECODE_KERNELS[:-1] if self.has(n)]:
+            for fname in [n for n in self.decode_kernels if n != "tvm_decode" and self.has(n)]:
                 self.decode_case(fname, lens, check_only=True)
         for b, c in DECODE_SHAPES:
             nbytes = b * c * self.h_kv * self.d * 2 * 2
-            for fname in [n for n in DECODE_KERNELS if self.has(n)]:
+            for fname in [n for n in self.decode_kernels if self.has(n)]:
                 if fname == "tvm_decode" and (b, c) not in ((1, 8192), (16, 8192)):
                     continue  # the baseline: two points are enough to compare
                 ok, (ms, ms_s) = self.decode_case(fname, [c] * b, iters=10 if b * c >= 64 * 8192 else 20)
@@ -374,12 +380,15 @@ class Bench:
         return (ok, self.time_ms(call, iters)) if iters else ok
 
 
-def run(lib, out_dir, what):
+def run(lib, out_dir, what, kernels=None):
+    """`kernels`: comma-separated decode kernels to check and time (default: every one in DECODE_KERNELS)."""
     import torch
 
     with open(os.path.join(os.path.dirname(lib), "kernels.json")) as f:
         built = json.load(f)
     bench = Bench(_load(lib), out_dir, built)
+    if kernels:
+        bench.decode_kernels = tuple(kernels.split(","))
     name = torch.cuda.get_device_name()
     bw = bench.copy_bandwidth()
     print(f"device {name}; copy bandwidth {bw:.0f} GB/s", flush=True)
@@ -504,6 +513,7 @@ if __name__ == "__main__":
     r.add_argument("--lib", required=True)
     r.add_argument("--out", default=os.environ.get("OUT", "."))
     r.add_argument("--what", default="decode,prefill,metal")
+    r.add_argument("--kernels", default=None, help="comma-separated decode kernels to check and time (default: all)")
     eb = sub.add_parser("e2e-build")
     eb.add_argument("--out", default=".gpu/attn/e2e")
     er = sub.add_parser("e2e-run")
@@ -513,7 +523,7 @@ if __name__ == "__main__":
     if a.cmd == "build":
         build(a.out, a.only)
     elif a.cmd == "run":
-        run(a.lib, a.out, a.what)
+        run(a.lib, a.out, a.what, a.kernels)
     elif a.cmd == "e2e-build":
         e2e_build(a.out)
     else:

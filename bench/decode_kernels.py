@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tvm  # noqa: E402
+import tvm_ffi  # noqa: E402
 from tvm import relax  # noqa: E402
 
 from compile import targets  # noqa: E402
@@ -31,11 +32,19 @@ from model_defs.spec import build_model, export  # noqa: E402
 from schedules.attention.choice import paged_kv_kernels  # noqa: E402
 from schedules.pipeline import _passes  # noqa: E402
 
-SCHEDULING = ("KilnScheduleNormGEMV", "KilnLowBatchDispatch", "ApplyDefaultSchedule")  # schedule PrimFuncs, never change the calls: skipped
+SCHEDULING = ("KilnScheduleNormGEMV", "KilnScheduleSwiGLUGEMV", "KilnLowBatchDispatch", "ApplyDefaultSchedule")  # schedule PrimFuncs, never change the calls: skipped
 ATTENTION_CALL = "vm.builtin.attention_kv_cache_attention_with_fused_qkv"
-# What paged_kv_cache.cc launches for one decode attention call (Kiln's split-KV decode is two kernels)
-ATTENTION_KERNELS = ("rope (tir_split_rotary)", "kv append (kv_cache_transpose_append)",
-                     "attention decode (split KV)", "attention decode (merge)")
+# What paged_kv_cache.cc launches for one decode attention call: RoPE, the K/V append, then the decode
+# kernel's kernels (Kiln's split-KV decode: one on CUDA, whose last split block merges; two on Metal)
+ATTENTION_KERNELS = ("rope (tir_split_rotary)", "kv append (kv_cache_transpose_append)")
+
+
+def kernels_in(func: tvm.tirx.PrimFunc) -> int:
+    """Kernels a scheduled TIR PrimFunc launches: its loops bound to blockIdx.x (one a kernel)."""
+    found = []
+    tvm_ffi.structural_walk(func.body, [(tvm.tirx.For, lambda f: found.append(f) if f.thread_binding is not None
+                                         and f.thread_binding.thread_tag == "blockIdx.x" else None)])
+    return len(found)
 
 
 def decode_kernels(config: dict, target: str = "cuda", dtype: str = "bfloat16", quant: str | None = None,
@@ -56,6 +65,8 @@ def decode_kernels(config: dict, target: str = "cuda", dtype: str = "bfloat16", 
     config = {"relax.backend.use_cuda_graph": target == "cuda", "tirx.disable_cse_tir": target != "cpu"}
     with tvm.transform.PassContext(opt_level=3, config=config), tvm_target:
         mod = tvm.transform.Sequential(passes)(mod)
+    # TVM's own decode (no Kiln kernels): one kernel
+    attention = ATTENTION_KERNELS + ("attention decode",) * (kernels_in(kv["decode"]) if kv else 1)
     names = []
 
     def visit(expr):
@@ -65,7 +76,7 @@ def decode_kernels(config: dict, target: str = "cuda", dtype: str = "bfloat16", 
         if isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir":
             names.append(callee.name_hint)
         elif isinstance(callee, relax.ExternFunc) and callee.global_symbol == ATTENTION_CALL:  # call_dps_packed
-            names.extend(ATTENTION_KERNELS)
+            names.extend(attention)
 
     relax.analysis.post_order_visit(mod["decode"], visit)
     return names

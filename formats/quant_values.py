@@ -119,6 +119,17 @@ def parts(qtype: str, c: dict, n, k, byte_perm: bool = False):
     raise ValueError(qtype)
 
 
+class _OneOfStack:
+    """A component of one matrix of a stack (components [S, N, ...]): `[n, j]` reads `[*which, n, j]`, so that
+    `parts` indexes it as an [N, ...] component."""
+
+    def __init__(self, tensor: te.Tensor, which: tuple):
+        self.tensor, self.which = tensor, which
+
+    def __getitem__(self, index: tuple):
+        return self.tensor[(*self.which, *index)]
+
+
 def dequantize_matmul_te(qtype: str, x: te.Tensor, components: list[te.Tensor], byte_perm: bool = False,
                          norm: tuple[te.Tensor, float] | None = None) -> te.Tensor:
     """x · dequantize(W)ᵀ in fp32 ([..., K] x [N, K] -> [..., N]), the group scale factored out of the
@@ -129,24 +140,33 @@ def dequantize_matmul_te(qtype: str, x: te.Tensor, components: list[te.Tensor], 
     Blocks (named for the rules): `dequantize_<qtype>_codes` [N, K] (the codes as floats), `group_scale`
     and `group_min` [N, K/G], `group_dot` [..., N, K/G] and `group_sum` [..., K/G] (reductions over a
     group), then `NT_matmul` [..., N] (the reduction over groups, its reads all plain iterators, so that a
-    schedule can pad its row count).
+    schedule can pad its row count). Components with one more leading axis, [S, N, ...] (S matrices one
+    after the other viewed apart: gate and up as [2, I, ...], schedules/swiglu_gemv.py), give every weight
+    block that axis before N and `NT_matmul` [..., S, N].
 
     `norm` (γ [K], eps): rms_norm(x, γ) · dequantize(W)ᵀ instead (schedules/norm_gemv.py), the RMSNorm carried
     by the matmul: `norm_scaled` [..., K] = γ·x in fp32 is what `group_dot` and `group_sum` read, `group_square`
     [..., K/G] = Σ x² per group (per row of x, like `group_sum`), `NT_matmul` a pair (the sum, Σx²) reduced
     over groups, and `norm_rstd` multiplies the sum by rsqrt(Σx²/K + eps): no rounding of the normed x."""
-    c = dict(zip(_names(qtype), components))
-    rows, cols = components[0].shape[0], x.shape[-1]
+    stack = tuple(components[0].shape[:-2])  # () or (S,)
+    rows, cols = components[0].shape[-2], x.shape[-1]
+    lead = len(x.shape) - 1  # x's row axes
+
+    def c(which):
+        return {name: _OneOfStack(t, tuple(which)) for name, t in zip(_names(qtype), components)}
+
     group = GROUP[qtype]
     index = lambda v: tirx.IntImm(str(x.shape[-1].ty), v)  # noqa: E731  (x's index type: int64 from Relax)
     ngroups = cols // group
     f32 = lambda v: v.astype("float32")  # noqa: E731
     xs = x if norm is None else te.compute(x.shape, lambda *i: f32(x[i]) * f32(norm[0][i[-1]]), name="norm_scaled")
-    codes = te.compute((rows, cols), lambda n, k: parts(qtype, c, n, k, byte_perm)[1], name=f"dequantize_{qtype}_codes")
-    scale = te.compute((rows, ngroups), lambda n, g: parts(qtype, c, n, g * group, byte_perm)[0], name="group_scale")
+    codes = te.compute((*stack, rows, cols), lambda *w: parts(qtype, c(w[:-2]), w[-2], w[-1], byte_perm)[1],
+                       name=f"dequantize_{qtype}_codes")
+    scale = te.compute((*stack, rows, ngroups), lambda *w: parts(qtype, c(w[:-2]), w[-2], w[-1] * group, byte_perm)[0],
+                       name="group_scale")
     t = te.reduce_axis((index(0), index(group)), "t")
-    dot = te.compute((*x.shape[:-1], rows, ngroups), lambda *i: te.sum(
-        f32(xs[(*i[:-2], i[-1] * group + t)]) * codes[i[-2], i[-1] * group + t], axis=t), name="group_dot")
+    dot = te.compute((*x.shape[:-1], *stack, rows, ngroups), lambda *i: te.sum(
+        f32(xs[(*i[:lead], i[-1] * group + t)]) * codes[(*i[lead:-1], i[-1] * group + t)], axis=t), name="group_dot")
     g = te.reduce_axis((index(0), ngroups), "g")
 
     def per_group(name, value):  # [..., K/G]: Σ value(x index) over each group, once per row of x
@@ -155,17 +175,19 @@ def dequantize_matmul_te(qtype: str, x: te.Tensor, components: list[te.Tensor], 
                           name=name)
 
     if qtype in WITH_MIN:
-        low = te.compute((rows, ngroups), lambda n, g: parts(qtype, c, n, g * group, byte_perm)[2], name="group_min")
+        low = te.compute((*stack, rows, ngroups), lambda *w: parts(qtype, c(w[:-2]), w[-2], w[-1] * group, byte_perm)[2],
+                         name="group_min")
         xsum = per_group("group_sum", lambda i: f32(xs[i]))
-        term = lambda *i: scale[i[-1], g] * dot[(*i, g)] - low[i[-1], g] * xsum[(*i[:-1], g)]  # noqa: E731
+        term = lambda *i: scale[(*i[lead:], g)] * dot[(*i, g)] - low[(*i[lead:], g)] * xsum[(*i[:lead], g)]  # noqa: E731
     else:
-        term = lambda *i: scale[i[-1], g] * dot[(*i, g)]  # noqa: E731
+        term = lambda *i: scale[(*i[lead:], g)] * dot[(*i, g)]  # noqa: E731
+    out_shape = (*x.shape[:-1], *stack, rows)
     if norm is None:
-        return te.compute((*x.shape[:-1], rows), lambda *i: te.sum(term(*i), axis=g), name="NT_matmul")
+        return te.compute(out_shape, lambda *i: te.sum(term(*i), axis=g), name="NT_matmul")
     square = per_group("group_square", lambda i: f32(x[i]) * f32(x[i]))
     pair_sum = te.comm_reducer(lambda a, b: (a[0] + b[0], a[1] + b[1]),
                                lambda t0, t1: (tirx.const(0, t0), tirx.const(0, t1)), name="pair_sum")
-    total, squares = te.compute((*x.shape[:-1], rows), lambda *i: pair_sum((term(*i), square[(*i[:-1], g)]), axis=g),
+    total, squares = te.compute(out_shape, lambda *i: pair_sum((term(*i), square[(*i[:lead], g)]), axis=g),
                                 name="NT_matmul")
     eps = tirx.const(norm[1], "float32")
     return te.compute(total.shape, lambda *i: total[i] * tirx.rsqrt(squares[i] / tirx.Cast("float32", cols) + eps), name="norm_rstd")

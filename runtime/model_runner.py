@@ -20,7 +20,7 @@ from .cudart import Event, HostReadback, is_nonblocking_stream
 from formats.errors import KilnError
 
 _TARGET_DEVICE = {"cpu": "cpu", "cuda": "cuda", "metal": "metal"}
-FUSED_ROWS = 8  # decode/logits run their fused few-row GEMVs (dequantize, RMSNorm) up to this many rows
+FUSED_ROWS = 8  # decode/logits run their fused few-row GEMVs (dequantize, RMSNorm, SwiGLU) up to this many rows
 _KDL_CUDA = 2  # DLPack's device type of a CUDA GPU
 _KV_DEVICE_AT = 1768  # byte offset of the KV cache object's device_ field in TVM 0.27 (tests/test_overlap.py pins it)
 
@@ -239,7 +239,7 @@ class ModelRunner:
     def _for_rows(self, name: str, rows: int):
         """VM function `name` ("decode" or "logits") for `rows` sequences: the artifact's unfused
         `<name>_wide` (the tensor-core GEMM) above FUSED_ROWS, where the fused GEMV's per-row work (a
-        quantized weight's dequantizing, the RMSNorm prologue's re-reads per 8 rows) costs more."""
+        quantized weight's dequantizing, the RMSNorm prologue's re-reads per 8 rows, the SwiGLU pairs) costs more."""
         return self.vm[f"{name}_wide" if rows > FUSED_ROWS and name in self._wide else name]
 
     def _chunks(self, token_lists):

@@ -1,8 +1,8 @@
 """Rewrite some Relax functions of a module whose rewrites add PrimFuncs: the shared frame of the decode fusions.
 
-Each decode fusion pass (quant_fusion.py's few-row rewrite, norm_gemv.py's) rewrites only the functions it is
-given (`decode`, `logits`: few rows) and adds a PrimFunc per new call; adding them all through one BlockBuilder
-over the module names each PrimFunc once and keeps the other functions as they were.
+Each decode fusion pass (quant_fusion.py's few-row rewrite, norm_gemv.py's, swiglu_gemv.py's) rewrites only the
+functions it is given (`decode`, `logits`: few rows) and adds a PrimFunc per new call; adding them all through
+one BlockBuilder over the module names each PrimFunc once and keeps the other functions as they were.
 """
 
 from __future__ import annotations

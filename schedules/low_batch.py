@@ -117,10 +117,36 @@ def stream_over_k(sch, block, pad_input_block, batch_pad: int, warps: int, tile_
         sch.set_scope(partial, i, "local")
     sch.unroll(u)
     sch.reverse_compute_at(block, ty, preserve_unit_loops=True)
-    lane, bi, ts = sch.get_loops(block)[-3:]
-    sch.reorder(bi, ts, lane)
+    lane, *spatial = sch.get_loops(block)[-len(sch.get(block).iter_vars):]  # the lanes, rows, columns (maybe 2-D)
+    sch.reorder(*spatial, lane)
     sch.bind(lane, "threadIdx.x")
     return ty
+
+
+def holds_block(func: tirx.PrimFunc, name: str) -> bool:
+    """Whether `func` has a block `name` (how a fused GEMV's rule knows its PrimFunc; FuseOps leaves them opaque)."""
+    try:
+        s_tir.Schedule(func).get_sblock(name)
+        return True
+    except s_tir.schedule.ScheduleError:
+        return False
+
+
+def schedule_row_chains(mod: IRModule, block: str, schedule, limits_and_buckets) -> IRModule:
+    """Every unscheduled PrimFunc of `mod` holding `block` replaced by the run-time chain of `schedule(func,
+    bucket)` over `limits_and_buckets` (the last bucket's kernel takes any number of rows) and marked
+    `tirx.is_scheduled`: the fused GEMVs whose blocks LowBatchGEMV's analysis does not know (norm_gemv.py,
+    swiglu_gemv.py)."""
+    for gvar, func in mod.functions_items():
+        if (not isinstance(func, tirx.PrimFunc) or func.attrs and "tirx.is_scheduled" in func.attrs
+                or not holds_block(func, block)):
+            continue
+        rows = single_dynamic_dim(func)
+        chained = schedule(func, limits_and_buckets[-1][1])
+        for limit, bucket in reversed(limits_and_buckets[:-1]):
+            chained = branch_on_rows(schedule(func, bucket), chained, rows, limit)
+        mod.update_func(gvar, chained.with_attr("tirx.is_scheduled", True))
+    return mod
 
 
 def _schedule(func: tirx.PrimFunc, rules: list) -> tirx.PrimFunc:

@@ -48,9 +48,9 @@ from .low_batch import (
     LIMITS_AND_BUCKETS,
     LOAD_BYTES,
     WARP,
-    branch_on_rows,
     gemv_tiling,
-    single_dynamic_dim,
+    holds_block,
+    schedule_row_chains,
     stream_over_k,
 )
 from .quant_fusion import QTYPE_ATTR, factored_matmul, uses_byte_perm
@@ -181,7 +181,7 @@ class FuseNormMatmul:
 def norm_gemv(func: tirx.PrimFunc, bucket: int) -> tirx.PrimFunc | None:
     """`func` (rms_norm_matmul_te's PrimFunc) scheduled for `bucket` rows a block (rows padded with zeros),
     or None when it is not that PrimFunc."""
-    if not _is_norm_matmul(func):
+    if not holds_block(func, BLOCK):
         return None
     sch = s_tir.Schedule(func)
     block, epilogue = sch.get_sblock(BLOCK), sch.get_sblock("rstd_cast")
@@ -208,28 +208,10 @@ def norm_gemv(func: tirx.PrimFunc, bucket: int) -> tirx.PrimFunc | None:
     return sch.mod["main"]
 
 
-def _is_norm_matmul(func: tirx.PrimFunc) -> bool:
-    """Whether `func` holds rms_norm_matmul_te's reduction block (FuseOps leaves the opaque call alone)."""
-    try:
-        s_tir.Schedule(func).get_sblock(BLOCK)
-        return True
-    except s_tir.schedule.ScheduleError:
-        return False
-
-
 @tvm.transform.module_pass(opt_level=0, name="KilnScheduleNormGEMV")
 class ScheduleNormGEMV:
     """Schedules every rms_norm_matmul PrimFunc as the run-time chain of its 1 / 2 / 4 / 8-row kernels and marks it
     `tirx.is_scheduled` (LowBatchGEMV's analysis does not know a tuple reduction)."""
 
     def transform_module(self, mod: IRModule, _ctx) -> IRModule:
-        for gvar, func in mod.functions_items():
-            if (not isinstance(func, tirx.PrimFunc) or func.attrs and "tirx.is_scheduled" in func.attrs
-                    or not _is_norm_matmul(func)):
-                continue
-            rows = single_dynamic_dim(func)
-            chained = norm_gemv(func, ROW_BUCKETS[-1][1])  # the last bucket takes any number of rows
-            for limit, bucket in reversed(ROW_BUCKETS[:-1]):
-                chained = branch_on_rows(norm_gemv(func, bucket), chained, rows, limit)
-            mod.update_func(gvar, chained.with_attr("tirx.is_scheduled", True))
-        return mod
+        return schedule_row_chains(mod, BLOCK, norm_gemv, ROW_BUCKETS)

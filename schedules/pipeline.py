@@ -25,6 +25,7 @@ from .quant_dispatch import QuantKernels
 from .quant_fusion import FewRowFactoredMatmuls, FuseDequantizeMatmul
 from .quant_wide import AddWideFunctions
 from .row_reduction import RowReduction
+from .swiglu_gemv import FuseSwiGLU, ScheduleSwiGLUGEMV
 
 
 class GEMVOrDecline(GPUScheduleRule):
@@ -63,7 +64,7 @@ def _passes(target: tvm.target.Target, fuse_norms: bool = False) -> list:
         QuantKernels(),  # packed quantized weights first: no generic rule reads them well
     ]
     if kind == "cuda":
-        legalize += ([ScheduleNormGEMV()] if fuse_norms else []) + [LowBatchDispatch(gpu_rules(target))]
+        legalize += ([ScheduleNormGEMV()] if fuse_norms else []) + [ScheduleSwiGLUGEMV(), LowBatchDispatch(gpu_rules(target))]
     if kind != "llvm":
         legalize.append(dl.ApplyDefaultSchedule(*gpu_rules(target)))
     dataflow_lower = [
@@ -74,7 +75,7 @@ def _passes(target: tvm.target.Target, fuse_norms: bool = False) -> list:
     ]
     # decode/logits for > 8 rows (unfused, model-dtype weights): copied before the few-row rewrites.
     # The RMSNorm fold (norm_gemv.py) is opt-in: on an H100 it measured no faster (bench/RESULTS.md)
-    few_rows = [FewRowFactoredMatmuls()] + ([FuseNormMatmul()] if fuse_norms else [])
+    few_rows = [FuseSwiGLU(), FewRowFactoredMatmuls()] + ([FuseNormMatmul()] if fuse_norms else [])  # swiglu_gemv.py
     return ([AddWideFunctions(fuse_norms=fuse_norms), *few_rows, relax.transform.FuseTransposeMatmul()]
             + backend.library_dispatch_passes(target)
             + legalize + dataflow_lower + backend.finalize_passes(target))

@@ -97,7 +97,7 @@ def vector_lanes(target) -> int:
 
 
 def is_packed(buf: tirx.Buffer) -> bool:
-    return buf.dtype == "uint32" and len(buf.shape) == 2
+    return buf.dtype == "uint32" and len(buf.shape) in (2, 3)  # 3: matrices stacked, [S, N, words]
 
 
 class QuantGemv:
@@ -143,8 +143,12 @@ class QuantGemv:
         if not isinstance(n_ext, tirx.IntImm) or not isinstance(groups, tirx.IntImm):
             raise _Decline
         qtype = sch.get(codes).name_hint.removeprefix("dequantize_").removesuffix("_codes")
-        cfg = self.config or tiling(int(n_ext), qtype, m_tile)
-        row_tile = cfg.row_threads * cfg.rows_per_thread
+        # stacked weights ([S, N, ...]: gate and up, swiglu_gemv.py): a thread takes its rows of every matrix,
+        # tiled as the S·N rows of one
+        stack = int(ivs[-3].dom.extent) if len(sch.get(codes).iter_vars) == 3 else 1
+        cfg = self.config or tiling(int(n_ext) * stack, qtype, m_tile)
+        rows_per_thread = max(1, cfg.rows_per_thread // stack)
+        row_tile = cfg.row_threads * rows_per_thread
         if CHUNK % group or int(groups) * group % CHUNK or int(n_ext) % row_tile:
             raise _Decline
         # pad M to the tile: group_dot and group_sum read as 0 past M (computed only below it), NT_matmul
@@ -166,17 +170,18 @@ class QuantGemv:
             raise _Decline
 
         *lead, j, g = loops
+        stacked = [lead.pop()] if stack > 1 else []
         i = sch.fuse(*lead) if len(lead) > 1 else lead[0]
         i_o, i_i = sch.split(i, [None, m_tile])
-        j_o, j_y, j_r = sch.split(j, [None, cfg.row_threads, cfg.rows_per_thread])
+        j_o, j_y, j_r = sch.split(j, [None, cfg.row_threads, rows_per_thread])
         k_chunks = int(groups) * group // CHUNK
         lanes = cfg.lanes
         while lanes > 1 and k_chunks % lanes:  # whole chunks per lane (a predicated split is no reduction)
             lanes //= 2
         g_o, g_t, g_c = sch.split(g, [None, lanes, CHUNK // group])
-        sch.reorder(j_o, i_o, j_y, g_t, g_o, i_i, g_c, j_r)
+        sch.reorder(j_o, i_o, j_y, g_t, g_o, i_i, g_c, *stacked, j_r)
         rf = sch.rfactor(g_t, 0)
-        j_o, i_o, j_y, g_t, g_o, i_i, g_c, j_r = sch.get_loops(rf)
+        j_o, i_o, j_y, g_t, g_o, i_i, g_c, *stacked, j_r = sch.get_loops(rf)
         unroll = max(u for u in range(1, cfg.unroll + 1) if k_chunks // lanes % u == 0)
         g_o, g_u = sch.split(g_o, [None, unroll])
         sch.bind(j_o, "blockIdx.x")
@@ -202,7 +207,7 @@ class QuantGemv:
             if width > 1:
                 _, vec = sch.split(words, [None, width])
                 sch.vectorize(vec)
-        for loop in sch.get_loops(codes)[-2:]:
+        for loop in sch.get_loops(codes)[-2 - len(stacked):]:
             sch.unroll(loop)
 
         # x: a group's values by 16-byte loads, per row of the M tile, shared by the thread's rows; with a
@@ -227,7 +232,7 @@ class QuantGemv:
             t = sch.get_loops(block)[-1]
             sch.decompose_reduction(block, t)
             sch.unroll(t)
-        for loop in (g_u, i_i, g_c, j_r):
+        for loop in (g_u, i_i, g_c, *stacked, j_r):
             sch.unroll(loop)
         sch.decompose_reduction(rf, g_o)
         for i in range(outputs):

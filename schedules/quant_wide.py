@@ -9,9 +9,9 @@ few-row rewrites (quant_fusion.py: fp32 weights, dequantize fused into the GEMV)
 kernels that equal the original's (attention, norms, RoPE, the dequantize kernels of prefill where shapes
 match) are one PrimFunc after FuseOps/FuseTIR (Relax's BlockBuilder deduplicates structurally equal
 functions); only the unfused matmuls are added. The runner picks by the number of sequences
-(runtime/model_runner.py). A float model compiled for CUDA with `--fuse_norms` gets `decode_wide` too: its
-`decode` folds each RMSNorm into the following GEMV (norm_gemv.py), whose few-row kernels would re-read the
-weights per 8 rows.
+(runtime/model_runner.py). A float model compiled for CUDA gets `decode_wide` too: its `decode` computes
+silu(gate)·up in the gate/up GEMV (swiglu_gemv.py) and, with `--fuse_norms`, folds each RMSNorm into the
+following GEMV (norm_gemv.py), whose few-row kernels would re-read the weights per 8 rows.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from tvm.relax.utils import copy_with_new_vars
 
 from .norm_gemv import fuses_norm
 from .quant_fusion import FEW_ROW_FUNCTIONS
+from .swiglu_gemv import fuses_swiglu
 
 
 def _dequantizes(func: relax.Function) -> bool:
@@ -40,8 +41,9 @@ def _dequantizes(func: relax.Function) -> bool:
 
 @tvm.transform.module_pass(opt_level=0, name="AddWideFunctions")
 class AddWideFunctions:
-    """Adds `<name>_wide`, an exported copy of each function of `functions` that dequantizes a weight or, with
-    `fuse_norms`, whose RMSNorms fold into their GEMVs (schedules/norm_gemv.py: float models on CUDA)."""
+    """Adds `<name>_wide`, an exported copy of each function of `functions` that dequantizes a weight, whose
+    SwiGLU folds into the gate/up GEMV (swiglu_gemv.py) or, with `fuse_norms`, whose RMSNorms fold into their
+    GEMVs (norm_gemv.py: float models on CUDA)."""
 
     def __init__(self, functions: tuple[str, ...] = FEW_ROW_FUNCTIONS, fuse_norms: bool = False):
         self.functions = functions
@@ -51,7 +53,8 @@ class AddWideFunctions:
         target = tvm.target.Target.current(allow_none=True)
         out = IRModule(dict(mod.functions), attrs=mod.attrs)
         for gv, func in mod.functions.items():
-            if gv.name_hint in self.functions and (_dequantizes(func) or self.fuse_norms and fuses_norm(func, target)):
+            if gv.name_hint in self.functions and (_dequantizes(func) or fuses_swiglu(func, mod, target)
+                                                   or self.fuse_norms and fuses_norm(func, target)):
                 wide = f"{gv.name_hint}_wide"
                 out[wide] = copy_with_new_vars(func).with_attr("global_symbol", wide)  # vars: one binding each
         return out

@@ -25,6 +25,9 @@ def kernels_for_bench(num_kv_heads, num_qo_heads, head_dim, dtype):
         # variants: pipeline depth (3 stages = v3, 3 blocks per SM; 5 stages, 2 blocks per SM)
         ("kiln_decode_paged_kv_v3", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype, stages=3)),
         ("kiln_decode_paged_kv_s5", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype, stages=5)),
+        # the in-kernel split merge loading 8 or 32 splits' states at once (16: the kernel's)
+        ("kiln_decode_paged_kv_m8", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype, merge_chunk=8)),
+        ("kiln_decode_paged_kv_m32", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype, merge_chunk=32)),
         # the Metal forms, compiled for CUDA to check them on the GPU
         ("kiln_metal_decode_paged_kv", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype, form="metal")),
         ("kiln_metal_prefill_ragged", metal_prefill_kernel("ragged", num_kv_heads, num_qo_heads, head_dim, dtype)),

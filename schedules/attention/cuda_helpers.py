@@ -70,3 +70,33 @@ def pack2(dtype: str):
         name = "kiln_pack_f16x2"
         body = "__half2 v = __floats2half2_rn(lo, hi); return *(unsigned*)&v;"
     return name, f"\n__device__ __forceinline__ unsigned {name}(float lo, float hi) {{ {body} }}\n"
+
+# Split-KV decode's merge in the same kernel (decode.py): the last of a (sequence, KV head)'s split blocks to
+# arrive merges all their states. The counters are static storage, so zero when the module loads; the merging
+# block sets its slot back to 0 for the next call (which, later on the stream, sees it). Slots are
+# `sequence x KV heads + KV head`, used only while a sequence has more than one split, i.e. while
+# batch x KV heads <= resident blocks / 2 (decode.py checks that the array covers it).
+SPLIT_ARRIVAL_SLOTS = 1024
+SPLIT_ARRIVE = r"""
+__device__ unsigned int kiln_split_arrivals[%d];
+__device__ __forceinline__ int kiln_split_arrive(int slot, int splits) {
+  __threadfence();
+  unsigned old = atomicAdd(&kiln_split_arrivals[slot], 1u);
+  if (old != (unsigned)(splits - 1)) return 0;
+  atomicExch(&kiln_split_arrivals[slot], 0u);
+  __threadfence();
+  return 1;
+}
+""" % SPLIT_ARRIVAL_SLOTS
+THREADFENCE = r"""
+__device__ __forceinline__ void kiln_threadfence() { __threadfence(); }
+"""
+# loads from L2 (ld.global.cg): other blocks' partial states, never a line this SM's L1 may hold stale
+LDCG = r"""
+__device__ __forceinline__ float kiln_ldcg(const float* p) { return __ldcg(p); }
+"""
+LDCG4 = r"""
+__device__ __forceinline__ void kiln_ldcg4(float* dst, const float* src) {
+  float4 v = __ldcg((const float4*)src); dst[0] = v.x; dst[1] = v.y; dst[2] = v.z; dst[3] = v.w;
+}
+"""

@@ -3,10 +3,12 @@
 Why: TVM's fallback decode kernel runs one thread block per (sequence, KV head), so at batch 1 it
 occupies 8 of 132 SMs and reaches ~1% of HBM bandwidth. Here each sequence's pages are split over
 ``num_splits`` blocks (chosen from the batch size so that batch x KV heads x splits fills one wave of
-resident blocks), each block writes a partial softmax state (o, lse) and a second kernel in the same
-PrimFunc merges the states. Each block reads its KV head once for the whole GQA group, on CUDA by
+resident blocks), each block writes a partial softmax state (o, lse), and on CUDA the last of a
+(sequence, KV head)'s split blocks to finish merges them (an atomic arrival counter, as split-K "fixup"
+GEMMs do): one kernel a call. Each block reads its KV head once for the whole GQA group, on CUDA by
 16-byte cp.async copies in a 4-stage pipeline (docs/attention.md has the measurements). The Metal
-form is the same algorithm in plain TIR: loads straight to registers, SIMD shuffles by lane.
+form is the same algorithm in plain TIR (loads straight to registers, SIMD shuffles by lane) with the
+merge as a second kernel in the same PrimFunc.
 
 Calling convention = TVM's ``TIRPagedDecodeFunc`` (runtime/vm/attn_backend.h):
 ``(q, pages, page_indptr, page_values, length_info, k_rope_pos_offset, q_rope_position,
@@ -18,7 +20,8 @@ import math
 
 from tvm.script import tirx as T
 
-from .cuda_helpers import CP_ASYNC16, CP_COMMIT, cp_async_wait
+from .cuda_helpers import (CP_ASYNC16, CP_COMMIT, LDCG, LDCG4, SPLIT_ARRIVAL_SLOTS, SPLIT_ARRIVE, THREADFENCE,
+                           cp_async_wait)
 
 PAGE_SIZE = 16
 TOKENS_PER_ROW = 4  # tokens one row of lanes handles per iteration (loads in flight per thread)
@@ -30,7 +33,8 @@ MIN_SPLIT_PAGES = 4  # below 64 tokens per block the merge costs more than it sa
 # H100, b=1/8k: 41% of copy bandwidth per call (3 stages, 3 blocks per SM: 37%; 5 or 6 stages: 36-37%);
 # b=64: 97-100% (3 stages: 74-76%, 512 blocks in 1.3 waves of 396; here 1.9 waves of 264)
 STAGES = 4
-MERGE_SLICES = 16  # thread rows of the split-merge kernel (splits merged in parallel)
+MERGE_SLICES = 16  # thread rows of the Metal form's split-merge kernel (splits merged in parallel)
+MERGE_CHUNK = 16  # CUDA: splits whose states a merging thread loads at once (5 registers each)
 NEG = -1.0e30  # finite "minus infinity": exp2(NEG - NEG) must not be NaN
 
 
@@ -42,7 +46,7 @@ def decode_supported(num_kv_heads: int, num_qo_heads: int, head_dim: int, form: 
 
 
 def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, stages: int = STAGES,
-                  form: str = "cuda"):
+                  form: str = "cuda", merge_chunk: int = MERGE_CHUNK):
     """Build the split-KV decode PrimFunc (global symbol ``kiln_decode_paged_kv``).
 
     ``form`` "cuda": K/V tiles by cp.async in a ``stages``-deep pipeline; "metal": plain TIR (loads
@@ -65,7 +69,10 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
     PAGES_PER_TILE = ROWS // ROWS_PER_PAGE
     NTHREADS = ROWS * LANES
     EPT = (G * D + NTHREADS - 1) // NTHREADS  # outputs each thread finalizes
-    MVEC = 4  # dims per thread in the split-merge kernel
+    MVEC = 4  # dims per thread in the Metal form's split-merge kernel
+    MCOLS = (G * D // 4 + NTHREADS - 1) // NTHREADS  # CUDA merge: float4 columns per thread
+    # a sequence has more than one split only while B x H_kv <= resident_blocks / 2: its arrival slot exists
+    assert resident_blocks // 2 <= SPLIT_ARRIVAL_SLOTS, resident_blocks
     scale_log2 = math.log2(math.e)
     WAIT_NAME, WAIT_SRC = cp_async_wait(stages - 1)  # tile `it` landed, later ones may fly
 
@@ -142,6 +149,13 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                     pnos = T.sblock_alloc_buffer((stages - 1,), "int32", scope="local")
                                 sm_o = T.sblock_alloc_buffer((ROWS, G, D), "float32", scope="shared")
                                 sm_md = T.sblock_alloc_buffer((ROWS, G, 2), "float32", scope="shared")
+                                if CUDA:  # the in-kernel split merge's
+                                    last = T.sblock_alloc_buffer((1,), "int32", scope="shared")
+                                    is_last = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                                    mlse = T.sblock_alloc_buffer((merge_chunk,), "float32", scope="local")
+                                    mo = T.sblock_alloc_buffer((merge_chunk * 4,), "float32", scope="local")
+                                    macc = T.sblock_alloc_buffer((4,), "float32", scope="local")
+                                    mst = T.sblock_alloc_buffer((4,), "float32", scope="local")
                                 # per-block scalars in registers (T.let would be re-expanded at every use)
                                 info = T.sblock_alloc_buffer((6,), "int32", scope="local")
                                 info[0] = page_indptr[bz]  # first page slot of the sequence
@@ -282,61 +296,114 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                                 O_part[bx, bz, by * G + gi, di] = fin[2]
                                                 if di == 0:
                                                     L_part[bx, bz, by * G + gi] = fin[3]
+                                    if CUDA:
+                                        if n_used > 1:
+                                            # this block's state is stored: count it in; the sequence's last
+                                            # split block to arrive merges every split's state (from L2)
+                                            T.evaluate(T.cuda.func_call("kiln_threadfence", source_code=THREADFENCE))
+                                            T.tvm_storage_sync("shared")
+                                            if ty == 0 and tx == 0:
+                                                last[0] = T.cuda.func_call("kiln_split_arrive", bz * H_kv + by, n_used,
+                                                                           source_code=SPLIT_ARRIVE, return_type="int32")
+                                            T.tvm_storage_sync("shared")
+                                            is_last[0] = last[0]  # (TVM reads no shared memory in a branch condition)
+                                            if is_last[0] == 1:
+                                                for c in T.unroll(MCOLS):
+                                                    # a thread merges 4 dims (one float4 column) of one query head
+                                                    col: T.let[T.int32] = c * NTHREADS + ty * LANES + tx
+                                                    if col * 4 < G * D:
+                                                        h: T.let[T.int32] = by * G + col * 4 // D
+                                                        dm: T.let[T.int32] = col * 4 % D
+                                                        mst[0] = T.float32(NEG)  # running max of the splits' lse
+                                                        mst[1] = T.float32(0)  # sum of 2^(lse - max)
+                                                        for v in T.unroll(4):
+                                                            macc[v] = T.float32(0)
+                                                        for i in T.serial(T.truncdiv(n_used + merge_chunk - 1, merge_chunk)):
+                                                            # a chunk's loads all in flight, then their online merge
+                                                            for j in T.unroll(merge_chunk):
+                                                                # past the last split: the last one's state again (no branch
+                                                                # between the loads), weighed 0 below
+                                                                sj: T.let[T.int32] = T.min(i * merge_chunk + j, n_used - 1)
+                                                                mlse[j] = T.cuda.func_call("kiln_ldcg", T.address_of(L_part[sj, bz, h]),
+                                                                                           source_code=LDCG, return_type="float32")
+                                                                T.evaluate(T.cuda.func_call("kiln_ldcg4", T.address_of(mo[j * 4]),
+                                                                                            T.address_of(O_part[sj, bz, h, dm]), source_code=LDCG4))
+                                                            for j in T.unroll(merge_chunk):
+                                                                mlse[j] = T.if_then_else(i * merge_chunk + j < n_used, mlse[j], T.float32(NEG))
+                                                            mst[2] = mst[0]
+                                                            for j in T.unroll(merge_chunk):
+                                                                mst[2] = T.max(mst[2], mlse[j])
+                                                            mst[3] = T.exp2(mst[0] - mst[2])  # rescales the merged state
+                                                            mst[1] = mst[1] * mst[3]
+                                                            for v in T.unroll(4):
+                                                                macc[v] = macc[v] * mst[3]
+                                                            for j in T.unroll(merge_chunk):
+                                                                mlse[j] = T.exp2(mlse[j] - mst[2])  # 0 past the last split
+                                                                mst[1] = mst[1] + mlse[j]
+                                                                for v in T.unroll(4):
+                                                                    macc[v] = macc[v] + mlse[j] * mo[j * 4 + v]
+                                                            mst[0] = mst[2]
+                                                        for v in T.unroll(4):
+                                                            output[bz, h, dm + v] = T.cast(macc[v] / mst[1], dtype)
+                                                        if dm == 0:
+                                                            lse[bz, h] = mst[0] + T.log2(mst[1])
 
-        # ---- kernel 2: merge the split states of sequences that used more than one split ----
-        for bz in T.thread_binding(B, thread="blockIdx.y"):
-            for bh in T.thread_binding(H_qo, thread="blockIdx.x"):
-                for ty in T.thread_binding(MERGE_SLICES, thread="threadIdx.y"):
-                    for tx in T.thread_binding(D // MVEC, thread="threadIdx.x"):
-                        with T.sblock("merge"):
-                            T.reads()
-                            T.writes()
-                            acc = T.sblock_alloc_buffer((MVEC,), "float32", scope="local")
-                            st = T.sblock_alloc_buffer((4,), "float32", scope="local")
-                            sm_acc = T.sblock_alloc_buffer((MERGE_SLICES, D), "float32", scope="shared")
-                            sm_st = T.sblock_alloc_buffer((MERGE_SLICES, 2), "float32", scope="shared")
-                            info2 = T.sblock_alloc_buffer((3,), "int32", scope="local")
-                            info2[0] = page_indptr[bz + 1] - page_indptr[bz]
-                            info2[1] = T.max(T.truncdiv(info2[0] + NS - 1, NS), MIN_SPLIT_PAGES)
-                            info2[2] = T.max(1, T.truncdiv(info2[0] + info2[1] - 1, info2[1]))
-                            n_used2: T.let[T.int32] = info2[2]
-                            if n_used2 > 1:
-                                # slice ty merges splits ty, ty + MERGE_SLICES, ... online
-                                st[0] = T.float32(NEG)
-                                st[1] = T.float32(0)
-                                for v in T.unroll(MVEC):
-                                    acc[v] = T.float32(0)
-                                for i in T.serial(T.truncdiv(n_used2 + MERGE_SLICES - 1, MERGE_SLICES)):
-                                    if i * MERGE_SLICES + ty < n_used2:
-                                        st[2] = L_part[i * MERGE_SLICES + ty, bz, bh]
-                                        st[3] = T.max(st[0], st[2])
-                                        st[2] = T.exp2(st[2] - st[3])
-                                        st[0] = T.exp2(st[0] - st[3])  # rescale factor of the old state
-                                        st[1] = st[1] * st[0] + st[2]
-                                        for v in T.unroll(MVEC):
-                                            acc[v] = acc[v] * st[0] + O_part[i * MERGE_SLICES + ty, bz, bh, tx * MVEC + v] * st[2]
-                                        st[0] = st[3]
-                                for v in T.unroll(MVEC):
-                                    sm_acc[ty, tx * MVEC + v] = acc[v]
-                                if tx == 0:
-                                    sm_st[ty, 0] = st[0]
-                                    sm_st[ty, 1] = st[1]
-                                T.tvm_storage_sync("shared")
-                                if ty == 0:
+        # ---- Metal, kernel 2: merge the split states of sequences that used more than one split ----
+        # (on CUDA the last split block of each sequence and KV head merges them, in kernel 1)
+        if not CUDA:
+            for bz in T.thread_binding(B, thread="blockIdx.y"):
+                for bh in T.thread_binding(H_qo, thread="blockIdx.x"):
+                    for ty in T.thread_binding(MERGE_SLICES, thread="threadIdx.y"):
+                        for tx in T.thread_binding(D // MVEC, thread="threadIdx.x"):
+                            with T.sblock("merge"):
+                                T.reads()
+                                T.writes()
+                                acc = T.sblock_alloc_buffer((MVEC,), "float32", scope="local")
+                                st = T.sblock_alloc_buffer((4,), "float32", scope="local")
+                                sm_acc = T.sblock_alloc_buffer((MERGE_SLICES, D), "float32", scope="shared")
+                                sm_st = T.sblock_alloc_buffer((MERGE_SLICES, 2), "float32", scope="shared")
+                                info2 = T.sblock_alloc_buffer((3,), "int32", scope="local")
+                                info2[0] = page_indptr[bz + 1] - page_indptr[bz]
+                                info2[1] = T.max(T.truncdiv(info2[0] + NS - 1, NS), MIN_SPLIT_PAGES)
+                                info2[2] = T.max(1, T.truncdiv(info2[0] + info2[1] - 1, info2[1]))
+                                n_used2: T.let[T.int32] = info2[2]
+                                if n_used2 > 1:
+                                    # slice ty merges splits ty, ty + MERGE_SLICES, ... online
                                     st[0] = T.float32(NEG)
-                                    for r in T.unroll(MERGE_SLICES):
-                                        st[0] = T.max(st[0], sm_st[r, 0])
                                     st[1] = T.float32(0)
                                     for v in T.unroll(MVEC):
                                         acc[v] = T.float32(0)
-                                    for r in T.unroll(MERGE_SLICES):
-                                        st[2] = T.exp2(sm_st[r, 0] - st[0])
-                                        st[1] = st[1] + sm_st[r, 1] * st[2]
-                                        for v in T.unroll(MVEC):
-                                            acc[v] = acc[v] + sm_acc[r, tx * MVEC + v] * st[2]
+                                    for i in T.serial(T.truncdiv(n_used2 + MERGE_SLICES - 1, MERGE_SLICES)):
+                                        if i * MERGE_SLICES + ty < n_used2:
+                                            st[2] = L_part[i * MERGE_SLICES + ty, bz, bh]
+                                            st[3] = T.max(st[0], st[2])
+                                            st[2] = T.exp2(st[2] - st[3])
+                                            st[0] = T.exp2(st[0] - st[3])  # rescale factor of the old state
+                                            st[1] = st[1] * st[0] + st[2]
+                                            for v in T.unroll(MVEC):
+                                                acc[v] = acc[v] * st[0] + O_part[i * MERGE_SLICES + ty, bz, bh, tx * MVEC + v] * st[2]
+                                            st[0] = st[3]
                                     for v in T.unroll(MVEC):
-                                        output[bz, bh, tx * MVEC + v] = T.cast(acc[v] / st[1], dtype)
+                                        sm_acc[ty, tx * MVEC + v] = acc[v]
                                     if tx == 0:
-                                        lse[bz, bh] = st[0] + T.log2(st[1])
+                                        sm_st[ty, 0] = st[0]
+                                        sm_st[ty, 1] = st[1]
+                                    T.tvm_storage_sync("shared")
+                                    if ty == 0:
+                                        st[0] = T.float32(NEG)
+                                        for r in T.unroll(MERGE_SLICES):
+                                            st[0] = T.max(st[0], sm_st[r, 0])
+                                        st[1] = T.float32(0)
+                                        for v in T.unroll(MVEC):
+                                            acc[v] = T.float32(0)
+                                        for r in T.unroll(MERGE_SLICES):
+                                            st[2] = T.exp2(sm_st[r, 0] - st[0])
+                                            st[1] = st[1] + sm_st[r, 1] * st[2]
+                                            for v in T.unroll(MVEC):
+                                                acc[v] = acc[v] + sm_acc[r, tx * MVEC + v] * st[2]
+                                        for v in T.unroll(MVEC):
+                                            output[bz, bh, tx * MVEC + v] = T.cast(acc[v] / st[1], dtype)
+                                        if tx == 0:
+                                            lse[bz, bh] = st[0] + T.log2(st[1])
 
     return kiln_decode_paged_kv
