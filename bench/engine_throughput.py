@@ -98,7 +98,8 @@ def main() -> None:
     report, rows, outputs = {}, [], {}
     for i, mode in enumerate(a.overlap.split(",")):  # off,off,on: is the synchronous loop itself repeatable?
         engine = Engine(EngineConfig(model_path=str(a.artifact), max_num_seqs=max(batches),
-                                     kv_tokens=max(batches) * (a.prompt_len + a.max_tokens + 32),
+                                     kv_tokens=max(batches) * (a.prompt_len + a.max_tokens + 32)
+                                     + max(steps) * 320,  # step_times' sequences, beside the prefix cache's pages
                                      max_num_batched_tokens=a.batched_tokens, overlap=mode == "on"))
         vocab = engine.runner.vocab_size
         run(engine, 4, 32, 8, vocab, seed=2)  # warm-up: first kernel launches, allocator
