@@ -6,6 +6,13 @@ Two steps, because the GPU machine has no TVM compiler:
   (run --what decode --kernels A,B: only those decode kernels; a library built from another commit
   runs under this script too, e.g. main's kernel against a branch's in one call)
 
+Decode at the short contexts of a decode step (b = 1, 4, 16 x 128-1,024 tokens, and b = 16, 64 x 8k as the guard):
+  python bench/attention.py build --out DIR --only kiln_decode_paged_kv --variants p2,ar,...  [--pdl]
+  python attention.py run --lib DIR/kernels.so --what short      # every built decode kernel, checked, then timed
+(--variants: names of schedules/attention's DECODE_VARIANTS, built as kiln_decode_paged_kv_<name>; where nvcc is
+here the library carries its sm_90a binary, so nothing compiles at load. --pdl: the kernels as the model builds them
+for sm_90+, so back-to-back calls overlap a launch with the previous call's tail.)
+
 One Llama-3.1-8B attention layer: 32 query heads, 8 KV heads, head_dim 128, bf16, page size 16.
 Decode is timed against the measured device-to-device copy bandwidth (bytes of K and V read),
 prefill against torch SDPA (bf16, causal) in the same run. L2 is flushed before every timed call.
@@ -21,6 +28,7 @@ import time
 H_QO, H_KV, D, PAGE = 32, 8, 128, 16
 DTYPE = "bfloat16"
 DECODE_SHAPES = [(b, c) for b in (1, 16, 64) for c in (1024, 8192, 32768)]
+SHORT_SHAPES = [(b, c) for b in (1, 4, 16) for c in (128, 256, 512, 1024)] + [(16, 8192), (64, 8192)]
 PREFILL_LENS = (1024, 4096, 16384)
 PAGED_TIMING = (1024, 15360)  # (new tokens, cached tokens) of the timed paged prefill
 DECODE_KERNELS = ("kiln_decode_paged_kv", "kiln_decode_paged_kv_v3", "kiln_decode_paged_kv_s5", "kiln_decode_paged_kv_m8",
@@ -28,30 +36,42 @@ DECODE_KERNELS = ("kiln_decode_paged_kv", "kiln_decode_paged_kv_v3", "kiln_decod
 METAL_DECODE = "kiln_metal_decode_paged_kv"  # Metal-form kernels, compiled for CUDA: checked, timed for reference
 
 
-def build(out_dir, only=None):
-    """Compile every kernel (or those whose names start with one of ``only``) into one library
-    (CUDA source; the GPU machine compiles it at load)."""
+def build(out_dir, only=None, variants=None, pdl=False):
+    """Compile every kernel (or those whose names start with one of ``only``) into one library: CUDA source
+    the GPU machine compiles at load, or, where nvcc is here, with its sm_90a binary. ``variants``:
+    comma-separated DECODE_VARIANTS names to build beside the decode kernel (default: the four of
+    DEFAULT_BENCH_VARIANTS). ``pdl``: with programmatic dependent launch, as the model's kernels on sm_90+."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     import tvm
     from tvm.relax.frontend.nn.llm import kv_cache as tvm_kv
 
-    from schedules.attention import kernels_for_bench
+    from compile.cuda_aot import enable_cuda_binaries, nvcc_available
+    from schedules.attention import DECODE_VARIANTS, DEFAULT_BENCH_VARIANTS, kernels_for_bench
+    from schedules.pdl import pdl_tir_pipeline
 
+    chosen = tuple(variants.split(",")) if variants else DEFAULT_BENCH_VARIANTS
+    unknown = [v for v in chosen if v not in DECODE_VARIANTS]
+    if unknown:
+        sys.exit(f"unknown decode variants {unknown}: use names of schedules/attention's DECODE_VARIANTS "
+                 f"({', '.join(DECODE_VARIANTS)})")
     target = tvm.target.Target("nvidia/nvidia-h100", host="llvm")
-    funcs = dict(kernels_for_bench(H_KV, H_QO, D, DTYPE))
+    funcs = dict(kernels_for_bench(H_KV, H_QO, D, DTYPE, chosen))
     funcs["tvm_decode"] = tvm_kv._attention_decode(H_KV, H_QO, D, DTYPE, False, {}, target)
     funcs["tvm_prefill"] = tvm_kv._attention_prefill(H_KV, H_QO, D, DTYPE, False, {}, target)
     funcs["tvm_prefill_ragged"] = tvm_kv._attention_prefill_ragged(H_KV, H_QO, D, D, DTYPE, {}, target)
     if only:
         funcs = {n: f for n, f in funcs.items() if n.startswith(tuple(only.split(",")))}
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    binaries = nvcc_available() and enable_cuda_binaries("sm_90a")
     with target:
-        lib = tvm.tirx.build(mod, target=target)
+        lib = tvm.tirx.build(mod, target=target, **({"pipeline": pdl_tir_pipeline()} if pdl else {}))
     os.makedirs(out_dir, exist_ok=True)
     lib.export_library(os.path.join(out_dir, "kernels.so"))
     with open(os.path.join(out_dir, "kernels.json"), "w") as f:
         json.dump(sorted(funcs), f)
-    print("built", sorted(funcs), "->", out_dir)
+    with open(os.path.join(out_dir, "kernels.cu"), "w") as f:  # what the GPU runs, to read
+        f.write(lib.imports[0].inspect_source())
+    print("built", sorted(funcs), "->", out_dir, "(sm_90a binary)" if binaries else "(CUDA source)", "with PDL" if pdl else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,37 +220,73 @@ class Bench:
         args = [self.tv(x) for x in (q, pages, indptr, values, last, zeros, zeros, out, lse)]
         return lambda: f(*args, 0, 1.0, 1e4, self.d ** -0.5)
 
-    def decode_case(self, fname, lens, check_only=False, iters=20):
+    def decode_data(self, lens):
+        """Pages for `lens`, a query, the float32 reference (o, lse) and poisoned outputs."""
         torch = self.torch
         pages, indptr, values, last = self.make_pages(lens)
         b = len(lens)
         q = self.rand(b, self.h_qo, self.d)
         out, lse = self.poisoned_outputs(b)
-        call = self.decode_call(fname, q, pages, indptr, values, last, out, lse)
-        call()
-        torch.cuda.synchronize()
         # an empty sequence (a cascade level may have none) gives o = 0 and lse = -5e4, as TVM's kernels do
         empty = (torch.zeros(1, self.h_qo, self.d, device=self.dev), torch.full((1, self.h_qo), -5e4, device=self.dev))
         refs = [self.ref_attention(q[i: i + 1], *self.gather_kv(pages, indptr, values, i, n)) if n else empty
                 for i, n in enumerate(lens)]
-        name = f"{fname} lens={lens if len(lens) <= 4 else f'{b}x{lens[0]}'}"
-        ref_o, ref_lse = torch.cat([r[0] for r in refs]), torch.cat([r[1] for r in refs])
-        ok = self.check(name, out, ref_o, lse, ref_lse)
-        if check_only:
-            return ok, None
+        ref = torch.cat([r[0] for r in refs]), torch.cat([r[1] for r in refs])
+        return dict(lens=lens, pages=(pages, indptr, values, last), q=q, out=out, lse=lse, ref=ref)
+
+    def decode_check(self, fname, data, suffix=""):
+        """Call `fname` once on poisoned outputs and check it against the reference."""
+        lens = data["lens"]
+        data["out"].fill_(float("nan"))
+        data["lse"].fill_(float("nan"))
+        self.decode_call(fname, data["q"], *data["pages"], data["out"], data["lse"])()
+        self.torch.cuda.synchronize()
+        name = f"{fname} lens={lens if len(lens) <= 4 else f'{len(lens)}x{lens[0]}'}{suffix}"
+        return self.check(name, data["out"], data["ref"][0], data["lse"], data["ref"][1])
+
+    def decode_pools(self, lens):
+        """Page sets for `lens` beyond the first, enough that back-to-back calls over all of them miss L2."""
+        nbytes = sum(lens) * self.h_kv * self.d * 2 * 2
+        return [self.make_pages(lens) for _ in range(max(0, -(-(256 << 20) // nbytes) - 1))]
+
+    def decode_times(self, fname, data, pools, iters=20):
+        """(ms a call with L2 flushed, ms a call back to back over `pools`, host ms to launch one call)."""
+        torch = self.torch
+        call = self.decode_call(fname, data["q"], *data["pages"], data["out"], data["lse"])
         ms = self.time_ms(call, iters)
         # back to back, as layers run in a decode step: calls over enough distinct KV pools to miss L2
-        nbytes = sum(lens) * self.h_kv * self.d * 2 * 2
-        calls = [call] + [self.decode_call(fname, q, *self.make_pages(lens), out, lse)
-                          for _ in range(max(0, -(-(256 << 20) // nbytes) - 1))]
-        reps = max(1, 20 // len(calls))
-        ms_stream = self.time_ms(lambda: [c() for _ in range(reps) for c in calls], 3) / (reps * len(calls))
-        # still right after hundreds of calls with other pools
-        out.fill_(float("nan"))
-        call()
+        calls = [call] + [self.decode_call(fname, data["q"], *p, data["out"], data["lse"]) for p in pools]
+        calls = calls * max(1, 20 // len(calls))
         torch.cuda.synchronize()
-        ok = self.check(name + " after timing", out, ref_o, lse, ref_lse) and ok
-        del pages, calls
+        t = time.perf_counter()
+        for c in calls:
+            c()
+        host_ms = (time.perf_counter() - t) * 1e3 / len(calls)
+        times = []
+        for _ in range(3):
+            # the GPU sleeps while the host queues every call, so the calls run back to back even where
+            # a launch takes the host longer than a call takes the GPU
+            self.flush_buf.zero_()
+            torch.cuda._sleep(int(2e6 * (2 * host_ms * len(calls) + 0.5)))  # cycles at ~2 GHz
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for c in calls:
+                c()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1) / len(calls))
+        return ms, sorted(times)[1], host_ms
+
+    def decode_case(self, fname, lens, check_only=False, iters=20):
+        data = self.decode_data(lens)
+        ok = self.decode_check(fname, data)
+        if check_only:
+            return ok, None
+        pools = self.decode_pools(lens)
+        ms, ms_stream, _ = self.decode_times(fname, data, pools, iters)
+        # still right after hundreds of calls with other pools
+        ok = self.decode_check(fname, data, " after timing") and ok
+        del data, pools
         return ok, (ms, ms_stream)
 
     # the last three, at 8 KV heads: 3 sequences of 11 splits; 1, 2, 3 and 6 splits in one batch; 64 of one split
@@ -253,6 +309,43 @@ class Bench:
                 print(f"decode {fname:22s} b={b:3d} ctx={c:6d} {ms * 1e3:9.1f} us {100 * gbs / bw:5.1f}% | back-to-back "
                       f"{ms_s * 1e3:9.1f} us {100 * gbs_s / bw:5.1f}% ok={ok}", flush=True)
             self.torch.cuda.empty_cache()
+
+    SHORT_CHECKS = ([1, 17, 300, 4111], [16, 15, 33], [0, 40, 0], [700, 64, 65, 129, 700], [128], [129] * 4,
+                    [1000] * 16, [100] * 64, [3000] * 16, [9000] * 3)
+
+    def run_short(self, bw):
+        """Every decode kernel in the library (the default and its built variants) at a decode step's short
+        contexts: checked on mixed batches, then on each timed shape, then timed on the same inputs."""
+        names = [n for n in self.kernel_names() if n.startswith("kiln_decode_paged_kv")]
+        for lens in self.SHORT_CHECKS:
+            data = self.decode_data(lens)
+            for fname in names:
+                self.decode_check(fname, data)
+            del data
+        for b, c in SHORT_SHAPES:
+            data, pools = self.decode_data([c] * b), self.decode_pools([c] * b)
+            nbytes = b * c * self.h_kv * self.d * 2 * 2
+            for fname in names:
+                ok = self.decode_check(fname, data)
+                ms, ms_s, host = self.decode_times(fname, data, pools, iters=10 if b * c >= 64 * 8192 else 20)
+                self.rows.append(dict(kind="decode", kernel=fname, batch=b, ctx=c, ms=ms, gbs=nbytes / ms / 1e6,
+                                      pct_bw=100 * nbytes / ms / 1e6 / bw, ms_stream=ms_s,
+                                      pct_bw_stream=100 * nbytes / ms_s / 1e6 / bw, host_ms=host, ok=ok))
+                print(f"short {fname:30s} b={b:3d} ctx={c:5d} {ms * 1e3:7.1f} us | back-to-back {ms_s * 1e3:7.1f} us "
+                      f"(host {host * 1e3:4.1f} us a launch) ok={ok}", flush=True)
+            del data, pools
+            self.torch.cuda.empty_cache()
+        self.short_table(names)
+
+    def short_table(self, names):
+        """Back-to-back µs a call: a row a shape, a column a kernel (the fastest in bold)."""
+        short = {n[len("kiln_decode_paged_kv"):].lstrip("_") or "default": n for n in names}
+        print("\n| b x ctx | " + " | ".join(short) + " |\n|---|" + "---|" * len(short))
+        for b, c in SHORT_SHAPES:
+            got = {r["kernel"]: r["ms_stream"] * 1e3 for r in self.rows if (r["batch"], r["ctx"]) == (b, c)}
+            best = min(got.values())
+            cells = [f"**{got[n]:.1f}**" if got[n] == best else f"{got[n]:.1f}" for n in short.values()]
+            print(f"| {b} x {c} | " + " | ".join(cells) + " |")
 
     # ---- Metal forms (plain TIR), compiled for CUDA ----
     def run_metal(self, bw):
@@ -396,6 +489,8 @@ def run(lib, out_dir, what, kernels=None):
         bench.run_metal(bw)
     if "decode" in what:
         bench.run_decode(bw)
+    if "short" in what:
+        bench.run_short(bw)
     if "prefill" in what:
         bench.run_prefill()
     res = dict(device=name, copy_gbs=bw, rows=bench.rows, checks=bench.checks, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
@@ -509,10 +604,12 @@ if __name__ == "__main__":
     b = sub.add_parser("build")
     b.add_argument("--out", default=".gpu/attn")
     b.add_argument("--only", default=None, help="comma-separated name prefixes of the kernels to build")
+    b.add_argument("--variants", default=None, help="comma-separated DECODE_VARIANTS names (schedules/attention)")
+    b.add_argument("--pdl", action="store_true", help="build with programmatic dependent launch, as the model")
     r = sub.add_parser("run")
     r.add_argument("--lib", required=True)
     r.add_argument("--out", default=os.environ.get("OUT", "."))
-    r.add_argument("--what", default="decode,prefill,metal")
+    r.add_argument("--what", default="decode,prefill,metal", help="any of decode, prefill, metal, short")
     r.add_argument("--kernels", default=None, help="comma-separated decode kernels to check and time (default: all)")
     eb = sub.add_parser("e2e-build")
     eb.add_argument("--out", default=".gpu/attn/e2e")
@@ -521,7 +618,7 @@ if __name__ == "__main__":
     er.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     if a.cmd == "build":
-        build(a.out, a.only)
+        build(a.out, a.only, a.variants, a.pdl)
     elif a.cmd == "run":
         run(a.lib, a.out, a.what, a.kernels)
     elif a.cmd == "e2e-build":

@@ -22,6 +22,9 @@ On an H100, QuantGemv's M = 1 kernels back to back: "before_store" and "end" wit
 faster than "start" on the small shapes (Llama-3.1-8B's 4096→1024 6.0 → 3.8 µs, O 7.9 → 7.0 µs), the
 Q4_K_M-like step's GEMVs 2.345 → 2.219 ms (bench/RESULTS.md, "PDL's trigger after the K loop").
 
+A kernel that already holds a `griddepcontrol.wait` places its own trigger and wait (the decode attention's
+`pdl_prewait`: its page-table reads, which no kernel writes, before the wait); the pass only tags its launch.
+
 The pass runs on the device functions after SplitHostDevice, where `tirx.kernel_launch_params` exists.
 """
 
@@ -80,6 +83,14 @@ def _before_first_store(stmt: tirx.Stmt, trigger: tirx.Stmt) -> tirx.Stmt:
     return tirx.SeqStmt([trigger, stmt])
 
 
+def _waits(stmt: tirx.Stmt) -> bool:
+    """Whether `stmt` holds a `griddepcontrol.wait` of its own."""
+    found = []
+    tvm_ffi.structural_walk(stmt, [(tvm.ir.expr.Call, lambda c: found.append(c) if c.op.name == "tirx.ptx.griddepcontrol"
+                                    and c.args[0].value == "wait" else None)])
+    return bool(found)
+
+
 def _with_pdl(func: tirx.PrimFunc, trigger: str) -> tirx.PrimFunc:
     tags = [str(t) for t in func.attrs["tirx.kernel_launch_params"]]
     if LAUNCH_TAG in tags:
@@ -87,7 +98,9 @@ def _with_pdl(func: tirx.PrimFunc, trigger: str) -> tirx.PrimFunc:
     at = len(tags) - 1 if tags and tags[-1] == _DYNAMIC_SHARED_TAG else len(tags)
     launch, wait = (tirx.Evaluate(T.ptx.griddepcontrol.launch_dependents()),
                     tirx.Evaluate(T.ptx.griddepcontrol.wait()))
-    if trigger == "start":
+    if _waits(func.body):
+        body = func.body
+    elif trigger == "start":
         body = tirx.SeqStmt([launch, wait, func.body])
     elif trigger == "end" or not _stores_global(func.body):
         body = tirx.SeqStmt([wait, func.body, launch])

@@ -30,6 +30,7 @@ from schedules.attention.decode import decode_kernel  # noqa: E402
 from schedules.attention.metal_prefill import metal_prefill_kernel  # noqa: E402
 from schedules.attention.prefill import prefill_kernel  # noqa: E402
 from schedules.attention.prefill_hopper import prefill_hopper_kernel  # noqa: E402
+from schedules.pdl import pdl_tir_pipeline  # noqa: E402
 
 CUDA = tvm.target.Target("nvidia/nvidia-h100", host="llvm")
 METAL = tvm.target.Target("apple/m2-gpu", host="llvm")
@@ -73,15 +74,55 @@ def test_decode_kernel_structure(decode_src):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-def test_decode_kernel_nvcc_no_spills(decode_src, tmp_path):
+@pytest.mark.parametrize("source,kernels", [("decode_src", 1), ("decode_variants_src", 3)])
+def test_decode_kernel_nvcc_no_spills(source, kernels, request, tmp_path):
     src = tmp_path / "decode.cu"
-    src.write_text(decode_src)
+    src.write_text(request.getfixturevalue(source))
     res = subprocess.run(["nvcc", "-cubin", "-w", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "--resource-usage",
                           "-o", str(tmp_path / "decode.cubin"), str(src)], capture_output=True, text=True, check=True)
     report = res.stdout + res.stderr
-    assert report.count("0 bytes spill stores, 0 bytes spill loads") == 1, report
+    assert report.count("0 bytes spill stores, 0 bytes spill loads") == kernels, report
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
     assert max(regs) <= 168, regs  # 3 blocks of 128 threads per SM (the 3-stage form fits 3)
+
+
+@pytest.fixture(scope="module")
+def decode_variants_src():
+    """The short-context variants (acquire-release arrival, page tables before the PDL wait, fewer pages a
+    split with the 32-split merge), as the model builds them for sm_90a (PDL pipeline)."""
+    funcs = {"ar": decode_kernel(8, 32, 128, "bfloat16", arrive="acq_rel"),
+             "pw": decode_kernel(8, 32, 128, "bfloat16", pdl_prewait=True),
+             "p2": decode_kernel(8, 32, 128, "bfloat16", min_split_pages=2, merge_chunk=32)}
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    with CUDA:
+        lib = tvm.tirx.build(mod, target=CUDA, pipeline=pdl_tir_pipeline())
+    return lib.imports[0].inspect_source()
+
+
+def _kernel_body(src, name):
+    return src.split(f" {name}_kernel(", 2)[2].split(") {\n", 1)[1].split('extern "C"')[0]
+
+
+def test_decode_acq_rel_arrival(decode_variants_src):
+    """One acquire-release atomic a block, by its first thread after a barrier; no __threadfence left."""
+    body = _kernel_body(decode_variants_src, "ar")
+    assert body.count("kiln_split_arrive_ar(") == 1 and "kiln_threadfence" not in body
+    assert "atom.acq_rel.gpu.global.add.u32" in decode_variants_src
+    assert body.index("__syncthreads();") < body.index("kiln_split_arrive_ar(")
+
+
+def test_decode_page_tables_before_the_pdl_wait(decode_variants_src):
+    """pw: the trigger first, the page-table reads before the (one) wait, q and the pages after it; the pass
+    adds no wait of its own. Every other kernel keeps the pass's wait first."""
+    wait, trigger = "tvm_builtin_ptx_griddepcontrol_wait();", "tvm_builtin_ptx_griddepcontrol_launch_dependents();"
+    body = _kernel_body(decode_variants_src, "pw")
+    statements = [line.strip() for line in body.splitlines() if line.strip() and not line.strip().startswith(("alignas", "__shared__", "extern"))]
+    assert statements[0] == trigger and body.count(wait) == 1 and body.count(trigger) == 1
+    at = body.index(wait)
+    assert "page_indptr_ptr[" in body[:at] and "page_values_ptr[" in body[:at] and "length_info_ptr[" in body[:at]
+    assert "Q_ptr[" not in body[:at] and "kiln_cp_async16(" not in body[:at] and "O_part_ptr[" not in body[:at]
+    for other in ("ar", "p2"):
+        assert [line.strip() for line in _kernel_body(decode_variants_src, other).splitlines() if line.strip()][0] == wait
 
 
 def test_decode_kernel_other_shapes_build():

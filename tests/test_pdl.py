@@ -150,3 +150,27 @@ def test_every_trigger_has_a_pipeline():
     assert all(tvm.tirx.get_tir_pipeline(pdl_tir_pipeline(t)) for t in TRIGGERS)
     with pytest.raises(ValueError, match="before_store"):
         pdl_tir_pipeline("middle")
+
+
+@T.prim_func
+def _own_wait(a: T.Buffer((256,), "float32"), n: T.Buffer((1,), "int32"), b: T.Buffer((256,), "float32")):
+    T.func_attr({"global_symbol": "own_wait", "tirx.noalias": True})
+    for bx in T.thread_binding(2, thread="blockIdx.x"):
+        for tx in T.thread_binding(128, thread="threadIdx.x"):
+            T.evaluate(T.ptx.griddepcontrol.launch_dependents())
+            if tx < n[0]:  # read before the wait: no kernel writes n
+                T.evaluate(T.ptx.griddepcontrol.wait())
+                b[bx * 128 + tx] = a[bx * 128 + tx] + T.float32(1)
+
+
+def test_a_kernel_with_its_own_wait_is_only_tagged(monkeypatch):
+    """A kernel that places its own trigger and wait (the decode attention's page tables before the wait) keeps
+    them where they are: the pass adds the launch tag, no second wait or trigger."""
+    device = _record_device_modules(monkeypatch)
+    tvm.tirx.build(tvm.IRModule({"main": _own_wait}), target=targets.tvm_target("cuda", "sm_90a"),
+                   pipeline=pdl_tir_pipeline())
+    tags, bodies, _ = _kernels(device)
+    body = next(iter(bodies.values()))
+    assert LAUNCH_TAG in next(iter(tags.values()))
+    assert body.count(_WAIT) == 1 and body.count(_TRIGGER) == 1
+    assert _statements(body)[0] == _TRIGGER and body.index("n_ptr[0]") < body.index(_WAIT) < body.index("b_ptr[")

@@ -18,16 +18,27 @@ from .prefill_hopper import prefill_hopper_kernel
 HOPPER_VARIANTS = {"w2n64": (2, 64, 1, 2), "w1n32mb3": (1, 32, 3, 2)}
 
 
-def kernels_for_bench(num_kv_heads, num_qo_heads, head_dim, dtype):
-    """(name, PrimFunc) pairs of every Kiln kernel compiled for CUDA (Metal forms included), for bench/attention.py."""
+# decode variants bench/attention.py can build (`build --variants`), each as decode_kernel's keyword arguments:
+# pipeline depth (3 stages, 3 blocks per SM; 5 stages); splits whose states the merge loads at once; the fewest
+# pages a split takes (p2: one 2-page tile a block; p8, p16: fewer splits, no merge below 128 / 256 tokens);
+# the split arrival by one acquire-release atomic (ar); the page-table reads before the PDL wait (pw)
+DECODE_VARIANTS = {
+    "v3": dict(stages=3), "s5": dict(stages=5), "m8": dict(merge_chunk=8), "m32": dict(merge_chunk=32),
+    "p2m32": dict(min_split_pages=2, merge_chunk=32), "p8": dict(min_split_pages=8), "p16": dict(min_split_pages=16),
+    "ar": dict(arrive="acq_rel"), "arp2m32": dict(min_split_pages=2, merge_chunk=32, arrive="acq_rel"),
+    "arp8": dict(min_split_pages=8, arrive="acq_rel"), "pw": dict(pdl_prewait=True),
+    "pwar": dict(pdl_prewait=True, arrive="acq_rel"), "pwarp8": dict(pdl_prewait=True, arrive="acq_rel", min_split_pages=8),
+}
+DEFAULT_BENCH_VARIANTS = ("v3", "s5", "m8", "m32")
+
+
+def kernels_for_bench(num_kv_heads, num_qo_heads, head_dim, dtype, decode_variants=DEFAULT_BENCH_VARIANTS):
+    """(name, PrimFunc) pairs of every Kiln kernel compiled for CUDA (Metal forms included), for bench/attention.py;
+    the decode kernel also as each of `decode_variants` (DECODE_VARIANTS' names), ``kiln_decode_paged_kv_<name>``."""
     return [
         ("kiln_decode_paged_kv", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype)),
-        # variants: pipeline depth (3 stages = v3, 3 blocks per SM; 5 stages, 2 blocks per SM)
-        ("kiln_decode_paged_kv_v3", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype, stages=3)),
-        ("kiln_decode_paged_kv_s5", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype, stages=5)),
-        # the in-kernel split merge loading 8 or 32 splits' states at once (16: the kernel's)
-        ("kiln_decode_paged_kv_m8", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype, merge_chunk=8)),
-        ("kiln_decode_paged_kv_m32", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype, merge_chunk=32)),
+        *((f"kiln_decode_paged_kv_{name}", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype, **DECODE_VARIANTS[name]))
+          for name in decode_variants),
         # the Metal forms, compiled for CUDA to check them on the GPU
         ("kiln_metal_decode_paged_kv", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype, form="metal")),
         ("kiln_metal_prefill_ragged", metal_prefill_kernel("ragged", num_kv_heads, num_qo_heads, head_dim, dtype)),

@@ -88,6 +88,20 @@ __device__ __forceinline__ int kiln_split_arrive(int slot, int splits) {
   return 1;
 }
 """ % SPLIT_ARRIVAL_SLOTS
+# The same arrival with one acquire-release atomic by the block's first thread after a block barrier (CUTLASS's
+# split-K semaphore pattern): the barrier orders every thread's state stores before the release, the acquire
+# orders the other blocks' stores before the merge's reads (after a second barrier); no sequentially
+# consistent fence (MEMBAR.SC.GPU) on the chain. Its own counter array, so both forms build into one library.
+SPLIT_ARRIVE_ACQ_REL = r"""
+__device__ unsigned int kiln_split_arrivals_ar[%d];
+__device__ __forceinline__ int kiln_split_arrive_ar(int slot, int splits) {
+  unsigned old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %%0, [%%1], 1;\n" : "=r"(old) : "l"(&kiln_split_arrivals_ar[slot]) : "memory");
+  if (old != (unsigned)(splits - 1)) return 0;
+  atomicExch(&kiln_split_arrivals_ar[slot], 0u);
+  return 1;
+}
+""" % SPLIT_ARRIVAL_SLOTS
 THREADFENCE = r"""
 __device__ __forceinline__ void kiln_threadfence() { __threadfence(); }
 """

@@ -20,8 +20,8 @@ import math
 
 from tvm.script import tirx as T
 
-from .cuda_helpers import (CP_ASYNC16, CP_COMMIT, LDCG, LDCG4, SPLIT_ARRIVAL_SLOTS, SPLIT_ARRIVE, THREADFENCE,
-                           cp_async_wait)
+from .cuda_helpers import (CP_ASYNC16, CP_COMMIT, LDCG, LDCG4, SPLIT_ARRIVAL_SLOTS, SPLIT_ARRIVE, SPLIT_ARRIVE_ACQ_REL,
+                           THREADFENCE, cp_async_wait)
 
 PAGE_SIZE = 16
 TOKENS_PER_ROW = 4  # tokens one row of lanes handles per iteration (loads in flight per thread)
@@ -46,14 +46,29 @@ def decode_supported(num_kv_heads: int, num_qo_heads: int, head_dim: int, form: 
 
 
 def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, stages: int = STAGES,
-                  form: str = "cuda", merge_chunk: int = MERGE_CHUNK):
+                  form: str = "cuda", merge_chunk: int = MERGE_CHUNK, min_split_pages: int = MIN_SPLIT_PAGES,
+                  arrive: str = "sc", pdl_prewait: bool = False):
     """Build the split-KV decode PrimFunc (global symbol ``kiln_decode_paged_kv``).
 
     ``form`` "cuda": K/V tiles by cp.async in a ``stages``-deep pipeline; "metal": plain TIR (loads
     straight to registers, shuffles by lane), which also compiles for CUDA to be checked on a GPU.
+    ``min_split_pages``: the fewest pages a split block takes (fewer splits at short contexts; a block
+    walks its pages in tiles of 2, so 2 makes every block one tile long). ``arrive`` (CUDA): how a split
+    block counts itself in for the merge, "sc" (``__threadfence`` around a relaxed atomic) or "acq_rel"
+    (one acquire-release atomic after a block barrier, cuda_helpers.SPLIT_ARRIVE_ACQ_REL).
+    ``pdl_prewait`` (CUDA, sm_90+): the kernel places its own programmatic-dependent-launch trigger (first) and
+    ``griddepcontrol.wait`` (schedules/pdl.py then adds only the launch tag), the wait after the page-table
+    reads, so under PDL the two dependent round trips to page_indptr / page_values overlap the previous
+    kernel's tail. Sound because the page tables (and length_info) are the host's copies for this step,
+    which no kernel writes; q and the pages (the new token's K/V) are read after the wait.
     """
     assert dtype in ("float16", "bfloat16"), dtype
     assert form in ("cuda", "metal"), form
+    assert arrive in ("sc", "acq_rel"), arrive
+    assert min_split_pages >= 1, min_split_pages
+    assert not (pdl_prewait and form != "cuda"), "pdl_prewait is a CUDA (sm_90+) form"
+    ARRIVE_NAME, ARRIVE_SRC = (("kiln_split_arrive", SPLIT_ARRIVE) if arrive == "sc" else
+                               ("kiln_split_arrive_ar", SPLIT_ARRIVE_ACQ_REL))
     CUDA = form == "cuda"
     H_kv, H_qo, D = num_kv_heads, num_qo_heads, head_dim
     G = H_qo // H_kv
@@ -158,9 +173,11 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                     mst = T.sblock_alloc_buffer((4,), "float32", scope="local")
                                 # per-block scalars in registers (T.let would be re-expanded at every use)
                                 info = T.sblock_alloc_buffer((6,), "int32", scope="local")
+                                if pdl_prewait:
+                                    T.evaluate(T.ptx.griddepcontrol.launch_dependents())
                                 info[0] = page_indptr[bz]  # first page slot of the sequence
                                 info[1] = page_indptr[bz + 1] - info[0]  # pages of the sequence
-                                info[2] = T.max(T.truncdiv(info[1] + NS - 1, NS), MIN_SPLIT_PAGES)  # pages per split
+                                info[2] = T.max(T.truncdiv(info[1] + NS - 1, NS), min_split_pages)  # pages per split
                                 info[3] = T.max(1, T.truncdiv(info[1] + info[2] - 1, info[2]))  # splits used
                                 info[4] = T.min(info[1], bx * info[2] + info[2])  # this split's page end
                                 info[5] = T.min(T.if_then_else(info[1] > 0, (info[1] - 1) * PAGE_SIZE + length_info[bz], 0), info[4] * PAGE_SIZE)  # token end
@@ -174,6 +191,13 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                 row_off: T.let[T.int32] = (ty % ROWS_PER_PAGE) * U
                                 lane: T.let[T.int32] = (ty * LANES + tx) % 32  # lane in the warp / SIMD group
                                 if bx < n_used:
+                                    if CUDA:
+                                        # the prologue's page numbers first (independent loads), then its copies
+                                        for st in T.unroll(stages - 1):
+                                            pnos[st] = T.if_then_else(pg_lo + st * PAGES_PER_TILE + row_pg < pg_hi,
+                                                                      page_values[pg_begin + pg_lo + st * PAGES_PER_TILE + row_pg], 0)
+                                    if pdl_prewait:  # the previous kernel's writes (q, the new K/V) from here on
+                                        T.evaluate(T.ptx.griddepcontrol.wait())
                                     for g in T.unroll(G):
                                         m_loc[g] = T.float32(NEG)
                                         d_loc[g] = T.float32(0)
@@ -181,10 +205,6 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                             o_loc[g, v] = T.float32(0)
                                             q_loc[g, v] = T.cast(Q[bz, by * G + g, tx * VEC + v], "float32") * sm_scale * T.float32(scale_log2)
                                     if CUDA:
-                                        # the prologue's page numbers first (independent loads), then its copies
-                                        for st in T.unroll(stages - 1):
-                                            pnos[st] = T.if_then_else(pg_lo + st * PAGES_PER_TILE + row_pg < pg_hi,
-                                                                      page_values[pg_begin + pg_lo + st * PAGES_PER_TILE + row_pg], 0)
                                         for st in T.unroll(stages - 1):
                                             if pg_lo + st * PAGES_PER_TILE + row_pg < pg_hi:
                                                 for u in T.unroll(U):
@@ -300,11 +320,12 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                         if n_used > 1:
                                             # this block's state is stored: count it in; the sequence's last
                                             # split block to arrive merges every split's state (from L2)
-                                            T.evaluate(T.cuda.func_call("kiln_threadfence", source_code=THREADFENCE))
+                                            if arrive == "sc":
+                                                T.evaluate(T.cuda.func_call("kiln_threadfence", source_code=THREADFENCE))
                                             T.tvm_storage_sync("shared")
                                             if ty == 0 and tx == 0:
-                                                last[0] = T.cuda.func_call("kiln_split_arrive", bz * H_kv + by, n_used,
-                                                                           source_code=SPLIT_ARRIVE, return_type="int32")
+                                                last[0] = T.cuda.func_call(ARRIVE_NAME, bz * H_kv + by, n_used,
+                                                                           source_code=ARRIVE_SRC, return_type="int32")
                                             T.tvm_storage_sync("shared")
                                             is_last[0] = last[0]  # (TVM reads no shared memory in a branch condition)
                                             if is_last[0] == 1:
@@ -364,7 +385,7 @@ def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: st
                                 sm_st = T.sblock_alloc_buffer((MERGE_SLICES, 2), "float32", scope="shared")
                                 info2 = T.sblock_alloc_buffer((3,), "int32", scope="local")
                                 info2[0] = page_indptr[bz + 1] - page_indptr[bz]
-                                info2[1] = T.max(T.truncdiv(info2[0] + NS - 1, NS), MIN_SPLIT_PAGES)
+                                info2[1] = T.max(T.truncdiv(info2[0] + NS - 1, NS), min_split_pages)
                                 info2[2] = T.max(1, T.truncdiv(info2[0] + info2[1] - 1, info2[1]))
                                 n_used2: T.let[T.int32] = info2[2]
                                 if n_used2 > 1:
