@@ -66,6 +66,8 @@ class Limits:
 # Routes open without the API key: liveness, and the chat page (/ and /static/*: files only; the page's own
 # calls need the key). /docs and /openapi.json need it.
 OPEN_ROUTES = ("/health", "/")
+# A refused body up to this size is read and dropped before its 413 (_drain says why); a larger one is not
+DRAIN_BYTES = 64 << 20
 
 
 class _Call:
@@ -452,6 +454,8 @@ class _Gate:
         length = next((v for k, v in scope["headers"] if k == b"content-length"), b"0")
         too_big = f"the request body is over {limits.max_body_bytes} bytes, this server's limit (--max-body-mb)"
         if not length.isdigit() or int(length) > limits.max_body_bytes:
+            if length.isdigit() and int(length) <= DRAIN_BYTES:
+                await _drain(receive)
             return await _reply(scope, receive, send, 413, too_big if length.isdigit() else "malformed Content-Length",
                                 code="body_too_large")
         body, more = [], True
@@ -464,6 +468,8 @@ class _Gate:
             size += len(body[-1])
             more = message.get("more_body", False)
             if size > limits.max_body_bytes:
+                if more:
+                    await _drain(receive)
                 return await _reply(scope, receive, send, 413, too_big, code="body_too_large")
         replayed = False
 
@@ -475,6 +481,17 @@ class _Gate:
             return {"type": "http.request", "body": b"".join(body), "more_body": False}
 
         return await self.app(scope, replay, send)
+
+
+async def _drain(receive) -> None:
+    """Read and drop the rest of a refused body, up to DRAIN_BYTES: the reply closes the connection, and a
+    socket closed with unread bytes sends a TCP reset that can discard the reply before the client reads it."""
+    seen = 0
+    while seen <= DRAIN_BYTES:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        seen += len(message.get("body", b""))
 
 
 async def _reply(scope, receive, send, status: int, message: str, code: str) -> None:
