@@ -28,6 +28,17 @@ UNROLL = 4  # K steps whose weight loads are issued together
 MIN_BLOCKS = 264  # two blocks per SM on an H100 before a warp takes two output columns
 ONE_COLUMN_N = 6144  # the 2-row bucket gives a warp one column and 2 × UNROLL steps up to this N ...
 ONE_COLUMN_MIN_K = 1024  # ... from this K (the shapes measured: bench/RESULTS.md)
+WARPS = 4  # warps a block: StreamingGEMV's default, and the fused GEMVs' (norm_gemv.py, swiglu_gemv.py)
+
+
+def streams(target, n, k, dtype: str, warps: int = WARPS) -> bool:
+    """Where a K-streaming GEMV schedule applies: CUDA, static N and K, K a whole number of 32 lanes ×
+    16-byte loads of `dtype`, N a whole number of `warps` columns."""
+    if target is None or target.kind.name != "cuda":
+        return False
+    if not all(isinstance(d, tirx.IntImm) for d in (n, k)):
+        return False
+    return int(k) % (WARP * LOAD_BYTES * 8 // tvm.DataType(dtype).bits) == 0 and int(n) % warps == 0
 
 
 class StreamingGEMV(dl.gpu.LowBatchGEMV):
@@ -44,7 +55,7 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
     CUDA declines here (dequantizing prologues, K not a multiple of 32 × 16 bytes) goes to dlight's.
     """
 
-    def __init__(self, bucket: int = 4, warps: int = 4, columns: int | None = None, unroll: int | None = None):
+    def __init__(self, bucket: int = 4, warps: int = WARPS, columns: int | None = None, unroll: int | None = None):
         super().__init__(bucket)
         self.warps = warps
         self.columns = columns
@@ -56,9 +67,8 @@ class StreamingGEMV(dl.gpu.LowBatchGEMV):
         n, k = sch.get(cols).extent, sch.get(red).extent
         weight = next(r.source for r in sch.get(block).reads if r.source not in vector_input_buffers)
         vec = LOAD_BYTES * 8 // tvm.DataType(weight.dtype).bits
-        if (target.kind.name != "cuda" or dequantize_block is not None or pad_input_block is None
-                or not isinstance(n, tirx.IntImm) or not isinstance(k, tirx.IntImm)
-                or int(k) % (WARP * vec) or int(n) % self.warps):
+        if dequantize_block is not None or pad_input_block is None or not streams(target, n, k, weight.dtype,
+                                                                                   self.warps):
             return super().sch_inner_reduction(sch, target, block, dequantize_block, pad_input_block,
                                                vector_input_buffers, epilogue_info, batch_pad)
         unroll, tile_s = gemv_tiling(int(n), int(k), self.bucket, self.warps, vec, self.columns, self.unroll)

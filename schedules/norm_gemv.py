@@ -50,17 +50,17 @@ from .function_rewrite import rewrite_functions
 from .low_batch import (
     LIMITS_AND_BUCKETS,
     LOAD_BYTES,
-    WARP,
+    WARPS,
     gemv_tiling,
     holds_block,
     schedule_row_chains,
     stream_over_k,
+    streams,
 )
 from .quant_fusion import QTYPE_ATTR, factored_matmul, uses_byte_perm
 
 FUSED_FUNCTIONS = ("decode",)  # prefill (many rows) keeps the norm kernel and the tensor-core GEMM
 BLOCK = "rms_norm_matmul"  # the tuple-reduction block the schedule looks for
-WARPS = 4  # warps a block, as StreamingGEMV
 QUANT_FUSED_TARGETS = ("cuda", "llvm")  # where a packed weight's factored matmul takes the norm
 # StreamingGEMV's row buckets plus one of a single row: the fused kernel's per-row arithmetic (γ·x, x², the
 # conversions) is twice the plain GEMV's, so batch 1 does not pay for bucket 2's zero row
@@ -86,13 +86,8 @@ def rms_norm_matmul_te(x: te.Tensor, gamma: te.Tensor, w: te.Tensor, eps: float,
 
 
 def _fusable(target, x_shape, w_shape, dtype: str) -> bool:
-    """Where the schedule applies: CUDA, static N and K, K a whole number of 32 lanes × 16-byte loads."""
-    if target is None or target.kind.name != "cuda" or len(w_shape) != 2:
-        return False
-    n, k = w_shape
-    if not all(isinstance(d, tirx.IntImm) for d in (n, k, x_shape[-1])):
-        return False
-    return int(k) % (WARP * LOAD_BYTES * 8 // tvm.DataType(dtype).bits) == 0 and int(n) % WARPS == 0
+    """Where the schedule applies: a matrix W [N, K] that streams (low_batch.streams), x's K static."""
+    return len(w_shape) == 2 and isinstance(x_shape[-1], tirx.IntImm) and streams(target, *w_shape, dtype)
 
 
 def last_axis_norm(value) -> relax.Call | None:

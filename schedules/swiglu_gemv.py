@@ -51,11 +51,12 @@ from .function_rewrite import rewrite_functions
 from .low_batch import (
     LIMITS_AND_BUCKETS,
     LOAD_BYTES,
-    WARP,
+    WARPS,
     gemv_tiling,
     holds_block,
     schedule_row_chains,
     stream_over_k,
+    streams,
 )
 from .norm_gemv import QUANT_FUSED_TARGETS, last_axis_norm, rms_norm_matmul_te
 from .quant_fusion import uses_byte_perm
@@ -63,7 +64,6 @@ from .quant_fusion import uses_byte_perm
 FUSED_FUNCTIONS = ("decode",)  # prefill (many rows) keeps the GEMM and the silu·mul kernel
 BLOCK = "swiglu_matmul"  # the bf16 reduction block [rows, 2, I] the schedule looks for
 EPILOGUE = "silu_multiply"
-WARPS = 4  # warps a block, as StreamingGEMV
 HALVES = tirx.IntImm("int64", 2)  # gate, up: int64 as Relax's other dims (a loop fuse needs one type)
 
 
@@ -88,15 +88,6 @@ def swiglu_matmul_te(x: te.Tensor, w: te.Tensor, out_dtype: str) -> te.Tensor:
     gate_up = te.compute((rows, *w.shape[:2]), lambda b, t, i: te.sum(
         x[b, r].astype("float32") * w[t, i, r].astype("float32"), axis=r), name=BLOCK)
     return silu_multiply_te(gate_up, out_dtype)
-
-
-def _streams(target, k, size, dtype: str) -> bool:
-    """Where the bf16 schedule applies: CUDA, static K and I, K a whole number of 32 lanes × 16-byte loads."""
-    if target is None or target.kind.name != "cuda":
-        return False
-    if not all(isinstance(d, tirx.IntImm) for d in (k, size)):
-        return False
-    return int(k) % (WARP * LOAD_BYTES * 8 // tvm.DataType(dtype).bits) == 0 and int(size) % WARPS == 0
 
 
 def _opaque(func: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -146,7 +137,7 @@ def fuse_swiglu(func: relax.Function, builder: relax.BlockBuilder, mod: IRModule
         if isinstance(value, relax.Call) and value.op.name == "relax.astype":
             value = bound.get(value.args[0], value.args[0])
         if not isinstance(value, relax.Call):  # a stored weight of the model dtype (a parameter's tuple item)
-            if not on_cuda or fp32_model or w.ty.dtype != x.ty.dtype or not _streams(target, k, size, w.ty.dtype):
+            if not on_cuda or fp32_model or w.ty.dtype != x.ty.dtype or not streams(target, size, k, w.ty.dtype):
                 return call
             rows = tvm.sym.Analyzer().simplify(functools.reduce(lambda a, b: a * b, x_shape[:-1]))
             xp = te.placeholder((rows, k), x.ty.dtype, name="x")
