@@ -109,7 +109,7 @@ def compile_artifact(model: str, target: str, dtype: str, out: str | None, weigh
     t0 = time.time()
     heads, kv_heads = (shard(cfg.num_attention_heads, tp, "num_attention_heads"),
                        shard(cfg.num_key_value_heads, tp, "num_key_value_heads"))  # per rank
-    kernels = paged_kv_kernels(tvm_target, kv_heads, heads, cfg.head_dim, dtype)
+    kernels = paged_kv_kernels(tvm_target, kv_heads, heads, cfg.head_dim, dtype, pdl)
     mod, named_params = export(cfg, dtype, tvm_target, max_batch, prefill_chunk, kernels,
                                plan.types if plan else None, tp)
     library = targets.library_name(target)

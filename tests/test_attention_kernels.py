@@ -58,10 +58,12 @@ def test_decode_kernel_structure(decode_src):
     # one kernel (8 rows x 16 lanes): the splits' merge is done by the last split block to arrive
     assert names == {"kiln_decode_paged_kv_kernel": 128}, names
     body = decode_src.split("kiln_decode_paged_kv_kernel(", 2)[2]
-    # arrival: every thread's state stored and fenced, a barrier, one atomic a block; the last one merges
-    # the splits' states from L2, a chunk of 16 splits in flight (a 4-float vector and an lse each)
-    assert "__device__ unsigned int kiln_split_arrivals[1024];" in decode_src
-    assert body.count("kiln_split_arrive(") == 1 and body.count("kiln_threadfence();") == 1
+    # arrival: the states stored, a barrier, one acquire-release atomic a block (no __threadfence); the last
+    # one merges the splits' states from L2, a chunk of 16 splits in flight (a 4-float vector and an lse each)
+    assert "__device__ unsigned int kiln_split_arrivals_ar[1024];" in decode_src
+    assert body.count("kiln_split_arrive_ar(") == 1 and "kiln_threadfence" not in body
+    assert "atom.acq_rel.gpu.global.add.u32" in decode_src
+    assert body.index("__syncthreads();") < body.index("kiln_split_arrive_ar(")
     assert body.count("kiln_ldcg4(") == 16 and body.count("kiln_ldcg(") == 16
     # K and V tiles arrive by 16-byte cp.async, 4-stage pipeline: 3 groups may stay in flight
     # (3 prologue tiles, unrolled + 1 in the loop) x (K, V) x 4 tokens
@@ -88,9 +90,9 @@ def test_decode_kernel_nvcc_no_spills(source, kernels, request, tmp_path):
 
 @pytest.fixture(scope="module")
 def decode_variants_src():
-    """The short-context variants (acquire-release arrival, page tables before the PDL wait, fewer pages a
-    split with the 32-split merge), as the model builds them for sm_90a (PDL pipeline)."""
-    funcs = {"ar": decode_kernel(8, 32, 128, "bfloat16", arrive="acq_rel"),
+    """The variants (the fenced arrival, page tables before the PDL wait, fewer pages a split with the 32-split
+    merge), as the model builds them for sm_90a (PDL pipeline)."""
+    funcs = {"sc": decode_kernel(8, 32, 128, "bfloat16", arrive="sc"),
              "pw": decode_kernel(8, 32, 128, "bfloat16", pdl_prewait=True),
              "p2": decode_kernel(8, 32, 128, "bfloat16", min_split_pages=2, merge_chunk=32)}
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
@@ -103,12 +105,11 @@ def _kernel_body(src, name):
     return src.split(f" {name}_kernel(", 2)[2].split(") {\n", 1)[1].split('extern "C"')[0]
 
 
-def test_decode_acq_rel_arrival(decode_variants_src):
-    """One acquire-release atomic a block, by its first thread after a barrier; no __threadfence left."""
-    body = _kernel_body(decode_variants_src, "ar")
-    assert body.count("kiln_split_arrive_ar(") == 1 and "kiln_threadfence" not in body
-    assert "atom.acq_rel.gpu.global.add.u32" in decode_variants_src
-    assert body.index("__syncthreads();") < body.index("kiln_split_arrive_ar(")
+def test_decode_fenced_arrival(decode_variants_src):
+    """sc: every thread's state stored and fenced, a barrier, one relaxed atomic a block between fences."""
+    body = _kernel_body(decode_variants_src, "sc")
+    assert body.count("kiln_split_arrive(") == 1 and body.count("kiln_threadfence();") == 1
+    assert "kiln_split_arrive_ar(" not in body
 
 
 def test_decode_page_tables_before_the_pdl_wait(decode_variants_src):
@@ -121,8 +122,18 @@ def test_decode_page_tables_before_the_pdl_wait(decode_variants_src):
     at = body.index(wait)
     assert "page_indptr_ptr[" in body[:at] and "page_values_ptr[" in body[:at] and "length_info_ptr[" in body[:at]
     assert "Q_ptr[" not in body[:at] and "kiln_cp_async16(" not in body[:at] and "O_part_ptr[" not in body[:at]
-    for other in ("ar", "p2"):
+    for other in ("sc", "p2"):
         assert [line.strip() for line in _kernel_body(decode_variants_src, other).splitlines() if line.strip()][0] == wait
+
+
+@pytest.mark.parametrize("arch,pdl,prewait", [("sm_90a", True, True), ("sm_90a", False, False), ("sm_80", True, False)])
+def test_the_cache_gets_the_prewait_decode_only_with_pdl(arch, pdl, prewait):
+    """What the compiler hands the KV cache: the page tables before the wait where the artifact uses PDL (sm_90+,
+    not --no-pdl); elsewhere the plain kernel, whose wait (if any) the PDL pass places."""
+    from compile.targets import tvm_target
+
+    decode = paged_kv_kernels(tvm_target("cuda", arch), 8, 32, 128, "bfloat16", pdl)["decode"]
+    assert ("griddepcontrol" in decode.script()) is prewait
 
 
 def test_decode_kernel_other_shapes_build():

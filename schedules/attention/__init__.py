@@ -21,13 +21,13 @@ HOPPER_VARIANTS = {"w2n64": (2, 64, 1, 2), "w1n32mb3": (1, 32, 3, 2)}
 # decode variants bench/attention.py can build (`build --variants`), each as decode_kernel's keyword arguments:
 # pipeline depth (3 stages, 3 blocks per SM; 5 stages); splits whose states the merge loads at once; the fewest
 # pages a split takes (p2: one 2-page tile a block; p8, p16: fewer splits, no merge below 128 / 256 tokens);
-# the split arrival by one acquire-release atomic (ar); the page-table reads before the PDL wait (pw)
+# the split arrival by __threadfence around a relaxed atomic (sc, the default before an acquire-release atomic);
+# the page-table reads before the PDL wait (pw: what the model builds on sm_90+)
 DECODE_VARIANTS = {
     "v3": dict(stages=3), "s5": dict(stages=5), "m8": dict(merge_chunk=8), "m32": dict(merge_chunk=32),
     "p2m32": dict(min_split_pages=2, merge_chunk=32), "p8": dict(min_split_pages=8), "p16": dict(min_split_pages=16),
-    "ar": dict(arrive="acq_rel"), "arp2m32": dict(min_split_pages=2, merge_chunk=32, arrive="acq_rel"),
-    "arp8": dict(min_split_pages=8, arrive="acq_rel"), "pw": dict(pdl_prewait=True),
-    "pwar": dict(pdl_prewait=True, arrive="acq_rel"), "pwarp8": dict(pdl_prewait=True, arrive="acq_rel", min_split_pages=8),
+    "sc": dict(arrive="sc"), "pw": dict(pdl_prewait=True), "pwsc": dict(pdl_prewait=True, arrive="sc"),
+    "pwp8": dict(pdl_prewait=True, min_split_pages=8),
 }
 DEFAULT_BENCH_VARIANTS = ("v3", "s5", "m8", "m32")
 

@@ -47,20 +47,22 @@ def decode_supported(num_kv_heads: int, num_qo_heads: int, head_dim: int, form: 
 
 def decode_kernel(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, stages: int = STAGES,
                   form: str = "cuda", merge_chunk: int = MERGE_CHUNK, min_split_pages: int = MIN_SPLIT_PAGES,
-                  arrive: str = "sc", pdl_prewait: bool = False):
+                  arrive: str = "acq_rel", pdl_prewait: bool = False):
     """Build the split-KV decode PrimFunc (global symbol ``kiln_decode_paged_kv``).
 
     ``form`` "cuda": K/V tiles by cp.async in a ``stages``-deep pipeline; "metal": plain TIR (loads
     straight to registers, shuffles by lane), which also compiles for CUDA to be checked on a GPU.
     ``min_split_pages``: the fewest pages a split block takes (fewer splits at short contexts; a block
     walks its pages in tiles of 2, so 2 makes every block one tile long). ``arrive`` (CUDA): how a split
-    block counts itself in for the merge, "sc" (``__threadfence`` around a relaxed atomic) or "acq_rel"
-    (one acquire-release atomic after a block barrier, cuda_helpers.SPLIT_ARRIVE_ACQ_REL).
+    block counts itself in for the merge: "acq_rel" (the default: one acquire-release atomic after a block
+    barrier, cuda_helpers.SPLIT_ARRIVE_ACQ_REL) or "sc" (``__threadfence`` around a relaxed atomic, 0.4-1.3 us
+    slower a call on an H100 at batch 1-16, bench/RESULTS.md "Decode attention at short contexts, measured").
     ``pdl_prewait`` (CUDA, sm_90+): the kernel places its own programmatic-dependent-launch trigger (first) and
     ``griddepcontrol.wait`` (schedules/pdl.py then adds only the launch tag), the wait after the page-table
     reads, so under PDL the two dependent round trips to page_indptr / page_values overlap the previous
     kernel's tail. Sound because the page tables (and length_info) are the host's copies for this step,
-    which no kernel writes; q and the pages (the new token's K/V) are read after the wait.
+    which no kernel writes; q and the pages (the new token's K/V) are read after the wait. The compiler turns
+    it on wherever it builds with PDL (schedules/attention/choice.py).
     """
     assert dtype in ("float16", "bfloat16"), dtype
     assert form in ("cuda", "metal"), form

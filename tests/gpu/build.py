@@ -37,13 +37,14 @@ def build_attention(out: Path) -> None:
     """Each shape's decode and prefill kernels, as the KV cache gets them plus the other prefill form."""
     import tvm
 
-    from schedules.attention import decode_kernel, prefill_hopper_kernel, prefill_kernel
+    from schedules.attention import prefill_hopper_kernel, prefill_kernel
+    from schedules.attention.choice import paged_kv_kernels
 
     target = _target()
     out.mkdir(parents=True, exist_ok=True)
     for h_qo, h_kv, d in ATTENTION_SHAPES:
         shape = (h_kv, h_qo, d, "bfloat16")
-        funcs = {"kiln_decode_paged_kv": decode_kernel(*shape)}
+        funcs = {"kiln_decode_paged_kv": paged_kv_kernels(target, h_kv, h_qo, d, "bfloat16")["decode"]}
         for kind in ("ragged", "paged"):
             funcs[f"kiln_prefill_{kind}_fa2"] = prefill_kernel(kind, *shape)
             if d == 128:
