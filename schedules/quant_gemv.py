@@ -26,7 +26,11 @@ is used.
 
 With the RMSNorm before it folded in (schedules/norm_gemv.py: blocks `norm_scaled`, `group_square`, NT_matmul a
 (sum, Σx²) pair, `norm_rstd`), x and γ are both loaded per group by 16-byte loads, γ·x and Σx² made there once
-for the thread's rows beside Σx, and both sums reduced across the lanes.
+for the thread's rows beside Σx, and both sums reduced across the lanes. That x side (γ's loads and conversion,
+γ·x, x²) is 3 operations an element and thread more than the plain GEMV's 2, redone by every row thread of every
+block; at M tile 1 with several row threads a block (gate/up), γ·x (fp32) of the whole row and Σγx, Σx² a group
+are instead made once a block into shared memory before the K loop (`_stage_norm`), whose per-thread work then is
+the plain GEMV's (bench/RESULTS.md, "Why `--fuse_norms` slows the quantized decode").
 
 The tile sizes depend on the shape (`tiling`, measured on an H100: bench/RESULTS.md, "Quantized GEMV: a tiling
 per shape"); `lanes` > 32 split a row's K over several warps, whose partial sums meet in the reduction.
@@ -36,12 +40,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import get_root_block
 
 from .low_batch import branch_on_rows
 
 CHUNK = 32  # K elements per thread per step: one 32-element scale group
+STAGED_BYTES = 32 * 1024  # γ·x of one row of x in shared memory up to this (M tile 1 with a norm)
 M_TILES = (1, 4, 8)  # the run-time chain over M (each tile's kernel from `tiling`, unless a config is given)
 
 
@@ -190,12 +196,18 @@ class QuantGemv:
         sch.bind(g_t, "threadIdx.x")
 
         # per group and row: Σ x·code and Σ x in registers; the chunk's codes for the thread's rows
+        threads = cfg.row_threads * lanes
+        k = int(groups) * group
+        # with a norm, at M tile 1, where a block's row threads walk the same K: its x side once per block
+        staged = (scaled is not None and m_tile == 1 and cfg.row_threads > 1 and k * 4 <= STAGED_BYTES
+                  and k % (threads * lanes16) == 0 and int(groups) % threads == 0
+                  and str(sch.get(j_y).loop_var.ty) == str(sch.get(g_t).loop_var.ty))
         sch.compute_at(dot, j_r, preserve_unit_loops=True)
         for block in per_row:
-            sch.compute_at(block, g_c, preserve_unit_loops=True)
+            sch.compute_at(block, i_o if staged else g_c, preserve_unit_loops=True)
         sch.compute_at(codes, g_u, preserve_unit_loops=True)
         for block in (dot, *per_row, codes):
-            sch.set_scope(block, 0, "local")
+            sch.set_scope(block, 0, "shared" if staged and block in per_row else "local")
         deq_reads = [r.source for r in sch.get(codes).reads]
         for idx, buf in enumerate(deq_reads):
             if not is_packed(buf):
@@ -213,22 +225,24 @@ class QuantGemv:
         # x: a group's values by 16-byte loads, per row of the M tile, shared by the thread's rows; with a
         # norm, γ the same way and γ·x (fp32) made once a group for the thread's rows, Σx² beside Σx
         readers = [dot, *per_row]
-        if scaled is not None:
+        if staged:
+            _stage_norm(sch, scaled, per_row, i_o, cfg.row_threads, lanes, lanes16)
+        elif scaled is not None:
             sch.compute_at(scaled, g_c, preserve_unit_loops=True)
             sch.set_scope(scaled, 0, "local")
             readers = [scaled, *[b for b in per_row if sch.get(b).name_hint == "group_square"]]
         x_buf = [r.source for r in sch.get(readers[0]).reads if not r.source.same_as(sch.get(codes).writes[0].source)]
-        if len(x_buf) != (1 if scaled is None else 2):
+        if len(x_buf) != (1 if scaled is None or staged else 2):
             raise _Decline
         x_buf.sort(key=lambda buf: len(buf.shape) == 1)  # x first, then γ
-        for buf in x_buf:  # x, then γ (read by norm_scaled only)
+        for buf in x_buf:  # x, then γ (read by norm_scaled only); staged: γ·x from shared memory
             idx = [r.source for r in sch.get(readers[0]).reads].index(buf)
             cache = sch.cache_read(readers[0], idx, "local", consumer_blocks=readers if buf.same_as(x_buf[0])
-                                   else readers[:1])
+                                   and not staged else readers[:1])
             sch.compute_at(cache, g_c, preserve_unit_loops=True)
-            _, vec = sch.split(sch.get_loops(cache)[-1], [None, lanes16])
+            _, vec = sch.split(sch.get_loops(cache)[-1], [None, 4 if staged else lanes16])
             sch.vectorize(vec)
-        for block in (dot, *per_row):
+        for block in (dot, *([] if staged else per_row)):
             t = sch.get_loops(block)[-1]
             sch.decompose_reduction(block, t)
             sch.unroll(t)
@@ -249,6 +263,46 @@ class QuantGemv:
         if after:
             sch.reverse_compute_at(after[-1], j_y, preserve_unit_loops=True)
         return sch
+
+
+def _stage_norm(sch: s_tir.Schedule, scaled, per_row: list, block_loop, row_threads: int, lanes: int,
+                vec: int) -> None:
+    """The norm's x side made once per block, not per thread: γ·x (fp32, `scaled`) of the whole K into shared
+    memory by the block's threads together (x and γ by 16-byte loads), then Σγx and Σx² a group (`per_row`,
+    already at `block_loop` in shared memory) one group a thread; the K loop reads γ·x from there 16 bytes at a
+    time (group_dot's cache, made by the caller) and both sums a group."""
+    sch.compute_at(scaled, block_loop, preserve_unit_loops=True)
+    sch.set_scope(scaled, 0, "shared")
+    # a lane's chunk is 128 bytes past its neighbour's: rows of CHUNK values padded by 16 bytes, so that the
+    # lanes' 16-byte reads of one step fall in different banks
+    sch.transform_layout(scaled, ("write", 0), lambda *i: (*i[:-1], i[-1] // CHUNK, i[-1] % CHUNK))
+    sch.storage_align(scaled, 0, axis=-2, factor=CHUNK, offset=4)
+    _, ty, tx, inner = sch.split(sch.fuse(*sch.get_loops(scaled)[-2:]), [None, row_threads, lanes, vec])
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    for idx in range(2):  # x, γ
+        cache = sch.cache_read(scaled, idx, "local", consumer_blocks=[scaled])
+        sch.compute_at(cache, tx, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(cache)[-1])
+    sch.unroll(inner)
+    for block in per_row:  # summed in a register, stored once
+        store = sch.cache_write(block, 0, "local")
+        *_, row, grp = sch.get_loops(store)
+        _, ty, tx = sch.split(sch.fuse(row, grp), [None, row_threads, lanes])
+        sch.bind(ty, "threadIdx.y")
+        sch.bind(tx, "threadIdx.x")
+        sch.compute_at(block, tx, preserve_unit_loops=True)
+        # the group's values by 16-byte loads (a thread's group starts a group past its neighbour's: scalar
+        # shared-memory reads would hit one bank)
+        reads = [r.source for r in sch.get(block).reads]
+        idx = next(i for i, buf in enumerate(reads) if not buf.same_as(sch.get(block).writes[0].source))
+        cache = sch.cache_read(block, idx, "local", consumer_blocks=[block])
+        sch.compute_at(cache, tx, preserve_unit_loops=True)
+        _, inner = sch.split(sch.get_loops(cache)[-1], [None, 128 // tvm.DataType(reads[idx].dtype).bits])
+        sch.vectorize(inner)
+        red = sch.get_loops(block)[-1]
+        sch.decompose_reduction(block, red)
+        sch.unroll(red)
 
 
 def _named_blocks(sch: s_tir.Schedule) -> dict:

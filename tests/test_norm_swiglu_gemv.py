@@ -182,6 +182,23 @@ def test_quantized_compiles_for_cuda(qtype):
     assert src.count("expf(") == 3
 
 
+@pytest.mark.parametrize("qtype", ["q4_k", "q6_k", "q8_0"])
+def test_batch_one_kernel_normalizes_once_a_block(qtype):
+    """At Llama-3.1-8B's gate/up, batch 1's kernel (the chain's first; 4 row threads a block walk the same K) makes
+    γ·x, Σγx and Σx² a group into shared memory before its last barrier, and reads no x or γ from global memory
+    after it: the K loop's per-thread work is the plain GEMV's, not the norm's again (bench/RESULTS.md, "Why
+    `--fuse_norms` slows the quantized decode"). The 4- and 8-row kernels keep x and γ in registers."""
+    src = kernel_source({"nsw": QuantGemv().kernel(_quant_func(qtype, 4096, 14336), H100).with_attr("global_symbol",
+                                                                                                  "nsw")})
+    bodies = dict(re.findall(r"void __launch_bounds__\(\d+\) (nsw_kernel\w*)\([^)]*\) \{\n(.*?)\n\}\n", src, re.S))
+    first = bodies["nsw_kernel"]
+    prologue, loop = first.rsplit("__syncthreads();", 1)  # one warp a row: the lanes reduce by shuffles
+    assert "norm_scaled_shared" in prologue and re.search(r"\*\(float4\*\)\(norm_scaled_shared_ptr", loop)
+    assert re.search(r"\bx_ptr\b", prologue) and re.search(r"\bgamma_ptr\b", prologue)
+    assert not re.search(r"\bx_ptr\b|\bgamma_ptr\b", loop)
+    assert all("shared" not in bodies[k].replace("red_buf", "") for k in ("nsw_kernel_1", "nsw_kernel_2"))
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_quantized_nvcc_no_spills_at_model_shapes(tmp_path):
     """Q4_K, Q6_K and Q8_0 at Llama-3.1-8B's and Qwen3-0.6B's gate/up (4096 → 2 × 14336, 1024 → 2 × 3072): every
