@@ -30,10 +30,11 @@ quant_fusion.py's FewRowFactoredMatmuls, whose factored call it rebuilds: the no
 only there): formats/quant_values.py's dequantize_matmul_te with `norm` reads γ·x (fp32, made once a group per
 row of x, shared by the thread's output rows) where `group_dot` and `group_sum` read x, adds `group_square`
 (Σx² a group, beside `group_sum`), reduces (sum, Σx²) over groups as a pair (one add a group and output) and
-multiplies by rstd in `norm_rstd` before the cast; QuantGemv (quant_gemv.py) schedules it, at batch 1 with the
-norm's x side made once a block where a block's row threads share it. Unlike the tuple reduction here, nothing of
-the norm is repeated per weight; per thread it was (the 14% a Q4_K_M step lost on an H100, bench/RESULTS.md). It applies on CUDA and the CPU,
-not Metal; more than 8 rows run `decode_wide` (unfused) as for every quantized model.
+multiplies by rstd in `norm_rstd` before the cast; QuantGemv (quant_gemv.py) schedules it. Unlike the tuple
+reduction here, nothing of the norm is repeated per weight, but every thread redoes it for its K (the 14% a
+Q4_K_M step lost on an H100, bench/RESULTS.md); at batch 1, where a block's row threads share K (gate/up),
+QuantGemv makes it once a block instead. It applies on CUDA and the CPU, not Metal; more than 8 rows run
+`decode_wide` (unfused) as for every quantized model.
 """
 
 from __future__ import annotations
