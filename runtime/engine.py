@@ -179,6 +179,7 @@ class Engine:
         self._requests: dict[str, Request] = {}  # owned by the engine thread
         self._inbox: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._looping = threading.Event()  # set by the thread itself: it was started, whatever start() did
         self._lock = threading.Lock()
         # (sequences, DeviceTokens) of a step launched but not yet read (overlapped loop, see step)
         self._inflight: tuple[list[Sequence], object] | None = None
@@ -311,6 +312,7 @@ class Engine:
     def _start(self) -> None:
         with self._lock:
             if self._thread is None:
+                self._looping.clear()
                 self._thread = threading.Thread(target=self._loop, name="kiln-engine", daemon=True)
                 self._thread.start()
 
@@ -319,7 +321,10 @@ class Engine:
         with self._lock:
             if self._thread is not None:
                 self._inbox.put(None)
-                self._thread.join()
+                # a Ctrl-C inside Thread.start() (while it waits for the new thread) leaves a running thread that
+                # join() refuses ("cannot join thread before it is started"): wait for the thread's own signal
+                if self._looping.wait(timeout=10):
+                    self._thread.join()
                 self._thread = None
 
     def __enter__(self):
@@ -329,6 +334,7 @@ class Engine:
         self.close()
 
     def _loop(self) -> None:
+        self._looping.set()
         while True:
             try:
                 commands = [self._inbox.get(block=not (self.scheduler.has_work or self._inflight))]

@@ -350,3 +350,24 @@ def test_penalties_on_the_device_match_the_numpy_reference(engine):
         assert out.token_ids == tokens
     assert device[0].token_ids != engine.generate_sync(SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
                                                        ["Tom had a dog"])[0].token_ids
+
+
+def test_ctrl_c_inside_thread_start_still_closes_cleanly(stories_artifact, monkeypatch):
+    """Ctrl-C can land inside Thread.start() while it waits for the new engine thread to come up (CI saw it
+    under load, through runtime.complete): close() must still stop that thread once it runs, not raise
+    "cannot join thread before it is started"."""
+    start = threading.Thread.start
+
+    def interrupted(thread):
+        timer = threading.Timer(0.3, start, args=(thread,))  # the thread comes up after start() was interrupted
+        start(timer)
+        raise KeyboardInterrupt
+
+    eng = Engine(EngineConfig(model_path=str(stories_artifact), max_num_seqs=2))
+    monkeypatch.setattr(threading.Thread, "start", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        eng.generate_sync(SamplingParams(max_tokens=2), ["Once"])
+    monkeypatch.undo()
+    thread = eng._thread  # pylint: disable=protected-access
+    eng.close()
+    assert thread is not None and not thread.is_alive()
