@@ -55,7 +55,7 @@ def build(out_dir, only=None, variants=None, pdl=False):
         sys.exit(f"unknown decode variants {unknown}: use names of schedules/attention's DECODE_VARIANTS "
                  f"({', '.join(DECODE_VARIANTS)})")
     target = tvm.target.Target("nvidia/nvidia-h100", host="llvm")
-    funcs = dict(kernels_for_bench(H_KV, H_QO, D, DTYPE, chosen))
+    funcs = dict(kernels_for_bench(H_KV, H_QO, D, DTYPE, chosen, pdl))
     funcs["tvm_decode"] = tvm_kv._attention_decode(H_KV, H_QO, D, DTYPE, False, {}, target)
     funcs["tvm_prefill"] = tvm_kv._attention_prefill(H_KV, H_QO, D, DTYPE, False, {}, target)
     funcs["tvm_prefill_ragged"] = tvm_kv._attention_prefill_ragged(H_KV, H_QO, D, D, DTYPE, {}, target)

@@ -32,11 +32,14 @@ DECODE_VARIANTS = {
 DEFAULT_BENCH_VARIANTS = ("v3", "s5", "m8", "m32")
 
 
-def kernels_for_bench(num_kv_heads, num_qo_heads, head_dim, dtype, decode_variants=DEFAULT_BENCH_VARIANTS):
+def kernels_for_bench(num_kv_heads, num_qo_heads, head_dim, dtype, decode_variants=DEFAULT_BENCH_VARIANTS,
+                      pdl=False):
     """(name, PrimFunc) pairs of every Kiln kernel compiled for CUDA (Metal forms included), for bench/attention.py;
-    the decode kernel also as each of `decode_variants` (DECODE_VARIANTS' names), ``kiln_decode_paged_kv_<name>``."""
+    the decode kernel also as each of `decode_variants` (DECODE_VARIANTS' names), ``kiln_decode_paged_kv_<name>``.
+    `pdl`: built for programmatic dependent launch, so ``kiln_decode_paged_kv`` is the form the KV cache gets then
+    (choice.py: page tables before its own wait)."""
     return [
-        ("kiln_decode_paged_kv", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype)),
+        ("kiln_decode_paged_kv", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype, pdl_prewait=pdl)),
         *((f"kiln_decode_paged_kv_{name}", decode_kernel(num_kv_heads, num_qo_heads, head_dim, dtype, **DECODE_VARIANTS[name]))
           for name in decode_variants),
         # the Metal forms, compiled for CUDA to check them on the GPU
